@@ -1,0 +1,388 @@
+r"""Riemannian metrics as explicit objects.
+
+A :class:`Metric` is a field of symmetric positive-definite matrices G(p) on one chart. It is
+used only through products, so nothing d×d is built unless ``dense`` is asked for:
+
+- ``matvec(p, v) = G(p) v`` (differentiable in p: connection terms differentiate it);
+- ``solve(p, w) = G(p)⁻¹ w`` (the pseudo-inverse on the horizontal space for a submersion);
+- ``inner(p, u, v) = uᵀ G(p) v`` and ``logdet(p) = log det G(p)``.
+
+Under a chart θ = h(ψ) a metric transforms as a (0, 2) tensor, G_Ψ = Jᵀ G_Θ J: that is
+:class:`Pullback`, and the one place where this rule lives.
+
+Example
+-------
+>>> import torch
+>>> from covariant.metrics import Diagonal
+>>> G = Diagonal(torch.tensor([1.0, 4.0], dtype=torch.float64))
+>>> p = torch.zeros(2, dtype=torch.float64)
+>>> G.solve(p, torch.tensor([1.0, 4.0], dtype=torch.float64))
+tensor([1., 1.], dtype=torch.float64)
+>>> float(G.logdet(p))  # log 4
+1.3862943611198906
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from .errors import DenseTooLargeError, NonFiniteError, ShapeMismatchError, SingularMetricError
+from .reparam import Reparametrization
+
+__all__ = [
+    "MAX_DENSE_DIM",
+    "Constant",
+    "Damped",
+    "Dense",
+    "Diagonal",
+    "Euclidean",
+    "Metric",
+    "Pullback",
+]
+
+#: Largest dimension for which dense matrices are built unless ``max_dim`` says otherwise.
+MAX_DENSE_DIM = 4096
+
+_SINGULAR_HINT = (
+    "Either damp it in a way that keeps invariance, "
+    "covariant.metrics.Damped(G, lam, reference=<a correctly transformed metric>), "
+    "or, for a submersion chart such as weight norm, use the pulled-back metric, whose "
+    "solve is the pseudo-inverse on the horizontal space (MATH.md §5)."
+)
+
+
+def check_dense_size(dim: int, what: str, max_dim: int | None = None) -> None:
+    """Raise :class:`DenseTooLargeError` if a dense ``dim × dim`` request is too large."""
+    limit = MAX_DENSE_DIM if max_dim is None else max_dim
+    if dim > limit:
+        raise DenseTooLargeError(
+            f"{what}: a dense {dim}×{dim} matrix exceeds the limit of {limit}. Go matrix-free: "
+            "use matvec / solve / space.hvp, or flatness(..., method='stochastic'); "
+            "raise the limit with max_dim=... only if the memory is there."
+        )
+
+
+def _cholesky(G: Tensor, what: str) -> Tensor:
+    L, info = torch.linalg.cholesky_ex(G)
+    if int(info) != 0:
+        raise SingularMetricError(f"{what}: the metric matrix is not positive definite. "
+                                  + _SINGULAR_HINT)
+    return L
+
+
+class Metric:
+    """Base class: a field p ↦ G(p) of SPD matrices, used matrix-free.
+
+    Subclasses implement :meth:`matvec`; the defaults build the rest from it (``solve`` by
+    conjugate gradients, ``dense`` by products with the identity, ``logdet`` from ``dense``).
+
+    Attributes
+    ----------
+    is_constant : bool
+        True if G does not depend on p; then all Christoffel symbols vanish.
+    """
+
+    is_constant: bool = False
+
+    def matvec(self, p: Tensor, v: Tensor) -> Tensor:
+        """G(p) v."""
+        raise NotImplementedError
+
+    def solve(self, p: Tensor, w: Tensor) -> Tensor:
+        """G(p)⁻¹ w, by conjugate gradients (matrix-free)."""
+        from .errors import NotConvergedError
+        from .linalg import cg
+
+        try:
+            return cg(lambda x: self.matvec(p, x), w, rtol=1e-12, maxiter=10 * w.shape[0]).x
+        except NotConvergedError as err:
+            raise SingularMetricError(
+                f"{type(self).__name__}.solve: conjugate gradients did not converge ({err}); "
+                "the metric is singular or badly conditioned. " + _SINGULAR_HINT
+            ) from err
+
+    def inner(self, p: Tensor, u: Tensor, v: Tensor) -> Tensor:
+        """⟨u, v⟩_G = uᵀ G(p) v."""
+        return torch.dot(u, self.matvec(p, v))
+
+    def dense(self, p: Tensor, *, max_dim: int | None = None) -> Tensor:
+        """G(p) as a dense (d, d) matrix (small d only)."""
+        check_dense_size(p.shape[0], f"{type(self).__name__}.dense", max_dim)
+        eye = torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
+        return vmap(lambda e: self.matvec(p, e))(eye)  # rows G e_i = columns (G symmetric)
+
+    def logdet(self, p: Tensor) -> Tensor:
+        """log det G(p) (dense Cholesky by default)."""
+        L = _cholesky(self.dense(p), f"{type(self).__name__}.logdet")
+        return 2 * torch.diagonal(L).log().sum()
+
+    def rank(self, p: Tensor) -> int:
+        """Rank of G(p): the dimension of the horizontal space (d for a nondegenerate metric)."""
+        return p.shape[0]
+
+    def pullback(self, reparam: Reparametrization) -> Metric:
+        """This metric in the chart ψ with θ = h(ψ): Jᵀ G J."""
+        return Pullback(self, reparam)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Euclidean(Metric):
+    """G = I: the metric everybody uses without saying so."""
+
+    is_constant = True
+
+    def matvec(self, p: Tensor, v: Tensor) -> Tensor:
+        return v
+
+    def solve(self, p: Tensor, w: Tensor) -> Tensor:
+        return w
+
+    def dense(self, p: Tensor, *, max_dim: int | None = None) -> Tensor:
+        check_dense_size(p.shape[0], "Euclidean.dense", max_dim)
+        return torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
+
+    def logdet(self, p: Tensor) -> Tensor:
+        return p.new_zeros(())
+
+
+class Constant(Metric):
+    """A constant SPD matrix G.
+
+    Parameters
+    ----------
+    matrix : Tensor, shape (d, d)
+        Symmetric positive definite; checked by a Cholesky factorization.
+    """
+
+    is_constant = True
+
+    def __init__(self, matrix: Tensor) -> None:
+        matrix = torch.as_tensor(matrix)
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ShapeMismatchError(f"Constant: matrix must be (d, d), got {tuple(matrix.shape)}")
+        if not torch.allclose(matrix, matrix.T, rtol=1e-10, atol=1e-12):
+            raise ShapeMismatchError("Constant: matrix must be symmetric")
+        self.matrix = matrix
+        self._chol = _cholesky(matrix, "Constant")
+
+    def matvec(self, p: Tensor, v: Tensor) -> Tensor:
+        return self.matrix.to(v) @ v
+
+    def solve(self, p: Tensor, w: Tensor) -> Tensor:
+        return torch.cholesky_solve(w[:, None], self._chol.to(w))[:, 0]
+
+    def dense(self, p: Tensor, *, max_dim: int | None = None) -> Tensor:
+        return self.matrix.to(p).clone()
+
+    def logdet(self, p: Tensor) -> Tensor:
+        return 2 * torch.diagonal(self._chol.to(p)).log().sum()
+
+
+class Diagonal(Metric):
+    """G(p) = diag(d(p)) from a tensor or a function of the point.
+
+    Parameters
+    ----------
+    fn_or_tensor : Tensor or callable
+        The diagonal, or ``p -> diagonal`` (differentiable torch code).
+    """
+
+    def __init__(self, fn_or_tensor: Tensor | Callable[[Tensor], Tensor]) -> None:
+        if callable(fn_or_tensor) and not isinstance(fn_or_tensor, Tensor):
+            self._fn: Callable[[Tensor], Tensor] = fn_or_tensor
+            self.is_constant = False
+        else:
+            diag = torch.as_tensor(fn_or_tensor)
+            if diag.ndim != 1:
+                raise ShapeMismatchError("Diagonal: the diagonal must be a 1-D tensor")
+            if not bool((diag > 0).all()):
+                raise SingularMetricError(
+                    "Diagonal: every diagonal entry must be > 0. " + _SINGULAR_HINT
+                )
+            self._fn = lambda p: diag.to(p)
+            self.is_constant = True
+
+    def diagonal(self, p: Tensor) -> Tensor:
+        return self._fn(p)
+
+    def matvec(self, p: Tensor, v: Tensor) -> Tensor:
+        return self._fn(p) * v
+
+    def solve(self, p: Tensor, w: Tensor) -> Tensor:
+        d = self._fn(p)
+        if not bool((d > 0).all()):
+            raise SingularMetricError(
+                f"Diagonal.solve: {int((d <= 0).sum())} diagonal entries are <= 0. "
+                + _SINGULAR_HINT
+            )
+        return w / d
+
+    def dense(self, p: Tensor, *, max_dim: int | None = None) -> Tensor:
+        check_dense_size(p.shape[0], "Diagonal.dense", max_dim)
+        return torch.diag(self._fn(p))
+
+    def logdet(self, p: Tensor) -> Tensor:
+        d = self._fn(p)
+        if not bool((d > 0).all()):
+            raise SingularMetricError("Diagonal.logdet: entries <= 0. " + _SINGULAR_HINT)
+        return d.log().sum()
+
+
+class Dense(Metric):
+    """G(p) = fn(p), a dense SPD matrix function (small d; Cholesky solves).
+
+    Example
+    -------
+    >>> import torch
+    >>> G = Dense(lambda p: torch.diag(1 + p**2))
+    >>> G.matvec(torch.tensor([1.0, 2.0]), torch.ones(2))
+    tensor([2., 5.])
+    """
+
+    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
+        self.fn = fn
+
+    def matvec(self, p: Tensor, v: Tensor) -> Tensor:
+        return self.fn(p) @ v
+
+    def solve(self, p: Tensor, w: Tensor) -> Tensor:
+        G = self.fn(p)
+        if not bool(torch.isfinite(G).all()):
+            raise NonFiniteError("Dense.solve: the metric matrix contains NaN or Inf")
+        return torch.cholesky_solve(w[:, None], _cholesky(G, "Dense.solve"))[:, 0]
+
+    def dense(self, p: Tensor, *, max_dim: int | None = None) -> Tensor:
+        return self.fn(p)
+
+    def logdet(self, p: Tensor) -> Tensor:
+        return 2 * torch.diagonal(_cholesky(self.fn(p), "Dense.logdet")).log().sum()
+
+
+class Damped(Metric):
+    r"""G + λ·G_ref.
+
+    With ``reference=None`` the reference is the identity *of the chart it was built in*,
+    G + λI. That breaks invariance: λI is not a tensor. When the space is reparametrized,
+    a ``Damped`` metric pulls back *both* parts, Jᵀ(G + λ G_ref)J = JᵀGJ + λ JᵀG_ref J, so
+    the damping stays the same geometric object in every chart (MATH.md §5).
+
+    Parameters
+    ----------
+    metric : Metric
+    lam : float
+        Damping strength, >= 0.
+    reference : Metric, optional
+        The reference metric; Euclidean in the current chart by default.
+    """
+
+    def __init__(self, metric: Metric, lam: float, reference: Metric | None = None) -> None:
+        if not lam >= 0:
+            raise ValueError(f"Damped: lam must be >= 0, got {lam}")
+        self.metric = metric
+        self.lam = float(lam)
+        self.reference = Euclidean() if reference is None else reference
+        self.is_constant = metric.is_constant and self.reference.is_constant
+
+    def matvec(self, p: Tensor, v: Tensor) -> Tensor:
+        return self.metric.matvec(p, v) + self.lam * self.reference.matvec(p, v)
+
+    def rank(self, p: Tensor) -> int:
+        if self.lam > 0:
+            return self.reference.rank(p)
+        return self.metric.rank(p)
+
+    def pullback(self, reparam: Reparametrization) -> Metric:
+        return Damped(self.metric.pullback(reparam), self.lam, self.reference.pullback(reparam))
+
+    def __repr__(self) -> str:
+        return f"Damped({self.metric!r}, {self.lam:g}, reference={self.reference!r})"
+
+
+class Pullback(Metric):
+    r"""The pullback G_Ψ(ψ) = J(ψ)ᵀ G_Θ(h(ψ)) J(ψ) of a metric through a chart θ = h(ψ).
+
+    Matrix-free: ``matvec`` is a jvp of h, a product with G_Θ, and a vjp of h. ``solve`` uses
+    inverse-Jacobian products, G_Ψ⁻¹ w = J⁻¹ G_Θ⁻¹ J⁻ᵀ w; for a submersion (weight norm) it is
+    the pseudo-inverse on the horizontal space, G_Ψ⁺ = J⁺ G_Θ⁻¹ J⁺ᵀ (MATH.md §5).
+    ``logdet`` is log det G_Θ + 2 log|det J| for a bijection; for a submersion G_Ψ is
+    singular and ``pseudo_logdet`` = log det G_Θ + log det(J Jᵀ) is the log of the product of
+    its nonzero eigenvalues.
+
+    Example
+    -------
+    >>> import torch
+    >>> from covariant.reparam import Scale
+    >>> G = Pullback(Euclidean(), Scale(3.0))
+    >>> p = torch.ones(2, dtype=torch.float64)
+    >>> G.matvec(p, torch.ones(2, dtype=torch.float64))   # 3 · 1 · 3
+    tensor([9., 9.], dtype=torch.float64)
+    """
+
+    def __init__(self, metric: Metric, reparam: Reparametrization) -> None:
+        self.base = metric
+        self.reparam = reparam
+        self.is_constant = metric.is_constant and reparam.is_affine
+
+    def matvec(self, p: Tensor, v: Tensor) -> Tensor:
+        h = self.reparam
+        theta = h.forward(p)
+        return h.vjp(p, self.base.matvec(theta, h.jvp(p, v)))
+
+    def solve(self, p: Tensor, w: Tensor) -> Tensor:
+        h = self.reparam
+        theta = h.forward(p)
+        return h.inverse_jvp(p, self.base.solve(theta, h.inverse_vjp(p, w)))
+
+    def logdet(self, p: Tensor) -> Tensor:
+        if not self.reparam.is_bijection:
+            raise SingularMetricError(
+                "Pullback.logdet: the metric pulled back through a submersion is singular "
+                "along the gauge directions, so its determinant is 0. Use pseudo_logdet(p), "
+                "the log-product of the nonzero eigenvalues (MATH.md §5)."
+            )
+        theta = self.reparam.forward(p)
+        return self.base.logdet(theta) + 2 * self.reparam.log_abs_det_jacobian(p)
+
+    def pseudo_logdet(self, p: Tensor) -> Tensor:
+        """log of the product of the nonzero eigenvalues: log det G_Θ + log det(J Jᵀ)."""
+        h = self.reparam
+        theta = h.forward(p)
+        if h.is_bijection:
+            return self.logdet(p)
+        jjt = getattr(h, "jjt_logdet", None)
+        if jjt is None:
+            J = h.jacobian(p)
+            jjt_val = torch.linalg.slogdet(J @ J.T)[1]
+        else:
+            jjt_val = jjt(p)
+        return self.base.logdet(theta) + jjt_val
+
+    def rank(self, p: Tensor) -> int:
+        if self.reparam.is_bijection:
+            return p.shape[0]
+        return self.base.rank(self.reparam.forward(p))
+
+    def gauge_directions(self, p: Tensor) -> Tensor:
+        """Basis of the kernel of G_Ψ(ψ) that comes from the chart (the vertical space)."""
+        return self.reparam.gauge_directions(p)
+
+    def pullback(self, reparam: Reparametrization) -> Metric:
+        return Pullback(self, reparam)
+
+    def __repr__(self) -> str:
+        return f"Pullback({self.base!r}, {self.reparam!r})"
+
+
+def __getattr__(name: str) -> Any:  # lazy re-exports of the curvature metrics (issue 3)
+    if name in {"GGN", "Fisher", "EmpiricalFisher", "AdamMetric"}:
+        from . import curvature
+
+        return getattr(curvature, name)
+    raise AttributeError(f"module 'covariant.metrics' has no attribute {name!r}")

@@ -1,0 +1,472 @@
+r"""The central object: a loss (or log-density) together with a metric, in one chart.
+
+A :class:`ParameterSpace` knows how each object transforms. ``reparametrize`` builds the same
+space in a new chart θ = h(ψ): the loss becomes L∘h (a density also gains log|det J|) and the
+metric is pulled back, G_Ψ = Jᵀ G_Θ J. ``with_metric(Euclidean())`` gives the common mistake
+(the identity in whatever chart you are in), for comparison.
+
+Example
+-------
+>>> import torch, covariant as cv
+>>> space = cv.ParameterSpace(lambda p: (p**2).sum() + p.prod())
+>>> theta = torch.tensor([1.0, 2.0], dtype=torch.float64)
+>>> new = space.reparametrize(cv.reparam.Exp())
+>>> psi = new.chart.inverse(theta)
+>>> bool(torch.allclose(new.loss(psi), space.loss(theta)))
+True
+>>> e_inv = torch.linalg.eigvals(new.shape_operator(psi)).real.sort().values
+>>> e_org = torch.linalg.eigvals(space.shape_operator(theta)).real.sort().values
+>>> bool(torch.allclose(e_inv, e_org))
+True
+"""
+
+from __future__ import annotations
+
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, hessian, jacfwd, jvp, vmap
+
+from .connection import christoffel, connection_correction, geodesic
+from .errors import NonFiniteError, NotABijectionError, ShapeMismatchError
+from .metrics import Euclidean, Metric, Pullback, check_dense_size
+from .models import ParameterLayout
+from .reparam import Compose, ParameterwiseReparametrization, Reparametrization
+
+__all__ = ["ParameterSpace"]
+
+LossFn = Callable[[Tensor], Tensor]
+
+
+def _check_point(p: Tensor, owner: str, dim: int | None = None) -> None:
+    if not isinstance(p, Tensor):
+        raise TypeError(f"{owner}: the point p must be a torch.Tensor, got {type(p).__name__}")
+    if p.ndim != 1:
+        raise ShapeMismatchError(
+            f"{owner}: the point p must be a flat 1-D tensor, got shape {tuple(p.shape)}"
+        )
+    if dim is not None and p.shape[0] != dim:
+        raise ShapeMismatchError(
+            f"{owner}: the point p has {p.shape[0]} coordinates, this space has {dim}"
+        )
+    if not bool(torch.isfinite(p).all()):
+        raise NonFiniteError(f"{owner}: the point p contains NaN or Inf")
+
+
+def _check_finite(x: Tensor, what: str) -> Tensor:
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(
+            f"{what} is NaN or Inf. Check the point (is it inside every chart's domain?) and "
+            "the loss (log of 0, overflow)."
+        )
+    return x
+
+
+def _as_batches(data: Any) -> list[tuple[Tensor, Tensor]]:
+    if isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[0], Tensor):
+        return [(data[0], data[1])]
+    batches = [(X, y) for X, y in data]
+    if not batches:
+        raise ValueError("from_module: data is empty")
+    return batches
+
+
+class ParameterSpace:
+    """A loss and a metric on one chart of a parameter space.
+
+    Parameters
+    ----------
+    loss : callable
+        Flat point ↦ scalar tensor, written in torch operations (it is differentiated with
+        ``torch.func``).
+    metric : Metric, optional
+        The metric of this chart; :class:`~covariant.metrics.Euclidean` by default.
+    layout : ParameterLayout, optional
+        Names and shapes of the coordinates (module spaces have one; it enables
+        ``reparametrize`` by name and ``unflatten``).
+    dim : int, optional
+        Number of coordinates, checked on every point when known.
+
+    Attributes
+    ----------
+    chart : Reparametrization or None
+        For a reparametrized space, h with θ_parent = h(ψ).
+    parent : ParameterSpace or None
+        The space this one was reparametrized from.
+    is_density : bool
+        True for a space built by :meth:`from_log_prob` (its loss is −log p and transforms
+        as a density).
+    """
+
+    def __init__(
+        self,
+        loss: LossFn,
+        metric: Metric | None = None,
+        *,
+        layout: ParameterLayout | None = None,
+        dim: int | None = None,
+        is_density: bool = False,
+        max_dense_dim: int | None = None,
+    ) -> None:
+        if not callable(loss):
+            raise TypeError(f"ParameterSpace: loss must be callable, got {type(loss).__name__}")
+        self._loss = loss
+        self.metric: Metric = Euclidean() if metric is None else metric
+        if not isinstance(self.metric, Metric):
+            raise TypeError(
+                f"ParameterSpace: metric must be a covariant.metrics.Metric, got "
+                f"{type(self.metric).__name__}"
+            )
+        self.layout = layout
+        self.dim = layout.dim if layout is not None else dim
+        self.is_density = is_density
+        self.max_dense_dim = max_dense_dim
+        self.chart: Reparametrization | None = None
+        self.parent: ParameterSpace | None = None
+        self._scalar_pullback = False  # loss = parent.loss ∘ chart and metric = pullback
+        self.model: nn.Module | None = None
+        self.loss_fn: Callable[..., Tensor] | None = None
+        self.batches: list[tuple[Tensor, Tensor]] | None = None
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_log_prob(
+        cls, log_prob: LossFn, metric: Metric | None = None, **kwargs: Any
+    ) -> ParameterSpace:
+        """A density space: loss = −log p. ``reparametrize`` adds log|det J| (MATH.md §2).
+
+        Example
+        -------
+        >>> import torch, covariant as cv
+        >>> normal = torch.distributions.Normal(0.5, 0.8)
+        >>> space = cv.ParameterSpace.from_log_prob(lambda x: normal.log_prob(x).sum())
+        >>> y = space.reparametrize(cv.reparam.from_transform(
+        ...     torch.distributions.transforms.ExpTransform().inv))   # θ = log y
+        >>> round(float(-y.loss(torch.tensor([1.0]))), 4)   # log-normal log-density at y = 1
+        -0.4209
+        """
+        return cls(lambda p: -log_prob(p), metric, is_density=True, **kwargs)
+
+    @classmethod
+    def from_module(
+        cls,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        data: Any,
+        metric: Metric | str = "euclidean",
+        **metric_kwargs: Any,
+    ) -> tuple[ParameterSpace, Tensor]:
+        """The space of a model's trainable parameters, and the model's current point.
+
+        The loss is ``loss_fn(model(X), y)`` over ``data``: an ``(X, y)`` pair or an iterable of
+        batches. Batches are averaged exactly like the full-batch loss: weighted by batch size
+        for ``reduction='mean'`` losses, summed for ``reduction='sum'``.
+
+        Parameters
+        ----------
+        metric : Metric or str
+            A Metric, or "euclidean", "ggn", "fisher", "empirical_fisher" (matrix-free curvature
+            metrics of the model; keyword arguments go to their constructor).
+
+        Returns
+        -------
+        space, theta : ParameterSpace, Tensor
+        """
+        layout = ParameterLayout.from_module(model)
+        params = dict(model.named_parameters())
+        theta = layout.flatten({n: params[n].detach() for n in layout.names})
+        frozen = {n: p.detach() for n, p in model.named_parameters() if n not in layout.names}
+        buffers = dict(model.named_buffers())
+        batches = _as_batches(data)
+        total = sum(X.shape[0] for X, _ in batches)
+        reduction = getattr(loss_fn, "reduction", "mean")
+        weights = [
+            (X.shape[0] / total if reduction == "mean" else 1.0) for X, _ in batches
+        ]
+
+        def forward(p: Tensor, X: Tensor) -> Tensor:
+            state = {**frozen, **buffers, **layout.unflatten(p)}
+            return functional_call(model, state, (X,))
+
+        def loss(p: Tensor) -> Tensor:
+            out = p.new_zeros(())
+            for w, (X, y) in zip(weights, batches, strict=True):
+                out = out + w * loss_fn(forward(p, X), y)
+            return out
+
+        space = cls(loss, None, layout=layout)
+        space.model, space.loss_fn, space.batches = model, loss_fn, batches
+        space._forward = forward
+        space._batch_weights = weights
+        space.metric = space._resolve_metric(metric, **metric_kwargs)
+        return space, theta
+
+    def _resolve_metric(self, metric: Metric | str, **kwargs: Any) -> Metric:
+        if isinstance(metric, Metric):
+            return metric
+        if not isinstance(metric, str):
+            raise TypeError(f"metric must be a Metric or a name, got {type(metric).__name__}")
+        name = metric.lower()
+        if name == "euclidean":
+            return Euclidean()
+        from . import curvature
+
+        return curvature.metric_from_name(name, self, **kwargs)
+
+    # ------------------------------------------------------------------ basics
+    def _check(self, p: Tensor, owner: str) -> None:
+        _check_point(p, owner, self.dim)
+        if self.chart is not None:
+            self.chart._check_psi(p)
+
+    def unflatten(self, p: Tensor) -> dict[str, Tensor]:
+        """The parameter dict of a flat point (module spaces only)."""
+        if self.layout is None:
+            raise ShapeMismatchError("unflatten: this space has no parameter layout")
+        return self.layout.unflatten(p)
+
+    def loss(self, p: Tensor) -> Tensor:
+        """L(p)."""
+        self._check(p, "loss")
+        return _check_finite(self._loss(p), "loss(p)")
+
+    def grad(self, p: Tensor) -> Tensor:
+        """∇L(p), a covector."""
+        self._check(p, "grad")
+        return _check_finite(grad(self._loss)(p), "the gradient")
+
+    def riemannian_grad(self, p: Tensor) -> Tensor:
+        """G(p)⁻¹ ∇L(p), a vector (the pseudo-inverse for a submersion chart)."""
+        return _check_finite(self.metric.solve(p, self.grad(p)), "the Riemannian gradient")
+
+    def _euclidean_hvp(self, p: Tensor, v: Tensor) -> Tensor:
+        return jvp(grad(self._loss), (p,), (v,))[1]
+
+    def _riemannian_hvp(self, p: Tensor, v: Tensor, method: str) -> Tensor:
+        if method not in ("auto", "pullback", "general"):
+            raise ValueError(f"hvp: method must be 'auto', 'pullback' or 'general', got {method!r}")
+        if self._scalar_pullback and method in ("auto", "pullback"):
+            h, parent = self.chart, self.parent
+            assert h is not None and parent is not None
+            theta = h.forward(p)
+            return h.vjp(p, parent._riemannian_hvp(theta, h.jvp(p, v), method))
+        if method == "pullback":
+            raise ValueError("hvp: the pullback fast path needs a space made by reparametrize")
+        hv = self._euclidean_hvp(p, v)
+        if self.metric.is_constant:
+            return hv
+        r = self.metric.solve(p, grad(self._loss)(p))
+        return hv - connection_correction(self.metric, p, v, r)
+
+    def hvp(self, p: Tensor, v: Tensor, riemannian: bool = True, *, method: str = "auto") -> Tensor:
+        """Hessian-vector product.
+
+        ``riemannian=True`` gives Hess·v = ∇²L v − Γ(v, ·)·∇L with the matrix-free connection
+        term (MATH.md §3); ``riemannian=False`` the Euclidean ∇²L v. For a space made by
+        ``reparametrize``, ``method="pullback"`` uses Jᵀ Hess_Θ (J v) and ``"general"`` the
+        connection formula in this chart; ``"auto"`` picks the pullback when it applies.
+        """
+        self._check(p, "hvp")
+        if v.shape != p.shape:
+            raise ShapeMismatchError(f"hvp: v has shape {tuple(v.shape)}, p {tuple(p.shape)}")
+        out = self._riemannian_hvp(p, v, method) if riemannian else self._euclidean_hvp(p, v)
+        return _check_finite(out, "the Hessian-vector product")
+
+    def hessian(
+        self, p: Tensor, riemannian: bool = True, *, max_dim: int | None = None
+    ) -> Tensor:
+        """Dense Hessian (small d): ∇²L, or the Riemannian ∇²L − Γ^m_ij ∂_m L.
+
+        The Riemannian one is computed from ``jacfwd`` of the dense metric (the ground-truth
+        path), not from the matrix-free products. Submersion charts raise the index with the
+        pseudo-inverse.
+        """
+        self._check(p, "hessian")
+        check_dense_size(p.shape[0], "hessian", max_dim or self.max_dense_dim)
+        H = hessian(self._loss)(p)
+        if riemannian and not self.metric.is_constant:
+            g = grad(self._loss)(p)
+            G = self.metric.dense(p, max_dim=max_dim or self.max_dense_dim)
+            r = self._dense_solve(p, G, g)
+            dG = jacfwd(lambda q: self.metric.dense(q, max_dim=max_dim or self.max_dense_dim))(p)
+            # dG[j, l, i] = ∂_i G_jl ; Γ^m_ij ∂_m L = ½ r_l (∂_i G_jl + ∂_j G_il − ∂_l G_ij)
+            corr = 0.5 * (
+                torch.einsum("jli,l->ij", dG, r)
+                + torch.einsum("ilj,l->ij", dG, r)
+                - torch.einsum("ijl,l->ij", dG, r)
+            )
+            H = H - corr
+        return _check_finite(0.5 * (H + H.T), "the Hessian")
+
+    def _is_degenerate(self, p: Tensor) -> bool:
+        return self.metric.rank(p) < p.shape[0]
+
+    def _dense_solve(self, p: Tensor, G: Tensor, rhs: Tensor) -> Tensor:
+        if self._is_degenerate(p):
+            return self._dense_pinv(p, G) @ rhs
+        from .metrics import _cholesky
+
+        L = _cholesky(G, "dense metric solve")
+        return torch.cholesky_solve(rhs.reshape(G.shape[0], -1), L).reshape(rhs.shape)
+
+    def _dense_pinv(self, p: Tensor, G: Tensor) -> Tensor:
+        """Pseudo-inverse of a metric of known rank: invert its top-rank eigenspace."""
+        rank = self.metric.rank(p)
+        evals, evecs = torch.linalg.eigh(G)
+        Q, lam = evecs[:, -rank:], evals[-rank:]
+        return (Q / lam) @ Q.T
+
+    def horizontal_basis(self, p: Tensor) -> Tensor:
+        """Orthonormal basis (d, rank) of the range of G(p): the horizontal space (dense)."""
+        G = self.metric.dense(p, max_dim=self.max_dense_dim)
+        rank = self.metric.rank(p)
+        return torch.linalg.eigh(G)[1][:, -rank:]
+
+    def shape_operator(self, p: Tensor, *, max_dim: int | None = None) -> Tensor:
+        """Dense E = G⁻¹ Hess, a (1,1) tensor: E_Ψ = J⁻¹ E_Θ J. Its spectrum is invariant.
+
+        For a submersion chart G⁻¹ is the pseudo-inverse; the nonzero spectrum then equals
+        the spectrum in the original chart, plus a 0 per gauge direction (MATH.md §5).
+        """
+        H = self.hessian(p, riemannian=True, max_dim=max_dim)
+        G = self.metric.dense(p, max_dim=max_dim or self.max_dense_dim)
+        return self._dense_solve(p, G, H)
+
+    def christoffel(self, p: Tensor, u: Tensor, w: Tensor) -> Tensor:
+        """Γ(u, w) = Γ^m_ij u^i w^j, matrix-free."""
+        self._check(p, "christoffel")
+        return christoffel(self.metric, p, u, w)
+
+    def exp(self, p: Tensor, v: Tensor, t: float = 1.0, **kwargs: Any) -> Tensor:
+        """Exponential map: the point reached at time t along the geodesic from p with
+        velocity v (ẍ + Γ(ẋ, ẋ) = 0, integrated by ``scipy.integrate.solve_ivp``)."""
+        self._check(p, "exp")
+        return geodesic(self.metric, p, v, t, **kwargs)
+
+    # ------------------------------------------------------------------ charts
+    def reparametrize(
+        self, reparam: Reparametrization | Mapping[str, Reparametrization]
+    ) -> ParameterSpace:
+        """The same space in a new chart θ = h(ψ).
+
+        ``reparam`` is a chart of the whole flat point, or a dict ``{name or glob pattern:
+        chart}`` applied to named parameters (module spaces). The loss becomes L∘h (for a
+        density space, −log p∘h − log|det J|) and the metric its pullback Jᵀ G J.
+        """
+        if isinstance(reparam, Mapping):
+            if self.layout is None:
+                raise ShapeMismatchError(
+                    "reparametrize: a dict of charts by parameter name needs a space with a "
+                    "parameter layout (ParameterSpace.from_module or layout=...)"
+                )
+            h: Reparametrization = ParameterwiseReparametrization(self.layout, reparam)
+            new_layout: ParameterLayout | None = h.new_layout
+            new_dim: int | None = new_layout.dim
+        elif isinstance(reparam, Reparametrization):
+            h = reparam
+            if self.layout is not None and isinstance(h, ParameterwiseReparametrization):
+                new_layout = h.new_layout
+            else:
+                new_layout = None
+            new_dim = None if self.dim is None else _psi_dim_or_none(h, self.dim)
+        else:
+            raise TypeError(
+                "reparametrize: expected a Reparametrization or a dict {name: Reparametrization},"
+                f" got {type(reparam).__name__}"
+            )
+
+        base_loss = self._loss
+        if self.is_density:
+            if not h.is_bijection:
+                raise NotABijectionError(
+                    f"reparametrize: {h!r} is a submersion, and a density cannot be pushed "
+                    "through it: there is no log|det J|. Reparametrize the metric only "
+                    "(space.with_metric(...).reparametrize on a loss space), or use a "
+                    "bijective chart."
+                )
+
+            def loss(psi: Tensor) -> Tensor:
+                return base_loss(h.forward(psi)) - h.log_abs_det_jacobian(psi)
+        else:
+
+            def loss(psi: Tensor) -> Tensor:
+                return base_loss(h.forward(psi))
+
+        new = ParameterSpace(
+            loss,
+            self.metric.pullback(h),
+            layout=new_layout,
+            dim=new_dim,
+            is_density=self.is_density,
+            max_dense_dim=self.max_dense_dim,
+        )
+        new.chart, new.parent = h, self
+        new._scalar_pullback = not self.is_density
+        return new
+
+    def with_metric(self, metric: Metric) -> ParameterSpace:
+        """Same loss and chart, another metric. ``with_metric(Euclidean())`` is the naive view."""
+        if isinstance(metric, str):
+            metric = self._resolve_metric(metric)
+        new = ParameterSpace(
+            self._loss, metric, layout=self.layout, dim=self.dim, is_density=self.is_density,
+            max_dense_dim=self.max_dense_dim,
+        )
+        new.chart, new.parent = self.chart, self.parent
+        new.model, new.loss_fn, new.batches = self.model, self.loss_fn, self.batches
+        for attr in ("_forward", "_batch_weights"):
+            if hasattr(self, attr):
+                setattr(new, attr, getattr(self, attr))
+        # the pullback fast path holds only while the metric is the pullback of the parent's
+        new._scalar_pullback = (
+            self._scalar_pullback
+            and isinstance(metric, Pullback)
+            and self.parent is not None
+            and metric.base is self.parent.metric
+            and metric.reparam is self.chart
+        )
+        return new
+
+    # ------------------------------------------------------------------ charts to the root
+    def root_chart(self) -> Reparametrization | None:
+        """The composed chart from this space's coordinates to the original space's."""
+        charts: list[Reparametrization] = []
+        s: ParameterSpace | None = self
+        while s is not None and s.chart is not None:
+            charts.append(s.chart)
+            s = s.parent
+        if not charts:
+            return None
+        return charts[0] if len(charts) == 1 else Compose(*reversed(charts))
+
+    def to_root(self, p: Tensor) -> Tensor:
+        """Map a point of this chart to the coordinates of the original space."""
+        h = self.root_chart()
+        return p if h is None else h(p)
+
+    def __repr__(self) -> str:
+        kind = "density" if self.is_density else "loss"
+        return (
+            f"ParameterSpace({kind}, dim={self.dim}, metric={self.metric!r}, "
+            f"chart={self.chart!r})"
+        )
+
+
+def _psi_dim_or_none(h: Reparametrization, dim: int) -> int | None:
+    try:
+        return h.psi_dim(dim)
+    except ShapeMismatchError:
+        raise
+    except Exception:  # pragma: no cover - charts without shape knowledge
+        return None
+
+
+def dense_matrix_of(matvec: Callable[[Tensor], Tensor], dim: int, like: Tensor) -> Tensor:
+    """Dense matrix of a linear map from its products with the identity (vmap)."""
+    eye = torch.eye(dim, dtype=like.dtype, device=like.device)
+    return vmap(matvec)(eye).T
+
+
