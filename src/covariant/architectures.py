@@ -693,7 +693,8 @@ def load_checkpoint(
 
     Accepts a file written by :func:`save_checkpoint`, or a bare state dict (also one wrapped
     as ``{"state_dict": ...}``) when ``arch`` and at least ``in_features`` / ``num_classes``
-    are given. Explicit ``arch`` / ``arch_kwargs`` override what the file records. The model
+    are given. Explicit ``arch`` / ``arch_kwargs`` override what the file records (with another
+    ``arch``, only the stored ``in_features`` / ``num_classes`` are kept). The model
     takes the floating dtype of the stored weights, so a float64 model comes back float64.
     ``module.`` / ``_orig_mod.`` prefixes (DataParallel, torch.compile) are removed.
 
@@ -761,6 +762,10 @@ def load_checkpoint(
             f"The weights look like: {_suggest(got)}."
         )
     arch = arch.lower()
+    if stored_arch is not None and arch != stored_arch:
+        # another architecture: only the data sizes of the stored recipe carry over
+        stored_kwargs = {k: v for k, v in stored_kwargs.items()
+                         if k in ("in_features", "num_classes")}
     kwargs = {**stored_kwargs, **arch_kwargs}
     try:
         model = _build_quietly(arch, kwargs)
