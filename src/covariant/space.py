@@ -252,7 +252,7 @@ class ParameterSpace:
             h, parent = self.chart, self.parent
             assert h is not None and parent is not None
             theta = h.forward(p)
-            return h.vjp(p, parent._riemannian_hvp(theta, h.jvp(p, v), method))
+            return h.vjp(p, parent._riemannian_hvp(theta, h.jvp(p, v), "auto"))
         if method == "pullback":
             raise ValueError("hvp: the pullback fast path needs a space made by reparametrize")
         hv = self._euclidean_hvp(p, v)
