@@ -947,6 +947,21 @@ class _FromParametrization(Reparametrization):
     def bind(self, shape: torch.Size | Sequence[int]) -> _FromParametrization:
         return _FromParametrization(self.module, torch.Size(tuple(shape)), self._user_bijection)
 
+    def jvp(self, psi: Tensor, v: Tensor) -> Tensor:
+        try:
+            return super().jvp(psi, v)
+        except NotImplementedError:
+            # some parametrizations (torch's weight norm kernel) lack forward-mode AD:
+            # J v is the vjp of the linear map w ↦ Jᵀ w
+            w0 = torch.zeros_like(self.forward(psi))
+            return vjp(lambda w: self.vjp(psi, w), w0)[1](v)[0]
+
+    def jacobian(self, psi: Tensor) -> Tensor:
+        try:
+            return super().jacobian(psi)
+        except NotImplementedError:
+            return torch.func.jacrev(self.forward)(psi)
+
     def _need(self) -> list[torch.Size]:
         if self._orig_shapes is None:
             raise ShapeMismatchError(

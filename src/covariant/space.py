@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, hessian, jacfwd, jvp, vmap
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap
 
 from .connection import christoffel, connection_correction, geodesic
 from .errors import NonFiniteError, NotABijectionError, ShapeMismatchError
@@ -243,7 +243,11 @@ class ParameterSpace:
         return _check_finite(self.metric.solve(p, self.grad(p)), "the Riemannian gradient")
 
     def _euclidean_hvp(self, p: Tensor, v: Tensor) -> Tensor:
-        return jvp(grad(self._loss), (p,), (v,))[1]
+        """∇²L v, forward-over-reverse; reverse-over-reverse for ops without forward AD."""
+        try:
+            return jvp(grad(self._loss), (p,), (v,))[1]
+        except NotImplementedError:
+            return grad(lambda q: torch.dot(grad(self._loss)(q), v))(p)
 
     def _riemannian_hvp(self, p: Tensor, v: Tensor, method: str) -> Tensor:
         if method not in ("auto", "pullback", "general"):
@@ -286,7 +290,10 @@ class ParameterSpace:
         """
         self._check(p, "hessian")
         check_dense_size(p.shape[0], "hessian", max_dim or self.max_dense_dim)
-        H = hessian(self._loss)(p)
+        try:
+            H = hessian(self._loss)(p)
+        except NotImplementedError:  # an op without forward-mode AD
+            H = jacrev(jacrev(self._loss))(p)
         if riemannian and not self.metric.is_constant:
             g = grad(self._loss)(p)
             G = self.metric.dense(p, max_dim=max_dim or self.max_dense_dim)
