@@ -7,7 +7,12 @@ import pytest
 import scipy.linalg
 import torch
 
-from covariant.errors import NotConvergedError, SingularMetricError
+from covariant.errors import (
+    NonFiniteError,
+    NotConvergedError,
+    ShapeMismatchError,
+    SingularMetricError,
+)
 from covariant.linalg import (
     cg,
     dense_spectral_density,
@@ -20,6 +25,16 @@ from covariant.linalg import (
 )
 
 F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tests multiply small matrices thousands of times; intra-op threads only add
+    overhead there and stall badly on a busy 2-core machine. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _rotation(n: int, seed: int) -> torch.Tensor:
@@ -51,6 +66,11 @@ def _separated(n: int, indefinite: bool) -> torch.Tensor:
 
 def _mv(a: torch.Tensor):
     return lambda v: a @ v
+
+
+def _mm(a: torch.Tensor):
+    """A block operator: the statistical tests batch their probes to stay fast."""
+    return lambda x: a @ x
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,7 +133,7 @@ def _check_pairs(res, a: torch.Tensor, b: torch.Tensor | None = None):
     """Residuals recomputed densely (relative to the spectral radius of B⁻¹A, in the B-norm)
     and B-orthonormality of the Ritz vectors."""
     b = torch.eye(a.shape[0], dtype=F64) if b is None else b
-    radius = float(torch.linalg.eigvals(torch.linalg.solve(b, a)).abs().max())
+    radius = float(np.abs(scipy.linalg.eigh(a.numpy(), b.numpy(), eigvals_only=True)).max())
     x, lam = res.eigenvectors, res.eigenvalues
     r = torch.linalg.solve(b, a @ x) - x * lam
     rel = torch.sqrt(torch.einsum("ik,ij,jk->k", r, b, r)) / radius
@@ -223,13 +243,26 @@ def test_trace_within_three_stderr(estimator, distribution, symmetric):
     true = float(torch.trace(a))
     z = []
     for seed in range(20):
-        est = estimator(_mv(a), 100, 60, seed=seed, distribution=distribution)
+        est = estimator(None, 100, 60, seed=seed, distribution=distribution, matmat=_mm(a))
         assert est.stderr > 0 and est.num_matvecs == 60
         assert est.value == pytest.approx(float(est.samples.mean()), rel=1e-12)
         z.append((est.value - true) / est.stderr)
     z = np.array(z)
     assert np.mean(np.abs(z) <= 3) >= MIN_COVERAGE[estimator.__name__]
     assert abs(z.mean()) <= 3 * z.std() / np.sqrt(len(z))  # no detectable bias
+    assert 0.4 <= z.std() <= 2.5  # stderr neither far too large nor far too small
+
+
+@pytest.mark.parametrize("estimator", [hutchinson, hutchpp])
+def test_stderr_is_calibrated(estimator):
+    """(estimate − truth)/stderr has unit spread over seeds (±0.27 is 3σ for 60 seeds)."""
+    a = _spd(100, cond=1e2, seed=8)
+    true = float(torch.trace(a))
+    z = []
+    for seed in range(60):
+        est = estimator(None, 100, 60, seed=seed, matmat=_mm(a))
+        z.append((est.value - true) / est.stderr)
+    assert 0.73 <= np.std(z) <= 1.27
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
@@ -239,7 +272,11 @@ def test_trace_error_shrinks_with_more_matvecs(estimator):
     true = float(torch.trace(a))
 
     def mean_abs_error(m: int) -> float:
-        return float(np.mean([abs(estimator(_mv(a), n, m, seed=s).value - true) for s in range(8)]))
+        return float(
+            np.mean(
+                [abs(estimator(None, n, m, seed=s, matmat=_mm(a)).value - true) for s in range(8)]
+            )
+        )
 
     assert mean_abs_error(100) < 0.5 * mean_abs_error(10)
 
@@ -251,7 +288,11 @@ def test_hutchpp_and_xtrace_need_far_fewer_matvecs_on_decaying_spectrum():
     true = float(eigs.sum())
 
     def err(estimator, m: int) -> float:
-        return float(np.mean([abs(estimator(_mv(a), n, m, seed=s).value - true) for s in range(8)]))
+        return float(
+            np.mean(
+                [abs(estimator(None, n, m, seed=s, matmat=_mm(a)).value - true) for s in range(8)]
+            )
+        )
 
     hutch_300 = err(hutchinson, 300)
     for estimator in (hutchpp, xtrace):
@@ -317,8 +358,15 @@ def test_slq_is_exact_for_polynomials(generalized):
     for power in (1, 2, 3):
         ap = torch.linalg.matrix_power(a, power)
         ref = hutchinson(_mv(ap), n, 6, seed=4)
-        res = slq(_mv(a), n, num_probes=6, num_steps=5, fn=lambda x, p=power: x**p, seed=4,
-                  inner_matvec=inner)
+        res = slq(
+            _mv(a),
+            n,
+            num_probes=6,
+            num_steps=5,
+            fn=lambda x, p=power: x**p,
+            seed=4,
+            inner_matvec=inner,
+        )
         assert torch.allclose(res.samples, ref.samples, rtol=1e-9, atol=1e-9)
 
 
@@ -326,7 +374,8 @@ def test_slq_generalized_logdet_within_three_stderr():
     n = 120
     h = _sym(torch.logspace(-1, 1, n, dtype=F64), seed=16)
     b = _sym(torch.logspace(0, 2, n, dtype=F64), seed=17)
-    res = slq(_mv(torch.linalg.solve(b, h)), n, num_probes=20, num_steps=60, inner_matvec=_mv(b))
+    e = torch.linalg.solve(b, h)
+    res = slq(None, n, num_probes=20, num_steps=60, matmat=_mm(e), inner_matmat=_mm(b))
     exact = float(torch.linalg.slogdet(h)[1] - torch.linalg.slogdet(b)[1])  # log det B⁻¹H
     assert abs(res.value - exact) <= 3 * res.stderr
     assert res.num_inner_matvecs > 0
@@ -343,9 +392,13 @@ def test_slq_generalized_samples_are_quadratic_forms_of_log():
     ref = hutchinson(_mv(log_e), n, 5)
     res = slq(_mv(e), n, num_probes=5, num_steps=60, inner_matvec=_mv(b))
     assert torch.allclose(res.samples, ref.samples, rtol=1e-6, atol=0)
-    # Without the B-inner product, Lanczos on the non-symmetric B⁻¹H computes something else.
-    wrong = slq(_mv(e), n, num_probes=5, num_steps=60)
-    assert not torch.allclose(wrong.samples, ref.samples, rtol=1e-2, atol=0)
+    # Without the B-inner product, Lanczos on the non-symmetric B⁻¹H computes something else
+    # (e.g. zᵀEᵀEz instead of zᵀE²z).
+    square = hutchinson(_mv(e @ e), n, 5)
+    right = slq(_mv(e), n, num_probes=5, num_steps=5, fn=torch.square, inner_matvec=_mv(b))
+    wrong = slq(_mv(e), n, num_probes=5, num_steps=5, fn=torch.square)
+    assert torch.allclose(right.samples, square.samples, rtol=1e-9, atol=0)
+    assert not torch.allclose(wrong.samples, square.samples, rtol=1e-2, atol=0)
 
 
 def test_slq_log_of_indefinite_operator_raises():
@@ -366,7 +419,7 @@ def test_spectral_density_integrates_to_one_and_matches_dense():
     n = 200
     eigs = torch.cat([torch.linspace(0.0, 1.0, 150, dtype=F64), torch.linspace(4.0, 5.0, 50)])
     a = _sym(eigs.to(F64), seed=19)
-    res = slq(_mv(a), n, num_probes=30, num_steps=40, fn=lambda x: x)
+    res = slq(None, n, num_probes=30, num_steps=40, fn=lambda x: x, matmat=_mm(a))
     grid = torch.linspace(-2.0, 7.0, 3001, dtype=F64)
     sigma = 0.15
     rho = spectral_density(res.nodes, res.weights, grid, sigma)
@@ -378,3 +431,45 @@ def test_spectral_density_integrates_to_one_and_matches_dense():
     flat = spectral_density(res.nodes, torch.ones_like(res.weights), grid, sigma)
     assert l1 < 0.1
     assert float(torch.trapezoid((flat - dense).abs(), grid)) > 2 * l1
+
+
+# --------------------------------------------------------------------------------------------
+# Errors, validation, progress bars
+# --------------------------------------------------------------------------------------------
+
+
+def test_non_finite_operator_raises():
+    def bad(v):
+        return v * float("nan")
+
+    b = torch.ones(10, dtype=F64)
+    with pytest.raises(NonFiniteError):
+        cg(bad, b)
+    with pytest.raises(NonFiniteError):
+        lanczos(bad, 10, 1)
+    with pytest.raises(NonFiniteError):
+        hutchinson(bad, 10, 3)
+    with pytest.raises(NonFiniteError):
+        slq(bad, 10, num_probes=2, num_steps=3, fn=torch.square)
+
+
+def test_validation_errors():
+    a = _spd(10)
+    with pytest.raises(ShapeMismatchError, match="flat"):
+        hutchinson(lambda v: (a @ v)[None], 10, 3)
+    with pytest.raises(ValueError, match="k must be"):
+        lanczos(_mv(a), 10, 11)
+    with pytest.raises(ValueError, match="which"):
+        lanczos(_mv(a), 10, 1, which="middle")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="distribution"):
+        hutchinson(_mv(a), 10, 3, distribution="uniform")  # type: ignore[arg-type]
+
+
+def test_progress_bars_do_not_change_results():
+    a = _spd(40)
+    assert torch.equal(
+        lanczos(_mv(a), 40, 2, progress=True).eigenvalues, lanczos(_mv(a), 40, 2).eigenvalues
+    )
+    assert hutchinson(_mv(a), 40, 5, progress=True).value == hutchinson(_mv(a), 40, 5).value
+    assert slq(_mv(a), 40, num_probes=3, progress=True).value == slq(_mv(a), 40, num_probes=3).value
+    assert xtrace(_mv(a), 40, 10, progress=True).value == xtrace(_mv(a), 40, 10).value

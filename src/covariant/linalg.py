@@ -257,9 +257,7 @@ def _probe(
     elif distribution == "gaussian":
         z = torch.randn(dim, generator=gen, dtype=torch.float64).to(dtype)
     else:
-        raise ValueError(
-            f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}."
-        )
+        raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}.")
     return z.to(device)
 
 
@@ -424,8 +422,10 @@ def cg(
         return _check_vector(matvec(v), dim, "cg: matvec")
 
     def M(r: Tensor) -> Tensor:
-        return r if preconditioner is None else _check_vector(
-            preconditioner(r), dim, "cg: preconditioner"
+        return (
+            r
+            if preconditioner is None
+            else _check_vector(preconditioner(r), dim, "cg: preconditioner")
         )
 
     bnorm = float(torch.linalg.vector_norm(b))
@@ -590,7 +590,7 @@ def lanczos(
     dim : int
         Length of the vectors.
     k : int
-        Number of eigenpairs wanted (``2k`` for ``which="both"``).
+        Number of eigenpairs wanted (``2k`` for ``which="both"``, or all ``dim`` if fewer).
     which : {"largest", "smallest", "both"}
         Algebraically largest, smallest, or the ``k`` largest and ``k`` smallest.
     inner_matvec : callable, optional
@@ -619,8 +619,11 @@ def lanczos(
 
     Notes
     -----
-    Single-vector Lanczos finds one copy of a repeated eigenvalue at a time; a multiple
-    eigenvalue usually shows up again only after restarts. The residuals are recomputed with
+    In exact arithmetic single-vector Lanczos sees one copy of a repeated eigenvalue. When the
+    Krylov space becomes invariant (e.g. for a low-rank operator), the basis is continued with
+    fresh random vectors until it is full, which recovers multiplicities such as the many zero
+    eigenvalues of a low-rank Hessian; otherwise copies appear through roundoff and restarts,
+    so a multiple eigenvalue can take longer to resolve. The residuals are recomputed with
     ``matvec`` at the end (``len(eigenvalues)`` extra products), so they also reflect an
     inexact operator (e.g. inner CG solves).
 
@@ -713,7 +716,7 @@ def lanczos(
         j += 1
         theta, Y = torch.linalg.eigh(T[:j, :j])
         scale = max(float(theta.abs().max()), torch.finfo(torch.float64).tiny)
-        broke = beta <= 10.0 * eps * scale * math.sqrt(dim)
+        broke = beta <= 100.0 * eps * scale
         # After a breakdown every Ritz pair is exact, but the Krylov space may have missed
         # eigenvalues (e.g. copies of a multiple one): keep exploring until the basis is full.
         if j >= nwant and (not broke or j == m):
@@ -1059,7 +1062,7 @@ def _block_lanczos_runs(
         scale = alpha[: j + 1].abs().amax(0)
         if j > 0:
             scale = scale + beta[:j].abs().amax(0)
-        stop = active & (bj <= 10 * eps * math.sqrt(dim) * scale.clamp_min(1e-300))
+        stop = active & (bj <= 100 * eps * scale.clamp_min(1e-300))
         for col in torch.nonzero(stop).flatten().tolist():
             length[col] = j + 1
         active = active & ~stop
@@ -1086,6 +1089,7 @@ def slq(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
     matmat: Matmat | None = None,
+    inner_matmat: Matmat | None = None,
     batch_size: int | None = None,
     progress: bool = False,
 ) -> SLQResult:
@@ -1114,10 +1118,12 @@ def slq(
         zᵀ f(A) z ≈ \sum_j ω_j f(θ_j),\qquad ω_j = ‖z‖_B\,(zᵀ V y_j)\,(y_j)_1 .
 
     No ``B^{-1/2}`` is needed, the weights still sum to ``zᵀz`` and the rule reduces to Gauss
-    quadrature when ``B = I``. The weights may be slightly negative, and the rule is exact to
-    degree ``m−1`` rather than ``2m−1``, so use somewhat more steps. If a whitened operator
+    quadrature when ``B = I``. The weights may be negative, and the rule is exact to degree
+    ``m−1`` rather than ``2m−1``, so it needs about twice the steps (more for ill-conditioned
+    ``B⁻¹H``; compare two values of ``num_steps``). If a whitened operator
     ``B^{-1/2} H B^{-1/2}`` is available, passing it as ``matvec`` without ``inner_matvec``
-    gives plain Gauss quadrature instead.
+    gives plain Gauss quadrature instead. For log-determinants alone,
+    ``log det(B⁻¹H) = log det H − log det B`` takes two plain SLQ runs and no solves at all.
 
     Parameters
     ----------
@@ -1143,6 +1149,8 @@ def slq(
     matmat : callable, optional
         ``V ↦ A V`` on ``(dim, b)`` blocks: runs ``batch_size`` probes' Lanczos recurrences in
         lockstep, one block product per step.
+    inner_matmat : callable, optional
+        ``V ↦ B V`` on blocks, used instead of ``inner_matvec`` in the batched runs.
     batch_size : int, optional
         Probes per batch with ``matmat`` (default all; memory ``num_steps · dim · batch_size``).
     progress : bool
@@ -1183,12 +1191,12 @@ def slq(
         return _apply_block(matvec, matmat, X)
 
     apply_B: Callable[[Tensor], Tensor] | None = None
-    if inner_matvec is not None:
+    if inner_matvec is not None or inner_matmat is not None:
         inner = inner_matvec
 
         def apply_B(X: Tensor) -> Tensor:
             counts["B"] += X.shape[1]
-            return _apply_block(inner, None, X)
+            return _apply_block(inner, inner_matmat, X)  # type: ignore[arg-type]
 
     bs = (batch_size or num_probes) if matmat is not None else 1
     bar = progress_bar(None, enabled=progress, total=num_probes, desc="slq")
@@ -1235,9 +1243,14 @@ def slq(
         raise ShapeMismatchError("slq: fn must act elementwise on a tensor of Ritz values.")
     fvals = torch.where(omega != 0, fvals.to(torch.float64), torch.zeros_like(nodes))
     if not bool(torch.isfinite(fvals).all()):
+        hint = (
+            " Some Ritz values are <= 0: the operator is not positive definite."
+            if bool((nodes <= 0).any())
+            else ""
+        )
         raise NonFiniteError(
             f"slq: fn returned NaN or Inf at a Ritz value in [{float(nodes.min()):.3e}, "
-            f"{float(nodes.max()):.3e}]; fn must be finite on the spectrum of the operator."
+            f"{float(nodes.max()):.3e}]; fn must be finite on the spectrum of the operator." + hint
         )
     samples = (omega * fvals).sum(1)
     return SLQResult(

@@ -509,15 +509,14 @@ def _is_batch(data: Any) -> bool:
 
 
 class _ModelView:
-    """How the optimizer's flat vector sits inside a module.
+    """How the optimizer's flat vector p sits inside a module.
 
-    - ``index``: positions of the optimizer's coordinates inside the flat vector of all the
-      module's trainable parameters (``ParameterLayout.from_module`` order), so that a metric
-      of the whole module acts on the optimizer's parameters as its principal block.
-    - ``effective(p)``: the module's *effective* tensors as a function of the optimizer's
-      parameters. For a tensor registered with ``torch.nn.utils.parametrize`` this is the
-      parametrized weight, computed from its ``original*`` tensors; any other parameter is
-      itself. This map is the chart from the optimizer's coordinates to the module's weights.
+    The module's *effective* tensors w are what its forward pass computes with: the
+    parametrized weight for a tensor registered with ``torch.nn.utils.parametrize`` (computed
+    from its ``original*`` tensors), the parameter itself otherwise. The map E: p ↦ w is the
+    chart from the optimizer's coordinates to the weights; metrics of the module live on w and
+    are pulled back, G_p = J_Eᵀ G_w J_E (MATH.md §2). For a module without parametrizations E
+    is the identity.
     """
 
     def __init__(self, model: nn.Module, params: list[Tensor]) -> None:
@@ -535,15 +534,9 @@ class _ModelView:
             if not p.requires_grad:
                 raise ValueError(f"RiemannianGD: parameter {name!r} does not require grad")
             self.names.append(name)
-        self.full_layout = ParameterLayout.from_module(model)
         self.layout = ParameterLayout(
             tuple(self.names), tuple(torch.Size(p.shape) for p in params)
         )
-        slices = self.full_layout.slices
-        idx = [torch.arange(slices[n].start, slices[n].stop) for n in self.names]
-        self.index = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
-        self.is_identity = self.full_layout.names == tuple(self.names)
-
         # parametrized tensors that contain at least one of the optimizer's parameters
         self.chart_blocks: list[tuple[str, str, list[str]]] = []  # (module, tensor, originals)
         seen: set[tuple[str, str]] = set()
@@ -555,40 +548,36 @@ class _ModelView:
             if key in seen:
                 continue
             seen.add(key)
-            module = model.get_submodule(key[0])
-            plist = module.parametrizations[key[1]]
+            plist = model.get_submodule(key[0]).parametrizations[key[1]]
             originals = ["original"] if plist.is_tensor else [
                 f"original{i}" for i in range(plist.ntensors)
             ]
             self.chart_blocks.append((key[0], key[1], originals))
         self.plain = [n for n in self.names if _ORIGINAL.match(n) is None]
+        # names and shapes of the effective tensors, in the order of ``effective``
+        named = dict(model.named_parameters())
+        self.eff_names = list(self.plain) + [
+            f"{mod}.{t}" if mod else t for mod, t, _ in self.chart_blocks
+        ]
+        self.eff_shapes = [named[n].shape for n in self.plain] + [
+            getattr(model.get_submodule(mod), t).shape for mod, t, _ in self.chart_blocks
+        ]
+        self._forward_ad = True
+        self._twin: nn.Module | None = None
 
     @property
     def has_chart(self) -> bool:
         return bool(self.chart_blocks)
 
-    def flat(self, params: list[Tensor]) -> Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in params])
-
-    def embed(self, v: Tensor, like: Tensor) -> Tensor:
-        if self.is_identity:
-            return v
-        return torch.zeros_like(like).index_copy(0, self.index.to(v.device), v)
-
-    def extract(self, w: Tensor) -> Tensor:
-        return w if self.is_identity else w[self.index.to(w.device)]
-
-    def full_point(self) -> Tensor:
-        named = dict(self.model.named_parameters())
-        return self.full_layout.flatten({n: named[n].detach() for n in self.full_layout.names})
-
+    # ------------------------------------------------------------- the chart p ↦ w
     def effective(self, p: Tensor) -> Tensor:
-        """Flat vector of the module's effective tensors (weights) at optimizer point ``p``."""
+        """Flat vector of the module's effective tensors w = E(p)."""
+        if not self.has_chart:
+            return p
         vals = self.layout.unflatten(p)
         parts = [vals[n].reshape(-1) for n in self.plain]
         for mod_name, tensor, originals in self.chart_blocks:
-            module = self.model.get_submodule(mod_name)
-            plist = module.parametrizations[tensor]
+            plist = self.model.get_submodule(mod_name).parametrizations[tensor]
             prefix = f"{mod_name}.parametrizations.{tensor}" if mod_name else (
                 f"parametrizations.{tensor}"
             )
@@ -599,79 +588,133 @@ class _ModelView:
             parts.append(functional_call(plist, state, ()).reshape(-1))
         return torch.cat(parts)
 
+    def push(self, p: Tensor, v: Tensor) -> Tensor:
+        """J_E v (a tangent vector to the weights). Forward-mode AD, or, for parametrizations
+        without a forward-AD formula (``torch._weight_norm``), the transpose of a vjp."""
+        if not self.has_chart:
+            return v
+        if self._forward_ad:
+            try:
+                return jvp(self.effective, (p,), (v,))[1]
+            except NotImplementedError:
+                self._forward_ad = False
 
-class _ChartEuclidean(Metric):
-    """Jᵀ J, with J the Jacobian of the optimizer's parameters ↦ the module's effective weights.
+        def transpose(u: Tensor) -> Tensor:
+            return vjp(self.effective, p)[1](u)[0]
 
-    The Euclidean metric of the weights, pulled back to the originals of the module's
-    ``torch.nn.utils.parametrize`` charts (the identity for a module without any). Singular
-    for a submersion chart such as weight norm (its gauge direction).
-    """
+        zero = p.new_zeros(sum(math.prod(s) for s in self.eff_shapes))
+        return vjp(transpose, zero)[1](v)[0]
+
+    def pull(self, p: Tensor, w: Tensor) -> Tensor:
+        """J_Eᵀ w (a covector on the weights, pulled back to p)."""
+        if not self.has_chart:
+            return w
+        return vjp(self.effective, p)[1](w)[0]
+
+    # ------------------------------------------------------------- a module on the weights
+    def weight_module(self) -> nn.Module:
+        """A module computing with w directly: the model itself when it has no chart among
+        the optimizer's parameters, else a twin without parametrizations, synced to the model's
+        current parameters, buffers and train/eval modes."""
+        if not self.has_chart:
+            return self.model
+        if self._twin is None:
+            import copy
+
+            from torch.nn.utils import parametrize
+
+            twin = copy.deepcopy(self.model)
+            # Strip the charts by hand: parametrize.remove_parametrizations would edit the
+            # parametrized *class*, which the deep copy shares with the live model.
+            for _, module in list(twin.named_modules()):
+                if parametrize.is_parametrized(module):
+                    values = {
+                        t: getattr(module, t).detach().clone()
+                        for t in module.parametrizations.keys()
+                    }
+                    del module._modules["parametrizations"]
+                    module.__class__ = module.__class__.__bases__[0]
+                    for t, value in values.items():
+                        module.register_parameter(t, nn.Parameter(value))
+            self._twin = twin
+        twin = self._twin
+        live = dict(self.model.named_modules())
+        for mod_name, module in twin.named_modules():
+            if mod_name in live:
+                module.training = live[mod_name].training
+        with torch.no_grad():
+            for name, t in twin.named_parameters():
+                src = _effective_tensor(self.model, name)
+                t.copy_(src)
+                t.requires_grad_(_requires_grad(self.model, name))
+            live_buffers = dict(self.model.named_buffers())
+            for name, t in twin.named_buffers():
+                if name in live_buffers:
+                    t.copy_(live_buffers[name])
+        return twin
+
+
+def _effective_tensor(model: nn.Module, name: str) -> Tensor:
+    mod_name, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(mod_name), attr).detach()
+
+
+def _requires_grad(model: nn.Module, name: str) -> bool:
+    from torch.nn.utils import parametrize
+
+    mod_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(mod_name)
+    if parametrize.is_parametrized(module, attr):
+        plist = module.parametrizations[attr]
+        return any(t.requires_grad for t in plist.parameters(recurse=False))
+    return getattr(module, attr).requires_grad
+
+
+class _WeightsEuclidean(Metric):
+    """J_Eᵀ J_E: the Euclidean metric of the module's weights, pulled back to its parameters
+    (the originals of its ``torch.nn.utils.parametrize`` charts; I without charts). Singular
+    along the gauge direction of a submersion chart such as weight norm."""
 
     def __init__(self, view: _ModelView) -> None:
         self.view = view
+        self.is_constant = not view.has_chart
 
     def matvec(self, p: Tensor, v: Tensor) -> Tensor:
-        if not self.view.has_chart:
-            return v
-        _, f_vjp = vjp(self.view.effective, p)
-        jv = jvp(self.view.effective, (p,), (v,))[1]
-        return f_vjp(jv)[0]
+        return self.view.pull(p, self.view.push(p, v))
 
     def __repr__(self) -> str:
         return "Pullback(Euclidean(), <module parametrizations>)"
 
 
-class _ModelCurvature(Metric):
-    """A curvature metric of the whole module (one batch), restricted to the optimizer's block."""
+class _PulledBackModelMetric(Metric):
+    """J_Eᵀ (G_w + λ I) J_E: a curvature metric G_w of the module's weights (one batch),
+    restricted to the weights the optimizer moves, damped in the weights, and pulled back to
+    the optimizer's parameters. With ``lam = 0`` it is the plain pullback."""
 
-    def __init__(self, base: Metric, view: _ModelView, full_point: Tensor) -> None:
-        self.base, self.view, self.full_point = base, view, full_point
-
-    def matvec(self, p: Tensor, v: Tensor) -> Tensor:
-        w = self.base.matvec(self.full_point, self.view.embed(v, self.full_point))
-        return self.view.extract(w)
-
-
-class _FallbackGGN(Metric):
-    """J_fᵀ H J_f, used only while ``covariant.curvature`` is not installed.
-
-    TODO(issue 3): remove once ``covariant.curvature.metric_from_name`` is everywhere.
-    """
-
-    def __init__(self, space: ParameterSpace) -> None:
-        self.space = space
+    def __init__(
+        self, view: _ModelView, base: Metric, w_point: Tensor, index: Tensor, lam: float = 0.0
+    ) -> None:
+        self.view, self.base, self.w_point, self.index, self.lam = view, base, w_point, index, lam
+        self._identity = index.numel() == w_point.numel() and bool(
+            (index == torch.arange(w_point.numel(), device=index.device)).all()
+        )
 
     def matvec(self, p: Tensor, v: Tensor) -> Tensor:
-        from torch.func import grad
-
-        s = self.space
-        out = torch.zeros_like(v)
-        for w, (X, y) in zip(s._batch_weights, s.batches, strict=True):  # type: ignore[attr-defined]
-
-            def f(q: Tensor, X: Tensor = X) -> Tensor:
-                return s._forward(q, X)  # type: ignore[attr-defined]
-
-            def ell(o: Tensor, y: Tensor = y) -> Tensor:
-                return s.loss_fn(o, y)  # type: ignore[misc]
-
-            o, jv = jvp(f, (p,), (v,))
-            hjv = jvp(grad(ell), (o,), (jv,))[1]
-            out = out + w * vjp(f, p)[1](hjv)[0]
-        return out
+        u = self.view.push(p, v)
+        full = u if self._identity else torch.zeros_like(self.w_point).index_copy(
+            0, self.index, u
+        )
+        Gu = self.base.matvec(self.w_point, full)
+        Gu = Gu if self._identity else Gu[self.index]
+        if self.lam:
+            Gu = Gu + self.lam * u
+        return self.view.pull(p, Gu)
 
 
-def _curvature_metric(name: str, space: ParameterSpace) -> Metric:
-    try:
-        from . import curvature
-    except ImportError:
-        if name != "ggn":
-            raise ValueError(
-                f"RiemannianGD: metric {name!r} needs covariant.curvature, which is not "
-                "available in this installation; use metric='ggn'"
-            ) from None
-        return _FallbackGGN(space)
-    return curvature.metric_from_name(name, space)
+def _curvature_metric(name: str, space: ParameterSpace, **kwargs: Any) -> Metric:
+    from . import curvature
+
+    return curvature.metric_from_name(name, space, **kwargs)
 
 
 class RiemannianGD(torch.optim.Optimizer):
@@ -734,6 +777,9 @@ class RiemannianGD(torch.optim.Optimizer):
         :class:`~covariant.errors.SingularMetricError`; a damped one uses the truncated
         solution (still a descent direction) and warns once. ``last_solve`` reports the
         iterations and residual of the latest step.
+    metric_kwargs : dict, optional
+        Options of the named curvature metric (e.g. ``{"mc_samples": 1}`` for a Monte-Carlo
+        Fisher), passed to :func:`covariant.curvature.metric_from_name`.
 
     Raises
     ------
@@ -761,13 +807,13 @@ class RiemannianGD(torch.optim.Optimizer):
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     >>> loss_fn = nn.CrossEntropyLoss()
     >>> opt = RiemannianGD(model.parameters(), lr=0.5, metric="ggn", model=model,
-    ...                    loss_fn=loss_fn, data=(X, y), damping=1e-3)
-    >>> first = float(loss_fn(model(X), y))
+    ...                    loss_fn=loss_fn, data=(X, y), damping=1e-2)
+    >>> first = loss_fn(model(X), y).item()
     >>> for _ in range(10):
     ...     opt.zero_grad()
     ...     loss_fn(model(X), y).backward()
     ...     opt.step()
-    >>> float(loss_fn(model(X), y)) < 0.9 * first
+    >>> loss_fn(model(X), y).item() < 0.9 * first
     True
     """
 
@@ -789,6 +835,7 @@ class RiemannianGD(torch.optim.Optimizer):
         maximize: bool = False,
         cg_tol: float = 1e-6,
         cg_maxiter: int = 200,
+        metric_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if isinstance(lr, Tensor):
             lr = float(lr)
@@ -816,6 +863,7 @@ class RiemannianGD(torch.optim.Optimizer):
         self.cg_tol = float(cg_tol)
         self.cg_maxiter = int(cg_maxiter)
         self.model, self.loss_fn, self.data = model, loss_fn, data
+        self.metric_kwargs = dict(metric_kwargs or {})
         self.metric_name, self.metric = self._resolve_metric(metric)
         self._view = _ModelView(model, self._params()) if model is not None else None
         self._reference = self._resolve_reference(damping_reference)
@@ -865,13 +913,16 @@ class RiemannianGD(torch.optim.Optimizer):
             )
 
     def _resolve_reference(self, ref: str | Metric) -> Metric:
+        self._reference_is_weights = False
         if isinstance(ref, Metric):
             return ref
-        if ref == "identity" or (ref == "weights" and self._view is None):
+        if ref == "identity":
             return Euclidean()
         if ref == "weights":
-            assert self._view is not None
-            return _ChartEuclidean(self._view) if self._view.has_chart else Euclidean()
+            self._reference_is_weights = True
+            if self._view is None or not self._view.has_chart:
+                return Euclidean()
+            return _WeightsEuclidean(self._view)
         raise ValueError(
             f"RiemannianGD: damping_reference must be 'weights', 'identity' or a Metric, "
             f"got {ref!r}"
@@ -930,23 +981,37 @@ class RiemannianGD(torch.optim.Optimizer):
                 self._batches_drawn = int(extra.get("batches_drawn", 0))
 
     # ----------------------------------------------------------------- the metric
-    def _current_metric(self) -> Metric:
+    def _current_metric(self) -> tuple[Metric, bool]:
+        """The metric at this step, and whether the damping is already folded into it."""
         if self.metric is not None:
-            return self.metric
+            return self.metric, False
         if self.metric_name == "euclidean":
-            return Euclidean()
-        assert self._view is not None
+            return Euclidean(), False
+        view = self._view
+        assert view is not None
         if self.metric_name == "weights":
-            return self._reference if self._view.has_chart else Euclidean()
+            return (_WeightsEuclidean(view) if view.has_chart else Euclidean()), False
         X, y = self._next_batch()
-        space, _ = ParameterSpace.from_module(self.model, self.loss_fn, (X, y))  # type: ignore[arg-type]
-        base = _curvature_metric(self.metric_name, space)
-        return _ModelCurvature(base, self._view, self._view.full_point())
+        module = view.weight_module()
+        space, w_point = ParameterSpace.from_module(module, self.loss_fn, (X, y))  # type: ignore[arg-type]
+        base = _curvature_metric(self.metric_name, space, **self.metric_kwargs)
+        slices = space.layout.slices  # type: ignore[union-attr]
+        missing = [n for n in view.eff_names if n not in slices]
+        if missing:  # pragma: no cover - defensive: the twin mirrors the model
+            raise ValueError(f"RiemannianGD: weights {missing} not found in the module")
+        index = torch.cat(
+            [torch.arange(slices[n].start, slices[n].stop) for n in view.eff_names]
+        ).to(w_point.device)
+        fold = self._reference_is_weights
+        metric = _PulledBackModelMetric(
+            view, base, w_point, index, self.damping if fold else 0.0
+        )
+        return metric, fold
 
     def _solve(self, p: Tensor, g: Tensor) -> Tensor:
         from .linalg import cg
 
-        G = self._current_metric()
+        G, folded = self._current_metric()
         lam = self.damping
         if lam == 0.0 and isinstance(G, Euclidean):
             self.last_solve = {"method": "identity"}
@@ -966,7 +1031,7 @@ class RiemannianGD(torch.optim.Optimizer):
 
         def matvec(v: Tensor) -> Tensor:
             out = G.matvec(p, v)
-            return out + lam * ref.matvec(p, v) if lam > 0 else out
+            return out + lam * ref.matvec(p, v) if lam > 0 and not folded else out
 
         try:
             res = cg(matvec, g, rtol=self.cg_tol, maxiter=self.cg_maxiter,
@@ -996,7 +1061,7 @@ class RiemannianGD(torch.optim.Optimizer):
                     "truncated solution. Raise cg_maxiter or damping for the exact natural "
                     "gradient (reported once; see opt.last_solve).",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=5,  # the caller of opt.step()
                 )
                 self._warned_truncated = True
         return res.x

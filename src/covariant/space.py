@@ -280,25 +280,40 @@ class ParameterSpace:
         return _check_finite(out, "the Hessian-vector product")
 
     def hessian(
-        self, p: Tensor, riemannian: bool = True, *, max_dim: int | None = None
+        self,
+        p: Tensor,
+        riemannian: bool = True,
+        *,
+        method: str = "auto",
+        max_dim: int | None = None,
     ) -> Tensor:
         """Dense Hessian (small d): ∇²L, or the Riemannian ∇²L − Γ^m_ij ∂_m L.
 
-        The Riemannian one is computed from ``jacfwd`` of the dense metric (the ground-truth
-        path), not from the matrix-free products. Submersion charts raise the index with the
-        pseudo-inverse.
+        ``method="general"`` computes the connection term from ``jacfwd`` of the dense metric
+        (the ground-truth path, O(d³)); submersion charts raise the index with the
+        pseudo-inverse. For a space made by ``reparametrize``, ``method="pullback"`` uses the
+        tensor rule Hess_Ψ = Jᵀ Hess_Θ J with a dense Jacobian (O(d²) memory); ``"auto"``
+        takes it when it applies.
         """
         self._check(p, "hessian")
-        check_dense_size(p.shape[0], "hessian", max_dim or self.max_dense_dim)
-        try:
-            H = hessian(self._loss)(p)
-        except NotImplementedError:  # an op without forward-mode AD
-            H = jacrev(jacrev(self._loss))(p)
+        limit = max_dim or self.max_dense_dim
+        check_dense_size(p.shape[0], "hessian", limit)
+        if method not in ("auto", "pullback", "general"):
+            raise ValueError(f"hessian: method must be 'auto', 'pullback' or 'general', got {method!r}")
+        if riemannian and self._scalar_pullback and method in ("auto", "pullback"):
+            h, parent = self.chart, self.parent
+            assert h is not None and parent is not None
+            J = h.jacobian(p)
+            H = J.T @ parent.hessian(h.forward(p), True, max_dim=max_dim) @ J
+            return _check_finite(0.5 * (H + H.T), "the Hessian")
+        if method == "pullback" and riemannian:
+            raise ValueError("hessian: the pullback path needs a space made by reparametrize")
+        H = self._dense_euclidean_hessian(p)
         if riemannian and not self.metric.is_constant:
             g = grad(self._loss)(p)
-            G = self.metric.dense(p, max_dim=max_dim or self.max_dense_dim)
+            G = self.metric.dense(p, max_dim=limit)
             r = self._dense_solve(p, G, g)
-            dG = jacfwd(lambda q: self.metric.dense(q, max_dim=max_dim or self.max_dense_dim))(p)
+            dG = jacfwd(lambda q: self.metric.dense(q, max_dim=limit))(p)
             # dG[j, l, i] = ∂_i G_jl ; Γ^m_ij ∂_m L = ½ r_l (∂_i G_jl + ∂_j G_il − ∂_l G_ij)
             corr = 0.5 * (
                 torch.einsum("jli,l->ij", dG, r)
@@ -307,6 +322,35 @@ class ParameterSpace:
             )
             H = H - corr
         return _check_finite(0.5 * (H + H.T), "the Hessian")
+
+    def _dense_euclidean_hessian(self, p: Tensor) -> Tensor:
+        """∇²L by batched HVPs with the identity (chunked, so memory stays bounded).
+
+        The last result is cached by point, since several charts of one analysis all pull
+        back the same Hessian of their common parent.
+        """
+        cacheable = not p.requires_grad and not torch._C._functorch.is_functorch_wrapped_tensor(p)
+        if not cacheable:
+            return self._compute_euclidean_hessian(p)
+        cached = getattr(self, "_hessian_cache", None)
+        if cached is not None and cached[0].shape == p.shape and torch.equal(cached[0], p):
+            return cached[1]
+        H = self._compute_euclidean_hessian(p)
+        self._hessian_cache = (p.clone(), H)
+        return H
+
+    def _compute_euclidean_hessian(self, p: Tensor) -> Tensor:
+        d = p.shape[0]
+        if d <= 64:
+            try:
+                return hessian(self._loss)(p)
+            except NotImplementedError:  # an op without forward-mode AD
+                return jacrev(jacrev(self._loss))(p)
+        eye = torch.eye(d, dtype=p.dtype, device=p.device)
+        try:
+            return vmap(lambda v: jvp(grad(self._loss), (p,), (v,))[1], chunk_size=32)(eye)
+        except NotImplementedError:
+            return jacrev(jacrev(self._loss), chunk_size=32)(p)
 
     def _is_degenerate(self, p: Tensor) -> bool:
         return self.metric.rank(p) < p.shape[0]
@@ -332,13 +376,15 @@ class ParameterSpace:
         rank = self.metric.rank(p)
         return torch.linalg.eigh(G)[1][:, -rank:]
 
-    def shape_operator(self, p: Tensor, *, max_dim: int | None = None) -> Tensor:
+    def shape_operator(
+        self, p: Tensor, *, method: str = "auto", max_dim: int | None = None
+    ) -> Tensor:
         """Dense E = G⁻¹ Hess, a (1,1) tensor: E_Ψ = J⁻¹ E_Θ J. Its spectrum is invariant.
 
         For a submersion chart G⁻¹ is the pseudo-inverse; the nonzero spectrum then equals
         the spectrum in the original chart, plus a 0 per gauge direction (MATH.md §5).
         """
-        H = self.hessian(p, riemannian=True, max_dim=max_dim)
+        H = self.hessian(p, riemannian=True, method=method, max_dim=max_dim)
         G = self.metric.dense(p, max_dim=max_dim or self.max_dense_dim)
         return self._dense_solve(p, G, H)
 
