@@ -10,13 +10,13 @@ over batches b with weights w_b (batch size / total size for ``reduction='mean'`
 
 with an output-space matrix Λ_b:
 
-======================= =====================================================================
-metric                  Λ_b
-======================= =====================================================================
-:class:`GGN`            H_b = ∇²_f ℓ(f, y_b), the Hessian of the loss w.r.t. the outputs
-:class:`Fisher`         Σ_n c_n E_{ỹ ~ p(·|f_n)}[∇_f ℓ_n(ỹ) ∇_f ℓ_n(ỹ)ᵀ] (exact, or Monte Carlo)
+======================== ====================================================================
+metric                   Λ_b
+======================== ====================================================================
+:class:`GGN`             H_b = ∇²_f ℓ(f, y_b), the Hessian of the loss w.r.t. the outputs
+:class:`Fisher`          Σ_n c_n E_{ỹ ~ p(·|f_n)}[∇_f ℓ_n(ỹ) ∇_f ℓ_n(ỹ)ᵀ], exact or Monte Carlo
 :class:`EmpiricalFisher` Σ_n c_n ∇_f ℓ_n(y_n) ∇_f ℓ_n(y_n)ᵀ, with the observed labels
-======================= =====================================================================
+======================== ====================================================================
 
 **Scaling convention.** A batch loss is written ℓ = Σ_n c_n ℓ_n with ℓ_n the negative
 log-likelihood of sample n summed over its output entries and c_n the reduction factor:
@@ -44,8 +44,9 @@ same number to every logit, so the GGN always has zero eigenvalues there). ``sol
 returns a silent 1e14: with ``solve_mode='raise'`` (default) it raises
 :class:`~covariant.errors.SingularMetricError` with the fix, ``Damped(G, lam,
 reference=...)`` (MATH.md §5); with ``solve_mode='pinv'`` it returns the pseudo-inverse
-solution G⁺w, computed by conjugate gradients on the range of G, and ``logdet`` is the
-pseudo-log-determinant. ``rank`` is always the numerical rank.
+solution G⁺w, matrix-free (Lanczos, i.e. CG, with the numerically null Ritz directions
+dropped: :meth:`CurvatureMetric.pinv_solve`), and ``logdet`` is the pseudo-log-determinant.
+``rank`` is always the numerical rank (eigenvalues above ``rank_rtol``·λ_max).
 
 :class:`AdamMetric` is different in kind: the diagonal preconditioner of an Adam / RMSprop /
 Adagrad state. It is a constant metric in the chart where the optimizer ran and is **not** a

@@ -373,6 +373,10 @@ class Pullback(Metric):
         """Basis of the kernel of G_Ψ(ψ) that comes from the chart (the vertical space)."""
         return self.reparam.gauge_directions(p)
 
+    def vertical_projection(self, p: Tensor, x: Tensor) -> Tensor:
+        """Orthogonal projection onto ker J, the kernel of G_Ψ (zero for a bijection)."""
+        return self.reparam.vertical_projection(p, x)
+
     def pullback(self, reparam: Reparametrization) -> Metric:
         return Pullback(self, reparam)
 

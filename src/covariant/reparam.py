@@ -166,6 +166,16 @@ class Reparametrization:
         """Basis of ker J(ψ), shape (k, k - d); empty for a bijection."""
         return psi.new_zeros(psi.shape[0], 0)
 
+    def vertical_projection(self, psi: Tensor, x: Tensor) -> Tensor:
+        """Orthogonal projection of x onto ker J(ψ), the vertical (gauge) space.
+
+        Zero for a bijection. The default uses ``I − J⁺J``; charts with a known kernel
+        override it with a closed form.
+        """
+        if self.is_bijection:
+            return torch.zeros_like(x)
+        return x - self.inverse_jvp(psi, self.jvp(psi, x))
+
     def _require_bijection(self, what: str) -> None:
         if not self.is_bijection:
             raise NotABijectionError(
@@ -671,6 +681,13 @@ class WeightNorm(Reparametrization):
         per_slice = self.n // self.num_slices
         return 2 * (per_slice - 1) * c.abs().log().sum()
 
+    def vertical_projection(self, psi: Tensor, x: Tensor) -> Tensor:
+        """Per slice, (0, v̂ (v̂·δv)): the projection onto the gauge directions (0, v)."""
+        vhat, _ = self._parts(psi)
+        dv = self._rows(x[self.num_slices :])
+        return torch.cat([torch.zeros_like(x[: self.num_slices]),
+                          self._unrows(vhat * (vhat * dv).sum(1, keepdim=True))])
+
     def gauge_directions(self, psi: Tensor) -> Tensor:
         g, v = self._split(psi)
         k = psi.shape[0]
@@ -897,6 +914,18 @@ class ParameterwiseReparametrization(Reparametrization):
                 2 * r.log_abs_det_jacobian(p) if r.is_bijection else _jjt_logdet(r, p)
             )
         return total
+
+    def vertical_projection(self, psi: Tensor, x: Tensor) -> Tensor:
+        out = torch.zeros_like(x)
+        parts = []
+        for name in self.layout.names:
+            sl = self._psi_slices[name]
+            r = self.blocks.get(name)
+            if r is None or r.is_bijection:
+                parts.append(torch.zeros_like(x[sl]))
+            else:
+                parts.append(r.vertical_projection(psi[sl], x[sl]))
+        return torch.cat(parts) if parts else out
 
     def gauge_directions(self, psi: Tensor) -> Tensor:
         cols = []

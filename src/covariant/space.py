@@ -243,9 +243,13 @@ class ParameterSpace:
         return _check_finite(self.metric.solve(p, self.grad(p)), "the Riemannian gradient")
 
     def _euclidean_hvp(self, p: Tensor, v: Tensor) -> Tensor:
-        """∇²L v, forward-over-reverse; reverse-over-reverse for ops without forward AD."""
+        """∇²L v, reverse-over-forward; reverse-over-reverse for ops without forward AD.
+
+        (Forward-over-reverse, ``jvp(grad(L))``, trips over immutable zero tensors in the
+        backward of ``mse_loss`` on torch 2.13, so the reverse of a jvp is used.)
+        """
         try:
-            return jvp(grad(self._loss), (p,), (v,))[1]
+            return grad(lambda q: jvp(self._loss, (q,), (v,))[1])(p)
         except NotImplementedError:
             return grad(lambda q: torch.dot(grad(self._loss)(q), v))(p)
 
@@ -348,7 +352,7 @@ class ParameterSpace:
                 return jacrev(jacrev(self._loss))(p)
         eye = torch.eye(d, dtype=p.dtype, device=p.device)
         try:
-            return vmap(lambda v: jvp(grad(self._loss), (p,), (v,))[1], chunk_size=32)(eye)
+            return vmap(lambda v: self._euclidean_hvp(p, v), chunk_size=32)(eye)
         except NotImplementedError:
             return jacrev(jacrev(self._loss), chunk_size=32)(p)
 

@@ -87,6 +87,7 @@ def _atomic_json(path: Path, obj: Any) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(obj, fh, indent=2, default=_json_default)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -251,15 +252,22 @@ def _part_map2d(quick: bool, seed: int) -> dict[str, Any]:
             "psi_of_theta_map": psi0.tolist(),
             "converged": c.converged and r.converged,
         }
-    # contour data: p in θ, and p_Ψ in the shear chart
-    n = 60 if quick else 140
+    # contour data: p in θ, and p_Ψ in the shear chart (vectorized over the grid)
+    n = 40 if quick else 100
     g0 = torch.linspace(-1.0, 3.0, n, dtype=_DT)
     g1 = torch.linspace(-1.0, 3.2, n, dtype=_DT)
-    Z = [[float(_log_p_2d(torch.stack([a, b])).exp()) for a in g0] for b in g1]
     sh = space.reparametrize(charts["cubic shear"])
     u0 = torch.linspace(-1.3, 1.6, n, dtype=_DT)
     u1 = torch.linspace(-1.8, 2.4, n, dtype=_DT)
-    Zs = [[float((-sh._loss(torch.stack([a, b]))).exp()) for a in u0] for b in u1]
+
+    def grid_eval(fn: Callable[[Tensor], Tensor], a: Tensor, b: Tensor) -> list[list[float]]:
+        B, A = torch.meshgrid(b, a, indexing="ij")
+        pts = torch.stack([A.reshape(-1), B.reshape(-1)], 1)
+        with torch.no_grad():
+            return torch.func.vmap(fn)(pts).exp().reshape(len(b), len(a)).tolist()
+
+    Z = grid_eval(_log_p_2d, g0, g1)
+    Zs = grid_eval(lambda q: -sh._loss(q), u0, u1)
     out["plot"] = {"x": g0.tolist(), "y": g1.tolist(), "z": Z,
                    "u": u0.tolist(), "v": u1.tolist(), "zs": Zs}
     return out
@@ -307,6 +315,11 @@ LOGV_SCALE = 0.1  # log‖v‖ ~ N(0, LOGV_SCALE²): the gauge part of the prior
 
 def _load_classification(quick: bool, seed: int) -> tuple[Any, str]:
     note = ""
+    if quick:  # no sklearn import (seconds) in the smoke run used by the tests
+        from ..data import make_synthetic_classification
+
+        ds = make_synthetic_classification(400, 16, 4, seed=seed, dtype=_DT)
+        return ds, "SYNTHETIC (quick mode: Gaussian blobs, 16 features, 4 classes)"
     try:
         from ..data import load_digits
 
@@ -387,6 +400,19 @@ def _wn_space(
     return space, h
 
 
+def _wn_point(h: ParameterwiseReparametrization, w: Tensor) -> Tensor:
+    """h⁻¹(w) with every ‖v_row‖ at the gauge prior's optimum e^{−s²} (g = ±‖w_row‖)."""
+    psi = h.inverse(w).clone()
+    layout = h.new_layout
+    for name, sl in layout.slices.items():
+        if name.endswith(".v"):
+            shape = dict(zip(layout.names, layout.shapes, strict=True))[name]
+            rows = psi[sl].reshape(shape[0], -1)
+            rows = rows / rows.norm(dim=1, keepdim=True) * math.exp(-(LOGV_SCALE**2))
+            psi[sl] = rows.reshape(-1)
+    return psi
+
+
 def _evaluate(model: nn.Module, layout: Any, w: Tensor, X: Tensor, y: Tensor) -> dict[str, float]:
     from torch.func import functional_call
 
@@ -405,61 +431,73 @@ def _row_norm(layout: Any, w: Tensor) -> float:
 def _part_mlp(quick: bool, seed: int, progress: bool) -> dict[str, Any]:
     ds, data_name = _load_classification(quick, seed)
     Xtr, ytr, Xte, yte = ds.X_train, ds.y_train, ds.X_test, ds.y_test
-    if quick:
-        Xtr, ytr = Xtr[:200], ytr[:200]
     hidden = 8 if quick else 32
     lam = 1.0
-    steps = 60 if quick else 600
+    steps = 40 if quick else 1000
+    adam_steps = 20 if quick else 1500
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(Xtr.shape[1], hidden), nn.Tanh(),
                           nn.Linear(hidden, ds.num_classes)).to(_DT)
     w_space, w0 = cvl.posterior_space(model, (Xtr, ytr), prior_precision=lam)
     layout = w_space.layout
-    rows: dict[str, Any] = {}
-    t0 = time.time()
-    m_w = cvd.map_estimate(w_space, w0, riemannian=False, method="lbfgs", steps=steps,
-                           progress=progress)
-    rows["MAP in w"] = {"w": m_w.point, "result": m_w, "time_s": time.time() - t0}
     wn_space, h = _wn_space(w_space, lam)
-    psi0 = h.inverse(w0)
-    t0 = time.time()
-    m_c = cvd.map_estimate(wn_space, psi0, riemannian=False, method="lbfgs", steps=steps,
-                           progress=progress)
-    rows["MAP in weight-norm chart"] = {"w": h(m_c.point), "result": m_c,
-                                        "time_s": time.time() - t0}
-    t0 = time.time()
-    m_r = cvd.map_estimate(wn_space, psi0, riemannian=True, method="lbfgs", steps=steps,
-                           logdet_method="closed", progress=progress)
-    rows["Riemannian MAP in weight-norm chart (closed-form log pdet G, L-BFGS)"] = {
-        "w": h(m_r.point), "result": m_r, "time_s": time.time() - t0}
-    adam_steps = 40 if quick else 1500
-    t0 = time.time()
-    m_s = cvd.map_estimate(
-        wn_space, psi0, riemannian=True, method="adam", steps=adam_steps, lr=1e-2,
-        logdet_method="slq", logdet_kwargs={"grad_probes": 2, "num_probes": 8, "num_steps": 20},
-        progress=progress, tol=0.0,
-    )
-    rows["Riemannian MAP in weight-norm chart (SLQ/Hutchinson estimator, Adam)"] = {
-        "w": h(m_s.point), "result": m_s, "time_s": time.time() - t0}
-    t0 = time.time()
-    m_a = cvd.map_estimate(w_space, w0, riemannian=False, method="adam", steps=adam_steps,
-                           lr=1e-2, progress=progress, tol=0.0)
-    rows["MAP in w (Adam, same budget: optimizer reference)"] = {
-        "w": m_a.point, "result": m_a, "time_s": time.time() - t0}
+    psi0 = _wn_point(h, w0)
+    slq_kw = {"grad_probes": 2, "num_probes": 8, "num_steps": 20}
 
-    w_ref = m_w.point
+    def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+        t0 = time.time()
+        return fn(), time.time() - t0
+
+    # 1. the three estimates from the same random initialization (ψ0 = h⁻¹(w0))
+    runs: dict[str, tuple[Any, Callable[[Tensor], Tensor], float]] = {}
+    m, t = timed(lambda: cvd.map_estimate(w_space, w0, riemannian=False, method="lbfgs",
+                                          steps=steps, progress=progress))
+    runs["MAP in w"] = (m, lambda q: q, t)
+    m, t = timed(lambda: cvd.map_estimate(wn_space, psi0, riemannian=False, method="lbfgs",
+                                          steps=steps, progress=progress))
+    runs["MAP in weight-norm chart (g, v)"] = (m, h, t)
+    m, t = timed(lambda: cvd.map_estimate(wn_space, psi0, riemannian=True, method="lbfgs",
+                                          steps=steps, logdet_method="closed",
+                                          progress=progress))
+    runs["Riemannian MAP in (g, v): closed-form log pdet G, L-BFGS"] = (m, h, t)
+    m, t = timed(lambda: cvd.map_estimate(wn_space, psi0, riemannian=True, method="adam",
+                                          steps=adam_steps, lr=1e-2, logdet_method="slq",
+                                          logdet_kwargs=slq_kw, progress=progress, tol=0.0))
+    runs["Riemannian MAP in (g, v): SLQ/Hutchinson gradient, Adam"] = (m, h, t)
+    m, t = timed(lambda: cvd.map_estimate(w_space, w0, riemannian=False, method="adam",
+                                          steps=adam_steps, lr=1e-2, progress=progress,
+                                          tol=0.0))
+    runs["MAP in w: Adam, same budget (optimizer reference)"] = (m, lambda q: q, t)
+
+    w_ref = runs["MAP in w"][0].point
     table = []
-    for name, row in rows.items():
-        w = row["w"]
-        res = row["result"]
+    for name, (res, to_w, t) in runs.items():
+        w = to_w(res.point)
         table.append({
             "method": name,
             **_evaluate(model, layout, w, Xte, yte),
             "rel_distance_to_map_w": float((w - w_ref).norm() / w_ref.norm()),
             "mean_row_norm_layer0": _row_norm(layout, w),
             "objective": res.value, "converged": res.converged, "num_iters": res.num_iters,
-            "grad_norm": res.grad_norm, "time_s": row["time_s"],
+            "grad_norm": res.grad_norm, "time_s": t,
         })
+
+    # 2. local-mode check: start at the MAP in w (mapped to (g, v)) and see who moves away
+    psi_star = _wn_point(h, w_ref)
+    g_c = float(torch.func.grad(cvd.map_objective(wn_space, False))(psi_star).norm())
+    g_r = float(torch.func.grad(cvd.map_objective(wn_space, True, logdet_method="closed"))(
+        psi_star).norm())
+    mc = cvd.map_estimate(wn_space, psi_star, riemannian=False, method="lbfgs", steps=steps)
+    mr = cvd.map_estimate(wn_space, psi_star, riemannian=True, method="lbfgs", steps=steps,
+                          logdet_method="closed")
+    local = {
+        "grad_norm_at_map_w": {"classic": g_c, "riemannian": g_r,
+                               "map_w_itself": runs["MAP in w"][0].grad_norm},
+        "rel_move_classic": float((h(mc.point) - w_ref).norm() / w_ref.norm()),
+        "rel_move_riemannian": float((h(mr.point) - w_ref).norm() / w_ref.norm()),
+        "classic_from_map_w": _evaluate(model, layout, h(mc.point), Xte, yte),
+        "riemannian_from_map_w": _evaluate(model, layout, h(mr.point), Xte, yte),
+    }
     return {
         "data": data_name, "n_train": int(Xtr.shape[0]), "n_test": int(Xte.shape[0]),
         "architecture": f"{Xtr.shape[1]}-{hidden}-{ds.num_classes} tanh MLP",
@@ -469,7 +507,9 @@ def _part_mlp(quick: bool, seed: int, progress: bool) -> dict[str, Any]:
             f"invariant with log||v|| ~ N(0, {LOGV_SCALE}^2); pushforward to w is exactly "
             "N(0, 1/lambda I). Biases: N(0, 1/lambda) in every chart."
         ),
+        "metric": "Euclidean in w, pulled back to (g, v): G = J^T J (rank-deficient, pdet)",
         "table": table,
+        "local_mode_check": local,
     }
 
 
@@ -502,9 +542,9 @@ def _plot_mlp(r: dict[str, Any], path: Path) -> None:
 
 def _logreg_problem(seed: int) -> tuple[ParameterSpace, Tensor]:
     g = torch.Generator().manual_seed(seed + 11)
-    X = torch.randn(30, 1, generator=g, dtype=_DT)
-    logits = 1.5 * X[:, 0] - 0.5
-    y = (torch.rand(30, generator=g, dtype=_DT) < torch.sigmoid(logits)).long()
+    X = torch.randn(16, 1, generator=g, dtype=_DT)
+    logits = 3.0 * X[:, 0] - 0.5
+    y = (torch.rand(16, generator=g, dtype=_DT) < torch.sigmoid(logits)).long()
     return cvl.posterior_space(_Logistic(), (X, y), prior_precision=1.0)
 
 
@@ -538,8 +578,8 @@ def _charts(dim: int, quick: bool, seed: int) -> dict[str, Reparametrization]:
     b = 0.2 * torch.randn(dim, generator=g, dtype=_DT)
     charts: dict[str, Reparametrization] = {
         "affine (linear)": Affine(A, b),
-        "sinh": Sinh(0.9, 1.2, 0.1),
-        "cubic": Cubic(0.3),
+        "sinh": Sinh(1.5, 1.0, 0.0),
+        "cubic": Cubic(1.0),
         "affine∘sinh": Compose(Affine(A, b), Sinh(0.7, 0.8)),
     }
     if quick:
@@ -603,7 +643,7 @@ def _part_evidence(quick: bool, seed: int) -> dict[str, Any]:
     out["logistic_regression"]["exact_log_evidence_quadrature"] = _quadrature_log_evidence(
         space, tm, quick)
     out["logistic_regression"]["model"] = (
-        "Bayesian logistic regression p(y=1|x) = sigmoid(a x + b), 30 points, prior N(0, I)")
+        "Bayesian logistic regression p(y=1|x) = sigmoid(a x + b), 16 points, prior N(0, I)")
     if not quick:
         mspace, mtheta0 = _mlp_problem(seed)
         out["mlp_regression"] = _evidence_rows(mspace, mtheta0, quick, seed, with_ggn=True)
@@ -637,7 +677,7 @@ def _plot_evidence(r: dict[str, Any], path: Path) -> None:
 def _part_prior(quick: bool, seed: int, progress: bool) -> dict[str, Any]:
     import numpy as np
 
-    grid = np.logspace(-2, 2, 7 if quick else 17).tolist()
+    grid = [0.03, 0.3, 3.0] if quick else np.logspace(-2, 2, 17).tolist()
     problems = {"logistic_regression": _logreg_problem(seed)}
     if not quick:
         problems["mlp_regression"] = _mlp_problem(seed)
@@ -646,6 +686,8 @@ def _part_prior(quick: bool, seed: int, progress: bool) -> dict[str, Any]:
         theta_map = cvd.map_estimate(space, theta0, riemannian=False).point
         charts: dict[str, Reparametrization | None] = {
             "θ (original)": None, **_charts(theta0.shape[0], quick, seed)}
+        if quick:
+            charts.pop("affine (linear)")
         res: dict[str, Any] = {}
         for name, h in progress_bar(charts.items(), enabled=progress, desc=f"prior {pname}"):
             s = space if h is None else space.reparametrize(h)
@@ -773,7 +815,7 @@ def run(out_dir: str | os.PathLike[str], *, quick: bool = False, seed: int = 0,
                 result = None
         if result is None:
             t0 = time.time()
-            with _threads(1 if name != "mlp" else max(1, torch.get_num_threads())):
+            with _threads(1 if (quick or name != "mlp") else max(1, torch.get_num_threads())):
                 result = runners[name][0]()
             result = json.loads(json.dumps(result, default=_json_default))
             timings[name] = time.time() - t0

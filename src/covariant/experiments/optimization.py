@@ -190,7 +190,7 @@ def _settings(quick: bool, seed: int) -> dict[str, Any]:
     if quick:
         return {
             "version": _VERSION, "quick": True, "seed": seed,
-            "a": {"theta0": [1.2, 0.75], "lr": 0.15, "steps": 4},
+            "a": {"theta0": [1.1, 0.55], "lr": 0.08, "steps": 5},
             "b": {"theta0": {"phi": [0.7, -0.4]}, "horizon": 0.2,
                   "lrs": [0.04, 0.02, 0.01], "geodesic_lrs": [0.04]},
             "c": {"num_samples": 300, "hidden": [16], "gd_lr": 0.2, "gd_steps": 30,
@@ -204,7 +204,7 @@ def _settings(quick: bool, seed: int) -> dict[str, Any]:
         }
     return {
         "version": _VERSION, "quick": False, "seed": seed,
-        "a": {"theta0": [1.2, 0.75], "lr": 0.1, "steps": 10},
+        "a": {"theta0": [1.1, 0.55], "lr": 0.05, "steps": 12},
         "b": {"theta0": {"phi": [0.7, -0.4], "polar": [0.7, -0.4]}, "horizon": 0.4,
               "lrs": [0.04, 0.02, 0.01, 0.005, 0.0025], "geodesic_lrs": [0.04, 0.02]},
         "c": {"num_samples": 1000, "hidden": [32], "gd_lr": 0.2, "gd_steps": 150,

@@ -1,0 +1,132 @@
+"""Stochastic flatness (issue 3): estimates vs dense truth, error bars, invariance at MLP scale."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import covariant as cv
+from covariant.errors import NotConvergedError
+
+from .test_rules import theta_metric
+
+
+def _mlp_space(seed=0, hidden=6, n=64, wd=1e-2, train_steps=0):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, hidden), nn.Tanh(), nn.Linear(hidden, 3)).double()
+    X = torch.randn(n, 5, generator=gen)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    if train_steps:
+        opt = torch.optim.Adam(model.parameters(), lr=0.05, weight_decay=wd)
+        for _ in range(train_steps):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(X), y).backward()
+            opt.step()
+    data, theta = cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(), (X, y))
+    space = cv.ParameterSpace(lambda p: data._loss(p) + 0.5 * wd * (p**2).sum(),
+                              layout=data.layout)
+    return space, theta
+
+
+def _within(est, truth, n_se=3.0):
+    return abs(est.value - truth) <= n_se * est.stderr + 1e-12
+
+
+@pytest.mark.parametrize("chart", ["none", "weightnorm", "exp_metric"])
+def test_stochastic_vs_dense(chart):
+    space, theta = _mlp_space()
+    p = theta
+    if chart == "weightnorm":
+        space = space.reparametrize({"*.weight": cv.reparam.WeightNorm()})
+        p = space.chart.inverse(theta)
+        p = p + 0.0  # same point
+    elif chart == "exp_metric":
+        # a point-dependent metric, so the connection term is live in both paths
+        G = cv.metrics.Diagonal(lambda q: torch.exp(0.3 * q))
+        space = space.with_metric(G)
+    dense = cv.flatness(space, p, measures=("trace", "logdet", "max_eig", "top_eigs"), k=3)
+    st = cv.flatness(space, p, measures=("trace", "logdet", "max_eig", "top_eigs"), k=3,
+                     method="stochastic", num_probes=120, seed=1, slq_probes=12, slq_steps=25)
+    assert _within(st["trace"], dense["trace"].value)
+    assert st["trace"].stderr < 0.1 * abs(dense["trace"].value)  # the error bar is informative
+    assert _within(st["logdet"], dense["logdet"].value)
+    assert st["max_eig"].converged
+    assert st["max_eig"].value == pytest.approx(dense["max_eig"].value, rel=1e-6)
+    assert st["top_eigs"].value == pytest.approx(dense["top_eigs"].value, rel=1e-6)
+    assert st["trace"].num_matvecs == 120
+
+
+def test_error_shrinks_with_probes():
+    space, theta = _mlp_space(1)
+    truth = cv.flatness(space, theta, measures=("trace",))["trace"].value
+    errs = {}
+    for n in (8, 128):
+        errs[n] = sum(
+            abs(cv.flatness(space, theta, measures=("trace",), method="stochastic",
+                            num_probes=n, seed=s)["trace"].value - truth)
+            for s in range(6)
+        ) / 6
+    assert errs[128] < errs[8] / 2
+
+
+def test_curved_metric_lanczos_matches_generalized_eigh():
+    from .conftest import reference_loss
+
+    space = cv.ParameterSpace(reference_loss, theta_metric())
+    p = torch.tensor([0.7, -0.4])
+    st = cv.flatness(space, p, measures=("max_eig", "min_eig"), method="stochastic")
+    evals = torch.linalg.eigvals(space.shape_operator(p)).real.sort().values
+    assert st["max_eig"].value == pytest.approx(float(evals[-1]), rel=1e-6)
+    assert st["min_eig"].value == pytest.approx(float(evals[0]), rel=1e-6)
+
+
+def test_weight_norm_invariant_naive_not_at_three_scales():
+    space, theta = _mlp_space(2, hidden=8, n=96, train_steps=150)
+    wn = space.reparametrize({"*.weight": cv.reparam.WeightNorm()})
+    base = wn.chart.inverse(theta)
+    ref = cv.flatness(space, theta, measures=("trace", "logdet", "max_eig"),
+                      method="stochastic", num_probes=100, seed=0, slq_probes=10, slq_steps=20)
+    naive = {}
+    for s in (0.1, 1.0, 10.0):
+        psi = base.clone()
+        for name, block in wn.chart.blocks.items():
+            sl = wn.chart._psi_slices[name]
+            psi[sl.start + block.num_slices : sl.stop] *= s
+        inv = cv.flatness(wn, psi, measures=("trace", "logdet", "max_eig"),
+                          method="stochastic", num_probes=100, seed=0, slq_probes=10, slq_steps=20)
+        for m in ("trace", "logdet"):
+            se = math.hypot(inv[m].stderr, ref[m].stderr)
+            assert abs(inv[m].value - ref[m].value) <= 3 * se, (s, m)
+        assert inv["max_eig"].value == pytest.approx(ref["max_eig"].value, rel=1e-5)
+        nv = cv.flatness(wn.with_metric(cv.metrics.Euclidean()), psi,
+                         measures=("trace", "logdet", "max_eig"), method="stochastic",
+                         num_probes=100, seed=0, slq_probes=10, slq_steps=20)
+        naive[s] = nv
+    for m in ("trace", "max_eig"):
+        vals = [abs(naive[s][m].value) for s in naive]
+        assert max(vals) / min(vals) >= 10, m
+    logdets = [naive[s]["logdet"].value for s in naive]
+    assert max(logdets) - min(logdets) >= math.log(10)
+
+
+def test_not_converged_is_reported_and_can_raise():
+    space, theta = _mlp_space(3)
+    r = cv.flatness(space, theta, measures=("top_eigs",), k=5, method="stochastic",
+                    lanczos_steps=12, max_restarts=0)
+    assert r["top_eigs"].converged is False
+    with pytest.raises(NotConvergedError, match="lanczos_steps"):
+        cv.flatness(space, theta, measures=("top_eigs",), k=5, method="stochastic",
+                    lanczos_steps=12, max_restarts=0, require_convergence=True)
+
+
+def test_unknown_measure_and_singular_metric():
+    space, theta = _mlp_space()
+    with pytest.raises(ValueError, match="spectrum"):
+        cv.flatness(space, theta, measures=("spectrum",), method="stochastic")
+    singular = space.with_metric(cv.metrics.Dense(lambda q: torch.outer(q, q)))
+    with pytest.raises(cv.errors.SingularMetricError, match="Damped"):
+        cv.flatness(singular, theta, measures=("trace",), method="stochastic")
