@@ -16,7 +16,6 @@ from covariant.metrics import Dense, Euclidean, Pullback
 from covariant.reparam import Affine, Compose, Log, Polar, WeightNorm
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     old = torch.get_num_threads()

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("matplotlib")
 
-from covariant.experiments import density as exp  # noqa: E402
+from covariant.experiments import density as exp
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Laplace: classic vs invariant evidence, covariance, GGN, predictives, prior selection (float64)."""
+"""Laplace: classic vs invariant evidence, covariance, GGN, predictives, prior selection."""
 
 from __future__ import annotations
 
@@ -260,7 +260,7 @@ def _regression_problem():
 
 
 def test_prior_precision_argument_and_with_prior_precision(model_problem):
-    space, theta, X = model_problem
+    space, theta, _ = model_problem
     bayes = cvl._bayes_of(space)
     space3, _ = cvl.posterior_space(bayes.model, (bayes.X, bayes.y), prior_precision=3.0)
     a = cvl.laplace(space, theta, riemannian=False, prior_precision=3.0).log_evidence

@@ -673,7 +673,9 @@ def map_estimate(
     1.648721
     """
     if method not in ("newton", "lbfgs", "adam"):
-        raise ValueError(f"map_estimate: method must be 'newton', 'lbfgs' or 'adam', got {method!r}")
+        raise ValueError(
+            f"map_estimate: method must be 'newton', 'lbfgs' or 'adam', got {method!r}"
+        )
     if not getattr(space, "is_density", False):
         raise ValueError(
             "map_estimate: needs a density space (ParameterSpace.from_log_prob(...)): the MAP of "

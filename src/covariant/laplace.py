@@ -18,7 +18,8 @@ On a density space (the log joint log p(D, θ); ``ParameterSpace.from_log_prob``
 
   .. math::
 
-      \log Z ≈ \log q(D, p^*) + \tfrac d2 \log 2π − ½ \log\det\big(G^{-1}\,\mathrm{Hess}(−\log q)\big),
+      \log Z ≈ \log q(D, p^*) + \tfrac d2 \log 2π
+               − ½ \log\det\big(G^{-1}\,\mathrm{Hess}(−\log q)\big),
 
   where every term is invariant (q is a scalar, G⁻¹Hess a (1,1) tensor). With G = I in the
   original chart it *is* the classic formula there, so in every chart it gives the classic

@@ -99,7 +99,7 @@ class Metric:
         from .linalg import cg
 
         try:
-            return cg(lambda x: self.matvec(p, x), w, rtol=1e-12, maxiter=10 * w.shape[0]).x
+            return cg(lambda x: self.matvec(p, x), w, maxiter=10 * w.shape[0]).x
         except NotConvergedError as err:
             raise SingularMetricError(
                 f"{type(self).__name__}.solve: conjugate gradients did not converge ({err}); "

@@ -55,6 +55,7 @@ __all__ = [
     "WeightNorm",
     "from_parametrization",
     "from_transform",
+    "split_parametrizations",
 ]
 
 
@@ -193,7 +194,7 @@ def _solve_jjt(h: Reparametrization, psi: Tensor, u: Tensor) -> Tensor:
     """(J Jᵀ)⁻¹ u by conjugate gradients: the generic submersion path (MATH.md §5)."""
     from .linalg import cg
 
-    return cg(lambda x: h.jvp(psi, h.vjp(psi, x)), u, rtol=1e-12).x
+    return cg(lambda x: h.jvp(psi, h.vjp(psi, x)), u).x
 
 
 class Identity(Reparametrization):
@@ -898,6 +899,18 @@ class ParameterwiseReparametrization(Reparametrization):
     def inverse_vjp(self, psi: Tensor, z: Tensor) -> Tensor:
         return self._map(z, self._psi_slices, "inverse_vjp", psi)
 
+    def jacobian(self, psi: Tensor) -> Tensor:
+        """Dense block-diagonal J, block by block (each block may use its own fallback)."""
+        J = psi.new_zeros(self.layout.dim, self._psi_dim)
+        for name in self.layout.names:
+            ts, ps = self._theta_slices[name], self._psi_slices[name]
+            r = self.blocks.get(name)
+            if r is None:
+                J[ts, ps] = torch.eye(ts.stop - ts.start, dtype=psi.dtype, device=psi.device)
+            else:
+                J[ts, ps] = r.jacobian(psi[ps])
+        return J
+
     def log_abs_det_jacobian(self, psi: Tensor) -> Tensor:
         self._require_bijection("log_abs_det_jacobian")
         total = psi.new_zeros(())
@@ -1096,3 +1109,70 @@ def from_transform(transform: Any) -> Reparametrization:
     2.0
     """
     return _FromTransform(transform)
+
+
+def split_parametrizations(
+    model: torch.nn.Module,
+) -> tuple[torch.nn.Module, dict[str, Reparametrization], dict[str, Tensor]]:
+    """Split a model that uses ``torch.nn.utils.parametrize`` into a plain model and its charts.
+
+    Returns a deep copy of ``model`` whose parametrized tensors are plain parameters holding
+    their current values (the w chart), the charts ``{name: from_parametrization(...)}`` that
+    give back the model's own coordinates, and the model's original tensors keyed by the
+    names they get in the reparametrized layout. So a model with
+    ``torch.nn.utils.parametrizations.weight_norm`` can be analysed in both charts:
+
+    >>> import torch
+    >>> from torch import nn
+    >>> import covariant as cv
+    >>> net = torch.nn.utils.parametrizations.weight_norm(nn.Linear(3, 2)).double()
+    >>> plain, charts, originals = split_parametrizations(net)
+    >>> X, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    >>> w_space, theta = cv.ParameterSpace.from_module(plain, nn.MSELoss(), (X, y))
+    >>> gv_space = w_space.reparametrize(charts)          # the (g, v) chart, metric carried
+    >>> psi = gv_space.layout.flatten(originals)
+    >>> bool(torch.allclose(gv_space.chart(psi), theta))
+    True
+    """
+    import copy
+
+    from torch.nn.utils import parametrize
+
+    plain = copy.deepcopy(model)
+    charts: dict[str, Reparametrization] = {}
+    originals: dict[str, Tensor] = {}
+    for mod_name, module in list(plain.named_modules()):
+        if not parametrize.is_parametrized(module):
+            continue
+        values: dict[str, Tensor] = {}
+        for tensor_name in list(module.parametrizations.keys()):
+            plist = module.parametrizations[tensor_name]
+            if len(plist) != 1:
+                raise ShapeMismatchError(
+                    f"split_parametrizations: {mod_name}.{tensor_name} has {len(plist)} chained "
+                    "parametrizations; only one per tensor is supported"
+                )
+            full = f"{mod_name}.{tensor_name}" if mod_name else tensor_name
+            value = getattr(module, tensor_name).detach().clone()
+            origs = (
+                [plist.original]
+                if hasattr(plist, "original")
+                else [getattr(plist, f"original{i}") for i in range(len(list(plist.parameters())))]
+            )
+            chart = from_parametrization(copy.deepcopy(plist[0]), value.shape)
+            layout = chart.psi_layout(full, value.shape)
+            for (new_name, _), orig in zip(layout, origs, strict=True):
+                originals[new_name] = orig.detach().clone()
+            charts[full] = chart
+            values[tensor_name] = value
+        # torch.nn.utils.parametrize.remove_parametrizations would delete the property from
+        # the dynamically created class, which the deep copy shares with the caller's model;
+        # restore the plain class on the copy instead.
+        module.__class__ = module.__class__.__bases__[0]
+        del module._modules["parametrizations"]
+        for tensor_name, value in values.items():
+            module.register_parameter(tensor_name, torch.nn.Parameter(value))
+    for name, param in plain.named_parameters():
+        if name not in charts:
+            originals[name] = param.detach().clone()
+    return plain, charts, originals

@@ -171,10 +171,28 @@ class ParameterSpace:
             A Metric, or "euclidean", "ggn", "fisher", "empirical_fisher" (matrix-free curvature
             metrics of the model; keyword arguments go to their constructor).
 
+        A model that uses ``torch.nn.utils.parametrize`` (e.g. ``weight_norm``) is analysed in
+        its own coordinates: the space is the plain model's (w) space reparametrized by the
+        model's parametrizations (see :func:`covariant.reparam.split_parametrizations`), with
+        ``metric`` given in those coordinates. Its parameters are named ``<tensor>.original0``,
+        ``<tensor>.original1``, …; ``space.parent`` is the w space.
+
         Returns
         -------
         space, theta : ParameterSpace, Tensor
         """
+        from torch.nn.utils import parametrize
+
+        if any(parametrize.is_parametrized(m) for m in model.modules()):
+            from .reparam import split_parametrizations
+
+            plain, charts, originals = split_parametrizations(model)
+            w_space, _ = cls.from_module(plain, loss_fn, data, "euclidean")
+            native = w_space.reparametrize(charts)
+            assert native.layout is not None
+            psi = native.layout.flatten(originals)
+            return native.with_metric(native._resolve_metric(metric, **metric_kwargs)), psi
+
         layout = ParameterLayout.from_module(model)
         params = dict(model.named_parameters())
         theta = layout.flatten({n: params[n].detach() for n in layout.names})
@@ -464,10 +482,14 @@ class ParameterSpace:
         new._scalar_pullback = not self.is_density
         return new
 
-    def with_metric(self, metric: Metric) -> ParameterSpace:
-        """Same loss and chart, another metric. ``with_metric(Euclidean())`` is the naive view."""
+    def with_metric(self, metric: Metric | str, **metric_kwargs: Any) -> ParameterSpace:
+        """Same loss and chart, another metric. ``with_metric(Euclidean())`` is the naive view.
+
+        A name ("euclidean", "ggn", "fisher", "empirical_fisher") builds that metric in this
+        chart (module spaces).
+        """
         if isinstance(metric, str):
-            metric = self._resolve_metric(metric)
+            metric = self._resolve_metric(metric, **metric_kwargs)
         new = ParameterSpace(
             self._loss, metric, layout=self.layout, dim=self.dim, is_density=self.is_density,
             max_dense_dim=self.max_dense_dim,

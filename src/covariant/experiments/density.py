@@ -204,7 +204,8 @@ def _plot_lognormal(r: dict[str, Any], path: Path) -> None:
     y, p, q = r["plot"]["y"], r["plot"]["p_y"], r["plot"]["q_y"]
     qmax, pmax = max(q), max(p)
     ax.plot(y, p, label="p_Y(y)  (density w.r.t. dy)")
-    ax.plot(y, [v * pmax / qmax for v in q], "--", label="q_Y(y) ∝ p_Y(y)·y  (w.r.t. dy/y, rescaled)")
+    ax.plot(y, [v * pmax / qmax for v in q], "--",
+            label="q_Y(y) ∝ p_Y(y)·y  (w.r.t. dy/y, rescaled)")
     ax.axvline(r["classic_mode"], color="C0", ls=":",
                label=f"MAP in y: {r['classic_mode']:.6f} (e^(μ−σ²) = {r['analytic_classic']:.6f})")
     ax.axvline(r["riemannian_mode"], color="C1", ls=":",
@@ -756,7 +757,8 @@ def _summary(parts: dict[str, Any]) -> dict[str, Any]:
     if "evidence" in parts:
         s["evidence_spread"] = {k: {"classic": v["classic_spread"],
                                     "invariant": v["invariant_spread"]}
-                                for k, v in parts["evidence"].items()}
+                                for k, v in parts["evidence"].items()
+                                if isinstance(v, dict) and "classic_spread" in v}
     if "prior" in parts:
         s["prior_lambda_ratio"] = {k: {"classic": v["classic_lambda_ratio"],
                                        "invariant": v["invariant_lambda_ratio"]}
