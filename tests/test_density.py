@@ -241,3 +241,5 @@ def test_bad_inputs():
         cvd.logdet(G, p, "closed")
     with pytest.raises(ValueError, match="method"):
         cvd.logdet(G, p, "cholesky")
+    with pytest.raises(ValueError, match="torch.autograd"):  # not silently a zero gradient
+        torch.func.grad(lambda q: cvd.logdet(G, q, "slq"))(p)

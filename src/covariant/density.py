@@ -95,18 +95,24 @@ def pushforward_log_prob(
 
 
 def riemannian_log_prob(
-    log_prob: Callable[[Tensor], Tensor], metric: Metric, *, method: str = "auto",
+    log_prob: Callable[[Tensor], Tensor], metric: Metric, *, method: str | None = None,
     **logdet_kwargs: Any,
 ) -> Callable[[Tensor], Tensor]:
     """log q(p) = log p(p) − ½ log det G(p): the density w.r.t. the Riemannian volume.
 
     It transforms as a scalar when ``log_prob`` is pushed forward and ``metric`` pulled back
-    through the same chart. ``method`` and ``logdet_kwargs`` go to :func:`logdet`; for a
-    degenerate metric (a submersion chart) the pseudo-log-determinant is used.
+    through the same chart. By default log det G is the closed form where one is known (for a
+    degenerate metric, a submersion chart, the pseudo-log-determinant) and ``metric.logdet``
+    otherwise; ``method`` and ``logdet_kwargs`` choose a :func:`logdet` method instead.
     """
 
     def log_q(p: Tensor) -> Tensor:
-        return log_prob(p) - 0.5 * logdet(metric, p, method=method, **logdet_kwargs)
+        if method is None:
+            closed = _closed_form_logdet(metric, p, _is_degenerate(metric, p))
+            ld = metric.logdet(p) if closed is None else closed
+        else:
+            ld = logdet(metric, p, method=method, **logdet_kwargs)
+        return log_prob(p) - 0.5 * ld
 
     return log_q
 
@@ -456,6 +462,12 @@ def logdet(
     if method == "dense":
         return _dense_logdet(metric, p, max_dim or MAX_DENSE_DIM)
     # slq
+    if torch._C._functorch.is_functorch_wrapped_tensor(p):
+        raise ValueError(
+            "logdet(method='slq'): its gradient is a custom autograd estimate, which "
+            "torch.func transforms (grad, jacrev, hessian) do not see. Differentiate it with "
+            "torch.autograd (loss.backward()) instead, or use method='closed' / 'dense'."
+        )
     pd = p.detach()
     d = pd.shape[0]
     if estimate_value:
@@ -562,33 +574,78 @@ def _safe_value(space: Any, f: Callable[[Tensor], Tensor], q: Tensor) -> float:
     return v if math.isfinite(v) else math.inf
 
 
+def _escape_saddle(
+    space: Any, f: Callable[[Tensor], Tensor], p: Tensor, H: Tensor, f0: float
+) -> Tensor | None:
+    """A point below f0 along the most negative curvature direction of H, or None."""
+    evals, evecs = torch.linalg.eigh(H)
+    lam, v = float(evals[0]), evecs[:, 0]
+    if lam >= 0:
+        return None
+    t = 1.0 / math.sqrt(-lam)
+    for _ in range(40):
+        for sign in (1.0, -1.0):
+            q = p + sign * t * v
+            if _safe_value(space, f, q) < f0 - 0.25 * (-lam) * t * t * 1e-2:
+                return q.detach()
+        t *= 0.5
+    return None
+
+
 def _newton(
     space: Any, f: Callable[[Tensor], Tensor], p: Tensor, steps: int, tol: float, bar: Any
 ) -> tuple[Tensor, bool, int, list[float]]:
+    """Damped Newton: Levenberg damping where H is indefinite, Armijo backtracking, saddle
+    escapes along negative curvature; ``converged`` means a small gradient and a positive
+    definite Hessian (a local minimum), or a Newton decrement below rounding."""
     history = [_safe_value(space, f, p)]
     if not math.isfinite(history[0]):
         raise NonFiniteError(
             "map_estimate: the objective is not finite at the starting point p0; start inside "
             "the chart's domain and the density's support."
         )
+    eye = torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
+    escapes = 0
     for it in range(steps):
         g = func_grad(f)(p).detach()
-        if float(g.norm()) <= tol:
-            return p, True, it, history
         H = func_hessian(f)(p).detach()
         H = 0.5 * (H + H.T)
-        eye = torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
+        L, info = torch.linalg.cholesky_ex(H)
+        pd = int(info) == 0
+        f0 = history[-1]
+        gnorm = float(g.norm())
+        if gnorm <= tol:
+            if pd:
+                return p, True, it, history
+            q = _escape_saddle(space, f, p, H, f0) if escapes < 20 else None
+            if q is None:
+                return p, False, it, history
+            escapes += 1
+            p = q
+            history.append(_safe_value(space, f, p))
+            continue
+        if pd:
+            step = -torch.cholesky_solve(g[:, None], L)[:, 0]
+            if -float(g @ step) <= 1e-10 * max(1.0, abs(f0)):
+                # quadratic regime, f changes below rounding: full steps while |g| shrinks
+                q = (p + step).detach()
+                if math.isfinite(_safe_value(space, f, q)) and float(
+                        func_grad(f)(q).norm()) < gnorm:
+                    p = q
+                    history.append(_safe_value(space, f, p))
+                    continue
+                return p, True, it, history  # the gradient is at its rounding floor
         mu, scale = 0.0, float(H.abs().max()) + 1e-12
         for _ in range(60):
-            L, info = torch.linalg.cholesky_ex(H + mu * eye)
             if int(info) == 0:
                 break
             mu = max(2 * mu, 1e-10 * scale)
+            L, info = torch.linalg.cholesky_ex(H + mu * eye)
         step = -torch.cholesky_solve(g[:, None], L)[:, 0]
         slope = float(g @ step)
         if slope >= 0:  # numerically not a descent direction: take the gradient
             step, slope = -g, -float(g @ g)
-        t, f0 = 1.0, history[-1]
+        t = 1.0
         for _ in range(60):
             fn = _safe_value(space, f, p + t * step)
             if fn <= f0 + 1e-4 * t * slope:

@@ -914,18 +914,23 @@ def optimize_prior_precision(
     refine: bool = True,
     map_method: str = "newton",
     map_kwargs: dict[str, Any] | None = None,
+    xatol: float = 1e-3,
     progress: bool = False,
     **laplace_kwargs: Any,
 ) -> PriorPrecisionResult:
     r"""Choose the prior precision λ of a model posterior by maximizing the Laplace evidence.
 
     ``method="refit"`` (type-II maximum likelihood): for every λ the mode is recomputed
-    (:func:`covariant.density.map_estimate`, warm-started along the grid) and the evidence
-    evaluated there. ``method="posthoc"`` keeps ``p0`` fixed and varies only λ, as
+    (:func:`covariant.density.map_estimate`) and the evidence evaluated there. The grid is
+    walked outwards from the space's current λ, each refit warm-started at the mode of the
+    nearest λ already done, starting from ``p0`` (a mode at the current λ): a continuation,
+    so that every chart follows the same branch of modes of a multimodal posterior.
+    ``method="posthoc"`` keeps ``p0`` fixed and varies only λ, as
     laplace-torch does after training.
 
     The evidence curve is evaluated on ``grid`` (default 10^-3 … 10^3, 25 points); with
-    ``refine`` the best grid cell is refined by a bounded scalar search in log λ.
+    ``refine`` the best grid cell is refined by a bounded scalar search in log λ (to
+    ``xatol``).
 
     The classic evidence is a different function of λ in every chart (the MAP moves and the
     Hessian is not a tensor), so it can choose a different λ in a different chart. The
@@ -954,17 +959,24 @@ def optimize_prior_precision(
     if not grid_ or min(grid_) <= 0:
         raise ValueError("optimize_prior_precision: the grid must hold positive precisions")
     mk = dict(map_kwargs or {})
-    state = {"p": p0.detach().clone()}
     cache: dict[float, tuple[float, Tensor]] = {}
+    lam_now = _prior_of(space)
+    log0 = math.log(float(lam_now)) if torch.as_tensor(lam_now).ndim == 0 else 0.0
+
+    def start_for(lam: float) -> Tensor:
+        """Warm start: the mode at the nearest λ already done (continuation from ``p0``)."""
+        if not cache:
+            return p0.detach().clone()
+        near = min(cache, key=lambda k: abs(math.log(k) - math.log(lam)))
+        return cache[near][1]
 
     def evaluate(lam: float) -> tuple[float, Tensor]:
         if lam in cache:
             return cache[lam]
         s = with_prior_precision(space, lam)
         if method == "refit":
-            m = map_estimate(s, state["p"], riemannian=riemannian, method=map_method, **mk)
-            point = m.point
-            state["p"] = point
+            point = map_estimate(s, start_for(lam), riemannian=riemannian, method=map_method,
+                                 **mk).point
         else:
             point = p0.detach()
         try:
@@ -976,7 +988,11 @@ def optimize_prior_precision(
 
     from ._progress import progress_bar
 
-    evs = [evaluate(lam)[0] for lam in progress_bar(grid_, enabled=progress, desc="prior grid")]
+    # walk the grid outwards from the space's own λ, so that every refit starts at a neighbour
+    order = sorted(grid_, key=lambda lam: abs(math.log(lam) - log0))
+    for lam in progress_bar(order, enabled=progress, desc="prior grid"):
+        evaluate(lam)
+    evs = [cache[lam][0] for lam in grid_]
     i = int(np.argmax(evs))
     best_lam, best_ev = grid_[i], evs[i]
     if refine and len(grid_) >= 3:
@@ -984,14 +1000,12 @@ def optimize_prior_precision(
 
         lo = math.log(grid_[max(i - 1, 0)])
         hi = math.log(grid_[min(i + 1, len(grid_) - 1)])
-        state["p"] = evaluate(grid_[i])[1]
 
         def obj(t: float) -> float:
             v = evaluate(float(math.exp(t)))[0]
             return -v if math.isfinite(v) else 1e300
 
-        r = minimize_scalar(obj, bounds=(lo, hi), method="bounded",
-                            options={"xatol": 1e-4})
+        r = minimize_scalar(obj, bounds=(lo, hi), method="bounded", options={"xatol": xatol})
         if -float(r.fun) > best_ev:
             best_lam, best_ev = float(math.exp(r.x)), -float(r.fun)
     point = cache[best_lam][1] if best_lam in cache else evaluate(best_lam)[1]

@@ -147,6 +147,13 @@ def riemannian_step(
             f"riemannian_step: the {update} update produced NaN or Inf; lower the step size lr "
             f"(now {lr:g}) or check the chart's domain"
         )
+    if space.chart is not None:
+        try:
+            space.chart._check_psi(out)
+        except CovariantError as err:
+            raise type(err)(
+                f"the {update} step of size {lr:g} left the chart's domain ({err}); lower lr"
+            ) from err
     return out.detach()
 
 
@@ -613,15 +620,24 @@ class _ModelView:
 
     # ------------------------------------------------------------- a module on the weights
     def weight_module(self) -> nn.Module:
-        """A module computing with w directly: the model itself when it has no chart among
-        the optimizer's parameters, else a twin without parametrizations, synced to the model's
-        current parameters, buffers and train/eval modes."""
-        if not self.has_chart:
+        """A module computing with w directly, for the curvature metrics.
+
+        The model itself, unless it has ``parametrize`` charts or batch norm. Then a twin:
+        without the charts (curvature products then never differentiate through a
+        parametrization, some of which lack forward-mode AD), and with batch norm that does
+        not update its running statistics (a ``torch.func`` transform may not mutate them; in
+        training mode the curvature uses the batch statistics, as the loss does). The twin is
+        synced to the model's current parameters, buffers and train/eval modes.
+        """
+        from torch.nn.utils import parametrize
+
+        if not any(
+            parametrize.is_parametrized(m) or isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for m in self.model.modules()
+        ):
             return self.model
         if self._twin is None:
             import copy
-
-            from torch.nn.utils import parametrize
 
             twin = copy.deepcopy(self.model)
             # Strip the charts by hand: parametrize.remove_parametrizations would edit the
@@ -636,6 +652,8 @@ class _ModelView:
                     module.__class__ = module.__class__.__bases__[0]
                     for t, value in values.items():
                         module.register_parameter(t, nn.Parameter(value))
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.track_running_stats = False
             self._twin = twin
         twin = self._twin
         live = dict(self.model.named_modules())
@@ -777,6 +795,11 @@ class RiemannianGD(torch.optim.Optimizer):
         :class:`~covariant.errors.SingularMetricError`; a damped one uses the truncated
         solution (still a descent direction) and warns once. ``last_solve`` reports the
         iterations and residual of the latest step.
+    cg_preconditioner : {"auto", "none"}
+        ``"auto"``: for a module with ``parametrize`` charts and the ``"weights"`` damping
+        reference, precondition CG with the mean diagonal of J_Eᵀ J_E per parameter tensor,
+        so that a chart that rescales tensors (NTK parametrization, per-layer scaling) changes
+        neither the conditioning nor the CG iterates. ``"none"``: plain CG.
     metric_kwargs : dict, optional
         Options of the named curvature metric (e.g. ``{"mc_samples": 1}`` for a Monte-Carlo
         Fisher), passed to :func:`covariant.curvature.metric_from_name`.
@@ -835,6 +858,7 @@ class RiemannianGD(torch.optim.Optimizer):
         maximize: bool = False,
         cg_tol: float = 1e-6,
         cg_maxiter: int = 200,
+        cg_preconditioner: str = "auto",
         metric_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if isinstance(lr, Tensor):
@@ -864,8 +888,15 @@ class RiemannianGD(torch.optim.Optimizer):
         self.cg_maxiter = int(cg_maxiter)
         self.model, self.loss_fn, self.data = model, loss_fn, data
         self.metric_kwargs = dict(metric_kwargs or {})
+        if cg_preconditioner not in ("auto", "none"):
+            raise ValueError(
+                f"RiemannianGD: cg_preconditioner must be 'auto' or 'none', got "
+                f"{cg_preconditioner!r}"
+            )
+        self.cg_preconditioner = cg_preconditioner
         self.metric_name, self.metric = self._resolve_metric(metric)
         self._view = _ModelView(model, self._params()) if model is not None else None
+        self._damping_reference = damping_reference
         self._reference = self._resolve_reference(damping_reference)
         self._batches_drawn = 0
         self._data_iter: Iterator[Any] | None = None
@@ -873,6 +904,13 @@ class RiemannianGD(torch.optim.Optimizer):
         self.last_solve: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- setup
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.add_param_group``; the metric then covers it too."""
+        super().add_param_group(param_group)
+        if getattr(self, "_view", None) is not None:
+            self._view = _ModelView(self.model, self._params())  # type: ignore[arg-type]
+            self._reference = self._resolve_reference(self._damping_reference)
+
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
@@ -1033,14 +1071,18 @@ class RiemannianGD(torch.optim.Optimizer):
             out = G.matvec(p, v)
             return out + lam * ref.matvec(p, v) if lam > 0 and not folded else out
 
+        precond = self._preconditioner(p) if self.cg_preconditioner == "auto" else None
         try:
             res = cg(matvec, g, rtol=self.cg_tol, maxiter=self.cg_maxiter,
-                     raise_on_failure=False)
-        except SingularMetricError as err:
+                     preconditioner=precond, raise_on_failure=False)
+        except (SingularMetricError, NonFiniteError) as err:
+            # CG breaks down (pᵀGp <= 0, or iterates blowing up along a null direction the
+            # right-hand side has a component in) exactly when the metric is singular or
+            # indefinite, or not finite at this point.
             raise SingularMetricError(
-                f"RiemannianGD: the metric {self.metric_name}"
-                f"{'' if lam == 0 else f' + {lam:g}·reference'} is singular or indefinite at "
-                f"the current parameters ({err}). "
+                f"RiemannianGD: conjugate gradients broke down on the metric {self.metric_name}"
+                f"{'' if lam == 0 else f' + {lam:g}·reference'} at the current parameters "
+                f"({err}): it is singular, indefinite or not finite here. "
                 + ("Pass damping=... > 0 (the default reference 'weights' keeps invariance)."
                    if lam == 0 else "Increase damping.")
             ) from err
@@ -1065,6 +1107,34 @@ class RiemannianGD(torch.optim.Optimizer):
                 )
                 self._warned_truncated = True
         return res.x
+
+    def _preconditioner(self, p: Tensor) -> Callable[[Tensor], Tensor] | None:
+        """Block-scalar Jacobi preconditioner from the reference metric J_Eᵀ J_E.
+
+        Per parameter tensor b, s_b = ‖J_E z_b‖² / n_b with a fixed Rademacher probe z_b on
+        that block: the mean diagonal of J_Eᵀ J_E there (exact when the chart scales the block
+        uniformly, e.g. NTK or per-layer rescaling). Conjugate gradients preconditioned by
+        M = diag(s) then runs the same iterations in every chart that rescales tensors, so
+        even a truncated solve stays invariant, and the chart does not worsen conditioning.
+        None when the module has no ``parametrize`` charts (M = I).
+        """
+        view = self._view
+        if view is None or not view.has_chart or not self._reference_is_weights:
+            return None
+        scales, start = [], 0
+        gen = torch.Generator().manual_seed(0)
+        for shape in view.layout.shapes:
+            n = math.prod(shape)
+            z = p.new_zeros(p.shape[0])
+            probe = torch.randint(0, 2, (n,), generator=gen).to(p) * 2 - 1
+            z[start : start + n] = probe
+            with torch.enable_grad():
+                jz = view.push(p, z).detach()
+            s = float(torch.dot(jz, jz)) / n
+            scales.append(p.new_full((n,), s if s > 0 and math.isfinite(s) else 1.0))
+            start += n
+        inv = torch.cat(scales).reciprocal()
+        return lambda r: inv * r
 
     # ----------------------------------------------------------------- step
     def _name(self, i: int, p: Tensor) -> str:

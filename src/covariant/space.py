@@ -313,15 +313,19 @@ class ParameterSpace:
 
         ``method="general"`` computes the connection term from ``jacfwd`` of the dense metric
         (the ground-truth path, O(d³)); submersion charts raise the index with the
-        pseudo-inverse. For a space made by ``reparametrize``, ``method="pullback"`` uses the
-        tensor rule Hess_Ψ = Jᵀ Hess_Θ J with a dense Jacobian (O(d²) memory); ``"auto"``
-        takes it when it applies.
+        pseudo-inverse. ``"matrix_free"`` stacks d matrix-free connection terms (one solve for
+        r = G⁻¹∇L). For a space made by ``reparametrize``, ``"pullback"`` uses the tensor rule
+        Hess_Ψ = Jᵀ Hess_Θ J with a dense Jacobian; ``"auto"`` takes the pullback when it
+        applies and the matrix-free columns otherwise.
         """
         self._check(p, "hessian")
         limit = max_dim or self.max_dense_dim
         check_dense_size(p.shape[0], "hessian", limit)
-        if method not in ("auto", "pullback", "general"):
-            raise ValueError(f"hessian: method must be 'auto', 'pullback' or 'general', got {method!r}")
+        if method not in ("auto", "pullback", "general", "matrix_free"):
+            raise ValueError(
+                "hessian: method must be 'auto', 'pullback', 'general' or 'matrix_free', "
+                f"got {method!r}"
+            )
         if riemannian and self._scalar_pullback and method in ("auto", "pullback"):
             h, parent = self.chart, self.parent
             assert h is not None and parent is not None
@@ -331,7 +335,20 @@ class ParameterSpace:
         if method == "pullback" and riemannian:
             raise ValueError("hessian: the pullback path needs a space made by reparametrize")
         H = self._dense_euclidean_hessian(p)
-        if riemannian and not self.metric.is_constant:
+        if riemannian and not self.metric.is_constant and method in ("auto", "matrix_free"):
+            # d matrix-free connection terms with r = G⁻¹∇L solved once: O(d) metric products
+            r = self._dense_solve_or_matrix_free(p, grad(self._loss)(p))
+            eye = torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
+
+            def corr(v: Tensor) -> Tensor:
+                return connection_correction(self.metric, p, v, r)
+
+            try:
+                C = vmap(corr, chunk_size=32)(eye)
+            except Exception:  # ops without batching rules: one column at a time
+                C = torch.stack([corr(e) for e in eye])
+            H = H - C.T
+        elif riemannian and not self.metric.is_constant:
             g = grad(self._loss)(p)
             G = self.metric.dense(p, max_dim=limit)
             r = self._dense_solve(p, G, g)
@@ -373,6 +390,12 @@ class ParameterSpace:
             return vmap(lambda v: self._euclidean_hvp(p, v), chunk_size=32)(eye)
         except NotImplementedError:
             return jacrev(jacrev(self._loss), chunk_size=32)(p)
+
+    def _dense_solve_or_matrix_free(self, p: Tensor, g: Tensor) -> Tensor:
+        if self._is_degenerate(p):
+            G = self.metric.dense(p, max_dim=self.max_dense_dim)
+            return self._dense_pinv(p, G) @ g
+        return self.metric.solve(p, g)
 
     def _is_degenerate(self, p: Tensor) -> bool:
         return self.metric.rank(p) < p.shape[0]

@@ -9,8 +9,11 @@ carried along; new chart naive):
    downloaded), reparametrized by weight norm with ‖v‖ rescaled by 0.1, 1 and 10 (which does
    not change the network at all) and by a per-layer ``Scale``.
 
-With ``out_dir`` it writes ``demo_spectra.png`` (naive vs invariant spectra) and, with
-``write_json``, ``demo.json`` holding every number.
+3. The spectral density of the trained MLP (stochastic Lanczos quadrature, matrix-free) in
+   three charts: w, weight norm with ‖v‖×10, and the per-layer Scale.
+
+With ``out_dir`` it writes ``demo_spectra.png`` (naive vs invariant spectra),
+``demo_spectral_density.png`` and, with ``write_json``, ``demo.json`` holding every number.
 
 Example
 -------
@@ -176,12 +179,78 @@ def mlp_part(
         reparam.ParameterwiseReparametrization(space.layout, layer_scales), None)
     t1 = time.perf_counter()
     result = _compare(space, theta, charts, MEASURES, 3, progress)
+    result["spectral_density"] = _densities(space, theta, charts, quick, seed, progress)
     result.update(
         dim=int(theta.shape[0]), analysis_samples=analysis, train_losses=losses,
         test=test, hidden=list(hidden), weight_decay=weight_decay,
         seconds_training=t1 - t0, seconds_analysis=time.perf_counter() - t1,
     )
     return result
+
+
+def _densities(space: ParameterSpace, theta: torch.Tensor, charts: dict[str, Any], quick: bool,
+               seed: int, progress: bool) -> dict[str, Any]:
+    """SLQ spectral densities (matrix-free) in three charts, invariant and naive."""
+    from ..linalg import spectral_density
+
+    picks = {"original (w)": (None, None)}
+    for name in charts:
+        if "×10" in name or "layer" in name:
+            picks[name] = charts[name]
+    opts = {"measures": ("spectral_density",), "method": "stochastic", "seed": seed,
+            "slq_probes": 4 if quick else 10, "slq_steps": 30 if quick else 60,
+            "progress": progress}
+    raw: dict[str, dict[str, Any]] = {}
+    for name, (chart, modify) in picks.items():
+        if chart is None:
+            new, p = space, theta
+        else:
+            new = space.reparametrize(chart)
+            p = new.chart.inverse(theta)
+            p = modify(p) if modify is not None else p
+        raw[name] = {}
+        for kind, s in (("invariant", new), ("naive", new.with_metric(metrics.Euclidean()))):
+            if chart is None and kind == "naive":
+                continue
+            m = flatness(s, p, **opts)["spectral_density"]
+            raw[name][kind] = (torch.tensor(m.extras["nodes"]), torch.tensor(m.extras["weights"]))
+    lo = min(float(n.min()) for r in raw.values() for n, _ in r.values())
+    hi = max(float(n.max()) for r in raw.values() for n, _ in r.values())
+    pad = 0.05 * (hi - lo)
+    grid = torch.linspace(lo - pad, hi + pad, 500, dtype=torch.float64)
+    sigma = 0.01 * float(grid[-1] - grid[0])
+    out: dict[str, Any] = {"grid": grid.tolist(), "sigma": sigma, "charts": {}}
+    for name, r in raw.items():
+        out["charts"][name] = {
+            kind: spectral_density(n.double(), w.double(), grid, sigma).tolist()
+            for kind, (n, w) in r.items()
+        }
+    return out
+
+
+def _plot_densities(result: dict[str, Any], path: Path) -> Path:
+    from ..errors import require
+
+    plt = require("matplotlib.pyplot", "plots")
+    dens = result["spectral_density"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, kind in zip(axes, ("invariant", "naive"), strict=True):
+        for name, r in dens["charts"].items():
+            key = kind if kind in r else "invariant"
+            ax.plot(dens["grid"], [max(v, 1e-8) for v in r[key]], label=name,
+                    lw=2.5 if key != kind else 1.2, alpha=0.5 if key != kind else 1.0)
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=1e-5)
+        ax.set_xlabel("eigenvalue")
+        ax.set_title("G⁻¹Hess (metric carried along)" if kind == "invariant"
+                     else "∇²L in the chart (naive)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("spectral density (SLQ)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle("Spectral density of the trained MLP in three charts")
+    out = save_figure(fig, path)
+    plt.close(fig)
+    return out
 
 
 def _plot(result: dict[str, Any], path: Path) -> Path:
@@ -236,7 +305,7 @@ def run(
     if out_dir is not None:
         out = Path(out_dir)
         png = _plot(mlp, out / "demo_spectra.png")
-        result["files"] = [str(png)]
+        result["files"] = [str(png), str(_plot_densities(mlp, out / "demo_spectral_density.png"))]
         if write_json:
             result["files"].append(str(out / "demo.json"))
             atomic_write_json(out / "demo.json", result)

@@ -61,10 +61,18 @@ from ..optim import (
 from ..reparam import Polar, Reparametrization
 from ..space import ParameterSpace
 
-__all__ = ["JSON_NAME", "PolarChart", "ReferenceChart", "reference_loss", "run"]
+__all__ = ["FIGURES", "JSON_NAME", "PolarChart", "ReferenceChart", "reference_loss", "run"]
 
 #: File name of the results, under ``out_dir``.
 JSON_NAME = "optimization.json"
+#: The figures, under ``out_dir`` (redrawn when a part is recomputed or a figure is missing).
+FIGURES = (
+    "optimization_trajectories.png",
+    "optimization_order.png",
+    "optimization_network.png",
+    "optimization_ntk_adam.png",
+    "optimization_ggn_vs_sgd.png",
+)
 _VERSION = 1
 _DT = torch.float64
 
@@ -190,29 +198,31 @@ def _settings(quick: bool, seed: int) -> dict[str, Any]:
     if quick:
         return {
             "version": _VERSION, "quick": True, "seed": seed,
-            "a": {"theta0": [1.1, 0.55], "lr": 0.08, "steps": 5},
+            "a": {"theta0": [1.1, 0.55], "lr": 0.1, "steps": 3},
             "b": {"theta0": {"phi": [0.7, -0.4]}, "horizon": 0.2,
-                  "lrs": [0.04, 0.02, 0.01], "geodesic_lrs": [0.04]},
-            "c": {"num_samples": 300, "hidden": [16], "gd_lr": 0.2, "gd_steps": 30,
-                  "ngd_lr": 0.2, "ngd_steps": 8, "damping": 1e-2},
-            "d": {"num_samples": 200, "hidden": [16, 16], "sigma": 1.0, "lr": 0.1, "steps": 10},
-            "e": {"num_samples": 200, "hidden": [16], "scales": [10.0, 0.1],
+                  "lrs": [0.04, 0.02, 0.01], "geodesic_lrs": [0.1]},
+            "c": {"num_samples": 240, "hidden": [16], "gd_lr": 0.2, "gd_steps": 20,
+                  "ngd_lr": 0.2, "ngd_steps": 4, "damping": 1e-2, "half_lr_ngd": False},
+            "d": {"num_samples": 240, "hidden": [16, 16], "sigma": 1.0, "lr": 0.1, "steps": 10},
+            "e": {"num_samples": 240, "hidden": [16], "scales": [10.0, 0.1],
                   "adam_horizon": 0.02, "adam_lrs": [4e-3, 1e-3],
-                  "gd_horizon": 0.4, "gd_lrs": [0.1, 0.025], "damping": 1e-3},
-            "f": {"num_samples": 300, "hidden": [16], "steps": 10,
-                  "sgd_lrs": [0.1, 0.3, 1.0, 3.0], "ngd_lrs": [0.3, 1.0], "damping": 1e-2},
+                  "sgd_horizon": 0.4, "sgd_lrs": [0.1, 0.025],
+                  "ngd_horizon": 0.2, "ngd_lrs": [0.1], "damping": 1e-2},
+            "f": {"num_samples": 240, "hidden": [16], "steps": 10,
+                  "sgd_lrs": [0.3, 1.0, 3.0, 10.0], "ngd_lrs": [0.3, 1.0], "damping": 1e-2},
         }
     return {
         "version": _VERSION, "quick": False, "seed": seed,
-        "a": {"theta0": [1.1, 0.55], "lr": 0.05, "steps": 12},
+        "a": {"theta0": [1.1, 0.55], "lr": 0.05, "steps": 20},
         "b": {"theta0": {"phi": [0.7, -0.4], "polar": [0.7, -0.4]}, "horizon": 0.4,
               "lrs": [0.04, 0.02, 0.01, 0.005, 0.0025], "geodesic_lrs": [0.04, 0.02]},
         "c": {"num_samples": 1000, "hidden": [32], "gd_lr": 0.2, "gd_steps": 150,
-              "ngd_lr": 0.2, "ngd_steps": 30, "damping": 1e-2},
+              "ngd_lr": 0.2, "ngd_steps": 15, "damping": 1e-2, "half_lr_ngd": True},
         "d": {"num_samples": 500, "hidden": [32, 32], "sigma": 1.0, "lr": 0.1, "steps": 30},
         "e": {"num_samples": 500, "hidden": [32], "scales": [10.0, 0.1],
               "adam_horizon": 0.02, "adam_lrs": [4e-3, 2e-3, 1e-3, 5e-4],
-              "gd_horizon": 0.4, "gd_lrs": [0.1, 0.05, 0.025, 0.0125], "damping": 1e-3},
+              "sgd_horizon": 0.4, "sgd_lrs": [0.1, 0.05, 0.025, 0.0125],
+              "ngd_horizon": 0.4, "ngd_lrs": [0.1, 0.05, 0.025], "damping": 1e-2},
         "f": {"num_samples": 1000, "hidden": [32], "steps": 25,
               "sgd_lrs": [0.03, 0.1, 0.3, 1.0, 3.0, 10.0], "ngd_lrs": [0.1, 0.3, 1.0],
               "damping": 1e-2},
@@ -242,6 +252,9 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(_clean(obj), f, indent=1, allow_nan=False)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -321,7 +334,9 @@ def _part_b(cfg: dict[str, Any], progress: bool) -> dict[str, Any]:
             t0 = time.perf_counter()
             sweep = step_size_sweep(space, psi0, lrs, cfg["horizon"], update=update)
             res[key] = {**sweep.to_dict(), "seconds": time.perf_counter() - t0}
-        res["geodesic"]["max_discrepancy"] = max(res["geodesic"]["discrepancies"])
+        geo = res["geodesic"]
+        geo["max_discrepancy"] = max(geo["discrepancies"])
+        geo["slope"] = geo["intercept"] = None  # a fit through round-off means nothing
         out[name] = res
     return out
 
@@ -442,10 +457,10 @@ def _part_c(cfg: dict[str, Any], seed: int, cache: Path | None, progress: bool) 
     gd_lr, gd_steps = cfg["gd_lr"], cfg["gd_steps"]
     ngd_lr, ngd_steps, lam = cfg["ngd_lr"], cfg["ngd_steps"], cfg["damping"]
 
-    def ngd(model: nn.Module) -> RiemannianGD:
+    def ngd(model: nn.Module, lr: float = ngd_lr) -> RiemannianGD:
         return RiemannianGD(
-            model.parameters(), ngd_lr, "ggn", model=model, loss_fn=loss_fn, data=(X, y),
-            damping=lam, cg_tol=1e-10, cg_maxiter=1000,
+            model.parameters(), lr, "ggn", model=model, loss_fn=loss_fn, data=(X, y),
+            damping=lam, cg_tol=1e-8, cg_maxiter=1000,
         )
 
     specs: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module], Any], int]] = [
@@ -471,8 +486,10 @@ def _part_c(cfg: dict[str, Any], seed: int, cache: Path | None, progress: bool) 
     def compare(a: str, b: str) -> dict[str, Any]:
         ta, tb = runs[a]["traj"], runs[b]["traj"]
         curve = _dist_curve(ta, tb)
-        travel = float(torch.linalg.vector_norm(tb[-1] - tb[0]))
-        return {"distance": curve, "final": curve[-1], "travel": travel,
+        moved = torch.linalg.vector_norm(tb - tb[0], dim=1)
+        relative = [d / float(m) if m > 0 else 0.0 for d, m in zip(curve, moved, strict=True)]
+        travel = float(moved[-1])
+        return {"distance": curve, "relative": relative, "final": curve[-1], "travel": travel,
                 "relative_final": curve[-1] / travel}
 
     # first order in α: Riemannian GD in (g, v) at half the step, twice the steps
@@ -489,6 +506,15 @@ def _part_c(cfg: dict[str, Any], seed: int, cache: Path | None, progress: bool) 
     half_gap = float(torch.linalg.vector_norm(
         half["gd_w"]["traj"][-1] - half["riemannian_gd_gv"]["traj"][-1]
     ))
+    ngd_half: dict[str, Any] | None = None
+    if cfg["half_lr_ngd"]:
+        finals = []
+        for make_model in (lambda: copy.deepcopy(base), lambda: _with_weight_norm(base)):
+            model = make_model()
+            opt = ngd(model, ngd_lr / 2)
+            finals.append(_train(model, opt, X, y, 2 * ngd_steps, names)["traj"][-1])
+        ngd_half = {"lr": ngd_lr / 2, "steps": 2 * ngd_steps,
+                    "final": float(torch.linalg.vector_norm(finals[0] - finals[1]))}
     out: dict[str, Any] = {
         "num_parameters_w": len(runs["gd_w"]["traj"][0]),
         "runs": {
@@ -507,6 +533,9 @@ def _part_c(cfg: dict[str, Any], seed: int, cache: Path | None, progress: bool) 
     }
     full = out["distances"]["riemannian_gd_gv_vs_gd_w"]["final"]
     out["riemannian_gd_gv_vs_gd_w_half_lr"]["ratio"] = full / half_gap if half_gap else None
+    if ngd_half is not None:
+        ngd_half["ratio"] = out["distances"]["ngd_gv_vs_ngd_w"]["final"] / ngd_half["final"]
+        out["ngd_gv_vs_ngd_w_half_lr"] = ngd_half
     return out
 
 
@@ -581,13 +610,13 @@ def _part_e(cfg: dict[str, Any], seed: int, cache: Path | None, progress: bool) 
         "rmsprop": (lambda m, lr: torch.optim.RMSprop(m.parameters(), lr),
                     cfg["adam_horizon"], cfg["adam_lrs"]),
         "sgd": (lambda m, lr: torch.optim.SGD(m.parameters(), lr),
-                cfg["gd_horizon"], cfg["gd_lrs"]),
+                cfg["sgd_horizon"], cfg["sgd_lrs"]),
         "natural_gradient_ggn": (
             lambda m, lr: RiemannianGD(
                 m.parameters(), lr, "ggn", model=m, loss_fn=loss_fn, data=(X, y),
-                damping=cfg["damping"], cg_tol=1e-12, cg_maxiter=2000,
+                damping=cfg["damping"], cg_tol=1e-10, cg_maxiter=500,
             ),
-            cfg["gd_horizon"], cfg["gd_lrs"],
+            cfg["ngd_horizon"], cfg["ngd_lrs"],
         ),
     }
     out: dict[str, Any] = {"scales": scales, "optimizers": {}}
@@ -660,12 +689,18 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
 
     # (a) trajectories
     a = parts["a"]
-    fig, axes = plt.subplots(1, len(a["charts"]), figsize=(6 * len(a["charts"]), 5))
+    fig, axes = plt.subplots(1, len(a["charts"]), figsize=(5.5 * len(a["charts"]), 6.2))
     axes = np.atleast_1d(axes)
-    xs = np.linspace(-1.6, 1.6, 200)
-    ys = np.linspace(-1.2, 1.2, 160)
+    allpts = np.concatenate([
+        np.asarray(tr) for res in a["charts"].values() for tr in res["trajectories"].values()
+    ])
+    lo, hi = allpts.min(0), allpts.max(0)
+    center, half = (lo + hi) / 2, 0.6 * max(hi - lo) + 0.05  # a square view
+    xs = np.linspace(center[0] - half, center[0] + half, 240)
+    ys = np.linspace(center[1] - half, center[1] + half, 240)
     XX, YY = np.meshgrid(xs, ys)
     LL = (XX**2 + 2 * YY**2 - 1) ** 2 + 0.3 * np.sin(2 * XX) + 0.1 * XX * YY
+    levels = np.quantile(LL, np.linspace(0.0, 1.0, 30) ** 2)
     styles = {
         "flow_theta": dict(color="0.5", lw=5, alpha=0.5, label="gradient flow"),
         "gd_theta": dict(color="k", marker="o", ms=4, lw=1.5, label="GD in θ"),
@@ -679,7 +714,7 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
                                     label="Riemannian GD in ψ, geodesic"),
     }
     for ax, (name, res) in zip(axes, a["charts"].items(), strict=True):
-        ax.contour(XX, YY, LL, levels=25, cmap="viridis", linewidths=0.6)
+        ax.contour(XX, YY, LL, levels=np.unique(levels), cmap="viridis", linewidths=0.6)
         for key, st in styles.items():
             tr = np.asarray(res["trajectories"][key])
             ax.plot(tr[:, 0], tr[:, 1], **st)
@@ -688,8 +723,9 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
         ax.set_xlabel("x")
         ax.set_ylabel("y")
         ax.set_aspect("equal")
-    axes[0].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.09, 1, 1))
     files.append(_save(fig, out / "optimization_trajectories.png", plt))
 
     # (b) order of invariance
@@ -705,6 +741,7 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
                      else f"{key}: slope {r['slope']:.2f}")
             d = np.maximum(np.asarray(r["discrepancies"], dtype=float), 1e-17)
             ax.loglog(r["lrs"], d, "o-", color=color, label=label)
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.set_xlabel("step size α")
         ax.set_ylabel(f"‖θ-run − ψ-run‖ at T = {b['horizon']}")
         ax.set_title(f"order of invariance, chart {name}")
@@ -729,9 +766,10 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
           "riemannian_gd_gv_vs_gd_w": "Riemannian GD (g, v) vs GD w",
           "ngd_gv_vs_ngd_w": "natural gradient (g, v) vs w"}
     for key, r in c["distances"].items():
-        axes[1].semilogy(np.maximum(r["distance"], 1e-17), label=dl[key])
+        steps = np.arange(1, len(r["relative"]))
+        axes[1].semilogy(steps, np.maximum(r["relative"][1:], 1e-17), label=dl[key])
     axes[1].set_xlabel("step")
-    axes[1].set_ylabel("‖w-trajectory difference‖")
+    axes[1].set_ylabel("‖w_a(k) − w_b(k)‖ / ‖w_b(k) − w_b(0)‖")
     axes[1].set_title("distance between charts, mapped to w")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
@@ -743,7 +781,8 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
     for key, label in [("gd_omega_vs_gd_w_per_layer_lr", "GD Ω vs GD W, lr α σ²/n"),
                        ("riemannian_gd_omega_vs_gd_w", "Riemannian GD Ω vs GD W, lr α"),
                        ("gd_omega_vs_gd_w_same_lr", "GD Ω vs GD W, same lr α")]:
-        axes[0].semilogy(np.maximum(d[key]["max_abs_per_step"], 1e-18), label=label)
+        curve = d[key]["max_abs_per_step"][1:]
+        axes[0].semilogy(np.arange(1, len(curve) + 1), np.maximum(curve, 1e-18), label=label)
     axes[0].set_xlabel("step")
     axes[0].set_ylabel("max |W difference|")
     axes[0].set_title("NTK vs standard parametrization")
@@ -861,12 +900,13 @@ def run(
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _run_parts(results, settings, seed, cache, progress, path)
+        computed = _run_parts(results, settings, seed, cache, progress, path)
     finally:
         torch.set_num_threads(torch_threads)
     results["summary"] = _summary(results["parts"])
-    results["figures"] = _plots(results, out)
-    _write_json(path, results)
+    if computed or not all((out / name).exists() for name in FIGURES):
+        results["figures"] = _plots(results, out)
+        _write_json(path, results)
     return _clean(results)
 
 
@@ -877,7 +917,9 @@ def _run_parts(
     cache: Path,
     progress: bool,
     path: Path,
-) -> None:
+) -> list[str]:
+    """Compute the parts not yet in ``results``, saving after each; return their keys."""
+    computed = []
     parts: list[tuple[str, Callable[[], dict[str, Any]]]] = [
         ("a", lambda: _part_a(settings["a"], progress)),
         ("b", lambda: _part_b(settings["b"], progress)),
@@ -894,3 +936,5 @@ def _run_parts(
         results.setdefault("timing", {})[key] = time.perf_counter() - t0
         results["summary"] = _summary(results["parts"])
         _write_json(path, results)
+        computed.append(key)
+    return computed

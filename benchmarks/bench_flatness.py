@@ -1,0 +1,902 @@
+#!/usr/bin/env python
+"""Flatness at network scale: covariant side by side with PyHessian (issue 3, part 7).
+
+Rows (models: ``mlp-80k`` and ``cnn-1m`` presets trained briefly on MNIST-1D, float32, one
+batch shared by every method):
+
+  a   Euclidean Hutchinson trace, ours vs PyHessian ``hessian.trace``: probes per second.
+  b1  top-1 eigenvalue, our Lanczos vs PyHessian power iteration, both at relative accuracy
+      1e-3 against a tight Lanczos reference: time (information, no target).
+  b5  the same for the top-5 eigenvalues.
+  c   invariant trace in the weight-norm chart (every ``*.weight``) vs our Euclidean trace in
+      w: time overhead.
+  d   one Hessian-vector product (``space.hvp``) vs one gradient (plain autograd).
+  e   peak memory of the invariant trace vs one gradient.
+  f   Hutch++ / XTrace vs Hutchinson: matvecs to reach 1% RMS relative error on a trained
+      ``mlp-small`` (2,698 parameters) whose dense float64 Hessian gives the truth.
+
+Usage::
+
+    python benchmarks/bench_flatness.py                  # full run, ~10 min on 2 CPU cores
+    python benchmarks/bench_flatness.py --quick          # smoke run, < 1 min (mlp only)
+    python benchmarks/bench_flatness.py --only a,d --repeats 7
+    python benchmarks/bench_flatness.py --only profile   # where the time of one HVP goes
+    python benchmarks/bench_flatness.py --device cuda
+
+A full CPU run writes ``benchmarks/results/flatness_cpu.json`` (``--quick`` and ``--only``
+write ``flatness_<device>_quick.json`` / ``_partial.json`` so that they never overwrite the
+recorded full run; ``--out`` picks any path). Timings are medians over ``--repeats`` rounds
+in which ours and the peer run interleaved, in a shuffled order, in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import cProfile
+import io
+import json
+import math
+import os
+import pstats
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C
+
+import covariant as cv
+from covariant import linalg
+from covariant.reparam import WeightNorm
+
+ROWS = ("a", "b", "c", "d", "e", "f")
+
+# row id -> (comparison, target, what the ratio is)
+TARGETS: dict[str, tuple[str | None, float | None, str]] = {
+    "a": (">=", 1.2, "throughput ours / PyHessian"),
+    "b1": (None, None, "time PyHessian / ours (no target for top-1)"),
+    "b5": (">=", 5.0, "time PyHessian / ours"),
+    "c": ("<=", 1.3, "time invariant (weight-norm chart) / Euclidean in w"),
+    "d": ("<=", 3.0, "time one HVP / one gradient"),
+    "e": ("<=", 3.0, "peak memory invariant trace / one gradient"),
+    "f": (">=", 3.0, "matvecs Hutchinson / best of Hutch++, XTrace"),
+}
+
+METHODS = {
+    "timing": (
+        "Wall-clock seconds (time.perf_counter, torch.cuda.synchronize around each call on "
+        "CUDA). Each timed function is warmed up once, then all functions of a row run once "
+        "per round, in an order shuffled with a fixed seed, for `repeats` rounds in one "
+        "process; the table shows medians. Ours includes building the ParameterSpace "
+        "(from_module) where PyHessian's time includes its hessian() constructor (a forward "
+        "and a create_graph backward)."
+    ),
+    "accuracy_b": (
+        "Reference: our Lanczos (flatness top_eigs, k=5, lanczos_tol=ref_tol, 80-vector "
+        "basis, other seed). Its recomputed residuals bound its own error (|λ-θ| <= ||Ax-θx|| "
+        "for a symmetric operator), reported as reference_error_bound. Each method's tolerance "
+        "is swept from loose to tight and the loosest one whose eigenvalues are all within "
+        "relative error `accuracy` of the reference is kept; its time (the sweep run plus "
+        "repeats-1 interleaved reruns) is compared."
+    ),
+    "memory": (
+        "CPU: each measurement runs in a fresh subprocess (this script with --mem-child): "
+        "it loads the model and data, builds the spaces, runs the same operation once on a "
+        "2-example batch with 2 probes (so lazy imports and one-time caches land in the "
+        "baseline), gc.collect() + glibc malloc_trim(0), resets the peak RSS by writing 5 to "
+        "/proc/self/clear_refs, reads VmRSS, runs the operation once and reads VmHWM; the "
+        "number is VmHWM - VmRSS (peak resident-set increase). tracemalloc cannot see torch's "
+        "allocations. Without clear_refs it falls back to resource.getrusage ru_maxrss. "
+        "CUDA: torch.cuda.max_memory_allocated - memory_allocated before, in process."
+    ),
+    "matvecs_f": (
+        "Truth: dense float64 Hessian of a trained mlp-small (from space.hessian, i.e. HVPs "
+        "with the identity), on the same batch. Estimators (covariant.linalg.hutchinson / "
+        "hutchpp / xtrace, Rademacher probes) are run on that dense matrix as the operator, "
+        "which is the same operator the HVPs apply, so matvec counts carry over. Error = RMS "
+        "over seeds of |estimate - tr H| / |tr H|. Hutchinson's count is exact: its variance "
+        "is 2(||H||_F^2 - sum H_ii^2) for Rademacher probes; an empirical check is recorded. "
+        "Hutch++/XTrace: the smallest budget on a geometric grid whose RMS error <= target."
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration and per-model context
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    quick: bool
+    repeats: int
+    device: torch.device
+    only: set[str]
+    batch: int
+    threads: int
+    models: list[str]
+    probes: dict[str, int]
+    epochs: dict[str, int]
+    cache: Path
+    accuracy: float = 1e-3
+    ref_tol: float = 5e-5
+    ours_tols: tuple[float, ...] = (0.1, 0.03, 0.01, 3e-3, 1e-3, 1e-4)
+    peer_tols: tuple[float, ...] = (1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6)
+    peer_max_iter: int = 1000
+    f_seeds: int = 30
+    f_accuracy: float = 1e-2
+    mem_ops: tuple[str, ...] = ("grad", "hvp", "trace_invariant", "trace_euclidean")
+
+
+@dataclass
+class Ctx:
+    name: str
+    model: nn.Module
+    desc: dict[str, Any]
+    X: torch.Tensor
+    y: torch.Tensor
+    crit: nn.Module
+    space: Any
+    theta: torch.Tensor
+    wn_space: Any
+    psi: torch.Tensor
+    params: list[torch.Tensor]
+    N: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_ctx(name: str, cfg: Config, ds: Any) -> Ctx:
+    model, desc = C.trained_model(name, ds, epochs=cfg.epochs[name], seed=0, cache=cfg.cache,
+                                  device=cfg.device)
+    X = ds.X_train[: cfg.batch].to(cfg.device)
+    y = ds.y_train[: cfg.batch].to(cfg.device)
+    crit = nn.CrossEntropyLoss()
+    space, theta = cv.ParameterSpace.from_module(model, crit, (X, y))
+    wn_space = space.reparametrize({"*.weight": WeightNorm()})
+    psi = wn_space.chart.inverse(theta)
+    return Ctx(name, model, desc, X, y, crit, space, theta, wn_space, psi,
+               [p for p in model.parameters() if p.requires_grad], cfg.probes[name])
+
+
+def make_row(rid: str, model: str, metric: str, unit: str, ours: float, peer: float,
+             ratio: float, extras: dict[str, Any], ours_label: str, peer_label: str) -> dict:
+    op, target, ratio_def = TARGETS[rid]
+    if op is None or not math.isfinite(ratio):
+        passed = None
+    else:
+        passed = bool(ratio >= target) if op == ">=" else bool(ratio <= target)
+    return {
+        "row": rid, "model": model, "metric": metric, "unit": unit,
+        "ours": ours, "ours_is": ours_label, "peer": peer, "peer_is": peer_label,
+        "ratio": ratio, "ratio_is": ratio_def,
+        "target": None if op is None else f"{op} {target:g}",
+        "pass": passed, "extras": extras,
+    }
+
+
+def _stderr(xs: list[float]) -> float:
+    n = len(xs)
+    if n < 2:
+        return float("nan")
+    m = sum(xs) / n
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
+
+
+def _keep(store: dict[str, Any], name: str, fn):
+    def wrapped():
+        store[name] = fn()
+        return store[name]
+    return wrapped
+
+
+def _cached_hvp(space: Any, p: torch.Tensor):
+    """PROTOTYPE (benchmark only, not library code): linearize ∇L once at p and reuse it.
+
+    ``torch.func.vjp(grad(L), p)`` keeps the forward and the first backward graph; each call
+    of the returned function is one reverse pass through it (H v = vjp(∇L)(v) since H is
+    symmetric) -- what PyHessian does with its retained create_graph gradient.
+    """
+    from torch.func import grad, vjp
+
+    _, fn = vjp(grad(space._loss), p)
+    return lambda v: fn(v)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# (a) Hutchinson trace throughput
+# --------------------------------------------------------------------------------------------
+
+
+def row_a(ctx: Ctx, cfg: Config) -> dict:
+    N, d = ctx.N, ctx.theta.shape[0]
+    got: dict[str, Any] = {}
+
+    def ours(n=N):
+        sp, th = cv.ParameterSpace.from_module(ctx.model, ctx.crit, (ctx.X, ctx.y))
+        return cv.flatness(sp, th, measures=("trace",), method="stochastic", num_probes=n,
+                           seed=0)["trace"]
+
+    def peer(n=N):
+        return C.pyhessian_trace(ctx.model, ctx.crit, ctx.X, ctx.y, n)
+
+    def proto(n=N):
+        hvp = _cached_hvp(ctx.space, ctx.theta)
+        return linalg.hutchinson(hvp, d, n, seed=0, dtype=ctx.theta.dtype,
+                                 device=ctx.theta.device)
+
+    fns = {"ours": _keep(got, "ours", ours), "peer": _keep(got, "peer", peer),
+           "prototype_cached_linearization": _keep(got, "proto", proto)}
+    warm = {"ours": lambda: ours(2), "peer": lambda: peer(2),
+            "prototype_cached_linearization": lambda: proto(2)}
+    t = C.interleaved(fns, cfg.repeats, cfg.device, warm)
+    med = {k: C.median(v) for k, v in t.items()}
+    thr = {k: N / v for k, v in med.items()}
+    extras = {
+        "num_probes": N, "batch": int(ctx.X.shape[0]), "params": d,
+        "times_s": t, "median_s": med, "probes_per_s": thr,
+        "per_probe_ms": {k: 1e3 * v / N for k, v in med.items()},
+        "trace_ours": [got["ours"].value, got["ours"].stderr],
+        "trace_peer": [sum(got["peer"]) / N, _stderr(got["peer"])],
+        "trace_prototype": [got["proto"].value, got["proto"].stderr],
+        "ours_call": "cv.flatness(space, p, ('trace',), 'stochastic', num_probes=N) "
+                     "(default: vmap over all N probes for a Euclidean metric)",
+        "peer_call": "pyhessian.hessian(model, crit, data=(X, y)).trace(maxIter=N, tol=-inf)",
+        "prototype": "torch.func.vjp(grad(loss), p) once, then N reverse passes (not library "
+                     "code; what src/covariant could do)",
+        "prototype_vs_peer_throughput": thr["prototype_cached_linearization"] / thr["peer"],
+    }
+    return make_row("a", ctx.name, "Hutchinson trace throughput", "probes/s", thr["ours"],
+                    thr["peer"], thr["ours"] / thr["peer"], extras, "covariant", "PyHessian")
+
+
+# --------------------------------------------------------------------------------------------
+# (b) top-k eigenvalues at equal accuracy
+# --------------------------------------------------------------------------------------------
+
+
+def _relerr(vals: list[float], ref: list[float]) -> float:
+    return max(abs(v - r) / abs(r) for v, r in zip(vals, ref, strict=True))
+
+
+def rows_b(ctx: Ctx, cfg: Config) -> list[dict]:
+    dev = cfg.device
+    t0 = time.perf_counter()
+    ref = cv.flatness(ctx.space, ctx.theta, measures=("top_eigs",), method="stochastic", k=5,
+                      lanczos_tol=cfg.ref_tol, lanczos_steps=80, max_restarts=50,
+                      seed=12345)["top_eigs"]
+    ref_time = time.perf_counter() - t0
+    ref_vals = list(ref.value)
+    resid = list(ref.extras["residuals"])
+    rho = max(abs(v) for v in ref_vals)
+    ref_bound = [r * rho / abs(v) for r, v in zip(resid, ref_vals, strict=True)]
+    reference = {"eigenvalues": ref_vals, "residuals": resid, "converged": ref.converged,
+                 "matvecs": ref.num_matvecs, "seconds": ref_time, "tol": cfg.ref_tol,
+                 "error_bound_relative": ref_bound}
+
+    def ours_run(k: int, tol: float):
+        sp, th = cv.ParameterSpace.from_module(ctx.model, ctx.crit, (ctx.X, ctx.y))
+        name = "max_eig" if k == 1 else "top_eigs"
+        m = cv.flatness(sp, th, measures=(name,), method="stochastic", k=k, lanczos_tol=tol,
+                        seed=0)[name]
+        vals = [m.value] if k == 1 else list(m.value)
+        return vals, m.num_matvecs, m.converged
+
+    def peer_run(k: int, tol: float):
+        vals, n = C.pyhessian_eigs(ctx.model, ctx.crit, ctx.X, ctx.y, k, tol,
+                                   cfg.peer_max_iter, seed=0)
+        return vals, n, None
+
+    # warm-up of both code paths (first calls pay one-time costs)
+    ours_run(1, 0.1)
+    peer_run(1, 1e-2)
+
+    def sweep(run, k: int, tols):
+        entries = []
+        chosen = None
+        for tol in tols:
+            dt, (vals, nmv, conv) = C.timed(lambda tol=tol: run(k, tol), dev)
+            err = _relerr(vals, ref_vals[:k])
+            entries.append({"tol": tol, "seconds": dt, "matvecs": nmv, "rel_error": err,
+                            "eigenvalues": vals, "converged": conv})
+            if err <= cfg.accuracy:
+                chosen = entries[-1]
+                break
+        reached = chosen is not None
+        if chosen is None:
+            chosen = min(entries, key=lambda e: e["rel_error"])
+        return chosen, entries, reached
+
+    rows = []
+    for k in (1, 5):
+        o_ch, o_sweep, o_ok = sweep(ours_run, k, cfg.ours_tols)
+        p_ch, p_sweep, p_ok = sweep(peer_run, k, cfg.peer_tols)
+        times = {"ours": [o_ch["seconds"]], "peer": [p_ch["seconds"]]}
+        if cfg.repeats > 1 and not cfg.quick:
+            more = C.interleaved(
+                {"ours": lambda k=k, t=o_ch["tol"]: ours_run(k, t),
+                 "peer": lambda k=k, t=p_ch["tol"]: peer_run(k, t)},
+                cfg.repeats - 1, dev, warmup=False)
+            for key in times:
+                times[key] += more[key]
+        med = {key: C.median(v) for key, v in times.items()}
+        # prototype: the same Lanczos on a linearization computed once
+        def proto_run(k=k, tol=o_ch["tol"]):
+            hvp = _cached_hvp(ctx.space, ctx.theta)
+            return linalg.lanczos(hvp, ctx.theta.shape[0], k, tol=tol, seed=0,
+                                  dtype=ctx.theta.dtype, device=ctx.theta.device)
+
+        dt_proto, proto = C.timed(proto_run, dev)
+        extras = {
+            "k": k, "accuracy": cfg.accuracy, "reference": reference,
+            "ours_tol": o_ch["tol"], "peer_tol": p_ch["tol"],
+            "ours_reached_accuracy": o_ok, "peer_reached_accuracy": p_ok,
+            "ours_matvecs": o_ch["matvecs"], "peer_matvecs": p_ch["matvecs"],
+            "ours_rel_error": o_ch["rel_error"], "peer_rel_error": p_ch["rel_error"],
+            "times_s": times, "median_s": med,
+            "ours_per_matvec_ms": 1e3 * med["ours"] / o_ch["matvecs"],
+            "peer_per_matvec_ms": 1e3 * med["peer"] / p_ch["matvecs"],
+            "ours_sweep": o_sweep, "peer_sweep": p_sweep, "peer_max_iter": cfg.peer_max_iter,
+            "prototype_cached_linearization": {
+                "seconds": dt_proto, "matvecs": proto.num_matvecs,
+                "rel_error": _relerr(proto.eigenvalues.tolist()[:k], ref_vals[:k]),
+                "speedup_vs_peer": med["peer"] / dt_proto},
+            "ours_call": f"cv.flatness(space, p, ('{'max_eig' if k == 1 else 'top_eigs'}',), "
+                         f"'stochastic', k={k}, lanczos_tol=tol)",
+            "peer_call": f"pyhessian.hessian(...).eigenvalues(top_n={k}, tol=tol, "
+                         f"maxIter={cfg.peer_max_iter})",
+        }
+        if not p_ok:
+            extras["note"] = ("PyHessian did not reach the accuracy on the tol grid; its "
+                              "time is for its most accurate run, so the ratio is a lower bound")
+        rid = "b1" if k == 1 else "b5"
+        rows.append(make_row(rid, ctx.name, f"top-{k} eigenvalue{'s' if k > 1 else ''} "
+                             f"@ rel. acc. {cfg.accuracy:g}", "s", med["ours"], med["peer"],
+                             med["peer"] / med["ours"], extras, "covariant Lanczos",
+                             "PyHessian power iteration"))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# (c) invariant trace overhead
+# --------------------------------------------------------------------------------------------
+
+
+def row_c(ctx: Ctx, cfg: Config) -> dict:
+    N, d = ctx.N, ctx.theta.shape[0]
+    got: dict[str, Any] = {}
+
+    def inv(n=N):
+        return cv.flatness(ctx.wn_space, ctx.psi, measures=("trace",), method="stochastic",
+                           num_probes=n, seed=0)["trace"]
+
+    def euc(n=N):
+        return cv.flatness(ctx.space, ctx.theta, measures=("trace",), method="stochastic",
+                           num_probes=n, seed=0)["trace"]
+
+    def euc_loop(n=N):
+        return linalg.hutchinson(lambda v: ctx.space.hvp(ctx.theta, v, riemannian=False), d, n,
+                                 seed=0, dtype=ctx.theta.dtype, device=ctx.theta.device)
+
+    fns = {"invariant_weightnorm": _keep(got, "inv", inv), "euclidean_w": _keep(got, "euc", euc),
+           "euclidean_w_probe_loop": _keep(got, "loop", euc_loop)}
+    warm = {"invariant_weightnorm": lambda: inv(2), "euclidean_w": lambda: euc(2),
+            "euclidean_w_probe_loop": lambda: euc_loop(2)}
+    t = C.interleaved(fns, cfg.repeats, cfg.device, warm)
+    med = {k: C.median(v) for k, v in t.items()}
+    ratio = med["invariant_weightnorm"] / med["euclidean_w"]
+    inv_m, euc_m = got["inv"], got["euc"]
+    extras = {
+        "num_probes": N, "chart": "{'*.weight': WeightNorm()} (dim=0)",
+        "psi_dim": int(ctx.psi.shape[0]), "rank": inv_m.extras.get("rank"),
+        "gauge_directions": inv_m.extras.get("num_gauge_directions"),
+        "times_s": t, "median_s": med,
+        "ratio_vs_probe_loop": med["invariant_weightnorm"] / med["euclidean_w_probe_loop"],
+        "trace_invariant": [inv_m.value, inv_m.stderr],
+        "trace_euclidean_w": [euc_m.value, euc_m.stderr],
+        "trace_euclidean_w_probe_loop": [got["loop"].value, got["loop"].stderr],
+        "same_probes_rel_diff": abs(inv_m.value - euc_m.value) / abs(euc_m.value),
+        "note": "With the pulled-back Euclidean metric the invariant trace is tr ∇²L(w); the "
+                "horizontal problem uses the same seed and dimension, so both estimates use "
+                "the same probes and agree to float32 rounding.",
+    }
+    return make_row("c", ctx.name, "invariant trace (weight norm) vs Euclidean", "s",
+                    med["invariant_weightnorm"], med["euclidean_w"], ratio, extras,
+                    "invariant, (g, v) chart", "Euclidean, w chart")
+
+
+# --------------------------------------------------------------------------------------------
+# (d) HVP / gradient
+# --------------------------------------------------------------------------------------------
+
+
+def row_d(ctx: Ctx, cfg: Config) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(ctx.theta.shape[0], generator=gen).to(ctx.theta)
+    vs = list(ctx.space.unflatten(v).values())
+    C.zero_grads(ctx.model)
+    gH = torch.autograd.grad(ctx.crit(ctx.model(ctx.X), ctx.y), ctx.params, create_graph=True)
+    cached = _cached_hvp(ctx.space, ctx.theta)
+
+    def double_backward():
+        g = torch.autograd.grad(ctx.crit(ctx.model(ctx.X), ctx.y), ctx.params, create_graph=True)
+        return torch.autograd.grad(g, ctx.params, grad_outputs=vs)
+
+    fns = {
+        "hvp": lambda: ctx.space.hvp(ctx.theta, v, riemannian=False),
+        "grad": lambda: torch.autograd.grad(ctx.crit(ctx.model(ctx.X), ctx.y), ctx.params),
+        "space_grad": lambda: ctx.space.grad(ctx.theta),
+        "double_backward_fresh": double_backward,
+        "pyhessian_hvp_retained_graph": lambda: torch.autograd.grad(
+            gH, ctx.params, grad_outputs=vs, retain_graph=True),
+        "prototype_cached_linearization_hvp": lambda: cached(v),
+    }
+    reps = max(5, 3 * cfg.repeats)
+    t = C.interleaved(fns, reps, cfg.device)
+    med = {k: C.median(x) for k, x in t.items()}
+    g = med["grad"]
+    extras = {
+        "repeats": reps, "median_ms": {k: 1e3 * x for k, x in med.items()},
+        "ratio_to_grad": {k: x / g for k, x in med.items()},
+        "times_s": t,
+        "hvp_call": "space.hvp(p, v, riemannian=False) = grad(jvp(L)) (reverse-over-forward, "
+                    "forward recomputed per product)",
+        "grad_call": "torch.autograd.grad(crit(model(X), y), params)",
+    }
+    return make_row("d", ctx.name, "one HVP / one gradient", "ms", 1e3 * med["hvp"], 1e3 * g,
+                    med["hvp"] / g, extras, "space.hvp", "autograd gradient")
+
+
+# --------------------------------------------------------------------------------------------
+# (e) peak memory
+# --------------------------------------------------------------------------------------------
+
+
+def _mem_ops(ctx: Ctx, N: int) -> dict[str, Any]:
+    return {
+        "grad": lambda: torch.autograd.grad(ctx.crit(ctx.model(ctx.X), ctx.y), ctx.params),
+        "hvp": lambda: ctx.space.hvp(ctx.theta, torch.ones_like(ctx.theta), riemannian=False),
+        "trace_invariant": lambda: cv.flatness(ctx.wn_space, ctx.psi, measures=("trace",),
+                                               method="stochastic", num_probes=N, seed=0),
+        "trace_euclidean": lambda: cv.flatness(ctx.space, ctx.theta, measures=("trace",),
+                                               method="stochastic", num_probes=N, seed=0),
+    }
+
+
+def mem_child(spec: dict[str, Any]) -> None:
+    """Entry point of a memory-measurement subprocess: prints one JSON line."""
+    if spec["threads"] > 0:
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    cache = Path(spec["cache"])
+    ds = C.load_data(cache)
+    cfg_epochs = {spec["model"]: spec["epochs"]}
+    cfg = Config(quick=False, repeats=1, device=device, only=set(), batch=spec["batch"],
+                 threads=spec["threads"], models=[spec["model"]],
+                 probes={spec["model"]: spec["probes"]}, epochs=cfg_epochs, cache=cache)
+    ctx = build_ctx(spec["model"], cfg, ds)
+    # One-time costs (lazy imports of torch.func decompositions and of flatness' modules,
+    # oneDNN primitive caches, autograd engine threads) are paid by running the same
+    # operation on a 2-example batch with 2 probes first; what stays resident is then part of
+    # the baseline, not of the operation.
+    small_cfg = copy.copy(cfg)
+    small_cfg.batch = 2
+    small = build_ctx(spec["model"], small_cfg, ds)
+    _mem_ops(small, 2)[spec["op"]]()
+    del small, ds
+    op = _mem_ops(ctx, spec["probes"])[spec["op"]]
+    if device.type == "cuda":
+        res = C.peak_memory_cuda(op, device)
+    else:
+        res = C.peak_memory_cpu(op)
+    print("MEMRESULT " + json.dumps(res), flush=True)
+
+
+def row_e(ctx: Ctx, cfg: Config) -> dict:
+    ops = cfg.mem_ops
+    results: dict[str, Any] = {}
+    if cfg.device.type == "cuda":  # exact allocator statistics, no subprocess needed
+        for op in ops:
+            results[op] = C.peak_memory_cuda(_mem_ops(ctx, ctx.N)[op], cfg.device)
+    else:
+        # one fresh process per measurement; two run at a time (each measures only itself)
+        pending = list(ops)
+        running: list[tuple[str, subprocess.Popen]] = []
+        while pending or running:
+            while pending and len(running) < 2:
+                op = pending.pop(0)
+                spec = {"op": op, "model": ctx.name, "batch": cfg.batch, "probes": ctx.N,
+                        "threads": cfg.threads, "cache": str(cfg.cache),
+                        "device": str(cfg.device), "epochs": cfg.epochs[ctx.name]}
+                proc = subprocess.Popen(
+                    [sys.executable, __file__, "--mem-child", json.dumps(spec)],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                running.append((op, proc))
+            op, proc = running.pop(0)
+            out, err = proc.communicate()
+            line = [x for x in out.splitlines() if x.startswith("MEMRESULT ")]
+            if proc.returncode != 0 or not line:
+                raise RuntimeError(f"memory child for {op} failed:\n{err[-2000:]}")
+            results[op] = json.loads(line[-1][len("MEMRESULT "):])
+    mib = {k: r["delta_bytes"] / 2**20 for k, r in results.items()}
+    ratio = results["trace_invariant"]["delta_bytes"] / max(results["grad"]["delta_bytes"], 1)
+    extras = {
+        "num_probes": ctx.N, "peak_increase_mib": mib,
+        "ratio_to_grad": {k: v / max(mib["grad"], 1e-9) for k, v in mib.items()},
+        "raw": results, "method": METHODS["memory"],
+        "ops": {"grad": "torch.autograd.grad(crit(model(X), y), params)",
+                "hvp": "space.hvp(p, v, riemannian=False)",
+                "trace_invariant": "flatness(weight-norm space, psi, ('trace',), "
+                                   "'stochastic', num_probes=N)",
+                "trace_euclidean": "flatness(space, theta, ('trace',), 'stochastic', "
+                                   "num_probes=N) (vmap over all N probes)"},
+    }
+    return make_row("e", ctx.name, "peak memory invariant trace / gradient", "MiB",
+                    mib["trace_invariant"], mib["grad"], ratio, extras, "invariant trace",
+                    "one gradient")
+
+
+# --------------------------------------------------------------------------------------------
+# (f) Hutch++ / XTrace vs Hutchinson
+# --------------------------------------------------------------------------------------------
+
+
+def row_f(cfg: Config, ds: Any) -> dict:
+    t_start = time.perf_counter()
+    epochs = 30 if cfg.quick else 100
+    model, desc = C.trained_model("mlp-small", ds, epochs=epochs, seed=0, cache=cfg.cache,
+                                  device=torch.device("cpu"))
+    model64 = copy.deepcopy(model).double()
+    X = ds.X_train[: cfg.batch].double()
+    y = ds.y_train[: cfg.batch]
+    space, th = cv.ParameterSpace.from_module(model64, nn.CrossEntropyLoss(), (X, y))
+    d = th.shape[0]
+    # the dense truth is cached next to the trained weights (same recipe, same batch)
+    hpath = cfg.cache / (Path(desc["state_dict"]).stem + f"-hessian-b{X.shape[0]}.pt")
+    H = None
+    if hpath.exists():
+        try:
+            H = torch.load(hpath, weights_only=True)
+        except Exception:
+            H = None
+    if H is None or H.shape != (d, d):
+        H = space.hessian(th, riemannian=False, max_dim=d)
+        H = 0.5 * (H + H.T)
+        tmp = hpath.with_name(hpath.name + ".tmp")
+        torch.save(H, tmp)
+        os.replace(tmp, hpath)
+    t_dense = time.perf_counter() - t_start
+    evals = torch.linalg.eigvalsh(H)
+    tr = float(H.trace())
+    fro2 = float((H * H).sum())
+    diag2 = float((H.diagonal() ** 2).sum())
+    var = 2.0 * (fro2 - diag2)
+    acc = cfg.f_accuracy
+    m_hutch = math.ceil(var / (acc * tr) ** 2)
+
+    def mv(v):
+        return H @ v
+
+    def mm(V):
+        return H @ V
+
+    S = cfg.f_seeds
+
+    def rms(est, m: int) -> tuple[float, int]:
+        errs, used = [], m
+        for s in range(S):
+            r = est(mv, d, m, seed=s, dtype=torch.float64, matmat=mm)
+            errs.append(((r.value - tr) / tr) ** 2)
+            used = r.num_matvecs
+        return math.sqrt(sum(errs) / S), used
+
+    # empirical check of the Hutchinson variance formula at a moderate budget
+    m_check = 64
+    emp, _ = rms(linalg.hutchinson, m_check)
+    predicted = math.sqrt(var / m_check) / abs(tr)
+
+    def smallest_budget(est) -> tuple[int | None, list[list[float]]]:
+        """Smallest budget with RMS error <= acc: a coarse geometric pass (x1.25), then (not
+        with --quick) a fine one (x1.04) between the last miss and the first hit."""
+        curve: list[list[float]] = []
+
+        def ok(m: int) -> tuple[bool, int]:
+            e, used = rms(est, m)
+            curve.append([used, e])
+            return e <= acc, used
+
+        lo, m = 4, 4
+        while True:
+            hit, used = ok(m)
+            if hit:
+                break
+            if m >= d:
+                return None, curve
+            lo, m = m, min(d, max(m + 1, int(m * 1.25)))
+        best = used
+        f = lo
+        while not cfg.quick:
+            f = max(f + 1, int(f * 1.04))
+            if f >= m:
+                break
+            hit, used = ok(f)
+            if hit:
+                best = used
+                break
+        return best, sorted(curve)
+
+    found: dict[str, Any] = {}
+    for name, est in (("hutchpp", linalg.hutchpp), ("xtrace", linalg.xtrace)):
+        hit, curve = smallest_budget(est)
+        found[name] = {"matvecs": hit, "curve": curve}
+    best_name = min((n for n in found if found[n]["matvecs"]),
+                    key=lambda n: found[n]["matvecs"], default=None)
+    best = found[best_name]["matvecs"] if best_name else float("nan")
+    # one end-to-end check through the HVP path: flatness(trace_method=...) on the same space
+    hv_check = None
+    if best_name:
+        r = cv.flatness(space, th, measures=("trace",), method="stochastic",
+                        trace_method=best_name, num_probes=best, seed=0)["trace"]
+        hv_check = {"estimator": best_name, "matvecs": r.num_matvecs, "value": r.value,
+                    "rel_error": abs(r.value - tr) / abs(tr)}
+    extras = {
+        "model": "mlp-small trained " + f"{epochs} epochs (test acc {desc['test_accuracy']})",
+        "params": d, "batch": int(X.shape[0]), "truth": "dense float64 Hessian",
+        "trace": tr, "frobenius_norm": math.sqrt(fro2),
+        "eigenvalues_top5": evals.flip(0)[:5].tolist(), "eigenvalues_bottom3": evals[:3].tolist(),
+        "num_negative_eigenvalues": int((evals < 0).sum()),
+        "effective_rank_tr2_over_fro2": tr**2 / fro2,
+        "target_rms_rel_error": acc, "seeds": S,
+        "hutchinson_matvecs": m_hutch, "hutchinson_variance_formula": "2(||H||_F^2 - sum H_ii^2)",
+        "hutchinson_check": {"matvecs": m_check, "rms_rel_error_empirical": emp,
+                             "rms_rel_error_predicted": predicted},
+        "hutchpp": found["hutchpp"], "xtrace": found["xtrace"], "best": best_name,
+        "hvp_path_check": hv_check, "dense_hessian_seconds": t_dense,
+        "seconds": time.perf_counter() - t_start, "method": METHODS["matvecs_f"],
+    }
+    return make_row("f", "mlp-small", "matvecs to 1% rel. error (trace)", "matvecs",
+                    float(best), float(m_hutch), m_hutch / best, extras,
+                    f"{best_name}", "Hutchinson")
+
+
+# --------------------------------------------------------------------------------------------
+# Profile of one HVP
+# --------------------------------------------------------------------------------------------
+
+
+def profile_ctx(ctx: Ctx, cfg: Config) -> tuple[dict[str, Any], str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    v = torch.randn(ctx.theta.shape[0], generator=torch.Generator().manual_seed(0)).to(ctx.theta)
+    cached = _cached_hvp(ctx.space, ctx.theta)
+    cases = {
+        "space.hvp": lambda: ctx.space.hvp(ctx.theta, v, riemannian=False),
+        "cached_linearization_hvp": lambda: cached(v),
+        "autograd_gradient": lambda: torch.autograd.grad(ctx.crit(ctx.model(ctx.X), ctx.y),
+                                                         ctx.params),
+    }
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cfg.device.type == "cuda" else [])
+    calls = 5
+    text = [f"===== {ctx.name} ({ctx.theta.shape[0]} params, batch {ctx.X.shape[0]}) ====="]
+    summary: dict[str, Any] = {}
+    for name, fn in cases.items():
+        for _ in range(2):
+            fn()
+        with profile(activities=acts) as prof:
+            for _ in range(calls):
+                fn()
+            C.sync(cfg.device)
+        avg = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in avg) / calls / 1e3
+        top = sorted(avg, key=lambda e: -e.self_cpu_time_total)[:12]
+        summary[name] = {
+            "self_cpu_ms_per_call": total,
+            "top_ops": [{"op": e.key, "self_ms_per_call": e.self_cpu_time_total / calls / 1e3,
+                         "calls_per_call": e.count / calls} for e in top],
+        }
+        text.append(f"--- {name}: {total:.2f} ms self CPU per call (torch.profiler, {calls} "
+                    "calls)")
+        text.append(avg.table(sort_by="self_cpu_time_total", row_limit=15))
+    # Python-level view of space.hvp
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(calls):
+        cases["space.hvp"]()
+    pr.disable()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(18)
+    st = pstats.Stats(pr)
+    total = st.total_tt
+    engine = sum(v[3] for k, v in st.stats.items() if k[2] in (
+        "<method 'run_backward' of 'torch._C._EngineBase' objects>",))
+    summary["space.hvp_cprofile"] = {"total_s": total / calls,
+                                     "in_autograd_engine_fraction": engine / total}
+    text.append("--- cProfile of space.hvp (cumulative)")
+    text.append(s.getvalue())
+    return summary, "\n".join(text)
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(x: float) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    ax = abs(x)
+    if ax >= 1000:
+        return f"{x:,.0f}"
+    if ax >= 10:
+        return f"{x:.1f}"
+    if ax >= 0.1:
+        return f"{x:.3f}"
+    return f"{x:.3g}"
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("row", "model", "metric", "unit", "ours", "peer/base", "ratio", "target", "pass")
+    lines = []
+    data = []
+    for r in rows:
+        passed = {True: "PASS", False: "FAIL", None: "info"}[r["pass"]]
+        data.append((r["row"], r["model"], r["metric"], r["unit"], _fmt(r["ours"]),
+                     _fmt(r["peer"]), f"{_fmt(r['ratio'])}x", r["target"] or "-", passed))
+    widths = [max(len(str(x[i])) for x in [head, *data]) for i in range(len(head))]
+    lines.append("  ".join(str(h).ljust(w) for h, w in zip(head, widths, strict=True)))
+    lines.append("  ".join("-" * w for w in widths))
+    for x in data:
+        lines.append("  ".join(str(v).ljust(w) for v, w in zip(x, widths, strict=True)))
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: mlp-80k only, < 1 min")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timing rounds per row (default 3, quick 2)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated subset of a,b,c,d,e,f,profile (default a-f)")
+    ap.add_argument("--models", default=None,
+                    help="comma-separated presets (default mlp-80k,cnn-1m; quick mlp-80k)")
+    ap.add_argument("--batch", type=int, default=512, help="examples in the batch (default 512)")
+    ap.add_argument("--probes", type=int, default=None,
+                    help="probes for a, c, e (default mlp 50, cnn 10; quick 10)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default 1 on CPU: stable on a shared machine; "
+                         "0 keeps torch's default)")
+    ap.add_argument("--cache-dir", default=None,
+                    help="where data and trained weights are cached (~/.cache/covariant-bench)")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    ap.add_argument("--mem-child", default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.mem_child is not None:
+        mem_child(json.loads(args.mem_child))
+        return 0
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: CUDA is not available in this torch build / machine",
+              file=sys.stderr)
+        return 2
+    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    only = set(ROWS) if args.only is None else {x.strip() for x in args.only.split(",") if x}
+    bad = only - set(ROWS) - {"profile"}
+    if bad:
+        print(f"--only: unknown row(s) {sorted(bad)}; choose from {(*ROWS, 'profile')}",
+              file=sys.stderr)
+        return 2
+    models = (args.models.split(",") if args.models else
+              (["mlp-80k"] if args.quick else ["mlp-80k", "cnn-1m"]))
+    probes = {m: (args.probes or (10 if args.quick else (10 if m.startswith("cnn") else 50)))
+              for m in models}
+    epochs = {m: (5 if args.quick else (3 if m.startswith("cnn") else 20)) for m in models}
+    cfg = Config(
+        quick=args.quick, repeats=args.repeats or (2 if args.quick else 3), device=device,
+        only=only, batch=args.batch, threads=threads, models=models, probes=probes,
+        epochs=epochs, cache=Path(args.cache_dir) if args.cache_dir else C.default_cache_dir(),
+    )
+    if args.quick:
+        cfg.f_seeds = 8
+        cfg.mem_ops = ("grad", "trace_invariant")
+    t0 = time.perf_counter()
+    machine = C.machine_info(device)
+    print(f"# covariant flatness benchmark on {machine['cpu_model']} "
+          f"({machine['cpu_affinity']} cores, torch {machine['torch']}, {threads or 'default'} "
+          f"thread(s), device {device}, load {machine['loadavg_at_start']})", flush=True)
+    ds = C.load_data(cfg.cache)
+    rows: list[dict] = []
+    model_info: dict[str, Any] = {}
+    profiles: dict[str, Any] = {}
+    profile_text: list[str] = []
+
+    clock = {"t": time.perf_counter()}
+
+    def done(r: dict) -> None:
+        now = time.perf_counter()
+        r["seconds"] = now - clock["t"]
+        clock["t"] = now
+        rows.append(r)
+        print(format_table([r]).splitlines()[-1], flush=True)
+
+    for name in models:
+        if not (only & {"a", "b", "c", "d", "e", "profile"}):
+            break
+        ctx = build_ctx(name, cfg, ds)
+        clock["t"] = time.perf_counter()
+        model_info[name] = ctx.desc
+        print(f"## {name}: {ctx.desc['params']:,} params, test acc {ctx.desc['test_accuracy']},"
+              f" batch {cfg.batch}, probes {ctx.N}", flush=True)
+        if "a" in only:
+            done(row_a(ctx, cfg))
+        if "b" in only:
+            for r in rows_b(ctx, cfg):
+                done(r)
+        if "c" in only:
+            done(row_c(ctx, cfg))
+        if "d" in only:
+            done(row_d(ctx, cfg))
+        if "e" in only:
+            done(row_e(ctx, cfg))
+        if "profile" in only:
+            summary, text = profile_ctx(ctx, cfg)
+            profiles[name] = summary
+            profile_text.append(text)
+        del ctx
+    if "f" in only:
+        done(row_f(cfg, ds))
+
+    elapsed = time.perf_counter() - t0
+    print()
+    print(format_table(rows))
+    print(f"\n# elapsed {elapsed:.0f} s")
+    suffix = "" if not (args.quick or args.only) else ("_quick" if args.quick else "_partial")
+    out = Path(args.out) if args.out else C.RESULTS_DIR / f"flatness_{device.type}{suffix}.json"
+    record = {
+        "schema": "covariant.bench.flatness/1",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {**machine, "loadavg_at_end": list(os.getloadavg()),
+                    "mem_available_gib_at_end": C.mem_available_gib()},
+        "settings": {"quick": cfg.quick, "repeats": cfg.repeats, "batch": cfg.batch,
+                     "threads": threads, "models": models, "probes": probes,
+                     "train_epochs": epochs, "dtype": "float32 (row f: float64 truth)",
+                     "accuracy_b": cfg.accuracy, "reference_tol_b": cfg.ref_tol,
+                     "ours_tols_b": cfg.ours_tols, "peer_tols_b": cfg.peer_tols,
+                     "peer_max_iter_b": cfg.peer_max_iter, "seeds_f": cfg.f_seeds,
+                     "rows": sorted(only)},
+        "methods": METHODS,
+        "targets": {k: {"op": v[0], "target": v[1], "ratio": v[2]} for k, v in TARGETS.items()},
+        "models": model_info,
+        "pyhessian_notes": C.PYHESSIAN_NOTES,
+        "rows": rows,
+        "elapsed_s": elapsed,
+    }
+    if profiles:
+        record["profile"] = profiles
+        ptxt = out.with_name(f"profile_{device.type}.txt")
+        ptxt.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ptxt.with_name(ptxt.name + ".tmp")
+        tmp.write_text("\n\n".join(profile_text))
+        os.replace(tmp, ptxt)
+        print(f"# profile written to {ptxt}")
+    C.save_json_atomic(out, record)
+    print(f"# results written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""``covariant flatness``: invariant vs naive curvature of a saved model.
+
+Loads a checkpoint (``torch.load(..., weights_only=True)`` only) into an architecture of
+:mod:`covariant.architectures`, takes a slice of a bundled or generated dataset, and reports the
+measures of E = G⁻¹Hess in the chosen chart and metric next to the naive numbers (G = I in that
+chart). With ``--out DIR`` it writes a spectral-density plot; with ``--json`` every number.
+
+Example (shell)::
+
+    covariant flatness model.pt --dataset mnist1d --chart weightnorm:10 --metric euclidean \\
+        --measures trace,max_eig --num-probes 50 --out out/ --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ArchitectureMismatchError, CovariantError
+
+DEFAULT_MEASURES = "trace,logdet,max_eig,top_eigs"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", type=Path, help="saved model (save_checkpoint or a state_dict)")
+    p.add_argument("--arch", default=None,
+                   help="architecture (mlp, cnn1d, resnet1d); read from the checkpoint if saved "
+                        "with covariant.architectures.save_checkpoint")
+    p.add_argument("--arch-kwargs", default="",
+                   help="architecture options, e.g. 'hidden=64,64;activation=tanh'")
+    p.add_argument("--dataset", default="mnist1d", help="mnist1d or digits (default mnist1d)")
+    p.add_argument("--samples", type=int, default=512,
+                   help="training examples the loss is averaged over (default 512)")
+    p.add_argument("--chart", default="none",
+                   help="none | weightnorm | weightnorm:S (‖v‖ rescaled by S) | scale:A")
+    p.add_argument("--metric", default="euclidean",
+                   help="metric in the original chart: euclidean, ggn, fisher, empirical_fisher")
+    p.add_argument("--damping", type=float, default=0.0,
+                   help="λ of Damped(G, λ, reference=Euclidean in w), pulled back with G")
+    p.add_argument("--measures", default=DEFAULT_MEASURES,
+                   help=f"comma-separated (default {DEFAULT_MEASURES}; also min_eig, "
+                        "spectral_density; 'spectrum' with --method dense)")
+    p.add_argument("--method", default="stochastic", choices=("stochastic", "dense"))
+    p.add_argument("--num-probes", type=int, default=100)
+    p.add_argument("--k", type=int, default=5, help="eigenvalues for top_eigs")
+    p.add_argument("--float32", action="store_true", help="compute in float32 (default float64)")
+
+
+def _parse_kwargs(text: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in text.split(";"))):
+        if "=" not in item:
+            raise ValueError(f"--arch-kwargs: expected key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        parts = [v.strip() for v in value.split(",")]
+        conv = []
+        for v in parts:
+            try:
+                conv.append(int(v))
+            except ValueError:
+                try:
+                    conv.append(float(v))
+                except ValueError:
+                    conv.append(v)
+        out[key.strip()] = conv if len(conv) > 1 or value.endswith(",") else conv[0]
+    return out
+
+
+def _chart(space: Any, theta: torch.Tensor, spec: str) -> tuple[Any, torch.Tensor]:
+    from . import reparam
+
+    kind, _, arg = spec.partition(":")
+    kind = kind.strip().lower()
+    if kind in ("none", "w", ""):
+        return space, theta
+    if kind == "weightnorm":
+        new = space.reparametrize({"*.weight": reparam.WeightNorm()})
+        psi = new.chart.inverse(theta)
+        scale = float(arg) if arg else 1.0
+        if scale != 1.0:
+            psi = psi.clone()
+            for name, block in new.chart.blocks.items():
+                sl = new.chart._psi_slices[name]
+                psi[sl.start + block.num_slices : sl.stop] *= scale
+        return new, psi
+    if kind == "scale":
+        if not arg:
+            raise ValueError("--chart scale:A needs a value A, e.g. scale:0.1")
+        new = space.reparametrize(reparam.Scale(float(arg)))
+        return new, new.chart.inverse(theta)
+    raise ValueError(f"--chart: unknown chart {spec!r}; use none, weightnorm[:S] or scale:A")
+
+
+def analyse(args: argparse.Namespace, *, progress: bool) -> dict[str, Any]:
+    """Run the analysis described by parsed CLI arguments; return every number."""
+    from . import flatness, metrics
+    from .architectures import load_checkpoint
+    from .data import load_dataset
+    from .space import ParameterSpace
+
+    dtype = torch.float32 if args.float32 else torch.float64
+    ds = load_dataset(args.dataset)
+    kwargs = _parse_kwargs(args.arch_kwargs)
+    kwargs.setdefault("in_features", ds.num_features)
+    kwargs.setdefault("num_classes", ds.num_classes)
+    model, meta = load_checkpoint(args.checkpoint, arch=args.arch, **kwargs)
+    model = model.to(dtype)
+    X = ds.X_train[: args.samples].to(dtype)
+    y = ds.y_train[: args.samples]
+    metric_name = args.metric.lower()
+    space, theta = ParameterSpace.from_module(model, nn.CrossEntropyLoss(), (X, y),
+                                              metric=metric_name)
+    if args.damping > 0:
+        space = space.with_metric(metrics.Damped(space.metric, args.damping))
+    chart_space, p = _chart(space, theta, args.chart)
+    naive_space = chart_space.with_metric(metrics.Euclidean())
+    measures = tuple(m.strip() for m in args.measures.split(",") if m.strip())
+    opts: dict[str, Any] = {"measures": measures, "method": args.method, "k": args.k}
+    if args.method == "stochastic":
+        opts.update(num_probes=args.num_probes, seed=args.seed, progress=progress)
+    t0 = time.perf_counter()
+    invariant = flatness(chart_space, p, **opts)
+    t1 = time.perf_counter()
+    naive = flatness(naive_space, p, **opts)
+    t2 = time.perf_counter()
+    return {
+        "checkpoint": str(args.checkpoint), "arch": meta["arch"],
+        "arch_kwargs": meta["arch_kwargs"], "dataset": args.dataset,
+        "samples": int(X.shape[0]), "dim": int(theta.shape[0]), "chart_dim": int(p.shape[0]),
+        "chart": args.chart, "metric": metric_name, "damping": args.damping,
+        "method": args.method, "invariant": invariant.to_dict(), "naive": naive.to_dict(),
+        "seconds": {"invariant": t1 - t0, "naive": t2 - t1},
+    }
+
+
+def _fmt(m: dict[str, Any]) -> str:
+    from .flatness import format_value
+
+    text = format_value(m["value"], 5)
+    if m.get("stderr") is not None and not isinstance(m["value"], list):
+        text += f" ± {m['stderr']:.2g}"
+    if not m.get("converged", True):
+        text += " (NOT converged)"
+    return text
+
+
+def print_table(result: dict[str, Any], stream: Any = sys.stdout) -> None:
+    inv, naive = result["invariant"], result["naive"]
+    names = [k for k in inv if k != "info"]
+    print(f"{result['arch']} ({result['dim']} parameters, chart {result['chart']} with "
+          f"{result['chart_dim']} coordinates), {result['samples']} {result['dataset']} "
+          f"examples, metric {result['metric']}, {result['method']}", file=stream)
+    shown = [k for k in names if k != "spectral_density"]
+    w = max(30, *(len(_fmt(r[k])) + 2 for k in shown for r in (inv, naive)))
+    print(f"{'measure':14s}{'invariant (G⁻¹Hess)':>{w}s}{'naive (G = I in chart)':>{w}s}",
+          file=stream)
+    for k in names:
+        if k == "spectral_density":
+            continue
+        print(f"{k:14s}{_fmt(inv[k]):>{w}s}{_fmt(naive[k]):>{w}s}", file=stream)
+    unconverged = [k for k in names if not inv[k].get("converged", True)
+                   or not naive[k].get("converged", True)]
+    if unconverged:
+        print(f"warning: {', '.join(unconverged)} did not converge; raise --num-probes or use "
+              "--method dense on small models", file=stream)
+
+
+def _plot_density(result: dict[str, Any], path: Path) -> Path:
+    from ._io import save_figure
+    from .errors import require
+
+    plt = require("matplotlib.pyplot", "plots")
+    from .linalg import spectral_density
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    nodes = {k: torch.tensor(result[k]["spectral_density"]["extras"]["nodes"])
+             for k in ("invariant", "naive")}
+    lo = min(float(n.min()) for n in nodes.values())
+    hi = max(float(n.max()) for n in nodes.values())
+    pad = 0.05 * (hi - lo + 1e-12)
+    grid = torch.linspace(lo - pad, hi + pad, 600, dtype=torch.float64)
+    sigma = 0.01 * float(grid[-1] - grid[0])  # one broadening for both curves
+    for kind, style in (("invariant", "-"), ("naive", "--")):
+        weights = torch.tensor(result[kind]["spectral_density"]["extras"]["weights"])
+        dens = spectral_density(nodes[kind].double(), weights.double(), grid, sigma)
+        ax.plot(grid, dens.clamp_min(1e-12), style, label=kind)
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=1e-6)
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density")
+    ax.set_title(f"spectral density, chart {result['chart']}, metric {result['metric']}")
+    ax.legend()
+    out = save_figure(fig, path)
+    plt.close(fig)
+    return out
+
+
+def run_flatness(args: argparse.Namespace, *, progress: bool) -> int:
+    """Entry point of ``covariant flatness``; returns the exit status."""
+    from ._io import atomic_write_json
+
+    if args.out is not None and args.method == "stochastic" and "spectral_density" not in \
+            args.measures:
+        args.measures += ",spectral_density"
+    try:
+        result = analyse(args, progress=progress)
+    except (ArchitectureMismatchError, CovariantError, ValueError, FileNotFoundError) as err:
+        print(f"covariant flatness: error: {err}", file=sys.stderr)
+        return 2
+    stream = sys.stderr if (args.json and args.out is None) else sys.stdout
+    print_table(result, stream)
+    if args.out is not None:
+        files = []
+        if "spectral_density" in result["invariant"]:
+            files.append(str(_plot_density(result, Path(args.out) / "spectral_density.png")))
+        if args.json:
+            files.append(str(atomic_write_json(Path(args.out) / "flatness.json", result)))
+        if files:
+            print("wrote " + ", ".join(files), file=stream)
+    elif args.json:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,102 @@
+"""The optimization experiment (``covariant reproduce optimization``), in its quick mode."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from covariant.experiments import optimization as exp
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("optimization")
+    return out, exp.run(out, quick=True, progress=False)
+
+
+def test_writes_json_and_figures(quick):
+    out, res = quick
+    on_disk = json.loads((out / exp.JSON_NAME).read_text())
+    assert on_disk["summary"] == res["summary"]
+    assert set(on_disk["parts"]) == {"a", "b", "c", "d", "e", "f"}
+    assert len(res["figures"]) == 5
+    for name in res["figures"]:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_claims_hold_in_the_quick_run(quick):
+    _, res = quick
+    s, parts = res["summary"], res["parts"]
+    slopes = s["slopes"]["phi"]
+    assert abs(slopes["plain_gd"]) < 0.3
+    assert 0.8 <= slopes["linear"] <= 1.2
+    assert slopes["second_order"] >= 1.8
+    assert s["geodesic_max_gap"] < 1e-6
+    # (a): the flow is invariant, and geodesic steps land on GD in θ (straight lines there)
+    for chart in parts["a"]["charts"].values():
+        assert chart["flow_invariance_gap"] < 1e-7
+        final = chart["final_distance_to_gd_theta"]
+        assert final["riemannian_geodesic"] < 1e-6 < final["plain_gd_psi"]
+    # (c): Riemannian GD in (g, v) tracks GD in w far better than plain GD in (g, v), and is
+    # first order in the step size
+    d = s["network_relative_final_distance"]
+    assert d["riemannian_gd_gv_vs_gd_w"] < 0.3 * d["gd_gv_vs_gd_w"]
+    assert 1.7 < parts["c"]["riemannian_gd_gv_vs_gd_w_half_lr"]["ratio"] < 2.3
+    # (d): NTK ↔ standard parametrization to float64 precision; the same lr is different
+    assert s["ntk_max_abs_difference"] < 1e-10
+    assert parts["d"]["riemannian_gd_omega_vs_gd_w"]["max_abs"] < 1e-10
+    assert parts["d"]["gd_omega_vs_gd_w_same_lr"]["max_abs"] > 1e-3
+    # (e): Adam / RMSprop are not invariant even at the smallest step; natural gradient is
+    gaps = s["rescaling_relative_gap_smallest_lr"]
+    assert gaps["adam"] > 0.1 and gaps["rmsprop"] > 0.1
+    assert gaps["natural_gradient_ggn"] < 1e-6
+    # (f): recorded, with the curves it is based on
+    f = parts["f"]
+    assert isinstance(s["ngd_vs_sgd"]["ngd_faster_per_step"], bool)
+    assert f["best_ngd"]["loss"][-1] < f["initial_loss"]
+
+
+def test_rerun_skips_finished_parts(quick, monkeypatch):
+    out, res = quick
+    path = out / exp.JSON_NAME
+    saved = json.loads(path.read_text())
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished part was recomputed")
+
+    for name in ("_part_a", "_part_b", "_part_c", "_part_d", "_part_e", "_part_f"):
+        monkeypatch.setattr(exp, f"{name}", fail)
+    again = exp.run(out, quick=True, progress=False)
+    assert again["parts"] == res["parts"]
+
+    # a missing part (an interrupted run) is computed, and only that one
+    partial = dict(saved)
+    partial["parts"] = {k: v for k, v in saved["parts"].items() if k != "d"}
+    path.write_text(json.dumps(partial))
+    monkeypatch.setattr(exp, "_part_d", lambda *a, **k: {**saved["parts"]["d"], "rerun": True})
+    resumed = exp.run(out, quick=True, progress=False)
+    assert resumed["parts"]["d"]["rerun"] is True
+    assert resumed["parts"]["a"] == saved["parts"]["a"]
+
+
+def test_other_settings_start_over(tmp_path):
+    settings = exp._settings(True, 0)
+    path = tmp_path / exp.JSON_NAME
+    exp._write_json(path, {"settings": settings, "parts": {"a": {}}})
+    assert exp._load_previous(path, settings) is not None
+    assert exp._load_previous(path, exp._settings(True, 1)) is None
+    assert exp._load_previous(path, exp._settings(False, 0)) is None
+    path.write_text("{ truncated")
+    assert exp._load_previous(path, settings) is None
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary files left behind
