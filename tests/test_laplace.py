@@ -46,7 +46,6 @@ CHARTS = {
 
 @pytest.fixture(scope="module")
 def problem():
-    torch.set_default_dtype(torch.float64)
     space = cv.ParameterSpace.from_log_prob(_log_joint)
     theta = cvd.map_estimate(space, _t([0.5, 0.0]), riemannian=False).point
     return space, theta
