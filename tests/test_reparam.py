@@ -120,7 +120,9 @@ def test_parameterwise_by_name_and_glob():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     X, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
     space, theta = cv.ParameterSpace.from_module(model, nn.MSELoss(), (X, y))
-    new = space.reparametrize({"*.weight": cv.reparam.WeightNorm(), "2.bias": cv.reparam.Scale(3.0)})
+    new = space.reparametrize(
+        {"*.weight": cv.reparam.WeightNorm(), "2.bias": cv.reparam.Scale(3.0)}
+    )
     assert new.layout.names == ("0.weight.g", "0.weight.v", "0.bias", "2.weight.g", "2.weight.v",
                                 "2.bias")
     psi = new.chart.inverse(theta)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-
 import torch
 from torch import Tensor
 from torch.func import vmap

@@ -690,7 +690,7 @@ class WeightNorm(Reparametrization):
                           self._unrows(vhat * (vhat * dv).sum(1, keepdim=True))])
 
     def gauge_directions(self, psi: Tensor) -> Tensor:
-        g, v = self._split(psi)
+        _, v = self._split(psi)
         k = psi.shape[0]
         out = psi.new_zeros(k, self.num_slices)
         for s in range(self.num_slices):
@@ -964,7 +964,9 @@ def _jjt_logdet(r: Reparametrization, psi: Tensor) -> Tensor:
 
 
 class _FromParametrization(Reparametrization):
-    def __init__(self, module: torch.nn.Module, shape: torch.Size | None, is_bijection: bool | None):
+    def __init__(
+        self, module: torch.nn.Module, shape: torch.Size | None, is_bijection: bool | None
+    ) -> None:
         self.module = module
         self.shape = shape
         self._user_bijection = is_bijection

@@ -22,13 +22,12 @@ True
 
 from __future__ import annotations
 
-
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, vmap
 
 from .connection import christoffel, connection_correction, geodesic
 from .errors import NonFiniteError, NotABijectionError, ShapeMismatchError

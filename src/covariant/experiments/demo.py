@@ -25,7 +25,6 @@ True
 
 from __future__ import annotations
 
-
 import time
 from collections.abc import Callable
 from pathlib import Path
