@@ -86,7 +86,7 @@ def test_flatness_cli_dense_ggn(checkpoint, tmp_path):
             i += s.numel()
         return functional_call(model, parts, (X,))
 
-    loss = lambda p: torch.nn.functional.cross_entropy(f(p), y)  # noqa: E731
+    loss = lambda p: torch.nn.functional.cross_entropy(f(p), y)
     def ggn(p):  # Jᵀ ∇²ℓ(f) J, with the output Hessian taken at f(p)
         Jp = jacrev(f)(p).reshape(-1, p.numel())
         H_out = hessian(lambda z: torch.nn.functional.cross_entropy(z.reshape(16, 10), y))(

@@ -182,7 +182,7 @@ def _per_sample_grads(space, theta, per_sample_loss):
     X, y = space.batches[0]
     rows = []
     for n in range(X.shape[0]):
-        f = lambda q, n=n: per_sample_loss(space._forward(q, X[n : n + 1]), y[n : n + 1])  # noqa: E731
+        f = lambda q, n=n: per_sample_loss(space._forward(q, X[n : n + 1]), y[n : n + 1])
         rows.append(jacrev(f)(theta))
     return torch.stack(rows)
 

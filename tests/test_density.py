@@ -51,7 +51,7 @@ def test_lognormal_modes(method):
 
 def test_riemannian_log_prob_is_a_scalar():
     x_space = _lognormal_space()
-    log_p = lambda x: -x_space._loss(x)  # noqa: E731
+    log_p = lambda x: -x_space._loss(x)
     log_q_y = cvd.riemannian_log_prob(cvd.pushforward_log_prob(log_p, Log()),
                                       Pullback(Euclidean(), Log()))
     ys = _t([0.3, 1.0, 2.5])
