@@ -40,10 +40,30 @@ __all__ = [
 ]
 
 
+def _plain(*xs: Tensor) -> bool:
+    return all(
+        not x.requires_grad and not torch._C._functorch.is_functorch_wrapped_tensor(x) for x in xs
+    )
+
+
 def _directional_derivative(metric: Metric, p: Tensor, u: Tensor, x: Tensor) -> Tensor:
-    """DG[u] x = d/dt G(p + t u) x at t = 0."""
+    """DG[u] x = d/dt G(p + t u) x at t = 0.
+
+    On plain tensors: the transpose of a vjp (double backward), about twice as fast as
+    forward mode on CPU; inside ``torch.func`` transforms: ``jvp``.
+    """
     if metric.is_constant:
         return torch.zeros_like(x)
+    if _plain(p, u, x):
+        with torch.enable_grad():
+            q = p.detach().requires_grad_(True)
+            out = metric.matvec(q, x)
+            if not out.requires_grad:
+                return torch.zeros_like(x)
+            c = torch.zeros_like(out, requires_grad=True)
+            (gq,) = torch.autograd.grad(out, q, grad_outputs=c, create_graph=True)
+            (res,) = torch.autograd.grad(gq, c, grad_outputs=u, allow_unused=True)
+        return torch.zeros_like(x) if res is None else res.detach()
     return jvp(lambda q: metric.matvec(q, x), (p,), (u,))[1]
 
 
@@ -51,6 +71,14 @@ def _grad_of_inner(metric: Metric, p: Tensor, u: Tensor, x: Tensor) -> Tensor:
     """∇_p (uᵀ G(p) x) with u and x held fixed."""
     if metric.is_constant:
         return torch.zeros_like(p)
+    if _plain(p, u, x):
+        with torch.enable_grad():
+            q = p.detach().requires_grad_(True)
+            val = torch.dot(u, metric.matvec(q, x))
+            if not val.requires_grad:
+                return torch.zeros_like(p)
+            (res,) = torch.autograd.grad(val, q, allow_unused=True)
+        return torch.zeros_like(p) if res is None else res.detach()
     return grad(lambda q: torch.dot(u, metric.matvec(q, x)))(p)
 
 
