@@ -83,8 +83,10 @@ METHODS = {
         "basis, other seed). Its recomputed residuals bound its own error (|λ-θ| <= ||Ax-θx|| "
         "for a symmetric operator), reported as reference_error_bound. Each method's tolerance "
         "is swept from loose to tight and the loosest one whose eigenvalues are all within "
-        "relative error `accuracy` of the reference is kept; its time (the sweep run plus "
-        "repeats-1 interleaved reruns) is compared."
+        "relative error `accuracy` of the reference is kept; its time (median of the sweep "
+        "run and repeats-1 interleaved reruns, one rerun for the 1M model) is compared. "
+        "PyHessian's top-5 sweep starts at its top-1 tol (with the same seed its first "
+        "eigenpair is computed identically) and goes looser only if that tol already passes."
     ),
     "memory": (
         "CPU: each measurement runs in a fresh subprocess (this script with --mem-child): "
@@ -297,32 +299,53 @@ def rows_b(ctx: Ctx, cfg: Config) -> list[dict]:
     ours_run(1, 0.1)
     peer_run(1, 1e-2)
 
-    def sweep(run, k: int, tols):
+    def attempt(run, k: int, tol: float) -> dict:
+        dt, (vals, nmv, conv) = C.timed(lambda: run(k, tol), dev)
+        return {"tol": tol, "seconds": dt, "matvecs": nmv,
+                "rel_error": _relerr(vals, ref_vals[:k]), "eigenvalues": vals,
+                "converged": conv}
+
+    def sweep(run, k: int, tols, start: int = 0):
+        """Loosest tol in ``tols`` meeting the accuracy, trying ``tols[start:]`` loose to
+        tight; if the first of those already passes, looser ones are tried too."""
         entries = []
         chosen = None
-        for tol in tols:
-            dt, (vals, nmv, conv) = C.timed(lambda tol=tol: run(k, tol), dev)
-            err = _relerr(vals, ref_vals[:k])
-            entries.append({"tol": tol, "seconds": dt, "matvecs": nmv, "rel_error": err,
-                            "eigenvalues": vals, "converged": conv})
-            if err <= cfg.accuracy:
+        for tol in tols[start:]:
+            entries.append(attempt(run, k, tol))
+            if entries[-1]["rel_error"] <= cfg.accuracy:
                 chosen = entries[-1]
                 break
+        if chosen is not None and chosen is entries[0]:
+            for tol in reversed(tols[:start]):
+                e = attempt(run, k, tol)
+                entries.insert(0, e)
+                if e["rel_error"] > cfg.accuracy:
+                    break
+                chosen = e
         reached = chosen is not None
         if chosen is None:
             chosen = min(entries, key=lambda e: e["rel_error"])
         return chosen, entries, reached
 
     rows = []
+    peer_start = 0
     for k in (1, 5):
         o_ch, o_sweep, o_ok = sweep(ours_run, k, cfg.ours_tols)
-        p_ch, p_sweep, p_ok = sweep(peer_run, k, cfg.peer_tols)
+        # With the same seed, PyHessian's top-5 run computes its first eigenpair exactly as
+        # its top-1 run does, so tols too loose for top-1 are (almost surely) too loose for
+        # top-5: start there, and go looser only if the first tol tried already passes.
+        p_ch, p_sweep, p_ok = sweep(peer_run, k, cfg.peer_tols, peer_start)
+        if k == 1 and p_ok:
+            peer_start = cfg.peer_tols.index(p_ch["tol"])
         times = {"ours": [o_ch["seconds"]], "peer": [p_ch["seconds"]]}
-        if cfg.repeats > 1 and not cfg.quick:
+        reruns = 0 if cfg.quick else cfg.repeats - 1
+        if ctx.theta.shape[0] > 500_000:  # 1M-parameter runs take minutes: one rerun
+            reruns = min(reruns, 1)
+        if reruns > 0:
             more = C.interleaved(
                 {"ours": lambda k=k, t=o_ch["tol"]: ours_run(k, t),
                  "peer": lambda k=k, t=p_ch["tol"]: peer_run(k, t)},
-                cfg.repeats - 1, dev, warmup=False)
+                reruns, dev, warmup=False)
             for key in times:
                 times[key] += more[key]
         med = {key: C.median(v) for key, v in times.items()}
@@ -334,7 +357,7 @@ def rows_b(ctx: Ctx, cfg: Config) -> list[dict]:
 
         dt_proto, proto = C.timed(proto_run, dev)
         extras = {
-            "k": k, "accuracy": cfg.accuracy, "reference": reference,
+            "k": k, "accuracy": cfg.accuracy, "reference": reference, "timed_runs": 1 + reruns,
             "ours_tol": o_ch["tol"], "peer_tol": p_ch["tol"],
             "ours_reached_accuracy": o_ok, "peer_reached_accuracy": p_ok,
             "ours_matvecs": o_ch["matvecs"], "peer_matvecs": p_ch["matvecs"],
@@ -719,6 +742,33 @@ def profile_ctx(ctx: Ctx, cfg: Config) -> tuple[dict[str, Any], str]:
                                      "in_autograd_engine_fraction": engine / total}
     text.append("--- cProfile of space.hvp (cumulative)")
     text.append(s.getvalue())
+
+    # Where Lanczos spends its time besides the products (cached linearization, top-5)
+    spent = {"matvec_s": 0.0}
+
+    def timed_mv(u):
+        t0 = time.perf_counter()
+        out = cached(u)
+        C.sync(cfg.device)
+        spent["matvec_s"] += time.perf_counter() - t0
+        return out
+
+    pr = cProfile.Profile()
+    t0 = time.perf_counter()
+    pr.enable()
+    res = linalg.lanczos(timed_mv, ctx.theta.shape[0], 5, tol=1e-2, seed=0,
+                         dtype=ctx.theta.dtype, device=ctx.theta.device)
+    pr.disable()
+    total = time.perf_counter() - t0
+    st = pstats.Stats(pr)
+    orth = sum(v[3] for k, v in st.stats.items() if k[2] == "_orthogonalize")
+    summary["lanczos_top5"] = {"total_s": total, "matvecs": res.num_matvecs,
+                               "matvec_fraction": spent["matvec_s"] / total,
+                               "orthogonalize_fraction": orth / total}
+    text.append(f"--- linalg.lanczos top-5 on the cached HVP: {total:.2f} s, "
+                f"{res.num_matvecs} products; {100 * spent['matvec_s'] / total:.0f}% in "
+                f"products, {100 * orth / total:.0f}% in _orthogonalize (CGS2 against the "
+                "(dim, m) basis)")
     return summary, "\n".join(text)
 
 
@@ -810,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs=epochs, cache=Path(args.cache_dir) if args.cache_dir else C.default_cache_dir(),
     )
     if args.quick:
-        cfg.f_seeds = 8
+        cfg.f_seeds = 5
         cfg.mem_ops = ("grad", "trace_invariant")
     t0 = time.perf_counter()
     machine = C.machine_info(device)

@@ -178,17 +178,17 @@ def test_slq_logdet_as_a_loss_term_has_the_estimated_gradient():
 
 def test_riemannian_map_with_the_stochastic_logdet():
     """A Riemannian MAP trained with Adam on the SLQ/Hutchinson gradient lands on h⁻¹(θ*)."""
-    m = _t([0.3, -0.5, 1.0, 0.2, -1.2, 0.7])
+    m = _t([0.3, -0.5, 1.0, -1.2])
     space = cv.ParameterSpace.from_log_prob(lambda t: -2.0 * ((t - m) ** 2).sum())
     h = Sinh(0.9, 1.1, 0.05)
     new = space.reparametrize(h)
-    exact = cvd.map_estimate(new, torch.zeros(6, dtype=torch.float64), riemannian=True)
+    p0 = torch.zeros(4, dtype=torch.float64)
+    exact = cvd.map_estimate(new, p0, riemannian=True)
     assert torch.allclose(h(exact.point), m, atol=1e-8)
-    res = cvd.map_estimate(new, torch.zeros(6, dtype=torch.float64), riemannian=True,
-                           method="adam", steps=400, lr=3e-2, logdet_method="slq",
-                           logdet_kwargs={"grad_probes": 4, "num_probes": 4}, tol=0.0)
+    res = cvd.map_estimate(new, p0, riemannian=True, method="adam", steps=300, lr=3e-2,
+                           logdet_method="slq", logdet_kwargs={"grad_probes": 4}, tol=0.0)
     assert float((res.point - exact.point).norm()) < 0.05
-    classic = cvd.map_estimate(new, torch.zeros(6, dtype=torch.float64), riemannian=False)
+    classic = cvd.map_estimate(new, p0, riemannian=False)
     assert float((classic.point - exact.point).norm()) > 0.1
 
 

@@ -886,6 +886,11 @@ class PriorPrecisionResult:
         The mode at the chosen λ (refit) or the fixed point (posthoc).
     method : str
     riemannian : bool
+    interior : bool
+        Whether the best grid point has finite neighbours on both sides. False means the
+        maximum sits at the end of the grid, or next to a λ where the precision is not
+        positive definite (evidence −inf), where the Laplace evidence diverges as
+        −½ log det → +∞: then the chosen λ is not a genuine optimum.
     """
 
     prior_precision: float
@@ -895,12 +900,13 @@ class PriorPrecisionResult:
     point: Tensor
     method: str
     riemannian: bool
+    interior: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "prior_precision": self.prior_precision, "log_evidence": self.log_evidence,
             "grid": self.grid, "log_evidences": self.log_evidences, "method": self.method,
-            "riemannian": self.riemannian,
+            "riemannian": self.riemannian, "interior": self.interior,
         }
 
 
@@ -995,6 +1001,7 @@ def optimize_prior_precision(
     evs = [cache[lam][0] for lam in grid_]
     i = int(np.argmax(evs))
     best_lam, best_ev = grid_[i], evs[i]
+    interior = 0 < i < len(grid_) - 1 and all(math.isfinite(evs[j]) for j in (i - 1, i + 1))
     if refine and len(grid_) >= 3:
         from scipy.optimize import minimize_scalar
 
@@ -1011,5 +1018,5 @@ def optimize_prior_precision(
     point = cache[best_lam][1] if best_lam in cache else evaluate(best_lam)[1]
     return PriorPrecisionResult(
         float(best_lam), float(best_ev), grid_, [float(e) for e in evs], point, method,
-        riemannian,
+        riemannian, interior,
     )

@@ -382,7 +382,8 @@ class Scale(Elementwise):
     is_affine = True
 
     def __init__(self, alpha: float | Tensor) -> None:
-        a = torch.as_tensor(alpha)
+        # Python numbers are kept in float64 and cast to each point's dtype when used
+        a = alpha if isinstance(alpha, Tensor) else torch.as_tensor(alpha, dtype=torch.float64)
         if not bool(torch.isfinite(a).all()) or bool((a == 0).any()):
             raise DomainError(f"Scale: alpha must be finite and nonzero, got {alpha!r}")
         self.alpha = a

@@ -725,6 +725,14 @@ def _part_prior(quick: bool, seed: int, progress: bool) -> dict[str, Any]:
         lam_i = [v["invariant"]["prior_precision"] for v in res.values()]
         out[pname] = {
             "method": how["method"], "hessian": how["hessian"],
+            "note": (
+                "interior=False marks a maximum at the grid's end or next to a lambda where "
+                "the precision is not positive definite (evidence -inf there; the classic "
+                "evidence diverges at that boundary), i.e. not a genuine optimum. In nonlinear "
+                "charts the classic post-hoc precision (GGN + Hessian of the prior and "
+                "log|det J| terms) loses definiteness at small lambda; the invariant one, "
+                "J^T (GGN + lambda I) J, never does."
+            ),
             "charts": res,
             "classic_lambda_range": [min(lam_c), max(lam_c)],
             "invariant_lambda_range": [min(lam_i), max(lam_i)],
@@ -748,6 +756,12 @@ def _plot_prior(r: dict[str, Any], path: Path) -> None:
             ax.plot(c["prior_precision"], c["log_evidence"], "x", color=col, ms=9, mew=2)
             ax.plot(v["prior_precision"], v["log_evidence"], "o", color=col, ms=8, mfc="none")
         ax.set_xscale("log")
+        best = max(e[k]["log_evidence"] for e in r[key]["charts"].values()
+                   for k in ("classic", "invariant"))
+        lows = [min(e[k]["log_evidences"]) for e in r[key]["charts"].values()
+                for k in ("classic", "invariant")]
+        if best - min(lows) > 40:  # keep the maxima visible, not the far tails
+            ax.set_ylim(best - 30, best + 3)
         ax.set_xlabel("prior precision λ")
         ax.set_ylabel("Laplace log evidence")
         ax.set_title(f"(e) {key.replace('_', ' ')} ({r[key].get('method', 'refit')}, "
