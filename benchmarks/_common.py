@@ -86,6 +86,21 @@ def _version(pkg: str) -> str | None:
         return None
 
 
+def source_fingerprint() -> str | None:
+    """sha256 (12 hex) of the covariant sources measured: identifies the code without git."""
+    try:
+        import covariant
+
+        root = Path(covariant.__file__).resolve().parent
+    except Exception:
+        return None
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     """Where the numbers came from; ``loadavg`` shows how busy the (shared) machine was."""
     info: dict[str, Any] = {
@@ -98,6 +113,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "covariant": _version("covariant"),
+        "covariant_source_sha256": source_fingerprint(),
         "pyhessian": _version("pyhessian"),
         "device": str(device),
         "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

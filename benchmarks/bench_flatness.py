@@ -468,8 +468,8 @@ def row_d(ctx: Ctx, cfg: Config) -> dict:
         "repeats": reps, "median_ms": {k: 1e3 * x for k, x in med.items()},
         "ratio_to_grad": {k: x / g for k, x in med.items()},
         "times_s": t,
-        "hvp_call": "space.hvp(p, v, riemannian=False) = grad(jvp(L)) (reverse-over-forward, "
-                    "forward recomputed per product)",
+        "hvp_call": "space.hvp(p, v, riemannian=False): every call is a product from scratch "
+                    "(forward pass and first backward recomputed; nothing reused across calls)",
         "grad_call": "torch.autograd.grad(crit(model(X), y), params)",
     }
     return make_row("d", ctx.name, "one HVP / one gradient", "ms", 1e3 * med["hvp"], 1e3 * g,
@@ -920,7 +920,8 @@ def main(argv: list[str] | None = None) -> int:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {**machine, "loadavg_at_end": list(os.getloadavg()),
-                    "mem_available_gib_at_end": C.mem_available_gib()},
+                    "mem_available_gib_at_end": C.mem_available_gib(),
+                    "covariant_source_sha256_at_end": C.source_fingerprint()},
         "settings": {"quick": cfg.quick, "repeats": cfg.repeats, "batch": cfg.batch,
                      "threads": threads, "models": models, "probes": probes,
                      "train_epochs": epochs, "dtype": "float32 (row f: float64 truth)",
@@ -943,6 +944,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text("\n\n".join(profile_text))
         os.replace(tmp, ptxt)
         print(f"# profile written to {ptxt}")
+    if record["machine"]["covariant_source_sha256_at_end"] != machine["covariant_source_sha256"]:
+        print("# WARNING: the covariant sources changed during this run; rerun for clean numbers")
     C.save_json_atomic(out, record)
     print(f"# results written to {out}")
     return 0

@@ -35,7 +35,7 @@ def test_markdown_examples_run(path, capsys):
     torch.set_default_dtype(torch.float32)
     try:
         for i, code in enumerate(blocks):
-            exec(compile(code, f"{path.name}[block {i}]", "exec"), namespace)  # noqa: S102
+            exec(compile(code, f"{path.name}[block {i}]", "exec"), namespace)
     finally:
         torch.set_default_dtype(old)
 
