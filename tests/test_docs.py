@@ -25,7 +25,8 @@ CORE_MODULES = [
 ]
 
 
-@pytest.mark.parametrize("path", sorted(DOCS.glob("*.md")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [*sorted(DOCS.glob("*.md")), DOCS.parent / "README.md"],
+                         ids=lambda p: p.name)
 def test_markdown_examples_run(path, capsys):
     blocks = BLOCK.findall(path.read_text())
     if not blocks:
