@@ -151,12 +151,13 @@ def test_slq_logdet_and_gradient_within_error_bars():
     truth = float(cvd.logdet(G, p, "dense"))
     g_true = torch.func.grad(lambda q: cvd.logdet(G, q, "dense"))(p)
     est = cvd.logdet_estimate(G, p, num_probes=30, num_steps=25, with_grad=True,
-                              grad_probes=200, seed=3)
+                              grad_probes=600, seed=3)
     assert abs(est.value - truth) < 4 * est.stderr + 1e-6
     assert est.stderr < 0.05 * abs(truth)
     z = (est.grad - g_true) / est.grad_stderr
     assert float(z.abs().max()) < 4.5
-    assert 0.3 < float(z.abs().mean()) < 1.6      # honest error bars: neither tiny nor huge
+    # honest error bars, neither tiny nor huge: mean z² ≈ 1 (a 10% bias gives about 5)
+    assert 0.4 < float((z**2).mean()) < 2.5
     # a wrong gradient would be caught
     assert float(((est.grad + g_true) / est.grad_stderr).abs().max()) > 10
     # more probes, smaller error bars

@@ -39,9 +39,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -667,19 +665,9 @@ def save_checkpoint(
         "state_dict": state_dict,
         "metadata": meta,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from ._io import atomic_write
+
+    atomic_write(path, lambda fh: torch.save(payload, fh))
 
 
 def load_checkpoint(

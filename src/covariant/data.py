@@ -27,7 +27,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -128,18 +127,9 @@ _MNIST1D_FIXED = ("num_samples", "seed", "train_split", "url")
 
 
 def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from ._io import atomic_write
+
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 def _mnist1d_generate(args: dict[str, Any]) -> dict[str, np.ndarray]:
