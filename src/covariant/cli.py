@@ -63,6 +63,43 @@ def _emit_json(result: dict[str, Any], out: Path | None, name: str) -> None:
         sys.stdout.write("\n")
 
 
+def _flatten(prefix: str, obj: Any, rows: list[tuple[str, str]]) -> None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, rows)
+    elif isinstance(obj, list) and obj and all(isinstance(v, int | float) for v in obj):
+        rows.append((prefix, "[" + ", ".join(_num(v) for v in obj[:8])
+                     + (", …]" if len(obj) > 8 else "]")))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _flatten(f"{prefix}[{i}]", v, rows)
+    else:
+        rows.append((prefix, _num(obj)))
+
+
+def _num(v: Any) -> str:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return str(v)
+    return f"{v:.4g}"
+
+
+def print_summary(name: str, result: dict[str, Any], out: Path) -> None:
+    """A readable table of an experiment's summary numbers, and where its files went."""
+    rows: list[tuple[str, str]] = []
+    _flatten("", result.get("summary", {k: v for k, v in result.items()
+                                        if isinstance(v, int | float | str)}), rows)
+    title = f"covariant reproduce {name}: summary"
+    print(title)
+    print("=" * len(title))
+    width = max((len(k) for k, _ in rows), default=10) + 2
+    for key, value in rows:
+        print(f"{key:{width}s}{value}")
+    figures = result.get("figures") or result.get("files") or []
+    if isinstance(figures, dict):
+        figures = list(figures.values())
+    print(f"results in {out}/" + (f": {', '.join(map(str, figures))}" if figures else ""))
+
+
 def _default(x: Any) -> Any:
     from ._io import _default as d
 
@@ -91,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         module = importlib.import_module(EXPERIMENTS[args.experiment])
         out = args.out if args.out is not None else Path(f"covariant-{args.experiment}")
         result = module.run(out, quick=args.quick, seed=args.seed, progress=progress)
+        print_summary(args.experiment, result, out)
         if args.json:
             _emit_json(result, None, args.experiment)
         return 0
