@@ -86,19 +86,22 @@ def _version(pkg: str) -> str | None:
         return None
 
 
-def source_fingerprint() -> str | None:
-    """sha256 (12 hex) of the covariant sources measured: identifies the code without git."""
+def source_hashes() -> dict[str, str]:
+    """sha256 (12 hex) of each covariant source file: identifies the code measured, no git."""
     try:
         import covariant
 
         root = Path(covariant.__file__).resolve().parent
     except Exception:
-        return None
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:12]
+        return {}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()[:12]
+            for p in sorted(root.rglob("*.py"))}
+
+
+def source_fingerprint(hashes: dict[str, str] | None = None) -> str:
+    """One sha256 (12 hex) over all of :func:`source_hashes`."""
+    hashes = source_hashes() if hashes is None else hashes
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -114,6 +117,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "platform": platform.platform(),
         "covariant": _version("covariant"),
         "covariant_source_sha256": source_fingerprint(),
+        "covariant_source_files": source_hashes(),
         "pyhessian": _version("pyhessian"),
         "device": str(device),
         "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

@@ -806,6 +806,25 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(record: dict) -> str:
+    """The rows of a results JSON as a Markdown table (for docs/benchmarks.md)."""
+    out = ["| row | model | measure | ours | PyHessian / baseline | ratio | target | |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in record["rows"]:
+        mark = {True: "pass", False: "**miss**", None: "info"}[r["pass"]]
+        out.append(f"| {r['row']} | {r['model']} | {r['metric']} ({r['unit']}) | "
+                   f"{_fmt(r['ours'])} | {_fmt(r['peer'])} | {_fmt(r['ratio'])}× | "
+                   f"{(r['target'] or '-').replace('>=', '≥').replace('<=', '≤')} | {mark} |")
+    m = record["machine"]
+    out.append("")
+    out.append(f"Machine: {m['cpu_model']}, {m['cpu_affinity']} cores, {m['mem_total_gib']} GiB, "
+               f"torch {m['torch']} ({record['settings']['threads']} thread), device "
+               f"{m['device']}; load average {m['loadavg_at_start'][0]:.1f} at start, "
+               f"{m['loadavg_at_end'][0]:.1f} at end; started {record['started']}; "
+               f"covariant sources {m['covariant_source_sha256']}; {record['elapsed_s']:.0f} s.")
+    return "\n".join(out)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -826,6 +845,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cache-dir", default=None,
                     help="where data and trained weights are cached (~/.cache/covariant-bench)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    ap.add_argument("--markdown", default=None, metavar="JSON",
+                    help="print the table of a results JSON as Markdown and exit")
     ap.add_argument("--mem-child", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -834,6 +855,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.mem_child is not None:
         mem_child(json.loads(args.mem_child))
+        return 0
+    if args.markdown is not None:
+        with open(args.markdown) as f:
+            print(markdown_table(json.load(f)))
         return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -863,6 +888,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.f_seeds = 5
         cfg.mem_ops = ("grad", "trace_invariant")
     t0 = time.perf_counter()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     machine = C.machine_info(device)
     print(f"# covariant flatness benchmark on {machine['cpu_model']} "
           f"({machine['cpu_affinity']} cores, torch {machine['torch']}, {threads or 'default'} "
@@ -917,7 +943,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else C.RESULTS_DIR / f"flatness_{device.type}{suffix}.json"
     record = {
         "schema": "covariant.bench.flatness/1",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "started": started,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {**machine, "loadavg_at_end": list(os.getloadavg()),
                     "mem_available_gib_at_end": C.mem_available_gib(),
@@ -944,8 +971,13 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text("\n\n".join(profile_text))
         os.replace(tmp, ptxt)
         print(f"# profile written to {ptxt}")
-    if record["machine"]["covariant_source_sha256_at_end"] != machine["covariant_source_sha256"]:
-        print("# WARNING: the covariant sources changed during this run; rerun for clean numbers")
+    end_files = C.source_hashes()
+    changed = sorted(f for f in set(end_files) | set(machine["covariant_source_files"])
+                     if end_files.get(f) != machine["covariant_source_files"].get(f))
+    record["machine"]["covariant_source_changed_during_run"] = changed
+    if changed:
+        print(f"# WARNING: covariant sources changed during this run ({', '.join(changed)}); "
+              "memory subprocesses started after the change import the new code")
     C.save_json_atomic(out, record)
     print(f"# results written to {out}")
     return 0

@@ -49,6 +49,15 @@ def phi_chart_from_functions() -> cv.reparam.FromFunctions:
     return cv.reparam.FromFunctions(_phi_inverse, _phi)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The suite's problems are tiny: one thread avoids oversubscription on 2-core CI."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(autouse=True)
 def _float64():
     old = torch.get_default_dtype()

@@ -21,7 +21,7 @@ CORE_MODULES = [
     "covariant", "covariant.reparam", "covariant.metrics", "covariant.space",
     "covariant.connection", "covariant.flatness", "covariant.density", "covariant.invariance",
     "covariant.estimators", "covariant.problems", "covariant.models", "covariant.errors",
-    "covariant.linalg", "covariant.curvature",
+    "covariant.linalg", "covariant.curvature", "covariant.laplace", "covariant.optim",
 ]
 
 

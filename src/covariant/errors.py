@@ -24,9 +24,11 @@ __all__ = [
     "MissingDependencyError",
     "NonFiniteError",
     "NotABijectionError",
+    "NotAModeError",
     "NotConvergedError",
     "ShapeMismatchError",
     "SingularMetricError",
+    "UnsupportedStructureError",
 ]
 
 
@@ -68,6 +70,14 @@ class NotConvergedError(CovariantError, RuntimeError):
 
 class ArchitectureMismatchError(CovariantError, ValueError):
     """A checkpoint does not fit the architecture it is loaded into."""
+
+
+class UnsupportedStructureError(CovariantError, NotImplementedError):
+    """A Laplace structure that covariant does not implement (e.g. ``"kron"``)."""
+
+
+class NotAModeError(CovariantError, ValueError):
+    """The Hessian at the expansion point is not positive definite: it is not a local mode."""
 
 
 class MissingDependencyError(CovariantError, ImportError):

@@ -63,7 +63,6 @@ from torch.func import hessian as func_hessian
 from .connection import connection_correction
 from .density import _closed_form_logdet, _is_degenerate, logdet, map_estimate
 from .errors import (
-    CovariantError,
     DenseTooLargeError,
     NotABijectionError,
     ShapeMismatchError,
@@ -98,13 +97,7 @@ HESSIANS = ("exact", "ggn")
 _LOG_2PI = math.log(2 * math.pi)
 
 
-class UnsupportedStructureError(CovariantError, NotImplementedError):
-    """A Laplace structure that covariant does not implement (e.g. ``"kron"``)."""
-
-
-class NotAModeError(CovariantError, ValueError):
-    """The Hessian at the expansion point is not positive definite: it is not a local mode."""
-
+from .errors import NotAModeError, UnsupportedStructureError  # noqa: E402  (re-exported)
 
 # --------------------------------------------------------------------------------------------
 # Bayesian model spaces
