@@ -96,7 +96,8 @@ METHODS = {
         "/proc/self/clear_refs, reads VmRSS, runs the operation once and reads VmHWM; the "
         "number is VmHWM - VmRSS (peak resident-set increase). tracemalloc cannot see torch's "
         "allocations. Without clear_refs it falls back to resource.getrusage ru_maxrss. "
-        "CUDA: torch.cuda.max_memory_allocated - memory_allocated before, in process."
+        "CUDA: torch.cuda.max_memory_allocated - memory_allocated before, in process. Each "
+        "operation is measured mem_repeats times (3; 1 with --quick) and the median is kept."
     ),
     "matvecs_f": (
         "Truth: dense float64 Hessian of a trained mlp-small (from space.hessian, i.e. HVPs "
@@ -135,6 +136,7 @@ class Config:
     f_seeds: int = 30
     f_accuracy: float = 1e-2
     mem_ops: tuple[str, ...] = ("grad", "hvp", "trace_invariant", "trace_euclidean")
+    mem_repeats: int = 3
 
 
 @dataclass
@@ -524,12 +526,14 @@ def mem_child(spec: dict[str, Any]) -> None:
 def row_e(ctx: Ctx, cfg: Config) -> dict:
     ops = cfg.mem_ops
     results: dict[str, Any] = {}
+    samples: dict[str, list[dict]] = {op: [] for op in ops}
     if cfg.device.type == "cuda":  # exact allocator statistics, no subprocess needed
         for op in ops:
-            results[op] = C.peak_memory_cuda(_mem_ops(ctx, ctx.N)[op], cfg.device)
+            for _ in range(cfg.mem_repeats):
+                samples[op].append(C.peak_memory_cuda(_mem_ops(ctx, ctx.N)[op], cfg.device))
     else:
         # one fresh process per measurement; two run at a time (each measures only itself)
-        pending = list(ops)
+        pending = [op for op in ops for _ in range(cfg.mem_repeats)]
         running: list[tuple[str, subprocess.Popen]] = []
         while pending or running:
             while pending and len(running) < 2:
@@ -546,11 +550,14 @@ def row_e(ctx: Ctx, cfg: Config) -> dict:
             line = [x for x in out.splitlines() if x.startswith("MEMRESULT ")]
             if proc.returncode != 0 or not line:
                 raise RuntimeError(f"memory child for {op} failed:\n{err[-2000:]}")
-            results[op] = json.loads(line[-1][len("MEMRESULT "):])
+            samples[op].append(json.loads(line[-1][len("MEMRESULT "):]))
+    for op, runs in samples.items():  # median run by peak increase
+        results[op] = sorted(runs, key=lambda r: r["delta_bytes"])[(len(runs) - 1) // 2]
     mib = {k: r["delta_bytes"] / 2**20 for k, r in results.items()}
     ratio = results["trace_invariant"]["delta_bytes"] / max(results["grad"]["delta_bytes"], 1)
     extras = {
-        "num_probes": ctx.N, "peak_increase_mib": mib,
+        "num_probes": ctx.N, "peak_increase_mib": mib, "measurements_per_op": cfg.mem_repeats,
+        "all_mib": {k: [r["delta_bytes"] / 2**20 for r in v] for k, v in samples.items()},
         "ratio_to_grad": {k: v / max(mib["grad"], 1e-9) for k, v in mib.items()},
         "raw": results, "method": METHODS["memory"],
         "ops": {"grad": "torch.autograd.grad(crit(model(X), y), params)",
@@ -887,6 +894,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         cfg.f_seeds = 5
         cfg.mem_ops = ("grad", "trace_invariant")
+        cfg.mem_repeats = 1
     t0 = time.perf_counter()
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     machine = C.machine_info(device)
@@ -955,6 +963,7 @@ def main(argv: list[str] | None = None) -> int:
                      "accuracy_b": cfg.accuracy, "reference_tol_b": cfg.ref_tol,
                      "ours_tols_b": cfg.ours_tols, "peer_tols_b": cfg.peer_tols,
                      "peer_max_iter_b": cfg.peer_max_iter, "seeds_f": cfg.f_seeds,
+                     "memory_measurements_per_op": cfg.mem_repeats,
                      "rows": sorted(only)},
         "methods": METHODS,
         "targets": {k: {"op": v[0], "target": v[1], "ratio": v[2]} for k, v in TARGETS.items()},

@@ -84,8 +84,27 @@ def test_curved_metric_lanczos_matches_generalized_eigh():
     assert st["min_eig"].value == pytest.approx(float(evals[0]), rel=1e-6)
 
 
+def _mnist1d_mlp_space(wd=1e-2):
+    """A small MLP trained on generated MNIST-1D (the issue's setting), with weight decay."""
+    from covariant.data import load_mnist1d
+
+    ds = load_mnist1d(num_samples=400, seed=0, dtype=torch.float64)
+    X, y = ds.X_train[:96], ds.y_train[:96]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 8), nn.Tanh(), nn.Linear(8, 10)).double()
+    opt = torch.optim.Adam(model.parameters(), lr=0.02, weight_decay=wd)
+    for _ in range(200):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(ds.X_train), ds.y_train).backward()
+        opt.step()
+    data, theta = cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(), (X, y))
+    space = cv.ParameterSpace(lambda p: data._loss(p) + 0.5 * wd * (p**2).sum(),
+                              layout=data.layout)
+    return space, theta
+
+
 def test_weight_norm_invariant_naive_not_at_three_scales():
-    space, theta = _mlp_space(2, hidden=8, n=96, train_steps=150)
+    space, theta = _mnist1d_mlp_space()
     wn = space.reparametrize({"*.weight": cv.reparam.WeightNorm()})
     base = wn.chart.inverse(theta)
     ref = cv.flatness(space, theta, measures=("trace", "logdet", "max_eig"),
