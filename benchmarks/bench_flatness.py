@@ -17,7 +17,7 @@ batch shared by every method):
 
 Usage::
 
-    python benchmarks/bench_flatness.py                  # full run, ~10 min on 2 CPU cores
+    python benchmarks/bench_flatness.py                  # full run, 5-12 min on 2 CPU cores
     python benchmarks/bench_flatness.py --quick          # smoke run, < 1 min (mlp only)
     python benchmarks/bench_flatness.py --only a,d --repeats 7
     python benchmarks/bench_flatness.py --only profile   # where the time of one HVP goes
@@ -213,6 +213,29 @@ def _cached_hvp(space: Any, p: torch.Tensor):
     return lambda v: fn(v)[0]
 
 
+def _retained_graph_hvp(space: Any, p: torch.Tensor, split: bool = False):
+    """PROTOTYPE (benchmark only): plain autograd on a flat leaf, first backward kept.
+
+    g = ∇L(q) with create_graph=True once; each product is one more backward through it,
+    H v = autograd.grad(g, q, v, retain_graph=True) -- PyHessian's scheme on the flat point.
+    ``split=True`` builds the parameter dict with ``torch.split`` + ``view`` instead of the
+    layout's slices (one SplitBackward node instead of one zero-filled d-vector per tensor).
+    """
+    from torch.func import functional_call
+
+    q = p.detach().requires_grad_(True)
+    if split:
+        lay = space.layout
+        params = dict(zip(lay.names, (t.view(s) for t, s in zip(
+            torch.split(q, list(lay.numels)), lay.shapes, strict=True)), strict=True))
+        loss = sum(w * space.loss_fn(functional_call(space.model, params, (X,)), y)
+                   for w, (X, y) in zip(space._batch_weights, space.batches, strict=True))
+    else:
+        loss = space._loss(q)
+    (g,) = torch.autograd.grad(loss, q, create_graph=True)
+    return lambda v: torch.autograd.grad(g, q, grad_outputs=v, retain_graph=True)[0]
+
+
 # --------------------------------------------------------------------------------------------
 # (a) Hutchinson trace throughput
 # --------------------------------------------------------------------------------------------
@@ -235,10 +258,17 @@ def row_a(ctx: Ctx, cfg: Config) -> dict:
         return linalg.hutchinson(hvp, d, n, seed=0, dtype=ctx.theta.dtype,
                                  device=ctx.theta.device)
 
+    def proto_rg(n=N):
+        hvp = _retained_graph_hvp(ctx.space, ctx.theta, split=True)
+        return linalg.hutchinson(hvp, d, n, seed=0, dtype=ctx.theta.dtype,
+                                 device=ctx.theta.device)
+
     fns = {"ours": _keep(got, "ours", ours), "peer": _keep(got, "peer", peer),
-           "prototype_cached_linearization": _keep(got, "proto", proto)}
+           "prototype_cached_linearization": _keep(got, "proto", proto),
+           "prototype_retained_graph_split": _keep(got, "proto_rg", proto_rg)}
     warm = {"ours": lambda: ours(2), "peer": lambda: peer(2),
-            "prototype_cached_linearization": lambda: proto(2)}
+            "prototype_cached_linearization": lambda: proto(2),
+            "prototype_retained_graph_split": lambda: proto_rg(2)}
     t = C.interleaved(fns, cfg.repeats, cfg.device, warm)
     med = {k: C.median(v) for k, v in t.items()}
     thr = {k: N / v for k, v in med.items()}
@@ -252,9 +282,15 @@ def row_a(ctx: Ctx, cfg: Config) -> dict:
         "ours_call": "cv.flatness(space, p, ('trace',), 'stochastic', num_probes=N) "
                      "(default: vmap over all N probes for a Euclidean metric)",
         "peer_call": "pyhessian.hessian(model, crit, data=(X, y)).trace(maxIter=N, tol=-inf)",
+        "trace_prototype_retained_graph_split": [got["proto_rg"].value,
+                                                 got["proto_rg"].stderr],
         "prototype": "torch.func.vjp(grad(loss), p) once, then N reverse passes (not library "
                      "code; what src/covariant could do)",
+        "prototype_retained_graph_split": "autograd create_graph gradient on a flat leaf once "
+                                          "(torch.split unflatten), then N backward passes",
         "prototype_vs_peer_throughput": thr["prototype_cached_linearization"] / thr["peer"],
+        "prototype_retained_graph_split_vs_peer_throughput":
+            thr["prototype_retained_graph_split"] / thr["peer"],
     }
     return make_row("a", ctx.name, "Hutchinson trace throughput", "probes/s", thr["ours"],
                     thr["peer"], thr["ours"] / thr["peer"], extras, "covariant", "PyHessian")
@@ -448,6 +484,8 @@ def row_d(ctx: Ctx, cfg: Config) -> dict:
     C.zero_grads(ctx.model)
     gH = torch.autograd.grad(ctx.crit(ctx.model(ctx.X), ctx.y), ctx.params, create_graph=True)
     cached = _cached_hvp(ctx.space, ctx.theta)
+    rg_slice = _retained_graph_hvp(ctx.space, ctx.theta, split=False)
+    rg_split = _retained_graph_hvp(ctx.space, ctx.theta, split=True)
 
     def double_backward():
         g = torch.autograd.grad(ctx.crit(ctx.model(ctx.X), ctx.y), ctx.params, create_graph=True)
@@ -461,6 +499,8 @@ def row_d(ctx: Ctx, cfg: Config) -> dict:
         "pyhessian_hvp_retained_graph": lambda: torch.autograd.grad(
             gH, ctx.params, grad_outputs=vs, retain_graph=True),
         "prototype_cached_linearization_hvp": lambda: cached(v),
+        "prototype_retained_graph_flat_hvp": lambda: rg_slice(v),
+        "prototype_retained_graph_split_hvp": lambda: rg_split(v),
     }
     reps = max(5, 3 * cfg.repeats)
     t = C.interleaved(fns, reps, cfg.device)

@@ -124,10 +124,17 @@ def test_matrix_free_hvp_agrees_with_dense(chart, theta):
         fast = new.hvp(psi, v, method="pullback")
         assert torch.allclose(general, R @ v, atol=ATOL)
         assert torch.allclose(fast, R @ v, atol=ATOL)
+    # the shared-graph operator gives the same products, in Ψ and (naive) Euclidean
+    op, op_naive = new.hvp_operator(psi), new.hvp_operator(psi, riemannian=False)
+    H_naive = new.hessian(psi, riemannian=False)
+    for v in (torch.tensor([1.0, 0.0]), torch.tensor([0.4, -0.9])):
+        assert torch.allclose(op(v), R @ v, atol=ATOL)
+        assert torch.allclose(op_naive(v), H_naive @ v, atol=ATOL)
     # and in Θ with its own point-dependent metric
     Rt = space.hessian(theta)
     v = torch.tensor([0.2, 0.7])
     assert torch.allclose(space.hvp(theta, v), Rt @ v, atol=ATOL)
+    assert torch.allclose(space.hvp_operator(theta)(v), Rt @ v, atol=ATOL)
 
 
 def test_densities(chart, theta):

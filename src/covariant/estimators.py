@@ -74,7 +74,7 @@ def shape_operator_matvecs(
     the chart's own Hessian and metric products, with no gauge eigenvalues at all.
     """
     metric = space.metric
-    hvp = lambda v: space._riemannian_hvp(p, v, "auto")  # noqa: E731
+    hvp = space.hvp_operator(p)  # the gradient graph and G⁻¹∇L are shared by all products
     if isinstance(metric, Euclidean):
         return hvp, None, p.shape[0], 0, None
 
@@ -105,8 +105,12 @@ def shape_operator_matvecs(
 
 
 def _euclidean_matmat(space: ParameterSpace, p: Tensor) -> Callable[[Tensor], Tensor] | None:
-    """Batched Hessian products (vmap over probes) for the Euclidean metric, when vmap works."""
-    if not isinstance(space.metric, Euclidean):
+    """Batched Hessian products (vmap over probes) for the Euclidean metric on CUDA.
+
+    On CPU a loop of products that share one gradient graph is faster, and the batched
+    version's memory grows with the probe count (benchmarks/), so it is used on GPUs only.
+    """
+    if not isinstance(space.metric, Euclidean) or p.device.type == "cpu":
         return None
 
     def matmat(V: Tensor) -> Tensor:

@@ -308,6 +308,51 @@ class ParameterSpace:
         r = self.metric.solve(p, self._grad(p))
         return hv - connection_correction(self.metric, p, v, r)
 
+    def hvp_operator(
+        self, p: Tensor, riemannian: bool = True, *, method: str = "auto"
+    ) -> Callable[[Tensor], Tensor]:
+        """v ↦ Hess·v at a fixed point, with the work shared across products.
+
+        The gradient graph of L at p is built once (``create_graph``) and each product runs
+        only the second backward pass, as PyHessian does; r = G⁻¹∇L is solved once; a
+        pullback space builds its parent's operator once at h(p). Use it for many products
+        at one point (estimators, Lanczos); ``hvp`` is the one-off form.
+        """
+        self._check(p, "hvp_operator")
+        if not _plain(p):
+            return lambda v: self._riemannian_hvp(p, v, method) if riemannian \
+                else self._euclidean_hvp(p, v)
+        if riemannian and self._scalar_pullback and method in ("auto", "pullback"):
+            h, parent = self.chart, self.parent
+            assert h is not None and parent is not None
+            parent_op = parent.hvp_operator(h.forward(p), True)
+            return lambda v: h.vjp(p, parent_op(h.jvp(p, v)))
+        euclidean = self._euclidean_hvp_operator(p)
+        if not riemannian or self.metric.is_constant:
+            return euclidean
+        r = self.metric.solve(p, self._grad(p))
+
+        def riemannian_hvp(v: Tensor) -> Tensor:
+            return euclidean(v) - connection_correction(self.metric, p, v, r)
+
+        return riemannian_hvp
+
+    def _euclidean_hvp_operator(self, p: Tensor) -> Callable[[Tensor], Tensor]:
+        q = p.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(self._loss(q), q, create_graph=True)
+        if not g.requires_grad:  # the loss is at most linear in p
+            return lambda v: torch.zeros_like(v)
+
+        def hvp(v: Tensor) -> Tensor:
+            if not _plain(v):
+                return self._euclidean_hvp(p, v)
+            (hv,) = torch.autograd.grad(g, q, grad_outputs=v, retain_graph=True,
+                                        allow_unused=True)
+            return torch.zeros_like(v) if hv is None else hv.detach()
+
+        return hvp
+
     def hvp(self, p: Tensor, v: Tensor, riemannian: bool = True, *, method: str = "auto") -> Tensor:
         """Hessian-vector product.
 
