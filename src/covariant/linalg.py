@@ -647,7 +647,9 @@ def lanczos(
             f"num_steps={num_steps} is too small for {nwant} wanted eigenpairs: use at least "
             f"{nwant + 2} (or dim={dim})."
         )
-    tol_ = _default_tol(tol, dtype, 1e-8)
+    # residuals of products of a large network reach about 1000·eps in low precision
+    tol_ = _default_tol(tol, dtype, 1e-8) if tol is not None else max(
+        1e-8, 1000.0 * torch.finfo(dtype).eps)
     eps = torch.finfo(dtype).eps
     gen = _generator(seed)
     counts = {"A": 0, "B": 0}
@@ -719,7 +721,9 @@ def lanczos(
         broke = beta <= 100.0 * eps * scale
         # After a breakdown every Ritz pair is exact, but the Krylov space may have missed
         # eigenvalues (e.g. copies of a multiple one): keep exploring until the basis is full.
-        if j >= nwant and (not broke or j == m):
+        # test only once the basis is about twice the wanted count: with fewer vectors a
+        # loose tolerance can accept Ritz values that are not yet eigenvalues (benchmarks/)
+        if j >= min(m, 2 * nwant + 1) and (not broke or j == m):
             want = _priority(j, which)[:nwant]
             est = beta * Y[j - 1, want].abs() / scale
             if bool((est <= tol_).all()):
