@@ -40,6 +40,12 @@ CASES = {
                         torch.cat([torch.tensor([0.9]), torch.randn(6, generator=gen)]).double()),
     "compose": (cv.reparam.Compose(cv.reparam.Exp(), Sinh(0.8, 1.1, 0.0)),
                 torch.randn(4, dtype=torch.float64, generator=gen)),
+    "parameterwise": (
+        cv.reparam.ParameterwiseReparametrization(
+            cv.models.ParameterLayout.from_shapes({"a": (2, 3), "b": (3,), "c": (2,)}),
+            {"a": cv.reparam.WeightNorm(), "c": cv.reparam.Exp()}),
+        torch.cat([torch.tensor([1.3, -0.6]), torch.randn(6, generator=gen).double(),
+                   torch.randn(3, generator=gen).double(), torch.tensor([0.2, -0.4])]).double()),
     "compose_submersion": (
         cv.reparam.Compose(cv.reparam.Scale(2.0), cv.reparam.WeightNorm((2, 2))),
         torch.tensor([0.8, 1.5, 0.3, -0.4, 1.1, 0.6], dtype=torch.float64)),
@@ -61,6 +67,13 @@ def test_closed_forms_match_generic(name):
     assert torch.allclose(h.jvp(psi, h.inverse_jvp(psi, w)), w, atol=1e-10)
     assert torch.allclose(h.inverse_jvp(psi, w), Jpw, atol=1e-10)
     assert torch.allclose(h.inverse_vjp(psi, v), JpTv, atol=1e-10)
+    # a linearization at ψ gives the same products
+    lin = h.linearize(psi)
+    assert torch.allclose(lin.theta, theta, atol=1e-13)
+    assert torch.allclose(lin.jvp(v), Jv, atol=1e-12)
+    assert torch.allclose(lin.vjp(w), JTw, atol=1e-12)
+    assert torch.allclose(lin.inverse_jvp(w), Jpw, atol=1e-10)
+    assert torch.allclose(lin.inverse_vjp(v), JpTv, atol=1e-10)
     # inverse maps back to the same θ (a right inverse for submersions)
     assert torch.allclose(h(h.inverse(theta)), theta, atol=1e-12)
     if h.is_bijection:

@@ -36,7 +36,7 @@ from torch.func import vmap
 from . import linalg
 from .errors import NotConvergedError, SingularMetricError
 from .flatness import Measure
-from .metrics import Euclidean
+from .metrics import Euclidean, Pullback
 from .space import ParameterSpace
 
 __all__ = ["STOCHASTIC_MEASURES", "shape_operator_matvecs", "stochastic_flatness"]
@@ -94,11 +94,26 @@ def shape_operator_matvecs(
             "submersion chart (MATH.md §5)."
         )
 
+    lin = h.linearize(p)  # the chart's per-point work (θ, weight norms) done once
+    if isinstance(metric, Pullback) and metric.reparam is h:
+        # G⁺ = J⁺ G_Θ⁻¹ J⁺ᵀ and G = Jᵀ G_Θ J through the same linearization
+        def solve(w: Tensor) -> Tensor:
+            return lin.inverse_jvp(metric.base.solve(lin.theta, lin.inverse_vjp(w)))
+
+        def gmv(v: Tensor) -> Tensor:
+            return lin.vjp(metric.base.matvec(lin.theta, lin.jvp(v)))
+    else:
+        def solve(w: Tensor) -> Tensor:
+            return metric.solve(p, w)
+
+        def gmv(v: Tensor) -> Tensor:
+            return metric.matvec(p, v)
+
     def horizontal_matvec(u: Tensor) -> Tensor:
-        return h.jvp(p, e_matvec(h.inverse_jvp(p, u)))
+        return lin.jvp(solve(hvp(lin.inverse_jvp(u))))
 
     def horizontal_inner(u: Tensor) -> Tensor:
-        return h.inverse_vjp(p, metric.matvec(p, h.inverse_jvp(p, u)))
+        return lin.inverse_vjp(gmv(lin.inverse_jvp(u)))
 
     return (horizontal_matvec, horizontal_inner, rank, d - rank,
             lambda u: h.inverse_jvp(p, u))

@@ -46,6 +46,7 @@ __all__ = [
     "Exp",
     "FromFunctions",
     "Identity",
+    "Linearization",
     "Log",
     "ParameterwiseReparametrization",
     "Polar",
@@ -57,6 +58,26 @@ __all__ = [
     "from_transform",
     "split_parametrizations",
 ]
+
+
+class Linearization:
+    """A chart's Jacobian products at one fixed point ψ, with per-point work done once.
+
+    Attributes ``theta`` (= h(ψ)) and the products ``jvp`` (J v), ``vjp`` (Jᵀ w),
+    ``inverse_jvp`` (J⁺ u) and ``inverse_vjp`` (J⁺ᵀ z), each a function of the vector only.
+    """
+
+    def __init__(
+        self,
+        theta: Tensor,
+        jvp: Callable[[Tensor], Tensor],
+        vjp: Callable[[Tensor], Tensor],
+        inverse_jvp: Callable[[Tensor], Tensor],
+        inverse_vjp: Callable[[Tensor], Tensor],
+    ) -> None:
+        self.theta = theta
+        self.jvp, self.vjp = jvp, vjp
+        self.inverse_jvp, self.inverse_vjp = inverse_jvp, inverse_vjp
 
 
 def _check_flat(x: Tensor, name: str, owner: str) -> None:
@@ -157,6 +178,17 @@ class Reparametrization:
         if self.is_bijection:
             return vjp(self._inverse, self.forward(psi))[1](z)[0]
         return _solve_jjt(self, psi, self.jvp(psi, z))
+
+    def linearize(self, psi: Tensor) -> Linearization:
+        """The Jacobian products at a fixed ψ (charts override this to precompute per-point
+        quantities, e.g. weight norm's v̂ and g/‖v‖); used when many products share a point."""
+        return Linearization(
+            self.forward(psi),
+            lambda v: self.jvp(psi, v),
+            lambda w: self.vjp(psi, w),
+            lambda u: self.inverse_jvp(psi, u),
+            lambda z: self.inverse_vjp(psi, z),
+        )
 
     def log_abs_det_jacobian(self, psi: Tensor) -> Tensor:
         """log|det J(ψ)|; only defined for bijections."""
@@ -677,6 +709,30 @@ class WeightNorm(Reparametrization):
         dv_perp = dv - vhat * (vhat * dv).sum(1, keepdim=True)
         return self._unrows(dg[:, None] * vhat + dv_perp / c)
 
+    def linearize(self, psi: Tensor) -> Linearization:
+        vhat, c = self._parts(psi)
+        theta = self._unrows(c * self._split(psi)[1])  # g v̂ = c v
+        n_g = self.num_slices
+
+        def perp(x: Tensor) -> Tensor:
+            return x - vhat * (vhat * x).sum(1, keepdim=True)
+
+        def jvp_(v: Tensor) -> Tensor:
+            return self._unrows(v[:n_g, None] * vhat + c * perp(self._rows(v[n_g:])))
+
+        def vjp_(w: Tensor) -> Tensor:
+            wr = self._rows(w)
+            return torch.cat([(vhat * wr).sum(1), self._unrows(c * perp(wr))])
+
+        def inverse_jvp_(u: Tensor) -> Tensor:
+            ur = self._rows(u)
+            return torch.cat([(vhat * ur).sum(1), self._unrows(perp(ur) / c)])
+
+        def inverse_vjp_(z: Tensor) -> Tensor:
+            return self._unrows(z[:n_g, None] * vhat + perp(self._rows(z[n_g:])) / c)
+
+        return Linearization(theta, jvp_, vjp_, inverse_jvp_, inverse_vjp_)
+
     def jjt_logdet(self, psi: Tensor) -> Tensor:
         """log det(J Jᵀ) = Σ_slices 2 (n_slice − 1) log|c| (closed form, MATH.md §5)."""
         _, c = self._parts(psi)
@@ -899,6 +955,27 @@ class ParameterwiseReparametrization(Reparametrization):
 
     def inverse_vjp(self, psi: Tensor, z: Tensor) -> Tensor:
         return self._map(z, self._psi_slices, "inverse_vjp", psi)
+
+    def linearize(self, psi: Tensor) -> Linearization:
+        names = self.layout.names
+        lins = {n: r.linearize(psi[self._psi_slices[n]]) for n, r in self.blocks.items()}
+        t_sizes = [self._theta_slices[n].stop - self._theta_slices[n].start for n in names]
+        p_sizes = [self._psi_slices[n].stop - self._psi_slices[n].start for n in names]
+        theta = torch.cat([lins[n].theta if n in lins else psi[self._psi_slices[n]]
+                           for n in names])
+
+        def apply(x: Tensor, sizes: list[int], fn: str) -> Tensor:
+            parts = torch.split(x, sizes)
+            return torch.cat([getattr(lins[n], fn)(piece) if n in lins else piece
+                              for n, piece in zip(names, parts, strict=True)])
+
+        return Linearization(
+            theta,
+            lambda v: apply(v, p_sizes, "jvp"),
+            lambda w: apply(w, t_sizes, "vjp"),
+            lambda u: apply(u, t_sizes, "inverse_jvp"),
+            lambda z: apply(z, p_sizes, "inverse_vjp"),
+        )
 
     def jacobian(self, psi: Tensor) -> Tensor:
         """Dense block-diagonal J, block by block (each block may use its own fallback)."""

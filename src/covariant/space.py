@@ -325,8 +325,9 @@ class ParameterSpace:
         if riemannian and self._scalar_pullback and method in ("auto", "pullback"):
             h, parent = self.chart, self.parent
             assert h is not None and parent is not None
-            parent_op = parent.hvp_operator(h.forward(p), True)
-            return lambda v: h.vjp(p, parent_op(h.jvp(p, v)))
+            lin = h.linearize(p)
+            parent_op = parent.hvp_operator(lin.theta, True)
+            return lambda v: lin.vjp(parent_op(lin.jvp(v)))
         euclidean = self._euclidean_hvp_operator(p)
         if not riemannian or self.metric.is_constant:
             return euclidean
