@@ -682,8 +682,11 @@ def lanczos(
             )
         return math.sqrt(sq)
 
-    V = torch.zeros(dim, m, dtype=dtype, device=device)
-    BV = V if inner_matvec is None else torch.zeros_like(V)
+    # The basis is stored row-major as (m, dim) and used through its transpose, so each
+    # basis vector is contiguous and projections read V[:, :j] as a transposed block
+    # (3-10x faster than a strided (dim, m) column slice; benchmarks/).
+    V = torch.zeros(m, dim, dtype=dtype, device=device).T
+    BV = V if inner_matvec is None else torch.zeros(m, dim, dtype=dtype, device=device).T
     T = torch.zeros(m, m, dtype=torch.float64)
 
     def fresh(j: int) -> tuple[Tensor, Tensor, float]:
