@@ -16,14 +16,6 @@ from covariant.metrics import Dense, Euclidean, Pullback
 from covariant.reparam import Affine, Compose, Log, Polar, WeightNorm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny problems: thread-pool overhead dominates otherwise
-    yield
-    torch.set_num_threads(old)
-
-
 def _t(x):
     return torch.as_tensor(x, dtype=torch.float64)
 

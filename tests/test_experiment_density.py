@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import torch
 
 pytest.importorskip("matplotlib")
 
@@ -15,13 +14,8 @@ from covariant.experiments import density as exp
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = tmp_path_factory.mktemp("density")
-        return out, exp.run(out, quick=True, seed=0, progress=False)
-    finally:
-        torch.set_num_threads(old)
+    out = tmp_path_factory.mktemp("density")
+    return out, exp.run(out, quick=True, seed=0, progress=False)
 
 
 def test_writes_json_and_pngs(quick_run):

@@ -17,14 +17,6 @@ from covariant.metrics import Euclidean, Pullback
 from covariant.reparam import Affine, Compose, WeightNorm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _t(x):
     return torch.as_tensor(x, dtype=torch.float64)
 

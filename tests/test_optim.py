@@ -29,15 +29,6 @@ from covariant.optim import (
 THETA0 = torch.tensor([0.7, -0.4], dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only cost synchronization (a lot on a busy machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def spaces():
     theta = cv.ParameterSpace(reference_loss)

@@ -41,6 +41,8 @@ __all__ = [
 
 
 def _plain(*xs: Tensor) -> bool:
+    """True for ordinary tensors: not tracked by autograd nor wrapped by torch.func (then the
+    faster autograd double-backward paths apply)."""
     return all(
         not x.requires_grad and not torch._C._functorch.is_functorch_wrapped_tensor(x) for x in xs
     )

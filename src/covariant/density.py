@@ -51,7 +51,7 @@ from torch.func import hessian as func_hessian
 from ._progress import progress_bar
 from .errors import CovariantError, NonFiniteError, SingularMetricError
 from .metrics import MAX_DENSE_DIM, Constant, Diagonal, Euclidean, Metric, Pullback
-from .reparam import Reparametrization
+from .reparam import Reparametrization, _jjt_logdet
 
 __all__ = [
     "LOGDET_METHODS",
@@ -86,12 +86,7 @@ def pushforward_log_prob(
     Raises :class:`~covariant.errors.NotABijectionError` for a submersion, which has no
     log|det J| (see :func:`lift_log_prob` for what can be done instead).
     """
-    reparam._require_bijection("pushforward_log_prob")
-
-    def log_prob_psi(psi: Tensor) -> Tensor:
-        return log_prob(reparam.forward(psi)) + reparam.log_abs_det_jacobian(psi)
-
-    return log_prob_psi
+    return reparam.pushforward_log_prob(log_prob)
 
 
 def riemannian_log_prob(
@@ -167,14 +162,6 @@ def lift_log_prob(
     return log_prob_psi
 
 
-def _jjt_logdet(h: Reparametrization, psi: Tensor) -> Tensor:
-    fn = getattr(h, "jjt_logdet", None)
-    if fn is not None:
-        return fn(psi)
-    J = h.jacobian(psi)
-    return torch.linalg.slogdet(J @ J.T)[1]
-
-
 # --------------------------------------------------------------------------------------------
 # log det G, three ways
 # --------------------------------------------------------------------------------------------
@@ -184,33 +171,31 @@ def _is_degenerate(metric: Metric, p: Tensor) -> bool:
     return metric.rank(p) < p.shape[0]
 
 
-def _closed_form_logdet(metric: Metric, p: Tensor, pseudo: bool) -> Tensor | None:
-    """log det G without a d×d matrix, or ``None`` when no closed form is known.
-
-    Constant/diagonal metrics directly; a pullback Jᵀ G_Θ J through a bijection as
-    log det G_Θ + 2 log|det J|; through a submersion (``pseudo``) as log det G_Θ +
-    log det(J Jᵀ) when the chart knows the latter in closed form (``jjt_logdet``).
-    """
-    if isinstance(metric, Euclidean):
-        return p.new_zeros(())
-    if isinstance(metric, Constant):
-        return metric.logdet(p)
-    if isinstance(metric, Diagonal):
-        return metric.diagonal(p).log().sum()
+def _has_closed_form_logdet(metric: Metric, p: Tensor) -> bool:
+    """True when log det G needs no d×d matrix: constant/diagonal metrics, and pullbacks of
+    such metrics through bijections or through charts that know log det(J Jᵀ)."""
+    if isinstance(metric, Euclidean | Constant | Diagonal):
+        return True
     if isinstance(metric, Pullback):
         h = metric.reparam
         theta = h.forward(p)
-        if _is_degenerate(metric.base, theta):
-            return None
-        base = _closed_form_logdet(metric.base, theta, False)
-        if base is None:
-            return None
-        if h.is_bijection:
-            return base + 2 * h.log_abs_det_jacobian(p)
-        if not pseudo or not hasattr(h, "jjt_logdet"):
-            return None
-        return base + h.jjt_logdet(p)
-    return None
+        if _is_degenerate(metric.base, theta) or not _has_closed_form_logdet(metric.base, theta):
+            return False
+        return h.is_bijection or hasattr(h, "jjt_logdet")
+    return False
+
+
+def _closed_form_logdet(metric: Metric, p: Tensor, pseudo: bool) -> Tensor | None:
+    """log det G without a d×d matrix, or ``None`` when no closed form is known.
+
+    The rules themselves live in the metrics (``Pullback.logdet``: log det G_Θ + 2 log|det J|;
+    ``Pullback.pseudo_logdet``: log det G_Θ + log det(J Jᵀ) through a submersion).
+    """
+    if not _has_closed_form_logdet(metric, p):
+        return None
+    if isinstance(metric, Pullback) and not metric.reparam.is_bijection:
+        return metric.pseudo_logdet(p) if pseudo else None
+    return metric.logdet(p)
 
 
 def _gauge_basis(metric: Metric, p: Tensor) -> Tensor | None:

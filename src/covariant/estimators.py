@@ -96,18 +96,13 @@ def shape_operator_matvecs(
 
     lin = h.linearize(p)  # the chart's per-point work (θ, weight norms) done once
     if isinstance(metric, Pullback) and metric.reparam is h:
-        # G⁺ = J⁺ G_Θ⁻¹ J⁺ᵀ and G = Jᵀ G_Θ J through the same linearization
-        def solve(w: Tensor) -> Tensor:
-            return lin.inverse_jvp(metric.base.solve(lin.theta, lin.inverse_vjp(w)))
-
-        def gmv(v: Tensor) -> Tensor:
-            return lin.vjp(metric.base.matvec(lin.theta, lin.jvp(v)))
+        gmv, solve = metric.products(p, lin)
     else:
-        def solve(w: Tensor) -> Tensor:
-            return metric.solve(p, w)
-
         def gmv(v: Tensor) -> Tensor:
             return metric.matvec(p, v)
+
+        def solve(w: Tensor) -> Tensor:
+            return metric.solve(p, w)
 
     def horizontal_matvec(u: Tensor) -> Tensor:
         return lin.jvp(solve(hvp(lin.inverse_jvp(u))))

@@ -305,6 +305,31 @@ def _apply_block(
     return torch.stack(cols, dim=1)
 
 
+def _trace_setup(
+    name: str,
+    minimum: int,
+    desc: str,
+    matvec: Matvec,
+    dim: int,
+    num_matvecs: int,
+    dtype: torch.dtype,
+    device: torch.device | str | None,
+    matmat: Matmat | None,
+    progress: bool,
+) -> tuple[int, Any, TraceEstimate | None]:
+    """Shared start of the low-rank trace estimators: checks, progress bar, and the exact
+    trace when the budget covers the dimension (then the bar is already closed)."""
+    dim = _check_dim(dim)
+    if num_matvecs < minimum:
+        raise ValueError(f"{name} needs num_matvecs >= {minimum}, got {num_matvecs}.")
+    bar = progress_bar(None, enabled=progress, total=min(num_matvecs, dim), desc=desc)
+    if num_matvecs >= dim:
+        out = _exact_trace(matvec, dim, dtype, device, matmat, bar)
+        bar.close()
+        return dim, bar, out
+    return dim, bar, None
+
+
 def _exact_trace(
     matvec: Matvec,
     dim: int,
@@ -903,14 +928,10 @@ def hutchpp(
     >>> abs(est.value - 2.0) < 1e-2
     True
     """
-    dim = _check_dim(dim)
-    if num_matvecs < 3:
-        raise ValueError(f"hutchpp needs num_matvecs >= 3, got {num_matvecs}.")
-    bar = progress_bar(None, enabled=progress, total=min(num_matvecs, dim), desc="hutch++")
-    if num_matvecs >= dim:
-        out = _exact_trace(matvec, dim, dtype, device, matmat, bar)
-        bar.close()
-        return out
+    dim, bar, exact = _trace_setup("hutchpp", 3, "hutch++", matvec, dim, num_matvecs,
+                                   dtype, device, matmat, progress)
+    if exact is not None:
+        return exact
     gen = _generator(seed)
     s = num_matvecs // 3
     h = num_matvecs - 2 * s
@@ -982,14 +1003,10 @@ def xtrace(
     >>> abs(est.value - 2.0) < 1e-3
     True
     """
-    dim = _check_dim(dim)
-    if num_matvecs < 4:
-        raise ValueError(f"xtrace needs num_matvecs >= 4, got {num_matvecs}.")
-    bar = progress_bar(None, enabled=progress, total=min(num_matvecs, dim), desc="xtrace")
-    if num_matvecs >= dim:
-        out = _exact_trace(matvec, dim, dtype, device, matmat, bar)
-        bar.close()
-        return out
+    dim, bar, exact = _trace_setup("xtrace", 4, "xtrace", matvec, dim, num_matvecs,
+                                   dtype, device, matmat, progress)
+    if exact is not None:
+        return exact
     gen = _generator(seed)
     n = num_matvecs // 2
     Om = _probes(gen, dim, n, distribution, dtype, device)

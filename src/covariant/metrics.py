@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from .errors import DenseTooLargeError, NonFiniteError, ShapeMismatchError, SingularMetricError
-from .reparam import Reparametrization
+from .reparam import Linearization, Reparametrization, _jjt_logdet
 
 __all__ = [
     "MAX_DENSE_DIM",
@@ -330,15 +330,30 @@ class Pullback(Metric):
         self.reparam = reparam
         self.is_constant = metric.is_constant and reparam.is_affine
 
+    def products(
+        self, p: Tensor, lin: Linearization | None = None
+    ) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+        """``(v ↦ G_Ψ v, w ↦ G_Ψ⁺ w)`` at a fixed ψ, through the chart's linearization.
+
+        The one place of the rules G_Ψ = Jᵀ G_Θ J and G_Ψ⁺ = J⁺ G_Θ⁻¹ J⁺ᵀ; pass ``lin`` to
+        share the chart's per-point work with other products at the same point.
+        """
+        lin = self.reparam.linearize(p) if lin is None else lin
+        base = self.base
+
+        def matvec(v: Tensor) -> Tensor:
+            return lin.vjp(base.matvec(lin.theta, lin.jvp(v)))
+
+        def solve(w: Tensor) -> Tensor:
+            return lin.inverse_jvp(base.solve(lin.theta, lin.inverse_vjp(w)))
+
+        return matvec, solve
+
     def matvec(self, p: Tensor, v: Tensor) -> Tensor:
-        h = self.reparam
-        theta = h.forward(p)
-        return h.vjp(p, self.base.matvec(theta, h.jvp(p, v)))
+        return self.products(p)[0](v)
 
     def solve(self, p: Tensor, w: Tensor) -> Tensor:
-        h = self.reparam
-        theta = h.forward(p)
-        return h.inverse_jvp(p, self.base.solve(theta, h.inverse_vjp(p, w)))
+        return self.products(p)[1](w)
 
     def logdet(self, p: Tensor) -> Tensor:
         if not self.reparam.is_bijection:
@@ -353,16 +368,9 @@ class Pullback(Metric):
     def pseudo_logdet(self, p: Tensor) -> Tensor:
         """log of the product of the nonzero eigenvalues: log det G_Θ + log det(J Jᵀ)."""
         h = self.reparam
-        theta = h.forward(p)
         if h.is_bijection:
             return self.logdet(p)
-        jjt = getattr(h, "jjt_logdet", None)
-        if jjt is None:
-            J = h.jacobian(p)
-            jjt_val = torch.linalg.slogdet(J @ J.T)[1]
-        else:
-            jjt_val = jjt(p)
-        return self.base.logdet(theta) + jjt_val
+        return self.base.logdet(h.forward(p)) + _jjt_logdet(h, p)
 
     def rank(self, p: Tensor) -> int:
         if self.reparam.is_bijection:

@@ -199,6 +199,21 @@ class Reparametrization:
         """Basis of ker J(ψ), shape (k, k - d); empty for a bijection."""
         return psi.new_zeros(psi.shape[0], 0)
 
+    def pushforward_log_prob(
+        self, log_prob: Callable[[Tensor], Tensor]
+    ) -> Callable[[Tensor], Tensor]:
+        """log p_Ψ(ψ) = log p_Θ(h(ψ)) + log|det J(ψ)|: the density rule of MATH.md §2.
+
+        The one place of this rule (``density.pushforward_log_prob`` and density spaces use
+        it). Raises :class:`NotABijectionError` for a submersion.
+        """
+        self._require_bijection("pushforward_log_prob")
+
+        def log_prob_psi(psi: Tensor) -> Tensor:
+            return log_prob(self.forward(psi)) + self.log_abs_det_jacobian(psi)
+
+        return log_prob_psi
+
     def vertical_projection(self, psi: Tensor, x: Tensor) -> Tensor:
         """Orthogonal projection of x onto ker J(ψ), the vertical (gauge) space.
 

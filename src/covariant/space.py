@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, vmap
 
-from .connection import christoffel, connection_correction, geodesic
+from .connection import _plain, christoffel, connection_correction, geodesic
 from .errors import NonFiniteError, NotABijectionError, ShapeMismatchError
 from .metrics import Euclidean, Metric, Pullback, check_dense_size
 from .models import ParameterLayout
@@ -38,11 +38,6 @@ from .reparam import Compose, ParameterwiseReparametrization, Reparametrization
 __all__ = ["ParameterSpace"]
 
 LossFn = Callable[[Tensor], Tensor]
-
-
-def _plain(x: Tensor) -> bool:
-    """True for an ordinary tensor: not tracked by autograd nor wrapped by torch.func."""
-    return not x.requires_grad and not torch._C._functorch.is_functorch_wrapped_tensor(x)
 
 
 def _check_point(p: Tensor, owner: str, dim: int | None = None) -> None:
@@ -435,7 +430,7 @@ class ParameterSpace:
         The last result is cached by point, since several charts of one analysis all pull
         back the same Hessian of their common parent.
         """
-        cacheable = not p.requires_grad and not torch._C._functorch.is_functorch_wrapped_tensor(p)
+        cacheable = _plain(p)
         if not cacheable:
             return self._compute_euclidean_hessian(p)
         cached = getattr(self, "_hessian_cache", None)
@@ -553,8 +548,10 @@ class ParameterSpace:
                     "bijective chart."
                 )
 
+            log_p_psi = h.pushforward_log_prob(lambda theta: -base_loss(theta))
+
             def loss(psi: Tensor) -> Tensor:
-                return base_loss(h.forward(psi)) - h.log_abs_det_jacobian(psi)
+                return -log_p_psi(psi)
         else:
 
             def loss(psi: Tensor) -> Tensor:
