@@ -28,16 +28,19 @@ True
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.func import vmap
 
 from . import linalg
+from .connection import _plain
 from .errors import NotConvergedError, SingularMetricError
 from .flatness import Measure
 from .metrics import Euclidean, Pullback
 from .space import ParameterSpace
+from .taylor import QuadraticForm, TaylorUnsupportedError
 
 __all__ = ["STOCHASTIC_MEASURES", "shape_operator_matvecs", "stochastic_flatness"]
 
@@ -133,6 +136,29 @@ def _euclidean_matmat(space: ParameterSpace, p: Tensor) -> Callable[[Tensor], Te
     return matmat
 
 
+def _quadratic_form(space: ParameterSpace, p: Tensor, mode: str
+                    ) -> tuple[Callable[[Tensor], Tensor] | None, str]:
+    """Taylor-mode quadratic forms of the Euclidean Hessian, or None (and why) to use HVPs."""
+    if mode == "hvp":
+        return None, "hvp"
+    if not _plain(p):
+        if mode == "taylor":
+            raise TaylorUnsupportedError("flatness: Taylor mode needs a plain tensor point "
+                                         "(not inside torch.func transforms)")
+        return None, "hvp (point inside a torch.func transform)"
+    try:
+        return QuadraticForm(space._loss, p), "taylor"
+    except TaylorUnsupportedError as err:
+        if mode == "taylor":
+            raise
+        return None, f"hvp ({err})"
+    except Exception as err:  # tracing failed (data-dependent code, custom ops): HVPs work
+        if mode == "taylor":
+            raise TaylorUnsupportedError(f"flatness: the loss could not be traced: {err}") \
+                from err
+        return None, f"hvp (the loss could not be traced: {type(err).__name__})"
+
+
 def _lift(vectors: Tensor, lift: Callable[[Tensor], Tensor] | None) -> Tensor:
     if lift is None:
         return vectors
@@ -158,6 +184,7 @@ def stochastic_flatness(
     batch_size: int | None = None,
     max_restarts: int = 30,
     require_convergence: bool = False,
+    quadratic_forms: str = "auto",
 ) -> dict[str, Measure]:
     """Stochastic estimates of the spectral measures of E = G⁻¹ Hess (see module docstring).
 
@@ -180,6 +207,13 @@ def stochastic_flatness(
     require_convergence : bool
         Raise :class:`~covariant.errors.NotConvergedError` instead of returning
         ``converged=False`` when Lanczos stops before its tolerance.
+    quadratic_forms : {"auto", "taylor", "hvp"}
+        How Hutchinson's trace of a Euclidean Hessian gets its zᵀ∇²L z: "taylor" by
+        second-order Taylor mode (:class:`covariant.taylor.QuadraticForm`, four matrix
+        products per linear layer instead of six, no gradient graph; raises if the loss uses
+        an operation without a rule), "hvp" by Hessian-vector products, "auto" Taylor mode
+        when the loss traces and falls back to products otherwise. ``extras["products"]``
+        says which was used.
     """
     unknown = [m for m in measures if m not in STOCHASTIC_MEASURES]
     if unknown:
@@ -187,12 +221,38 @@ def stochastic_flatness(
             f"flatness: unknown stochastic measure(s) {unknown}; choose from "
             f"{STOCHASTIC_MEASURES} (the full 'spectrum' needs method='dense')"
         )
+    if quadratic_forms not in ("auto", "taylor", "hvp"):
+        raise ValueError(f"flatness: quadratic_forms must be 'auto', 'taylor' or 'hvp', got "
+                         f"{quadratic_forms!r}")
     dtype, device = p.dtype, p.device
-    e_mv, inner, d, num_gauge, lift = shape_operator_matvecs(space, p)
+    euclidean = isinstance(space.metric, Euclidean)
+    operators: list[Any] = []  # built on first use: a Euclidean trace may need none
+
+    def ops() -> tuple[Any, ...]:
+        if not operators:
+            operators.extend(shape_operator_matvecs(space, p))
+        return tuple(operators)
+
+    if euclidean:
+        d, num_gauge = int(p.shape[0]), 0
+    else:
+        _, _, d, num_gauge, _ = ops()
     out: dict[str, Measure] = {}
     base_extras = {"dim": int(p.shape[0]), "rank": d, "num_gauge_directions": num_gauge}
 
     if "trace" in measures:
+        qform, products = None, "hvp"
+        if euclidean and trace_method == "hutchinson":
+            qform, products = _quadratic_form(space, p, quadratic_forms)
+        if qform is not None:
+            est = linalg.hutchinson(lambda v: v, d, num_probes, seed=seed, dtype=dtype,
+                                    device=device, progress=progress, quadratic_form=qform)
+            out["trace"] = Measure("trace", float(est.value), float(est.stderr),
+                                   int(est.num_matvecs), True, "stochastic",
+                                   {**base_extras, "estimator": trace_method,
+                                    "products": products})
+    if "trace" in measures and "trace" not in out:
+        e_mv, inner = ops()[:2]
         counter = _Counter(e_mv)
         matmat = _euclidean_matmat(space, p) if inner is None else None
         if trace_method == "hutchinson":
@@ -213,7 +273,8 @@ def stochastic_flatness(
                              f"got {trace_method!r}")
         out["trace"] = Measure("trace", float(est.value), float(est.stderr),
                                int(est.num_matvecs), True, "stochastic",
-                               {**base_extras, "estimator": trace_method})
+                               {**base_extras, "estimator": trace_method,
+                                "products": products})
 
     wants_eigs = [m for m in ("max_eig", "min_eig", "top_eigs") if m in measures]
     if wants_eigs:
@@ -221,6 +282,7 @@ def stochastic_flatness(
         if "min_eig" in measures:
             which = "both" if ("max_eig" in measures or "top_eigs" in measures) else "smallest"
         kk = k if "top_eigs" in measures else 1
+        e_mv, inner, _, _, lift = ops()
         counter = _Counter(e_mv)
         res = linalg.lanczos(counter, d, kk, which=which, inner_matvec=inner,
                              num_steps=lanczos_steps, max_restarts=max_restarts,
@@ -248,6 +310,7 @@ def stochastic_flatness(
                                      counter.count, conv, "stochastic", extras)
 
     if "logdet" in measures or "spectral_density" in measures:
+        e_mv, inner = ops()[:2]
         counter = _Counter(e_mv)
         nprobe = slq_probes or max(4, num_probes // 10)
         res = linalg.slq(counter, d, num_probes=nprobe, num_steps=min(slq_steps, d),

@@ -253,7 +253,8 @@ def _probe(
 ) -> Tensor:
     """One probe vector, drawn on the CPU (device-independent stream) and moved to ``device``."""
     if distribution == "rademacher":
-        z = torch.randint(0, 2, (dim,), generator=gen).to(dtype).mul_(2).sub_(1)
+        # drawn directly in the floating dtype: the same stream as int64, without a copy
+        z = torch.randint(0, 2, (dim,), generator=gen, dtype=dtype).mul_(2).sub_(1)
     elif distribution == "gaussian":
         z = torch.randn(dim, generator=gen, dtype=torch.float64).to(dtype)
     else:
@@ -808,6 +809,7 @@ def hutchinson(
     matmat: Matmat | None = None,
     batch_size: int | None = None,
     progress: bool = False,
+    quadratic_form: Callable[[Tensor], Tensor] | None = None,
 ) -> TraceEstimate:
     r"""Hutchinson's trace estimator.
 
@@ -841,6 +843,10 @@ def hutchinson(
         Probes per ``matmat`` call (default: all at once).
     progress : bool
         Show a progress bar over probes.
+    quadratic_form : callable, optional
+        ``z ↦ zᵀ A z`` (a 0-d tensor), used instead of ``matvec`` when given: the estimator
+        needs only these, and they can be cheaper than products (for a Hessian, Taylor mode,
+        :class:`covariant.taylor.QuadraticForm`). Probes are the same as with ``matvec``.
 
     Returns
     -------
@@ -858,8 +864,22 @@ def hutchinson(
     if num_probes < 1:
         raise ValueError(f"num_probes must be at least 1, got {num_probes}.")
     gen = _generator(seed)
-    bs = (batch_size or num_probes) if matmat is not None else 1
     bar = progress_bar(None, enabled=progress, total=num_probes, desc="hutchinson")
+    if matmat is None or quadratic_form is not None:  # one probe at a time, no block copies
+        values = []
+        for _ in range(num_probes):
+            z = _probe(gen, dim, distribution, dtype, device)
+            if quadratic_form is not None:
+                values.append(torch.as_tensor(quadratic_form(z)).detach().reshape(()))
+            else:
+                values.append(torch.dot(z, _check_vector(matvec(z), dim, "matvec")
+                                        .detach()))
+            bar.update(1)
+        bar.close()
+        s = torch.stack(values)
+        _check_finite(s, "hutchinson: the probe values zᵀAz")
+        return TraceEstimate(float(s.mean()), _stderr(s), num_probes, s)
+    bs = batch_size or num_probes
     samples = []
     for start in range(0, num_probes, bs):
         b = min(bs, num_probes - start)

@@ -1,0 +1,480 @@
+r"""Second-order Taylor mode: the quadratic form vᵀ ∇²L(p) v without a Hessian-vector product.
+
+Hutchinson's trace estimator needs only the quadratic forms zᵀ ∇²L z, not the products ∇²L z.
+A quadratic form is the second derivative of t ↦ L(p + t v) at t = 0, and that can be pushed
+*forward* through the computation: every intermediate x(t) = x₀ + x₁ t + x₂ t² + O(t³) is
+carried as its first three Taylor coefficients, and
+
+    vᵀ ∇²L(p) v = d²/dt² L(p + t v) |₀ = 2 L₂.
+
+The rules are the product rule for bilinear operations (matrix products, convolutions,
+elementwise products),
+
+    (a·b)₁ = a₁b₀ + a₀b₁,        (a·b)₂ = a₂b₀ + a₁b₁ + a₀b₂,
+
+and for an elementwise φ, (φ∘x)₁ = φ'(x₀) x₁, (φ∘x)₂ = φ'(x₀) x₂ + ½ φ''(x₀) x₁²; linear
+operations act on each coefficient. The zeroth coefficients (the forward pass at p) and the
+factors φ', φ'' are computed once per point and kept, so each quadratic form costs only the
+x₁, x₂ passes: for a linear layer y = x Wᵀ that is four matrix products (x₁Wᵀ + x₀Vᵀ and
+x₂Wᵀ + x₁Vᵀ), against six for the second backward pass of a reverse-over-reverse
+Hessian-vector product through a kept gradient graph (what PyHessian does). The first layer,
+whose input is data, needs one.
+
+Why hand-written: torch has forward mode (``torch.func.jvp``) but no Taylor mode; nesting two
+``jvp`` computes x₁ twice and recomputes the forward pass, 8 products per layer. The graph is
+traced once with ``make_fx`` (aten operations, so it works for any model and loss built from
+the supported operations) and interpreted per probe. An operation without a rule raises
+:class:`TaylorUnsupportedError`; callers (``flatness``) then fall back to Hessian-vector
+products. ``benchmarks/bench_flatness.py`` (row a) measures it against PyHessian.
+
+Example
+-------
+>>> import torch
+>>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+>>> loss = lambda p: 0.5 * p @ A @ p + torch.tanh(p).sum()
+>>> p = torch.tensor([0.3, -0.2], dtype=torch.float64)
+>>> q = QuadraticForm(loss, p)
+>>> v = torch.tensor([1.0, -1.0], dtype=torch.float64)
+>>> H = torch.func.hessian(loss)(p)
+>>> bool(torch.isclose(q(v), v @ H @ v))
+True
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import CovariantError
+
+__all__ = ["QuadraticForm", "TaylorUnsupportedError"]
+
+aten = torch.ops.aten
+
+
+class TaylorUnsupportedError(CovariantError):
+    """The traced loss uses an operation that has no second-order Taylor rule here."""
+
+
+# Operations linear in their first tensor argument (the others carry no derivative).
+_LINEAR_FIRST = {
+    "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "unsqueeze",
+    "squeeze", "select", "slice", "split", "split_with_sizes", "unbind", "clone", "alias",
+    "sum", "mean", "neg", "flatten", "_to_copy", "contiguous", "constant_pad_nd",
+    "nll_loss_forward", "nll_loss2d_forward", "index_select", "gather", "narrow", "repeat",
+    "unfold", "avg_pool1d", "avg_pool2d", "_adaptive_avg_pool2d", "view_copy",
+    "permute_copy", "t_copy", "expand_copy", "transpose_copy", "squeeze_copy",
+    "unsqueeze_copy", "_reshape_alias", "diagonal", "trace", "flip", "roll",
+}
+# Linear with a scalar factor or shift.
+_SCALED = {"mul.Scalar", "div.Scalar"}
+_SHIFTED = {"add.Scalar", "sub.Scalar"}
+# Elementwise functions of one tensor: φ', φ'' are taken by autograd once per point.
+_ELEMENTWISE = {
+    "tanh", "relu", "sigmoid", "exp", "log", "softplus", "silu", "gelu", "leaky_relu",
+    "elu", "sqrt", "rsqrt", "reciprocal", "log1p", "expm1", "sin", "cos", "pow.Tensor_Scalar",
+    "square", "log_sigmoid_forward", "hardtanh", "erf", "abs",
+}
+# Outputs that never depend differentiably on their inputs.
+_CONSTANT = {
+    "zeros_like", "ones_like", "full_like", "empty_like", "zeros", "ones", "full", "arange",
+    "scalar_tensor", "eq", "ne", "gt", "lt", "ge", "le", "sign", "argmax", "argmin", "detach",
+    "lift_fresh_copy", "new_zeros", "new_ones", "new_full", "new_empty", "empty",
+}
+
+
+def _name(target: Any) -> tuple[str, str]:
+    """(packet name, packet.overload name) of an aten operation."""
+    packet = target.overloadpacket.__name__
+    return packet, f"{packet}.{target._overloadname}"
+
+
+def _out_of_place(node: Any) -> None:
+    """Replace an in-place aten operation (e.g. the ``squeeze_`` inside ``matmul``'s composite
+    kernel, below functionalization) by its out-of-place form when no other node sees the
+    mutated input."""
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return
+    packet = target.overloadpacket.__name__
+    if not packet.endswith("_"):
+        return
+    functional = getattr(aten, packet[:-1], None)
+    overload = getattr(functional, target._overloadname, None) if functional else None
+    first = node.args[0] if node.args else None
+    if overload is None or getattr(first, "users", None) is None or len(first.users) != 1:
+        raise TaylorUnsupportedError(f"QuadraticForm: in-place aten.{packet} on a shared tensor")
+    node.target = overload
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+class QuadraticForm:
+    """v ↦ vᵀ ∇²L(p) v at a fixed point, by second-order Taylor mode (see module docstring).
+
+    Parameters
+    ----------
+    loss : callable
+        Flat point ↦ scalar loss. Traced once with ``make_fx`` at ``p``: control flow is
+        fixed at that point (as for any trace), so build a new form for a new point.
+    p : Tensor
+        The point (1-D).
+
+    Raises
+    ------
+    TaylorUnsupportedError
+        The traced loss uses an operation without a rule, or is not a scalar.
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    >>> net = net.double()
+    >>> X, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    >>> names = [n for n, _ in net.named_parameters()]
+    >>> shapes = [q.shape for q in net.parameters()]
+    >>> def loss(p):
+    ...     parts = torch.split(p, [s.numel() for s in shapes])
+    ...     params = {n: t.view(s) for n, t, s in zip(names, parts, shapes)}
+    ...     out = torch.func.functional_call(net, params, (X,))
+    ...     return torch.nn.functional.cross_entropy(out, y)
+    >>> p = torch.cat([q.detach().flatten() for q in net.parameters()])
+    >>> v = torch.randn_like(p)
+    >>> H = torch.func.hessian(loss)(p)
+    >>> bool(torch.isclose(QuadraticForm(loss, p)(v), v @ H @ v))
+    True
+    """
+
+    def __init__(self, loss: Callable[[Tensor], Tensor], p: Tensor) -> None:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        if not isinstance(p, Tensor) or p.ndim != 1:
+            raise TypeError("QuadraticForm: p must be a 1-D tensor")
+        with torch.no_grad():  # functionalize: in-place operations become out-of-place ones
+            self.graph_module = make_fx(torch.func.functionalize(loss))(p.detach())
+        self.p = p.detach()
+        self._nodes = list(self.graph_module.graph.nodes)
+        self._steps: list[tuple[Any, Callable[..., Any]]] = []
+        self._primal: dict[Any, Any] = {}
+        self._setup()
+
+    # ---- setup: the forward pass at p, the rule of each node, what stays alive --------------
+    def _setup(self) -> None:
+        gm = self.graph_module
+        primal = self._primal
+        depends: set[Any] = set()  # nodes whose value depends on p
+        for node in self._nodes:
+            if node.op == "placeholder":
+                primal[node] = self.p
+                depends.add(node)
+            elif node.op == "get_attr":
+                primal[node] = getattr(gm, node.target)
+            elif node.op == "call_function":
+                _out_of_place(node)
+                args, kwargs = self._map(node.args, primal), self._map(node.kwargs, primal)
+                with torch.no_grad():
+                    primal[node] = node.target(*args, **kwargs)
+                if any(a in depends for a in node.all_input_nodes):
+                    rule = self._rule(node, depends)
+                    if rule is not None:
+                        depends.add(node)
+                        self._steps.append((node, rule))
+            elif node.op == "output":
+                out = node.args[0]
+                if isinstance(out, list | tuple):
+                    out = out[0] if len(out) == 1 else None
+                if out is None or not isinstance(primal.get(out), Tensor) \
+                        or primal[out].numel() != 1:
+                    raise TaylorUnsupportedError("QuadraticForm: the loss must return a scalar")
+                self._output = out
+        self._depends = depends
+        # Keep only the primal values that some rule reads.
+        needed = {a for node, _ in self._steps for a in node.all_input_nodes}
+        self._primal = {n: v for n, v in primal.items() if n in needed or n is self._output}
+        self.value = self._primal[self._output].detach().reshape(())
+        last_use: dict[Any, int] = {}
+        for i, (node, _) in enumerate(self._steps):
+            for a in node.all_input_nodes:
+                last_use[a] = i
+        self._free_after: list[list[Any]] = [[] for _ in self._steps]
+        for n, i in last_use.items():
+            if n is not self._output:
+                self._free_after[i].append(n)
+
+    @staticmethod
+    def _map(obj: Any, env: dict[Any, Any]) -> Any:
+        from torch.fx import Node
+
+        if isinstance(obj, Node):
+            return env[obj]
+        if isinstance(obj, list | tuple):
+            return type(obj)(QuadraticForm._map(o, env) for o in obj)
+        if isinstance(obj, dict):
+            return {k: QuadraticForm._map(v, env) for k, v in obj.items()}
+        return obj
+
+    def _rule(self, node: Any, depends: set[Any]) -> Callable[..., Any] | None:
+        target = node.target
+        if target is operator.getitem:
+            return _getitem
+        if not isinstance(target, torch._ops.OpOverload):
+            raise TaylorUnsupportedError(f"QuadraticForm: no rule for {target!r}")
+        packet, full = _name(target)
+        args = node.args
+
+        def carries(a: Any) -> bool:
+            return a in depends
+
+        if packet in _CONSTANT:
+            return None
+        if packet in _LINEAR_FIRST or full in _SCALED:
+            if any(carries(a) for a in node.all_input_nodes if a is not args[0]):
+                raise TaylorUnsupportedError(
+                    f"QuadraticForm: {full} with a p-dependent argument besides the first")
+            return _linear_first
+        if full in _SHIFTED:
+            return _shifted
+        if packet in ("add", "sub", "rsub"):
+            return _add_sub
+        if packet in ("cat", "stack"):
+            return _concat
+        if packet in ("mm", "bmm", "mv", "dot", "matmul") or full == "mul.Tensor":
+            return _bilinear
+        if packet == "addmm":
+            return _addmm
+        if packet == "convolution":
+            return _convolution
+        if full == "div.Tensor":
+            if carries(args[1]):
+                raise TaylorUnsupportedError("QuadraticForm: division by a p-dependent tensor")
+            return _linear_first
+        if packet == "_log_softmax":
+            return _log_softmax
+        if packet == "mse_loss":
+            return _mse_loss
+        if packet in _ELEMENTWISE or full in _ELEMENTWISE:
+            if any(carries(a) for a in node.all_input_nodes if a is not args[0]):
+                raise TaylorUnsupportedError(
+                    f"QuadraticForm: {full} with a p-dependent argument besides the first")
+            return _elementwise_rule(node, self._primal)
+        raise TaylorUnsupportedError(
+            f"QuadraticForm: no second-order Taylor rule for aten.{full}; use Hessian-vector "
+            "products instead")
+
+    # ---- per probe -------------------------------------------------------------------------
+    def __call__(self, v: Tensor) -> Tensor:
+        """vᵀ ∇²L(p) v (a 0-d tensor)."""
+        if v.shape != self.p.shape:
+            raise ValueError(
+                f"QuadraticForm: v has shape {tuple(v.shape)}, p {tuple(self.p.shape)}")
+        placeholder = self._nodes[0]
+        coef: dict[Any, tuple[Any, Any]] = {placeholder: (v.to(self.p.dtype), None)}
+        primal = self._primal
+        with torch.no_grad():
+            for i, (node, rule) in enumerate(self._steps):
+                coef[node] = rule(node, primal, coef)
+                for n in self._free_after[i]:
+                    coef.pop(n, None)
+            c2 = coef.get(self._output, (None, None))[1]
+        if c2 is None:
+            return torch.zeros((), dtype=self.p.dtype, device=self.p.device)
+        return 2.0 * c2.reshape(())
+
+
+def _c(arg: Any, coef: dict[Any, tuple[Any, Any]], k: int) -> Any:
+    """Coefficient k ∈ {1, 2} of an argument (None: zero)."""
+    pair = coef.get(arg)
+    return None if pair is None else pair[k - 1]
+
+
+def _resolved(node: Any, primal: dict[Any, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return QuadraticForm._map(node.args, primal), QuadraticForm._map(node.kwargs, primal)
+
+
+def _getitem(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
+    src, idx = node.args
+    pair = coef.get(src)
+    if pair is None:
+        return (None, None)
+    return tuple(None if c is None else c[idx] for c in pair)
+
+
+def _linear_first(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
+    args, kwargs = _resolved(node, primal)
+    src = node.args[0]
+    out = []
+    for k in (1, 2):
+        c = _c(src, coef, k)
+        out.append(None if c is None else node.target(c, *args[1:], **kwargs))
+    return tuple(out)
+
+
+def _shifted(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
+    return coef.get(node.args[0], (None, None))
+
+
+def _add_sub(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
+    packet = node.target.overloadpacket.__name__
+    a, b = node.args[0], node.args[1]
+    alpha = node.kwargs.get("alpha", 1)
+    shape = primal[node].shape
+    out = []
+    for k in (1, 2):
+        ca, cb = _c(a, coef, k), _c(b, coef, k)
+        if packet == "rsub":  # b - alpha·a
+            ca, cb = cb, ca
+            term_a, term_b = ca, None if cb is None else -alpha * cb
+        elif packet == "sub":
+            term_a, term_b = ca, None if cb is None else -alpha * cb
+        else:
+            term_a, term_b = ca, None if cb is None else (cb if alpha == 1 else alpha * cb)
+        s = _add(term_a, term_b)
+        out.append(None if s is None else s.expand(shape) if s.shape != shape else s)
+    return tuple(out)
+
+
+def _concat(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
+    tensors = node.args[0]
+    rest = QuadraticForm._map(node.args[1:], primal)
+    out = []
+    for k in (1, 2):
+        cs = [_c(t, coef, k) for t in tensors]
+        if all(c is None for c in cs):
+            out.append(None)
+            continue
+        parts = [torch.zeros_like(primal[t]) if c is None else c for t, c in zip(tensors, cs,
+                                                                                  strict=True)]
+        out.append(node.target(parts, *rest, **node.kwargs))
+    return tuple(out)
+
+
+def _product(op: Callable[[Any, Any], Tensor], a: Any, b: Any, primal: dict[Any, Any],
+             coef: dict[Any, tuple[Any, Any]]) -> tuple[Tensor | None, Tensor | None]:
+    """Product rule for a bilinear ``op(a, b)``."""
+    a0 = primal[a] if a in primal else a
+    b0 = primal[b] if b in primal else b
+    a1, a2, b1, b2 = _c(a, coef, 1), _c(a, coef, 2), _c(b, coef, 1), _c(b, coef, 2)
+    c1 = _add(None if a1 is None else op(a1, b0), None if b1 is None else op(a0, b1))
+    c2 = None
+    for x, y in ((a2, b0), (a1, b1), (a0, b2)):
+        if x is not None and y is not None:
+            c2 = _add(c2, op(x, y))
+    return c1, c2
+
+
+def _bilinear(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
+    a, b = node.args[0], node.args[1]
+    return _product(node.target, a, b, primal, coef)
+
+
+def _addmm(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
+    bias, m1, m2 = node.args[:3]
+    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    c1, c2 = _product(torch.mm, m1, m2, primal, coef)
+    if alpha != 1:
+        c1 = None if c1 is None else alpha * c1
+        c2 = None if c2 is None else alpha * c2
+    shape = primal[node].shape
+    out = []
+    for k, c in ((1, c1), (2, c2)):
+        cb = _c(bias, coef, k)
+        s = _add(c, None if cb is None else beta * cb)
+        out.append(None if s is None else s.expand(shape) if s.shape != shape else s)
+    return tuple(out)
+
+
+def _convolution(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
+    x, w, bias = node.args[:3]
+    rest = QuadraticForm._map(node.args[3:], primal)
+    target = node.target
+
+    def conv(a: Tensor, b: Tensor) -> Tensor:
+        return target(a, b, None, *rest)
+
+    c1, c2 = _product(conv, x, w, primal, coef)
+    out = []
+    for k, c in ((1, c1), (2, c2)):
+        cb = _c(bias, coef, k)
+        if cb is not None:
+            view = (1, -1) + (1,) * (primal[node].ndim - 2)
+            shape = primal[node].shape
+            cb = cb.view(view)
+            c = cb.expand(shape) if c is None else c + cb
+        out.append(c)
+    return tuple(out)
+
+
+def _log_softmax(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
+    # y = x − logsumexp(x): y₁ = x₁ − ⟨π, x₁⟩, y₂ = x₂ − ⟨π, x₂⟩ − ½(⟨π, x₁²⟩ − ⟨π, x₁⟩²)
+    src, dim = node.args[0], node.args[1]
+    probs = primal[node].exp()
+    x1, x2 = _c(src, coef, 1), _c(src, coef, 2)
+    y1 = y2 = None
+    if x1 is not None:
+        m1 = (probs * x1).sum(dim, keepdim=True)
+        y1 = x1 - m1
+        y2 = -0.5 * ((probs * x1 * x1).sum(dim, keepdim=True) - m1 * m1)
+        y2 = y2.expand_as(x1)
+    if x2 is not None:
+        t = x2 - (probs * x2).sum(dim, keepdim=True)
+        y2 = t if y2 is None else y2 + t
+    return y1, y2
+
+
+def _mse_loss(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
+    # ℓ = reduce((a − b)²): ℓ₁ = reduce(2 d₀ d₁), ℓ₂ = reduce(2 d₀ d₂ + d₁²)
+    a, b = node.args[0], node.args[1]
+    reduction = node.args[2] if len(node.args) > 2 else node.kwargs.get("reduction", 1)
+    d0 = primal[a] - primal[b]
+    d1 = _add(_c(a, coef, 1), None if _c(b, coef, 1) is None else -_c(b, coef, 1))
+    d2 = _add(_c(a, coef, 2), None if _c(b, coef, 2) is None else -_c(b, coef, 2))
+
+    def reduce(t: Tensor) -> Tensor:
+        t = t.expand(torch.broadcast_shapes(t.shape, d0.shape))
+        return t.mean() if reduction == 1 else t.sum() if reduction == 2 else t
+
+    y1 = None if d1 is None else reduce(2 * d0 * d1)
+    y2 = None
+    if d2 is not None:
+        y2 = reduce(2 * d0 * d2)
+    if d1 is not None:
+        y2 = _add(y2, reduce(d1 * d1))
+    return y1, y2
+
+
+def _elementwise_rule(node: Any, primal: dict[Any, Any]) -> Callable[..., Any]:
+    """φ'(x₀) and ½φ''(x₀) by autograd, once per point."""
+    args, kwargs = _resolved(node, primal)
+    x0 = args[0].detach().requires_grad_(True)
+    with torch.enable_grad():
+        y = node.target(x0, *args[1:], **kwargs)
+        (d1,) = torch.autograd.grad(y.sum(), x0, create_graph=True)
+        if d1.requires_grad:
+            (d2,) = torch.autograd.grad(d1.sum(), x0)
+            half_d2: Tensor | None = 0.5 * d2.detach()
+            if not bool(half_d2.any()):
+                half_d2 = None
+        else:
+            half_d2 = None
+    d1 = d1.detach()
+    src = node.args[0]
+
+    def rule(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
+        x1, x2 = _c(src, coef, 1), _c(src, coef, 2)
+        y1 = None if x1 is None else d1 * x1
+        y2 = None if x2 is None else d1 * x2
+        if x1 is not None and half_d2 is not None:
+            y2 = _add(y2, half_d2 * x1 * x1)
+        return y1, y2
+
+    return rule
