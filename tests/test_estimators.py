@@ -10,6 +10,7 @@ from torch import nn
 
 import covariant as cv
 from covariant.errors import NotConvergedError
+from covariant.invariance import Sinh
 
 from .test_rules import theta_metric
 
@@ -49,8 +50,11 @@ def test_stochastic_vs_dense(chart):
         G = cv.metrics.Diagonal(lambda q: torch.exp(0.3 * q))
         space = space.with_metric(G)
     dense = cv.flatness(space, p, measures=("trace", "logdet", "max_eig", "top_eigs"), k=3)
+    # in_chart=True: every product through this chart's Hessian and metric (the generic path;
+    # the default computes a pulled-back space's measures in its parent chart)
     st = cv.flatness(space, p, measures=("trace", "logdet", "max_eig", "top_eigs"), k=3,
-                     method="stochastic", num_probes=120, seed=1, slq_probes=12, slq_steps=25)
+                     method="stochastic", num_probes=120, seed=1, slq_probes=12, slq_steps=25,
+                     in_chart=True)
     assert _within(st["trace"], dense["trace"].value)
     assert st["trace"].stderr < 0.1 * abs(dense["trace"].value)  # the error bar is informative
     assert _within(st["logdet"], dense["logdet"].value)
@@ -115,7 +119,7 @@ def test_weight_norm_invariant_naive_not_at_three_scales():
         for name, block in wn.chart.blocks.items():
             sl = wn.chart._psi_slices[name]
             psi[sl.start + block.num_slices : sl.stop] *= s
-        inv = cv.flatness(wn, psi, measures=("trace", "logdet", "max_eig"),
+        inv = cv.flatness(wn, psi, measures=("trace", "logdet", "max_eig"), in_chart=True,
                           method="stochastic", num_probes=100, seed=0, slq_probes=10, slq_steps=20)
         for m in ("trace", "logdet"):
             se = math.hypot(inv[m].stderr, ref[m].stderr)
@@ -149,3 +153,37 @@ def test_unknown_measure_and_singular_metric():
     singular = space.with_metric(cv.metrics.Dense(lambda q: torch.outer(q, q)))
     with pytest.raises(cv.errors.SingularMetricError, match="Damped"):
         cv.flatness(singular, theta, measures=("trace",), method="stochastic")
+
+
+@pytest.mark.parametrize("chart", ["weightnorm", "exp_then_scale"])
+def test_pulled_back_space_in_parent_chart_equals_the_chart_computation(chart):
+    # The default computes a pulled-back space's measures in the parent chart (tensor rule);
+    # it must agree with the generic in-chart computation, probe for probe, and its lifted
+    # eigenvectors must solve the generalized eigenproblem Hess_Ψ x = λ G_Ψ x in this chart.
+    space, theta = _mlp_space()
+    if chart == "weightnorm":
+        wn = space.reparametrize({"*.weight": cv.reparam.WeightNorm()})
+    else:  # a chain of two charts: the measures come from the root
+        wn = space.reparametrize({"*.bias": Sinh(a=0.7, s=1.3, c=0.1)}).reparametrize(
+            cv.reparam.Scale(0.5))
+    psi = wn.root_chart().inverse(theta) if chart != "weightnorm" else wn.chart.inverse(theta)
+    kw = {"measures": ("trace", "logdet", "max_eig", "top_eigs"), "k": 3,
+          "method": "stochastic", "num_probes": 60, "seed": 2, "slq_probes": 6,
+          "slq_steps": 20}
+    fast, slow = cv.flatness(wn, psi, **kw), cv.flatness(wn, psi, in_chart=True, **kw)
+    assert "computed_in" in fast["trace"].extras and "computed_in" not in slow["trace"].extras
+    for m in ("trace", "logdet"):
+        if chart == "weightnorm":  # horizontal coordinates u = J v: the very same probes
+            assert fast[m].value == pytest.approx(slow[m].value, rel=1e-9), m
+        else:  # a bijection: probes in ψ are other probes, same expectation
+            se = math.hypot(fast[m].stderr, slow[m].stderr)
+            assert abs(fast[m].value - slow[m].value) <= 3 * se, m
+            assert fast[m].value != slow[m].value
+    assert fast["top_eigs"].value == pytest.approx(slow["top_eigs"].value, rel=1e-8)
+    for key in ("dim", "rank", "num_gauge_directions"):
+        assert fast["trace"].extras[key] == slow["trace"].extras[key], key
+    H = wn.hessian(psi, method="general")
+    G = wn.metric.dense(psi)
+    for lam, x in zip(fast["top_eigs"].value, fast["top_eigs"].vectors.T, strict=True):
+        resid = H @ x - lam * (G @ x)
+        assert float(resid.norm()) <= 1e-7 * float((H @ x).norm()), lam

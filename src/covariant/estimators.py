@@ -159,6 +159,25 @@ def _quadratic_form(space: ParameterSpace, p: Tensor, mode: str
         return None, f"hvp (the loss could not be traced: {type(err).__name__})"
 
 
+def _in_parent_chart(space: ParameterSpace, p: Tensor, measures: Sequence[str],
+                     **options: Any) -> dict[str, Measure]:
+    """The measures of a pulled-back space, computed in its parent's chart at θ = h(ψ)."""
+    h, parent = space.chart, space.parent
+    assert h is not None and parent is not None
+    theta = h.forward(p).detach()
+    out = stochastic_flatness(parent, theta, measures, **options)
+    d = int(p.shape[0])
+    for m in out.values():
+        rank = int(m.extras.get("rank", theta.shape[0]))  # rank of E, found by the parent
+        m.extras.update(dim=d, rank=rank, num_gauge_directions=d - rank)
+        m.extras.setdefault("computed_in", "parent chart (pulled-back metric, same spectrum)")
+        if "pseudo" in m.extras:
+            m.extras["pseudo"] = d > rank
+        if m.vectors is not None:  # horizontal lift of the parent's eigenvectors
+            m.vectors = _lift(m.vectors, lambda u: h.inverse_jvp(p, u))
+    return out
+
+
 def _lift(vectors: Tensor, lift: Callable[[Tensor], Tensor] | None) -> Tensor:
     if lift is None:
         return vectors
@@ -185,6 +204,7 @@ def stochastic_flatness(
     max_restarts: int = 30,
     require_convergence: bool = False,
     quadratic_forms: str = "auto",
+    in_chart: bool = False,
 ) -> dict[str, Measure]:
     """Stochastic estimates of the spectral measures of E = G⁻¹ Hess (see module docstring).
 
@@ -214,6 +234,18 @@ def stochastic_flatness(
         an operation without a rule), "hvp" by Hessian-vector products, "auto" Taylor mode
         when the loss traces and falls back to products otherwise. ``extras["products"]``
         says which was used.
+    in_chart : bool
+        For a space made by ``reparametrize`` whose metric is the pulled-back one, the tensor
+        rules make E = G⁻¹Hess at ψ similar to the parent's E at θ = h(ψ) (on the horizontal
+        space for a submersion: E_h = J G⁺Hess J⁺ = E_Θ), so every measure here is the
+        parent's. By default they are computed there, without chart products, and
+        eigenvectors are lifted back with J⁺; a stochastic estimate is then the same number
+        in every chart, not only the same quantity. (In chart, a submersion's horizontal
+        problem uses the same probes as the parent and agrees to rounding; a bijection's
+        probes live in ψ, so its estimates agree within their error bars.)
+        ``in_chart=True`` computes every product in this chart instead (Hess_Ψ and G_Ψ
+        through the chart's Jacobian products): the generic path, e.g. to check the rules.
+        ``extras["computed_in"]`` says which was used.
     """
     unknown = [m for m in measures if m not in STOCHASTIC_MEASURES]
     if unknown:
@@ -224,6 +256,14 @@ def stochastic_flatness(
     if quadratic_forms not in ("auto", "taylor", "hvp"):
         raise ValueError(f"flatness: quadratic_forms must be 'auto', 'taylor' or 'hvp', got "
                          f"{quadratic_forms!r}")
+    if not in_chart and space._scalar_pullback and space.chart is not None \
+            and space.parent is not None and _plain(p):
+        return _in_parent_chart(
+            space, p, measures, k=k, num_probes=num_probes, seed=seed, progress=progress,
+            trace_method=trace_method, lanczos_steps=lanczos_steps, lanczos_tol=lanczos_tol,
+            slq_probes=slq_probes, slq_steps=slq_steps, density_grid=density_grid,
+            density_sigma=density_sigma, batch_size=batch_size, max_restarts=max_restarts,
+            require_convergence=require_convergence, quadratic_forms=quadratic_forms)
     dtype, device = p.dtype, p.device
     euclidean = isinstance(space.metric, Euclidean)
     operators: list[Any] = []  # built on first use: a Euclidean trace may need none

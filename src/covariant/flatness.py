@@ -232,6 +232,11 @@ def flatness(
         Number of eigenvalues for "top_eigs".
     num_probes, seed, progress
         Stochastic settings: probe count, seed for reproducibility, a tqdm progress bar.
+    **kwargs
+        Further options of the stochastic method
+        (:func:`covariant.estimators.stochastic_flatness`): ``trace_method``,
+        ``quadratic_forms`` (Taylor mode for Euclidean traces), ``in_chart`` (compute a
+        pulled-back space in its own chart instead of its parent's), Lanczos and SLQ settings.
 
     Returns
     -------
