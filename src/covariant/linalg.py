@@ -588,6 +588,7 @@ def lanczos(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
     progress: bool = False,
+    residuals: Literal["basis", "recompute"] = "basis",
 ) -> EigResult:
     r"""Extreme eigenpairs of a self-adjoint operator by restarted Lanczos.
 
@@ -636,6 +637,12 @@ def lanczos(
         Of the basis vectors; ``matvec`` receives vectors of this dtype and device.
     progress : bool
         Show a progress bar over operator applications.
+    residuals : {"basis", "recompute"}
+        How the final residuals ``A x − θ x`` are formed. "basis" keeps the products ``A V``
+        of the basis vectors (``num_steps`` more vectors of memory) and uses
+        ``A x = (A V) y``: no extra products, and still the true residual of ``x`` for a
+        linear operator. "recompute" applies ``matvec`` to each Ritz vector (one product per
+        eigenpair, no extra memory).
 
     Returns
     -------
@@ -649,9 +656,10 @@ def lanczos(
     Krylov space becomes invariant (e.g. for a low-rank operator), the basis is continued with
     fresh random vectors until it is full, which recovers multiplicities such as the many zero
     eigenvalues of a low-rank Hessian; otherwise copies appear through roundoff and restarts,
-    so a multiple eigenvalue can take longer to resolve. The residuals are recomputed with
-    ``matvec`` at the end (``len(eigenvalues)`` extra products), so they also reflect an
-    inexact operator (e.g. inner CG solves).
+    so a multiple eigenvalue can take longer to resolve. The final residuals are true
+    residuals, not the Lanczos estimates ``β |e_mᵀ y|``: they come from the operator's own
+    products (kept, or recomputed), so they also reflect an inexact or non-self-adjoint
+    operator (e.g. inner CG solves).
 
     Examples
     --------
@@ -664,6 +672,8 @@ def lanczos(
     dim = _check_dim(dim)
     if which not in ("largest", "smallest", "both"):
         raise ValueError(f"which must be 'largest', 'smallest' or 'both', got {which!r}.")
+    if residuals not in ("basis", "recompute"):
+        raise ValueError(f"residuals must be 'basis' or 'recompute', got {residuals!r}.")
     if k < 1 or k > dim:
         raise ValueError(f"k must be in 1..dim={dim}, got {k}.")
     nwant = min(2 * k, dim) if which == "both" else k
@@ -681,7 +691,9 @@ def lanczos(
     counts = {"A": 0, "B": 0}
     keep = min(nwant + (m - nwant) // 2, m - 1) if m < dim else m
     bar = progress_bar(
-        None, enabled=progress, total=m + max_restarts * (m - keep) + nwant, desc="lanczos"
+        None, enabled=progress,
+        total=m + max_restarts * (m - keep) + (nwant if residuals == "recompute" else 0),
+        desc="lanczos",
     )
 
     def A(v: Tensor) -> Tensor:
@@ -713,6 +725,7 @@ def lanczos(
     # (3-10x faster than a strided (dim, m) column slice; benchmarks/).
     V = torch.zeros(m, dim, dtype=dtype, device=device).T
     BV = V if inner_matvec is None else torch.zeros(m, dim, dtype=dtype, device=device).T
+    AV = torch.zeros(m, dim, dtype=dtype, device=device).T if residuals == "basis" else None
     T = torch.zeros(m, m, dtype=torch.float64)
 
     def fresh(j: int) -> tuple[Tensor, Tensor, float]:
@@ -738,6 +751,8 @@ def lanczos(
         if inner_matvec is not None:
             BV[:, j] = Bf / beta
         w = A(V[:, j])
+        if AV is not None:
+            AV[:, j] = w
         w, c = _orthogonalize(w, V[:, : j + 1], BV[:, : j + 1])
         c64 = c.to(device="cpu", dtype=torch.float64)
         T[: j + 1, j] = c64
@@ -766,6 +781,8 @@ def lanczos(
             V[:, :keep] = V @ Yk
             if inner_matvec is not None:
                 BV[:, :keep] = BV @ Yk
+            if AV is not None:
+                AV[:, :keep] = AV @ Yk
             T.zero_()
             T[:keep, :keep] = torch.diag(theta[kept])
             j = keep
@@ -774,18 +791,20 @@ def lanczos(
     want = _priority(j, which)[:nwant]
     want = want[torch.argsort(theta[want], descending=True)]
     values = theta[want]
-    X = V[:, :j] @ Y[:, want].to(dtype=dtype, device=device)
-    residuals = torch.empty(len(want), dtype=torch.float64)
+    Yw = Y[:, want].to(dtype=dtype, device=device)
+    X = V[:, :j] @ Yw
+    AX = AV[:, :j] @ Yw if AV is not None else None
+    res = torch.empty(len(want), dtype=torch.float64)
     for i in range(len(want)):
         x = X[:, i]
-        r = A(x) - float(values[i]) * x
-        residuals[i] = b_norm(r, B(r), "a residual") / scale
+        r = (A(x) if AX is None else AX[:, i]) - float(values[i]) * x
+        res[i] = b_norm(r, B(r), "a residual") / scale
     bar.close()
     return EigResult(
         eigenvalues=values.to(dtype=dtype, device=device),
         eigenvectors=X,
-        residuals=residuals.to(dtype=dtype, device=device),
-        converged=bool((residuals <= tol_).all()),
+        residuals=res.to(dtype=dtype, device=device),
+        converged=bool((res <= tol_).all()),
         num_matvecs=counts["A"],
         num_inner_matvecs=counts["B"],
         num_restarts=restarts,
