@@ -56,6 +56,7 @@ import _common as C
 import covariant as cv
 from covariant import linalg
 from covariant.reparam import WeightNorm
+from covariant.taylor import QuadraticForm
 
 ROWS = ("a", "b", "c", "d", "e", "f")
 
@@ -136,7 +137,8 @@ class Config:
     peer_max_iter: int = 1000
     f_seeds: int = 30
     f_accuracy: float = 1e-2
-    mem_ops: tuple[str, ...] = ("grad", "hvp", "trace_invariant", "trace_euclidean")
+    mem_ops: tuple[str, ...] = ("grad", "hvp", "trace_invariant", "trace_invariant_in_chart",
+                                "trace_euclidean")
     mem_repeats: int = 3
 
 
@@ -201,42 +203,6 @@ def _keep(store: dict[str, Any], name: str, fn):
     return wrapped
 
 
-def _cached_hvp(space: Any, p: torch.Tensor):
-    """PROTOTYPE (benchmark only, not library code): linearize ∇L once at p and reuse it.
-
-    ``torch.func.vjp(grad(L), p)`` keeps the forward and the first backward graph; each call
-    of the returned function is one reverse pass through it (H v = vjp(∇L)(v) since H is
-    symmetric) -- what PyHessian does with its retained create_graph gradient.
-    """
-    from torch.func import grad, vjp
-
-    _, fn = vjp(grad(space._loss), p)
-    return lambda v: fn(v)[0]
-
-
-def _retained_graph_hvp(space: Any, p: torch.Tensor, split: bool = False):
-    """PROTOTYPE (benchmark only): plain autograd on a flat leaf, first backward kept.
-
-    g = ∇L(q) with create_graph=True once; each product is one more backward through it,
-    H v = autograd.grad(g, q, v, retain_graph=True) -- PyHessian's scheme on the flat point.
-    ``split=True`` builds the parameter dict with ``torch.split`` + ``view`` instead of the
-    layout's slices (one SplitBackward node instead of one zero-filled d-vector per tensor).
-    """
-    from torch.func import functional_call
-
-    q = p.detach().requires_grad_(True)
-    if split:
-        lay = space.layout
-        params = dict(zip(lay.names, (t.view(s) for t, s in zip(
-            torch.split(q, list(lay.numels)), lay.shapes, strict=True)), strict=True))
-        loss = sum(w * space.loss_fn(functional_call(space.model, params, (X,)), y)
-                   for w, (X, y) in zip(space._batch_weights, space.batches, strict=True))
-    else:
-        loss = space._loss(q)
-    (g,) = torch.autograd.grad(loss, q, create_graph=True)
-    return lambda v: torch.autograd.grad(g, q, grad_outputs=v, retain_graph=True)[0]
-
-
 # --------------------------------------------------------------------------------------------
 # (a) Hutchinson trace throughput
 # --------------------------------------------------------------------------------------------
@@ -246,30 +212,19 @@ def row_a(ctx: Ctx, cfg: Config) -> dict:
     N, d = ctx.N, ctx.theta.shape[0]
     got: dict[str, Any] = {}
 
-    def ours(n=N):
+    def ours(n=N, products="auto"):
         sp, th = cv.ParameterSpace.from_module(ctx.model, ctx.crit, (ctx.X, ctx.y))
         return cv.flatness(sp, th, measures=("trace",), method="stochastic", num_probes=n,
-                           seed=0)["trace"]
+                           seed=0, quadratic_forms=products)["trace"]
 
     def peer(n=N):
         return C.pyhessian_trace(ctx.model, ctx.crit, ctx.X, ctx.y, n)
 
-    def proto(n=N):
-        hvp = _cached_hvp(ctx.space, ctx.theta)
-        return linalg.hutchinson(hvp, d, n, seed=0, dtype=ctx.theta.dtype,
-                                 device=ctx.theta.device)
-
-    def proto_rg(n=N):
-        hvp = _retained_graph_hvp(ctx.space, ctx.theta, split=True)
-        return linalg.hutchinson(hvp, d, n, seed=0, dtype=ctx.theta.dtype,
-                                 device=ctx.theta.device)
-
-    fns = {"ours": _keep(got, "ours", ours), "peer": _keep(got, "peer", peer),
-           "prototype_cached_linearization": _keep(got, "proto", proto),
-           "prototype_retained_graph_split": _keep(got, "proto_rg", proto_rg)}
-    warm = {"ours": lambda: ours(2), "peer": lambda: peer(2),
-            "prototype_cached_linearization": lambda: proto(2),
-            "prototype_retained_graph_split": lambda: proto_rg(2)}
+    fns = {"ours": _keep(got, "ours", ours),
+           "ours_hvp_products": _keep(got, "hvp", lambda: ours(products="hvp")),
+           "peer": _keep(got, "peer", peer)}
+    warm = {"ours": lambda: ours(2), "ours_hvp_products": lambda: ours(2, "hvp"),
+            "peer": lambda: peer(2)}
     t = C.interleaved(fns, cfg.repeats, cfg.device, warm)
     med = {k: C.median(v) for k, v in t.items()}
     thr = {k: N / v for k, v in med.items()}
@@ -277,21 +232,17 @@ def row_a(ctx: Ctx, cfg: Config) -> dict:
         "num_probes": N, "batch": int(ctx.X.shape[0]), "params": d,
         "times_s": t, "median_s": med, "probes_per_s": thr,
         "per_probe_ms": {k: 1e3 * v / N for k, v in med.items()},
+        "products_used": got["ours"].extras.get("products"),
         "trace_ours": [got["ours"].value, got["ours"].stderr],
+        "trace_ours_hvp_products": [got["hvp"].value, got["hvp"].stderr],
         "trace_peer": [sum(got["peer"]) / N, _stderr(got["peer"])],
-        "trace_prototype": [got["proto"].value, got["proto"].stderr],
-        "ours_call": "cv.flatness(space, p, ('trace',), 'stochastic', num_probes=N) "
-                     "(default: vmap over all N probes for a Euclidean metric)",
+        "ours_call": "cv.flatness(from_module(...), p, ('trace',), 'stochastic', num_probes=N) "
+                     "(default quadratic_forms='auto': Taylor-mode zᵀ∇²Lz, "
+                     "covariant.taylor.QuadraticForm)",
+        "ours_hvp_products_call": "the same with quadratic_forms='hvp' (one second backward "
+                                  "through a kept gradient graph per probe, as PyHessian)",
         "peer_call": "pyhessian.hessian(model, crit, data=(X, y)).trace(maxIter=N, tol=-inf)",
-        "trace_prototype_retained_graph_split": [got["proto_rg"].value,
-                                                 got["proto_rg"].stderr],
-        "prototype": "torch.func.vjp(grad(loss), p) once, then N reverse passes (not library "
-                     "code; what src/covariant could do)",
-        "prototype_retained_graph_split": "autograd create_graph gradient on a flat leaf once "
-                                          "(torch.split unflatten), then N backward passes",
-        "prototype_vs_peer_throughput": thr["prototype_cached_linearization"] / thr["peer"],
-        "prototype_retained_graph_split_vs_peer_throughput":
-            thr["prototype_retained_graph_split"] / thr["peer"],
+        "hvp_products_vs_peer_throughput": thr["ours_hvp_products"] / thr["peer"],
     }
     return make_row("a", ctx.name, "Hutchinson trace throughput", "probes/s", thr["ours"],
                     thr["peer"], thr["ours"] / thr["peer"], extras, "covariant", "PyHessian")
@@ -388,13 +339,6 @@ def rows_b(ctx: Ctx, cfg: Config) -> list[dict]:
             for key in times:
                 times[key] += more[key]
         med = {key: C.median(v) for key, v in times.items()}
-        # prototype: the same Lanczos on a linearization computed once
-        def proto_run(k=k, tol=o_ch["tol"]):
-            hvp = _cached_hvp(ctx.space, ctx.theta)
-            return linalg.lanczos(hvp, ctx.theta.shape[0], k, tol=tol, seed=0,
-                                  dtype=ctx.theta.dtype, device=ctx.theta.device)
-
-        dt_proto, proto = C.timed(proto_run, dev)
         extras = {
             "k": k, "accuracy": cfg.accuracy, "reference": reference, "timed_runs": 1 + reruns,
             "ours_tol": o_ch["tol"], "peer_tol": p_ch["tol"],
@@ -405,10 +349,6 @@ def rows_b(ctx: Ctx, cfg: Config) -> list[dict]:
             "ours_per_matvec_ms": 1e3 * med["ours"] / o_ch["matvecs"],
             "peer_per_matvec_ms": 1e3 * med["peer"] / p_ch["matvecs"],
             "ours_sweep": o_sweep, "peer_sweep": p_sweep, "peer_max_iter": cfg.peer_max_iter,
-            "prototype_cached_linearization": {
-                "seconds": dt_proto, "matvecs": proto.num_matvecs,
-                "rel_error": _relerr(proto.eigenvalues.tolist()[:k], ref_vals[:k]),
-                "speedup_vs_peer": med["peer"] / dt_proto},
             "ours_call": f"cv.flatness(space, p, ('{'max_eig' if k == 1 else 'top_eigs'}',), "
                          f"'stochastic', k={k}, lanczos_tol=tol)",
             "peer_call": f"pyhessian.hessian(...).eigenvalues(top_n={k}, tol=tol, "
@@ -431,25 +371,28 @@ def rows_b(ctx: Ctx, cfg: Config) -> list[dict]:
 
 
 def row_c(ctx: Ctx, cfg: Config) -> dict:
-    N, d = ctx.N, ctx.theta.shape[0]
+    N = ctx.N
     got: dict[str, Any] = {}
 
-    def inv(n=N):
-        return cv.flatness(ctx.wn_space, ctx.psi, measures=("trace",), method="stochastic",
-                           num_probes=n, seed=0)["trace"]
+    def trace(space, p, n=N, **kw):
+        return cv.flatness(space, p, measures=("trace",), method="stochastic", num_probes=n,
+                           seed=0, **kw)["trace"]
 
-    def euc(n=N):
-        return cv.flatness(ctx.space, ctx.theta, measures=("trace",), method="stochastic",
-                           num_probes=n, seed=0)["trace"]
-
-    def euc_loop(n=N):
-        return linalg.hutchinson(lambda v: ctx.space.hvp(ctx.theta, v, riemannian=False), d, n,
-                                 seed=0, dtype=ctx.theta.dtype, device=ctx.theta.device)
-
-    fns = {"invariant_weightnorm": _keep(got, "inv", inv), "euclidean_w": _keep(got, "euc", euc),
-           "euclidean_w_probe_loop": _keep(got, "loop", euc_loop)}
-    warm = {"invariant_weightnorm": lambda: inv(2), "euclidean_w": lambda: euc(2),
-            "euclidean_w_probe_loop": lambda: euc_loop(2)}
+    fns = {
+        "invariant_weightnorm": _keep(got, "inv", lambda: trace(ctx.wn_space, ctx.psi)),
+        "euclidean_w": _keep(got, "euc", lambda: trace(ctx.space, ctx.theta)),
+        "invariant_weightnorm_in_chart": _keep(
+            got, "inv_chart", lambda: trace(ctx.wn_space, ctx.psi, in_chart=True)),
+        "euclidean_w_hvp_products": _keep(
+            got, "euc_hvp", lambda: trace(ctx.space, ctx.theta, quadratic_forms="hvp")),
+    }
+    warm = {
+        "invariant_weightnorm": lambda: trace(ctx.wn_space, ctx.psi, 2),
+        "euclidean_w": lambda: trace(ctx.space, ctx.theta, 2),
+        "invariant_weightnorm_in_chart": lambda: trace(ctx.wn_space, ctx.psi, 2, in_chart=True),
+        "euclidean_w_hvp_products": lambda: trace(ctx.space, ctx.theta, 2,
+                                                  quadratic_forms="hvp"),
+    }
     t = C.interleaved(fns, cfg.repeats, cfg.device, warm)
     med = {k: C.median(v) for k, v in t.items()}
     ratio = med["invariant_weightnorm"] / med["euclidean_w"]
@@ -458,15 +401,24 @@ def row_c(ctx: Ctx, cfg: Config) -> dict:
         "num_probes": N, "chart": "{'*.weight': WeightNorm()} (dim=0)",
         "psi_dim": int(ctx.psi.shape[0]), "rank": inv_m.extras.get("rank"),
         "gauge_directions": inv_m.extras.get("num_gauge_directions"),
+        "computed_in": inv_m.extras.get("computed_in", "this chart"),
         "times_s": t, "median_s": med,
-        "ratio_vs_probe_loop": med["invariant_weightnorm"] / med["euclidean_w_probe_loop"],
+        "in_chart_vs_euclidean_hvp_products": (med["invariant_weightnorm_in_chart"]
+                                               / med["euclidean_w_hvp_products"]),
+        "in_chart_vs_euclidean": med["invariant_weightnorm_in_chart"] / med["euclidean_w"],
         "trace_invariant": [inv_m.value, inv_m.stderr],
+        "trace_invariant_in_chart": [got["inv_chart"].value, got["inv_chart"].stderr],
         "trace_euclidean_w": [euc_m.value, euc_m.stderr],
-        "trace_euclidean_w_probe_loop": [got["loop"].value, got["loop"].stderr],
+        "trace_euclidean_w_hvp_products": [got["euc_hvp"].value, got["euc_hvp"].stderr],
         "same_probes_rel_diff": abs(inv_m.value - euc_m.value) / abs(euc_m.value),
-        "note": "With the pulled-back Euclidean metric the invariant trace is tr ∇²L(w); the "
-                "horizontal problem uses the same seed and dimension, so both estimates use "
-                "the same probes and agree to float32 rounding.",
+        "in_chart_same_probes_rel_diff": (abs(got["inv_chart"].value - euc_m.value)
+                                          / abs(euc_m.value)),
+        "note": "With the pulled-back Euclidean metric the invariant trace is tr ∇²L(w). By "
+                "default flatness computes a pulled-back space's measures in the parent "
+                "chart (the tensor rule, tested against the in-chart path); "
+                "in_chart=True runs every product through the weight-norm chart "
+                "(J⁺, Jᵀ, G⁺ products around the parent's HVP). The horizontal problem uses "
+                "the same seed and dimension, so all four estimates use the same probes.",
     }
     return make_row("c", ctx.name, "invariant trace (weight norm) vs Euclidean", "s",
                     med["invariant_weightnorm"], med["euclidean_w"], ratio, extras,
@@ -484,10 +436,8 @@ def row_d(ctx: Ctx, cfg: Config) -> dict:
     vs = list(ctx.space.unflatten(v).values())
     C.zero_grads(ctx.model)
     gH = torch.autograd.grad(ctx.crit(ctx.model(ctx.X), ctx.y), ctx.params, create_graph=True)
-    cached = _cached_hvp(ctx.space, ctx.theta)
-    rg_slice = _retained_graph_hvp(ctx.space, ctx.theta, split=False)
-    rg_split = _retained_graph_hvp(ctx.space, ctx.theta, split=True)
-    op = ctx.space.hvp_operator(ctx.theta, riemannian=False)  # what flatness uses per probe
+    op = ctx.space.hvp_operator(ctx.theta, riemannian=False)  # Lanczos' per-product operator
+    qform = QuadraticForm(ctx.space._loss, ctx.theta)  # what Hutchinson uses per probe
 
     def double_backward():
         g = torch.autograd.grad(ctx.crit(ctx.model(ctx.X), ctx.y), ctx.params, create_graph=True)
@@ -501,9 +451,7 @@ def row_d(ctx: Ctx, cfg: Config) -> dict:
         "double_backward_fresh": double_backward,
         "pyhessian_hvp_retained_graph": lambda: torch.autograd.grad(
             gH, ctx.params, grad_outputs=vs, retain_graph=True),
-        "prototype_cached_linearization_hvp": lambda: cached(v),
-        "prototype_retained_graph_flat_hvp": lambda: rg_slice(v),
-        "prototype_retained_graph_split_hvp": lambda: rg_split(v),
+        "taylor_quadratic_form": lambda: qform(v),
     }
     reps = max(5, 3 * cfg.repeats)
     t = C.interleaved(fns, reps, cfg.device)
@@ -513,8 +461,12 @@ def row_d(ctx: Ctx, cfg: Config) -> dict:
         "repeats": reps, "median_ms": {k: 1e3 * x for k, x in med.items()},
         "ratio_to_grad": {k: x / g for k, x in med.items()},
         "times_s": t,
-        "per_probe_call": "space.hvp_operator(p, riemannian=False)(v): the per-probe product "
-                          "of flatness (gradient graph built once per point)",
+        "per_probe_call": "space.hvp_operator(p, riemannian=False)(v): the per-product "
+                          "operator of flatness' Lanczos, SLQ and in-chart estimates "
+                          "(gradient graph built once per point)",
+        "taylor_quadratic_form_call": "covariant.taylor.QuadraticForm(space._loss, p)(v): "
+                                      "vᵀ∇²Lv by Taylor mode, what Hutchinson's Euclidean "
+                                      "trace uses per probe (not a product, so not row d)",
         "hvp_call": "space.hvp(p, v, riemannian=False): a one-off product from scratch "
                     "(forward pass and first backward recomputed)",
         "grad_call": "torch.autograd.grad(crit(model(X), y), params)",
@@ -535,6 +487,9 @@ def _mem_ops(ctx: Ctx, N: int) -> dict[str, Any]:
         "hvp": lambda: ctx.space.hvp(ctx.theta, torch.ones_like(ctx.theta), riemannian=False),
         "trace_invariant": lambda: cv.flatness(ctx.wn_space, ctx.psi, measures=("trace",),
                                                method="stochastic", num_probes=N, seed=0),
+        "trace_invariant_in_chart": lambda: cv.flatness(
+            ctx.wn_space, ctx.psi, measures=("trace",), method="stochastic", num_probes=N,
+            seed=0, in_chart=True),
         "trace_euclidean": lambda: cv.flatness(ctx.space, ctx.theta, measures=("trace",),
                                                method="stochastic", num_probes=N, seed=0),
     }
@@ -609,9 +564,12 @@ def row_e(ctx: Ctx, cfg: Config) -> dict:
         "ops": {"grad": "torch.autograd.grad(crit(model(X), y), params)",
                 "hvp": "space.hvp(p, v, riemannian=False)",
                 "trace_invariant": "flatness(weight-norm space, psi, ('trace',), "
-                                   "'stochastic', num_probes=N)",
+                                   "'stochastic', num_probes=N) (default: parent chart, "
+                                   "Taylor-mode quadratic forms)",
+                "trace_invariant_in_chart": "the same with in_chart=True (HVPs through a "
+                                            "kept gradient graph and the chart's products)",
                 "trace_euclidean": "flatness(space, theta, ('trace',), 'stochastic', "
-                                   "num_probes=N) (vmap over all N probes)"},
+                                   "num_probes=N) (Taylor-mode quadratic forms)"},
     }
     return make_row("e", ctx.name, "peak memory invariant trace / gradient", "MiB",
                     mib["trace_invariant"], mib["grad"], ratio, extras, "invariant trace",
@@ -750,10 +708,12 @@ def profile_ctx(ctx: Ctx, cfg: Config) -> tuple[dict[str, Any], str]:
     from torch.profiler import ProfilerActivity, profile
 
     v = torch.randn(ctx.theta.shape[0], generator=torch.Generator().manual_seed(0)).to(ctx.theta)
-    cached = _cached_hvp(ctx.space, ctx.theta)
+    op = ctx.space.hvp_operator(ctx.theta, riemannian=False)
+    qform = QuadraticForm(ctx.space._loss, ctx.theta)
     cases = {
         "space.hvp": lambda: ctx.space.hvp(ctx.theta, v, riemannian=False),
-        "cached_linearization_hvp": lambda: cached(v),
+        "hvp_operator": lambda: op(v),
+        "taylor_quadratic_form": lambda: qform(v),
         "autograd_gradient": lambda: torch.autograd.grad(ctx.crit(ctx.model(ctx.X), ctx.y),
                                                          ctx.params),
     }
@@ -796,12 +756,12 @@ def profile_ctx(ctx: Ctx, cfg: Config) -> tuple[dict[str, Any], str]:
     text.append("--- cProfile of space.hvp (cumulative)")
     text.append(s.getvalue())
 
-    # Where Lanczos spends its time besides the products (cached linearization, top-5)
+    # Where Lanczos spends its time besides the products (space.hvp_operator, top-5)
     spent = {"matvec_s": 0.0}
 
     def timed_mv(u):
         t0 = time.perf_counter()
-        out = cached(u)
+        out = op(u)
         C.sync(cfg.device)
         spent["matvec_s"] += time.perf_counter() - t0
         return out
@@ -818,7 +778,7 @@ def profile_ctx(ctx: Ctx, cfg: Config) -> tuple[dict[str, Any], str]:
     summary["lanczos_top5"] = {"total_s": total, "matvecs": res.num_matvecs,
                                "matvec_fraction": spent["matvec_s"] / total,
                                "orthogonalize_fraction": orth / total}
-    text.append(f"--- linalg.lanczos top-5 on the cached HVP: {total:.2f} s, "
+    text.append(f"--- linalg.lanczos top-5 on space.hvp_operator: {total:.2f} s, "
                 f"{res.num_matvecs} products; {100 * spent['matvec_s'] / total:.0f}% in "
                 f"products, {100 * orth / total:.0f}% in _orthogonalize (CGS2 against the "
                 "(dim, m) basis)")

@@ -122,3 +122,22 @@ def test_flatness_falls_back_to_products_when_the_loss_has_no_rule():
         cv.flatness(space, p, quadratic_forms="taylor", **kw)
     with pytest.raises(ValueError, match="quadratic_forms"):
         cv.flatness(space, p, quadratic_forms="fast", **kw)
+
+
+def test_inplace_relu_is_recorded_out_of_place_and_unsafe_mutation_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 3))
+    space, p = _space(model, nn.CrossEntropyLoss(), n=9, classes=3, in_features=5)
+    V = torch.randn(3, p.shape[0], dtype=torch.float64)
+    q = QuadraticForm(space._loss, p)
+    torch.testing.assert_close(torch.stack([q(v) for v in V]),
+                               _dense_quadratic_forms(space, p, V), rtol=1e-10, atol=1e-12)
+
+    def mutated_after_use(p):
+        a = p * 2.0
+        b = a.sin()  # a is used here ...
+        a.mul_(3.0)  # ... and then changed in place: the record cannot express this
+        return (a * b).sum()
+
+    with pytest.raises(TaylorUnsupportedError, match="in-place"):
+        QuadraticForm(mutated_after_use, torch.ones(3, dtype=torch.float64))

@@ -21,11 +21,14 @@ Hessian-vector product through a kept gradient graph (what PyHessian does). The 
 whose input is data, needs one.
 
 Why hand-written: torch has forward mode (``torch.func.jvp``) but no Taylor mode; nesting two
-``jvp`` computes x₁ twice and recomputes the forward pass, 8 products per layer. The graph is
-traced once with ``make_fx`` (aten operations, so it works for any model and loss built from
-the supported operations) and interpreted per probe. An operation without a rule raises
-:class:`TaylorUnsupportedError`; callers (``flatness``) then fall back to Hessian-vector
-products. ``benchmarks/bench_flatness.py`` (row a) measures it against PyHessian.
+``jvp`` computes x₁ twice and recomputes the forward pass, 8 products per layer. The loss is
+evaluated once at p under a ``TorchDispatchMode`` that records its aten operations and their
+values (so it works for any model and loss built from the supported operations; control flow
+is fixed at p, as in any trace), and the record is interpreted per probe. ``make_fx`` would
+record the same graph but costs 5× more here (proxies and fake tensors: 24 vs 4 ms on a
+78k-parameter MLP). An operation without a rule raises :class:`TaylorUnsupportedError`;
+callers (``flatness``) then fall back to Hessian-vector products.
+``benchmarks/bench_flatness.py`` (rows a and d) measures it against PyHessian.
 
 Example
 -------
@@ -48,6 +51,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import CovariantError
 
@@ -79,6 +83,8 @@ _ELEMENTWISE = {
     "elu", "sqrt", "rsqrt", "reciprocal", "log1p", "expm1", "sin", "cos", "pow.Tensor_Scalar",
     "square", "log_sigmoid_forward", "hardtanh", "erf", "abs",
 }
+# Rules that read the operation's own value at p (its shape, or softmax probabilities).
+_READS_OWN_VALUE = {"add", "sub", "rsub", "addmm", "convolution", "_log_softmax"}
 # Outputs that never depend differentiably on their inputs.
 _CONSTANT = {
     "zeros_like", "ones_like", "full_like", "empty_like", "zeros", "ones", "full", "arange",
@@ -93,21 +99,101 @@ def _name(target: Any) -> tuple[str, str]:
     return packet, f"{packet}.{target._overloadname}"
 
 
-def _out_of_place(node: Any) -> None:
-    """Replace an in-place aten operation (e.g. the ``squeeze_`` inside ``matmul``'s composite
-    kernel, below functionalization) by its out-of-place form when no other node sees the
-    mutated input."""
+class _Node:
+    """One recorded aten operation: its arguments with recorded tensors replaced by nodes."""
+
+    __slots__ = ("all_input_nodes", "args", "kwargs", "target", "users")
+
+    def __init__(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.target, self.args, self.kwargs = target, args, kwargs
+        found: dict[int, _Node] = {}
+        _collect((args, kwargs), found)
+        self.all_input_nodes = list(found.values())
+        self.users = 0
+        for n in self.all_input_nodes:
+            n.users += 1
+
+
+def _collect(obj: Any, found: dict[int, _Node]) -> None:
+    if isinstance(obj, _Node):
+        found.setdefault(id(obj), obj)
+    elif isinstance(obj, list | tuple):
+        for o in obj:
+            _collect(o, found)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            _collect(o, found)
+
+
+class _Recorder(TorchDispatchMode):
+    """Records the aten operations of one forward evaluation, with their real outputs.
+
+    Lighter than ``make_fx`` (no proxies, no fake tensors): the primal values of the Taylor
+    expansion are the outputs computed while recording. Operations whose inputs are all
+    unrecorded tensors (data, constants) are not recorded; their outputs are constants.
+    """
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # Nothing here is compiled; without this, torch wraps __torch_dispatch__ in a
+        # dynamo-disable that imports torch._dynamo (about 1 s) on first use.
+        return False
+
+    def __init__(self, p: Tensor) -> None:
+        super().__init__()
+        placeholder = _Node("placeholder", (), {})
+        self.nodes: list[_Node] = [placeholder]
+        self.primal: dict[Any, Any] = {placeholder: p}
+        self.producer: dict[int, _Node] = {id(p): placeholder}
+
+    def _wrap(self, obj: Any) -> Any:
+        if isinstance(obj, Tensor):
+            return self.producer.get(id(obj), obj)
+        if isinstance(obj, list | tuple):
+            return type(obj)(self._wrap(o) for o in obj)
+        if isinstance(obj, dict):
+            return {k: self._wrap(v) for k, v in obj.items()}
+        return obj
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        node = _Node(func, self._wrap(tuple(args)), self._wrap(dict(kwargs)))
+        mutated = args[0] if func._schema.is_mutable and args else None
+        if isinstance(mutated, Tensor) and node.all_input_nodes:
+            _make_out_of_place(node, mutated)
+        out = func(*args, **kwargs)
+        if not node.all_input_nodes:  # a constant: not recorded
+            for n in node.all_input_nodes:
+                n.users -= 1
+            return out
+        self.nodes.append(node)
+        self.primal[node] = out
+        if isinstance(out, Tensor):
+            self.producer[id(out)] = node
+        elif isinstance(out, list | tuple):
+            for i, o in enumerate(out):
+                if isinstance(o, Tensor):
+                    item = _Node(operator.getitem, (node, i), {})
+                    self.nodes.append(item)
+                    self.primal[item] = o
+                    self.producer[id(o)] = item
+        return out
+
+
+def _make_out_of_place(node: _Node, mutated: Tensor) -> None:
+    """Record an in-place operation (``relu_``, the ``squeeze_`` inside ``matmul``) as its
+    out-of-place form. Sound only if nothing else saw the mutated tensor: it is no view and
+    its producer has no other user."""
     target = node.target
-    if not isinstance(target, torch._ops.OpOverload):
-        return
     packet = target.overloadpacket.__name__
-    if not packet.endswith("_"):
-        return
-    functional = getattr(aten, packet[:-1], None)
+    functional = getattr(aten, packet[:-1], None) if packet.endswith("_") else None
     overload = getattr(functional, target._overloadname, None) if functional else None
-    first = node.args[0] if node.args else None
-    if overload is None or getattr(first, "users", None) is None or len(first.users) != 1:
-        raise TaylorUnsupportedError(f"QuadraticForm: in-place aten.{packet} on a shared tensor")
+    first = node.args[0]
+    if overload is None or not isinstance(first, _Node) or mutated._base is not None \
+            or first.users != 1:
+        raise TaylorUnsupportedError(
+            f"QuadraticForm: in-place aten.{packet} on a tensor that other operations see")
     node.target = overload
 
 
@@ -125,8 +211,8 @@ class QuadraticForm:
     Parameters
     ----------
     loss : callable
-        Flat point ↦ scalar loss. Traced once with ``make_fx`` at ``p``: control flow is
-        fixed at that point (as for any trace), so build a new form for a new point.
+        Flat point ↦ scalar loss. Recorded once at ``p``: control flow is fixed at that point
+        (as for any trace), so build a new form for a new point.
     p : Tensor
         The point (1-D).
 
@@ -156,50 +242,38 @@ class QuadraticForm:
     """
 
     def __init__(self, loss: Callable[[Tensor], Tensor], p: Tensor) -> None:
-        from torch.fx.experimental.proxy_tensor import make_fx
-
         if not isinstance(p, Tensor) or p.ndim != 1:
             raise TypeError("QuadraticForm: p must be a 1-D tensor")
-        with torch.no_grad():  # functionalize: in-place operations become out-of-place ones
-            self.graph_module = make_fx(torch.func.functionalize(loss))(p.detach())
         self.p = p.detach()
-        self._nodes = list(self.graph_module.graph.nodes)
+        recorder = _Recorder(self.p)
+        with torch.no_grad(), recorder:
+            out = loss(self.p)
+        self._nodes = recorder.nodes
+        self._primal: dict[Any, Any] = recorder.primal
+        self._output = recorder.producer.get(id(out)) if isinstance(out, Tensor) else None
+        if self._output is None or out.numel() != 1:
+            raise TaylorUnsupportedError(
+                "QuadraticForm: the loss must return a scalar tensor that depends on p")
         self._steps: list[tuple[Any, Callable[..., Any]]] = []
-        self._primal: dict[Any, Any] = {}
         self._setup()
 
-    # ---- setup: the forward pass at p, the rule of each node, what stays alive --------------
+    # ---- setup: the rule of each recorded operation, what stays alive ----------------------
     def _setup(self) -> None:
-        gm = self.graph_module
         primal = self._primal
-        depends: set[Any] = set()  # nodes whose value depends on p
-        for node in self._nodes:
-            if node.op == "placeholder":
-                primal[node] = self.p
-                depends.add(node)
-            elif node.op == "get_attr":
-                primal[node] = getattr(gm, node.target)
-            elif node.op == "call_function":
-                _out_of_place(node)
-                args, kwargs = self._map(node.args, primal), self._map(node.kwargs, primal)
-                with torch.no_grad():
-                    primal[node] = node.target(*args, **kwargs)
-                if any(a in depends for a in node.all_input_nodes):
-                    rule = self._rule(node, depends)
-                    if rule is not None:
-                        depends.add(node)
-                        self._steps.append((node, rule))
-            elif node.op == "output":
-                out = node.args[0]
-                if isinstance(out, list | tuple):
-                    out = out[0] if len(out) == 1 else None
-                if out is None or not isinstance(primal.get(out), Tensor) \
-                        or primal[out].numel() != 1:
-                    raise TaylorUnsupportedError("QuadraticForm: the loss must return a scalar")
-                self._output = out
-        self._depends = depends
+        depends: set[Any] = {self._nodes[0]}  # nodes whose value depends on p
+        for node in self._nodes[1:]:
+            if any(a in depends for a in node.all_input_nodes):
+                rule = self._rule(node, depends)
+                if rule is not None:
+                    depends.add(node)
+                    self._steps.append((node, rule))
+        if self._output not in depends:
+            raise TaylorUnsupportedError("QuadraticForm: the loss does not depend on p")
         # Keep only the primal values that some rule reads.
         needed = {a for node, _ in self._steps for a in node.all_input_nodes}
+        needed |= {node for node, _ in self._steps  # rules that read their own value
+                   if isinstance(node.target, torch._ops.OpOverload)
+                   and node.target.overloadpacket.__name__ in _READS_OWN_VALUE}
         self._primal = {n: v for n, v in primal.items() if n in needed or n is self._output}
         self.value = self._primal[self._output].detach().reshape(())
         last_use: dict[Any, int] = {}
@@ -213,9 +287,7 @@ class QuadraticForm:
 
     @staticmethod
     def _map(obj: Any, env: dict[Any, Any]) -> Any:
-        from torch.fx import Node
-
-        if isinstance(obj, Node):
+        if isinstance(obj, _Node):
             return env[obj]
         if isinstance(obj, list | tuple):
             return type(obj)(QuadraticForm._map(o, env) for o in obj)
@@ -291,6 +363,11 @@ class QuadraticForm:
         return 2.0 * c2.reshape(())
 
 
+def _v(arg: Any, primal: dict[Any, Any]) -> Any:
+    """The value at p of an argument: a recorded node's output, or the literal itself."""
+    return primal[arg] if isinstance(arg, _Node) else arg
+
+
 def _c(arg: Any, coef: dict[Any, tuple[Any, Any]], k: int) -> Any:
     """Coefficient k ∈ {1, 2} of an argument (None: zero)."""
     pair = coef.get(arg)
@@ -352,8 +429,8 @@ def _concat(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]])
         if all(c is None for c in cs):
             out.append(None)
             continue
-        parts = [torch.zeros_like(primal[t]) if c is None else c for t, c in zip(tensors, cs,
-                                                                                  strict=True)]
+        parts = [torch.zeros_like(_v(t, primal)) if c is None else c
+                 for t, c in zip(tensors, cs, strict=True)]
         out.append(node.target(parts, *rest, **node.kwargs))
     return tuple(out)
 
@@ -361,8 +438,7 @@ def _concat(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]])
 def _product(op: Callable[[Any, Any], Tensor], a: Any, b: Any, primal: dict[Any, Any],
              coef: dict[Any, tuple[Any, Any]]) -> tuple[Tensor | None, Tensor | None]:
     """Product rule for a bilinear ``op(a, b)``."""
-    a0 = primal[a] if a in primal else a
-    b0 = primal[b] if b in primal else b
+    a0, b0 = _v(a, primal), _v(b, primal)
     a1, a2, b1, b2 = _c(a, coef, 1), _c(a, coef, 2), _c(b, coef, 1), _c(b, coef, 2)
     c1 = _add(None if a1 is None else op(a1, b0), None if b1 is None else op(a0, b1))
     c2 = None
@@ -435,7 +511,7 @@ def _mse_loss(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]
     # ℓ = reduce((a − b)²): ℓ₁ = reduce(2 d₀ d₁), ℓ₂ = reduce(2 d₀ d₂ + d₁²)
     a, b = node.args[0], node.args[1]
     reduction = node.args[2] if len(node.args) > 2 else node.kwargs.get("reduction", 1)
-    d0 = primal[a] - primal[b]
+    d0 = _v(a, primal) - _v(b, primal)
     d1 = _add(_c(a, coef, 1), None if _c(b, coef, 1) is None else -_c(b, coef, 1))
     d2 = _add(_c(a, coef, 2), None if _c(b, coef, 2) is None else -_c(b, coef, 2))
 
