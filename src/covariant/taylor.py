@@ -83,8 +83,10 @@ _ELEMENTWISE = {
     "elu", "sqrt", "rsqrt", "reciprocal", "log1p", "expm1", "sin", "cos", "pow.Tensor_Scalar",
     "square", "log_sigmoid_forward", "hardtanh", "erf", "abs",
 }
-# Rules that read the operation's own value at p (its shape, or softmax probabilities).
-_READS_OWN_VALUE = {"add", "sub", "rsub", "addmm", "convolution", "_log_softmax"}
+# Rules that read the shape of the operation's own value (a meta tensor stands in for it)
+# or the value itself (log-softmax: its probabilities).
+_READS_OWN_SHAPE = {"add", "sub", "rsub", "addmm", "convolution"}
+_READS_OWN_VALUE = {"_log_softmax"}
 # Outputs that never depend differentiably on their inputs.
 _CONSTANT = {
     "zeros_like", "ones_like", "full_like", "empty_like", "zeros", "ones", "full", "arange",
@@ -271,10 +273,17 @@ class QuadraticForm:
             raise TaylorUnsupportedError("QuadraticForm: the loss does not depend on p")
         # Keep only the primal values that some rule reads.
         needed = {a for node, _ in self._steps for a in node.all_input_nodes}
-        needed |= {node for node, _ in self._steps  # rules that read their own value
-                   if isinstance(node.target, torch._ops.OpOverload)
-                   and node.target.overloadpacket.__name__ in _READS_OWN_VALUE}
+        shape_only = set()
+        for node, _ in self._steps:
+            packet = getattr(node.target, "overloadpacket", None)
+            name = packet.__name__ if packet is not None else ""
+            if name in _READS_OWN_VALUE:
+                needed.add(node)
+            elif name in _READS_OWN_SHAPE and node not in needed and node is not self._output:
+                shape_only.add(node)
         self._primal = {n: v for n, v in primal.items() if n in needed or n is self._output}
+        for n in shape_only:  # e.g. pre-activations: their rules need only the shape
+            self._primal[n] = torch.empty(primal[n].shape, device="meta")
         self.value = self._primal[self._output].detach().reshape(())
         last_use: dict[Any, int] = {}
         for i, (node, _) in enumerate(self._steps):
@@ -529,8 +538,35 @@ def _mse_loss(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]
 
 
 def _elementwise_rule(node: Any, primal: dict[Any, Any]) -> Callable[..., Any]:
-    """φ'(x₀) and ½φ''(x₀) by autograd, once per point."""
+    """φ'(x₀) and ½φ''(x₀) by autograd, once per point (tanh and relu in closed form, kept
+    in less memory: tanh keeps φ' = 1 − y² and forms ½φ'' = −y φ' per probe; relu keeps its
+    mask as booleans)."""
     args, kwargs = _resolved(node, primal)
+    name = node.target.overloadpacket.__name__
+    src = node.args[0]
+    if name == "relu":
+        mask = args[0] > 0
+
+        def relu_rule(node: Any, primal: dict[Any, Any],
+                      coef: dict[Any, tuple[Any, Any]]) -> Any:
+            x1, x2 = _c(src, coef, 1), _c(src, coef, 2)
+            return (None if x1 is None else x1 * mask, None if x2 is None else x2 * mask)
+
+        return relu_rule
+    if name == "tanh":
+        y = primal[node]
+        dy = 1 - y * y
+
+        def tanh_rule(node: Any, primal: dict[Any, Any],
+                      coef: dict[Any, tuple[Any, Any]]) -> Any:
+            x1, x2 = _c(src, coef, 1), _c(src, coef, 2)
+            y1 = None if x1 is None else dy * x1
+            y2 = None if x2 is None else dy * x2
+            if x1 is not None:
+                y2 = _add(y2, -(y * x1) * y1)  # ½φ'' x₁² = −y (1 − y²) x₁²
+            return y1, y2
+
+        return tanh_rule
     x0 = args[0].detach().requires_grad_(True)
     with torch.enable_grad():
         y = node.target(x0, *args[1:], **kwargs)
@@ -543,7 +579,6 @@ def _elementwise_rule(node: Any, primal: dict[Any, Any]) -> Callable[..., Any]:
         else:
             half_d2 = None
     d1 = d1.detach()
-    src = node.args[0]
 
     def rule(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
         x1, x2 = _c(src, coef, 1), _c(src, coef, 2)
