@@ -40,7 +40,7 @@ def test_flatness_cli_invariant_across_charts(checkpoint, tmp_path, capsys):
     common = [str(checkpoint), "--samples", "64", "--measures", "trace,max_eig",
               "--num-probes", "60"]
     w = _run(common, tmp_path, "w")
-    wn = _run([*common, "--chart", "weightnorm:10"], tmp_path, "wn")
+    wn = _run([*common, "--chart", "weightnorm:10", "--in-chart"], tmp_path, "wn")
     table = capsys.readouterr().out
     assert "invariant (G⁻¹Hess)" in table and "naive" in table
     assert (tmp_path / "wn" / "spectral_density.png").stat().st_size > 1000
@@ -51,6 +51,11 @@ def test_flatness_cli_invariant_across_charts(checkpoint, tmp_path, capsys):
     # the naive trace in the rescaled chart is off by about the factor 1/10² on the weights
     assert wn["naive"]["trace"]["value"] < 0.3 * a["value"]
     assert wn["chart_dim"] == w["dim"] + 3 + 10
+    # without --in-chart the pulled-back space is computed in w: the very same numbers
+    fast = _run([*common, "--chart", "weightnorm:10"], tmp_path, "fast")
+    assert "computed_in" in fast["invariant"]["trace"]["extras"]
+    assert "computed_in" not in wn["invariant"]["trace"]["extras"]
+    assert fast["invariant"]["trace"]["value"] == pytest.approx(a["value"], rel=1e-12)
 
 
 def test_flatness_cli_architecture_mismatch(checkpoint, capsys):

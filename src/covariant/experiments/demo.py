@@ -196,9 +196,12 @@ def _densities(space: ParameterSpace, theta: torch.Tensor, charts: dict[str, Any
     for name in charts:
         if "×10" in name or "layer" in name:
             picks[name] = charts[name]
+    # in_chart=True: the invariant densities are computed with each chart's own Hessian and
+    # metric products, so their agreement demonstrates the rules (by default flatness would
+    # compute a pulled-back space's measures in the original chart, identical by design)
     opts = {"measures": ("spectral_density",), "method": "stochastic", "seed": seed,
             "slq_probes": 4 if quick else 10, "slq_steps": 30 if quick else 60,
-            "progress": progress}
+            "progress": progress, "in_chart": True}
     raw: dict[str, dict[str, Any]] = {}
     for name, (chart, modify) in picks.items():
         if chart is None:
