@@ -336,7 +336,9 @@ class Pullback(Metric):
         """``(v ↦ G_Ψ v, w ↦ G_Ψ⁺ w)`` at a fixed ψ, through the chart's linearization.
 
         The one place of the rules G_Ψ = Jᵀ G_Θ J and G_Ψ⁺ = J⁺ G_Θ⁻¹ J⁺ᵀ; pass ``lin`` to
-        share the chart's per-point work with other products at the same point.
+        share the chart's per-point work with other products at the same point. For a
+        Euclidean G_Θ the chart's fused products JᵀJ and J⁺J⁺ᵀ are used where it has them
+        (``Linearization.gram`` / ``pinv_gram``: one pass instead of two).
         """
         lin = self.reparam.linearize(p) if lin is None else lin
         base = self.base
@@ -347,6 +349,8 @@ class Pullback(Metric):
         def solve(w: Tensor) -> Tensor:
             return lin.inverse_jvp(base.solve(lin.theta, lin.inverse_vjp(w)))
 
+        if type(base) is Euclidean:  # G_Θ = I: the chart's fused JᵀJ and J⁺J⁺ᵀ, if it has them
+            return lin.gram or matvec, lin.pinv_gram or solve
         return matvec, solve
 
     def matvec(self, p: Tensor, v: Tensor) -> Tensor:

@@ -29,6 +29,7 @@ tensor([1.0000, 2.7183], dtype=torch.float64)
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -65,6 +66,9 @@ class Linearization:
 
     Attributes ``theta`` (= h(ψ)) and the products ``jvp`` (J v), ``vjp`` (Jᵀ w),
     ``inverse_jvp`` (J⁺ u) and ``inverse_vjp`` (J⁺ᵀ z), each a function of the vector only.
+    Charts with cheap closed forms also give the fused ``gram`` (v ↦ JᵀJ v) and ``pinv_gram``
+    (w ↦ J⁺J⁺ᵀ w), the pulled-back Euclidean metric and its (pseudo-)inverse; ``None``
+    otherwise, and :class:`~covariant.metrics.Pullback` composes the products instead.
     """
 
     def __init__(
@@ -74,10 +78,36 @@ class Linearization:
         vjp: Callable[[Tensor], Tensor],
         inverse_jvp: Callable[[Tensor], Tensor],
         inverse_vjp: Callable[[Tensor], Tensor],
+        *,
+        gram: Callable[[Tensor], Tensor] | None = None,
+        pinv_gram: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.theta = theta
         self.jvp, self.vjp = jvp, vjp
         self.inverse_jvp, self.inverse_vjp = inverse_jvp, inverse_vjp
+        self.gram, self.pinv_gram = gram, pinv_gram
+
+    def into(self, product: str, x: Tensor, out: Tensor) -> None:
+        """Write the product ``product`` ("jvp", "vjp", …) of ``x`` into ``out``.
+
+        Block-diagonal charts use it to fill slices of one output vector; linearizations
+        that can compute in place override it and skip the intermediate result.
+        """
+        out.copy_(getattr(self, product)(x))
+
+
+def _is_plain(x: Tensor) -> bool:
+    """An ordinary tensor: not tracked by autograd nor wrapped by ``torch.func`` (so products
+    may write into preallocated outputs)."""
+    return not x.requires_grad and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
+# direction of each product: (input side, output side), "psi" or "theta"
+_SIDES = {
+    "jvp": ("psi", "theta"), "vjp": ("theta", "psi"),
+    "inverse_jvp": ("theta", "psi"), "inverse_vjp": ("psi", "theta"),
+    "gram": ("psi", "psi"), "pinv_gram": ("psi", "psi"),
+}
 
 
 def _check_flat(x: Tensor, name: str, owner: str) -> None:
@@ -180,8 +210,28 @@ class Reparametrization:
         return _solve_jjt(self, psi, self.jvp(psi, z))
 
     def linearize(self, psi: Tensor) -> Linearization:
-        """The Jacobian products at a fixed ψ (charts override this to precompute per-point
-        quantities, e.g. weight norm's v̂ and g/‖v‖); used when many products share a point."""
+        """The Jacobian products at a fixed ψ, for many products that share a point.
+
+        Charts override :meth:`_linearize` to precompute per-point quantities (e.g. weight
+        norm's 1/‖v‖ and g/‖v‖). While a linearization is in use, another call at the same
+        (unmodified) tensor ψ returns it again instead of repeating the work and holding a
+        second θ: e.g. a pullback space's Hessian operator and the flatness estimator share
+        one. The chart keeps only weak references, so nothing outlives its users.
+        """
+        cached = self.__dict__.get("_linearization_cache")
+        if cached is not None:
+            psi_ref, version, lin_ref = cached
+            lin = lin_ref()
+            if (lin is not None and psi_ref() is psi and psi._version == version
+                    and _is_plain(psi)):
+                return lin
+        lin = self._linearize(psi)
+        if _is_plain(psi) and not psi.is_inference():
+            self._linearization_cache = (weakref.ref(psi), psi._version, weakref.ref(lin))
+        return lin
+
+    def _linearize(self, psi: Tensor) -> Linearization:
+        """Build the linearization at ψ (generic: products of the chart at ψ)."""
         return Linearization(
             self.forward(psi),
             lambda v: self.jvp(psi, v),
@@ -189,6 +239,22 @@ class Reparametrization:
             lambda u: self.inverse_jvp(psi, u),
             lambda z: self.inverse_vjp(psi, z),
         )
+
+    def _linearize_into(self, psi: Tensor, theta_out: Tensor) -> Linearization:
+        """Linearization whose ``theta`` is ``theta_out``, filled here with h(ψ).
+
+        For a plain ψ only; block-diagonal charts pass slices of one θ, so that no block keeps
+        its own copy.
+        """
+        lin = self._linearize(psi)
+        theta_out.copy_(lin.theta)
+        lin.theta = theta_out
+        return lin
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_linearization_cache", None)  # weak references do not pickle
+        return state
 
     def log_abs_det_jacobian(self, psi: Tensor) -> Tensor:
         """log|det J(ψ)|; only defined for bijections."""
@@ -344,6 +410,12 @@ class Elementwise(Reparametrization):
 
     def jacobian(self, psi: Tensor) -> Tensor:
         return torch.diag(self.derivative(psi))
+
+    def _linearize(self, psi: Tensor) -> Linearization:
+        d = self.derivative(psi)
+        d2 = d * d
+        return Linearization(self.forward(psi), d.mul, d.mul, lambda u: u / d, lambda z: z / d,
+                             gram=d2.mul, pinv_gram=lambda w: w / d2)
 
     def log_abs_det_jacobian(self, psi: Tensor) -> Tensor:
         return self.derivative(psi).abs().log().sum()
@@ -724,29 +796,11 @@ class WeightNorm(Reparametrization):
         dv_perp = dv - vhat * (vhat * dv).sum(1, keepdim=True)
         return self._unrows(dg[:, None] * vhat + dv_perp / c)
 
-    def linearize(self, psi: Tensor) -> Linearization:
-        vhat, c = self._parts(psi)
-        theta = self._unrows(c * self._split(psi)[1])  # g v̂ = c v
-        n_g = self.num_slices
+    def _linearize(self, psi: Tensor) -> Linearization:
+        return _WeightNormLinearization(self, psi)
 
-        def perp(x: Tensor) -> Tensor:
-            return x - vhat * (vhat * x).sum(1, keepdim=True)
-
-        def jvp_(v: Tensor) -> Tensor:
-            return self._unrows(v[:n_g, None] * vhat + c * perp(self._rows(v[n_g:])))
-
-        def vjp_(w: Tensor) -> Tensor:
-            wr = self._rows(w)
-            return torch.cat([(vhat * wr).sum(1), self._unrows(c * perp(wr))])
-
-        def inverse_jvp_(u: Tensor) -> Tensor:
-            ur = self._rows(u)
-            return torch.cat([(vhat * ur).sum(1), self._unrows(perp(ur) / c)])
-
-        def inverse_vjp_(z: Tensor) -> Tensor:
-            return self._unrows(z[:n_g, None] * vhat + perp(self._rows(z[n_g:])) / c)
-
-        return Linearization(theta, jvp_, vjp_, inverse_jvp_, inverse_vjp_)
+    def _linearize_into(self, psi: Tensor, theta_out: Tensor) -> Linearization:
+        return _WeightNormLinearization(self, psi, theta_out)
 
     def jjt_logdet(self, psi: Tensor) -> Tensor:
         """log det(J Jᵀ) = Σ_slices 2 (n_slice − 1) log|c| (closed form, MATH.md §5)."""
@@ -774,6 +828,117 @@ class WeightNorm(Reparametrization):
     def __repr__(self) -> str:
         shape = None if self.shape is None else tuple(self.shape)
         return f"WeightNorm(shape={shape}, dim={self.dim})"
+
+
+class _WeightNormLinearization(Linearization):
+    r"""Weight norm's products at one ψ, from v itself and per-slice scalars.
+
+    With V the rows of v (a view of ψ when ``dim`` is 0 or None, so no copy is kept),
+    s = 1/‖v‖ and c = g s per row, and a = V·x the row-wise dot products, every product is
+    α x + V β with per-row α and β (v̂ = s V, so v̂ v̂ᵀ x = V s² a):
+
+    - J (δg, δv) = c δv + V (s δg − c s² a);    Jᵀ w = (s a, c w − V c s² a);
+    - J⁺ u = (s a, u / c − V s² a / c);    J⁺ᵀ (δg, δv) = δv / c + V (s δg − s² a / c);
+    - JᵀJ (δg, δv) = (δg, c² δv − V c² s² a);    J⁺J⁺ᵀ (δg, δv) = (δg, δv / c² − V s² a / c²),
+
+    the last two being the pulled-back Euclidean metric and its pseudo-inverse, fused. On
+    plain contiguous tensors a product is one row-wise dot, one scaling and one ``addcmul_``
+    written straight into its output (:meth:`into` writes into a slice of a larger vector);
+    otherwise (autograd, ``torch.func``, ``dim`` other than 0) the same formulas run out of
+    place.
+    """
+
+    def __init__(self, h: WeightNorm, psi: Tensor, theta_out: Tensor | None = None) -> None:
+        assert h.shape is not None
+        self._h = h
+        m = self._m = h.num_slices
+        self._n = h.n
+        self._shape = (m, h.n // m)
+        self._in_place = _is_plain(psi) and h._axis in (None, 0)  # rows are views
+        self._dtype, self._device = psi.dtype, psi.device
+        V = self._V = h._rows(psi[m:])
+        norm = V.norm(dim=1)
+        s = 1.0 / norm
+        c = psi[:m] / norm
+        s2, c2 = s * s, c * c
+        self._s = s
+        # per product: α (a column), the coefficient of a in β, and whether the input and
+        # the output have a g part (are ψ-side vectors)
+        coef = {"jvp": (c, -c * s2), "inverse_jvp": (1.0 / c, -s2 / c),
+                "gram": (c2, -c2 * s2), "pinv_gram": (1.0 / c2, -s2 / c2)}
+        coef["vjp"], coef["inverse_vjp"] = coef["jvp"], coef["inverse_jvp"]
+        self._spec = {p: (alpha[:, None], beta, src == "psi", dst == "psi")
+                      for p, (alpha, beta) in coef.items() for src, dst in [_SIDES[p]]}
+        if theta_out is None:
+            theta = h._unrows(c[:, None] * V)  # g v̂ = c v
+        elif self._in_place:
+            theta = theta_out
+            torch.mul(V, c[:, None], out=theta.view(self._shape))
+        else:
+            theta = theta_out.copy_(h._unrows(c[:, None] * V))
+        self.theta = theta
+
+    # methods, not closures stored on the instance: no reference cycle keeps θ alive
+    def jvp(self, v: Tensor) -> Tensor:
+        return self._product("jvp", v)
+
+    def vjp(self, w: Tensor) -> Tensor:
+        return self._product("vjp", w)
+
+    def inverse_jvp(self, u: Tensor) -> Tensor:
+        return self._product("inverse_jvp", u)
+
+    def inverse_vjp(self, z: Tensor) -> Tensor:
+        return self._product("inverse_vjp", z)
+
+    def gram(self, v: Tensor) -> Tensor:
+        return self._product("gram", v)
+
+    def pinv_gram(self, w: Tensor) -> Tensor:
+        return self._product("pinv_gram", w)
+
+    def _product(self, product: str, x: Tensor) -> Tensor:
+        if (self._in_place and _is_plain(x) and x.is_contiguous() and x.dtype == self._dtype
+                and x.device == self._device):
+            out = x.new_empty(self._n if _SIDES[product][1] == "theta" else self._m + self._n)
+            self._into(product, x, out)
+            return out
+        return self._out_of_place(product, x)
+
+    def _out_of_place(self, product: str, x: Tensor) -> Tensor:
+        alpha, coef, g_in, g_out = self._spec[product]
+        m, h = self._m, self._h
+        xv = h._rows(x[m:] if g_in else x)
+        a = (self._V * xv).sum(1)
+        beta = torch.addcmul(x[:m] * self._s, coef, a) if g_in and not g_out else coef * a
+        v_part = h._unrows(torch.addcmul(xv * alpha, self._V, beta.unsqueeze(1)))
+        if not g_out:
+            return v_part
+        return torch.cat([x[:m] if g_in else self._s * a, v_part])
+
+    def _into(self, product: str, x: Tensor, out: Tensor) -> None:
+        alpha, coef, g_in, g_out = self._spec[product]
+        m, shape, V = self._m, self._shape, self._V
+        xv = (x[m:] if g_in else x).view(shape)
+        o = (out[m:] if g_out else out).view(shape)
+        a = torch.mul(V, xv, out=o).sum(1)  # the output doubles as scratch: no temporary
+        if not g_out:  # J, J⁺ᵀ: (δg, δv) ↦ θ-side
+            beta = torch.addcmul(x[:m] * self._s, coef, a)
+        else:
+            if g_in:  # JᵀJ, J⁺J⁺ᵀ keep δg
+                out[:m].copy_(x[:m])
+            else:  # Jᵀ, J⁺: g part s a
+                torch.mul(self._s, a, out=out[:m])
+            beta = coef * a
+        torch.mul(xv, alpha, out=o)
+        o.addcmul_(V, beta.unsqueeze(1))
+
+    def into(self, product: str, x: Tensor, out: Tensor) -> None:
+        """Write a product of the plain ``x`` into the plain ``out`` (same dtype, device)."""
+        if self._in_place and x.is_contiguous():
+            self._into(product, x, out)
+        else:
+            out.copy_(self._out_of_place(product, x))
 
 
 class Compose(Reparametrization):
@@ -971,26 +1136,8 @@ class ParameterwiseReparametrization(Reparametrization):
     def inverse_vjp(self, psi: Tensor, z: Tensor) -> Tensor:
         return self._map(z, self._psi_slices, "inverse_vjp", psi)
 
-    def linearize(self, psi: Tensor) -> Linearization:
-        names = self.layout.names
-        lins = {n: r.linearize(psi[self._psi_slices[n]]) for n, r in self.blocks.items()}
-        t_sizes = [self._theta_slices[n].stop - self._theta_slices[n].start for n in names]
-        p_sizes = [self._psi_slices[n].stop - self._psi_slices[n].start for n in names]
-        theta = torch.cat([lins[n].theta if n in lins else psi[self._psi_slices[n]]
-                           for n in names])
-
-        def apply(x: Tensor, sizes: list[int], fn: str) -> Tensor:
-            parts = torch.split(x, sizes)
-            return torch.cat([getattr(lins[n], fn)(piece) if n in lins else piece
-                              for n, piece in zip(names, parts, strict=True)])
-
-        return Linearization(
-            theta,
-            lambda v: apply(v, p_sizes, "jvp"),
-            lambda w: apply(w, t_sizes, "vjp"),
-            lambda u: apply(u, t_sizes, "inverse_jvp"),
-            lambda z: apply(z, p_sizes, "inverse_vjp"),
-        )
+    def _linearize(self, psi: Tensor) -> Linearization:
+        return _BlockLinearization(self, psi)
 
     def jacobian(self, psi: Tensor) -> Tensor:
         """Dense block-diagonal J, block by block (each block may use its own fallback)."""
@@ -1047,6 +1194,88 @@ class ParameterwiseReparametrization(Reparametrization):
     def __repr__(self) -> str:
         inner = ", ".join(f"{n!r}: {r!r}" for n, r in self.blocks.items())
         return f"ParameterwiseReparametrization({{{inner}}})"
+
+
+class _BlockLinearization(Linearization):
+    """Products of a :class:`ParameterwiseReparametrization` at one ψ, block by block.
+
+    On plain tensors each product allocates its output once and fills it slice by slice:
+    blocks without a chart are copied (runs of adjacent ones in one copy), charted blocks
+    write into their slice through :meth:`Linearization.into`, and θ is one vector whose
+    slices are the blocks' θ. Inside autograd or ``torch.func`` the blocks' products are
+    concatenated instead. ``gram`` and ``pinv_gram`` exist when every charted block has them.
+    """
+
+    def __init__(self, h: ParameterwiseReparametrization, psi: Tensor) -> None:
+        names = h.layout.names
+        self._fast = _is_plain(psi)
+        self._dtype, self._device = psi.dtype, psi.device
+        self._dims = {"psi": h._psi_dim, "theta": h.layout.dim}
+        if self._fast:
+            theta = psi.new_empty(h.layout.dim)
+            lins = {n: r._linearize_into(psi[h._psi_slices[n]], theta[h._theta_slices[n]])
+                    for n, r in h.blocks.items()}
+            for n in names:
+                if n not in lins:
+                    theta[h._theta_slices[n]].copy_(psi[h._psi_slices[n]])
+        else:
+            lins = {n: r.linearize(psi[h._psi_slices[n]]) for n, r in h.blocks.items()}
+            theta = torch.cat([lins[n].theta if n in lins else psi[h._psi_slices[n]]
+                               for n in names])
+        slices = {"psi": h._psi_slices, "theta": h._theta_slices}
+        # per product: [(input slice, output slice, block linearization or None)], with
+        # adjacent blocks without a chart merged into one copy
+        self._plan: dict[str, list[tuple[slice, slice, Linearization | None]]] = {}
+        for product, (src, dst) in _SIDES.items():
+            plan: list[tuple[slice, slice, Linearization | None]] = []
+            for n in names:
+                a, b, lin = slices[src][n], slices[dst][n], lins.get(n)
+                if lin is None and plan and plan[-1][2] is None:
+                    plan[-1] = (slice(plan[-1][0].start, a.stop),
+                                slice(plan[-1][1].start, b.stop), None)
+                else:
+                    plan.append((a, b, lin))
+            self._plan[product] = plan
+        self.theta = theta
+        for fused in ("gram", "pinv_gram"):
+            if any(getattr(lin, fused) is None for lin in lins.values()):
+                setattr(self, fused, None)
+
+    # methods, not closures stored on the instance: no reference cycle keeps θ alive
+    def jvp(self, v: Tensor) -> Tensor:
+        return self._apply("jvp", v)
+
+    def vjp(self, w: Tensor) -> Tensor:
+        return self._apply("vjp", w)
+
+    def inverse_jvp(self, u: Tensor) -> Tensor:
+        return self._apply("inverse_jvp", u)
+
+    def inverse_vjp(self, z: Tensor) -> Tensor:
+        return self._apply("inverse_vjp", z)
+
+    def gram(self, v: Tensor) -> Tensor:
+        return self._apply("gram", v)
+
+    def pinv_gram(self, w: Tensor) -> Tensor:
+        return self._apply("pinv_gram", w)
+
+    def _apply(self, product: str, x: Tensor) -> Tensor:
+        plan = self._plan[product]
+        if not (self._fast and _is_plain(x) and x.dtype == self._dtype
+                and x.device == self._device):
+            return torch.cat([x[a] if lin is None else getattr(lin, product)(x[a])
+                              for a, _, lin in plan])
+        out = x.new_empty(self._dims[_SIDES[product][1]])
+        self.into(product, x, out)
+        return out
+
+    def into(self, product: str, x: Tensor, out: Tensor) -> None:
+        for a, b, lin in self._plan[product]:
+            if lin is None:
+                out[b].copy_(x[a])
+            else:
+                lin.into(product, x[a], out[b])
 
 
 def _jjt_logdet(r: Reparametrization, psi: Tensor) -> Tensor:
