@@ -404,6 +404,30 @@ def peak_memory_cpu(op: Callable[[], Any]) -> dict[str, Any]:
             "delta_bytes": max(0, peak_kib - base["VmRSS"]) * 1024, "how": how}
 
 
+def peak_tensor_memory_cpu(op: Callable[[], Any]) -> int:
+    """Peak of the bytes held by torch tensors while ``op`` runs (CPU allocator events of
+    ``torch.profiler``, summed in time order): what ``max_memory_allocated`` is on CUDA,
+    without the allocator slack that RSS includes."""
+    import gc
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        op()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    mem = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    current = peak = 0
+    for e in mem:
+        current += int(e["args"]["Bytes"])
+        peak = max(peak, current)
+    return peak
+
+
 def peak_memory_cuda(op: Callable[[], Any], device: torch.device) -> dict[str, Any]:
     import gc
 

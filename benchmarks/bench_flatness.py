@@ -99,7 +99,12 @@ METHODS = {
         "number is VmHWM - VmRSS (peak resident-set increase). tracemalloc cannot see torch's "
         "allocations. Without clear_refs it falls back to resource.getrusage ru_maxrss. "
         "CUDA: torch.cuda.max_memory_allocated - memory_allocated before, in process. Each "
-        "operation is measured mem_repeats times (3; 1 with --quick) and the median is kept."
+        "operation is measured mem_repeats times (3; 1 with --quick) and the median is kept. "
+        "On CPU each child also runs the operation a second time under torch.profiler "
+        "(profile_memory=True) and sums its allocator events in time order: the tensor-level "
+        "peak (extras tensor_peak_*), the CPU analogue of max_memory_allocated. RSS is about "
+        "twice that for small tensors: glibc raises its mmap threshold after the first large "
+        "free, so 256-512 KiB tensors come from a heap that fragments."
     ),
     "matvecs_f": (
         "Truth: dense float64 Hessian of a trained mlp-small (from space.hessian, i.e. HVPs "
@@ -521,6 +526,7 @@ def mem_child(spec: dict[str, Any]) -> None:
         res = C.peak_memory_cuda(op, device)
     else:
         res = C.peak_memory_cpu(op)
+        res["tensor_peak_bytes"] = C.peak_tensor_memory_cpu(op)  # a second run, profiled
     print("MEMRESULT " + json.dumps(res), flush=True)
 
 
@@ -560,6 +566,14 @@ def row_e(ctx: Ctx, cfg: Config) -> dict:
         "num_probes": ctx.N, "peak_increase_mib": mib, "measurements_per_op": cfg.mem_repeats,
         "all_mib": {k: [r["delta_bytes"] / 2**20 for r in v] for k, v in samples.items()},
         "ratio_to_grad": {k: v / max(mib["grad"], 1e-9) for k, v in mib.items()},
+        **({} if cfg.device.type == "cuda" else {
+            "tensor_peak_mib": {k: C.median([r["tensor_peak_bytes"] / 2**20 for r in v])
+                                for k, v in samples.items()},
+            "tensor_peak_ratio_to_grad": {
+                k: C.median([r["tensor_peak_bytes"] for r in v])
+                / max(C.median([r["tensor_peak_bytes"] for r in samples["grad"]]), 1)
+                for k, v in samples.items()},
+        }),
         "raw": results, "method": METHODS["memory"],
         "ops": {"grad": "torch.autograd.grad(crit(model(X), y), params)",
                 "hvp": "space.hvp(p, v, riemannian=False)",
