@@ -14,8 +14,9 @@ elementwise products),
 
 and for an elementwise φ, (φ∘x)₁ = φ'(x₀) x₁, (φ∘x)₂ = φ'(x₀) x₂ + ½ φ''(x₀) x₁²; linear
 operations act on each coefficient. The zeroth coefficients (the forward pass at p) and the
-factors φ', φ'' are computed once per point and kept, so each quadratic form costs only the
-x₁, x₂ passes: for a linear layer y = x Wᵀ that is four matrix products (x₁Wᵀ + x₀Vᵀ and
+factors φ', φ'' are computed once per point and kept (only what the rules read: tanh and
+relu form theirs from the kept output or a boolean mask), so each quadratic form costs only
+the x₁, x₂ passes: for a linear layer y = x Wᵀ that is four matrix products (x₁Wᵀ + x₀Vᵀ and
 x₂Wᵀ + x₁Vᵀ), against six for the second backward pass of a reverse-over-reverse
 Hessian-vector product through a kept gradient graph (what PyHessian does). The first layer,
 whose input is data, needs one.
@@ -197,6 +198,18 @@ def _make_out_of_place(node: _Node, mutated: Tensor) -> None:
         raise TaylorUnsupportedError(
             f"QuadraticForm: in-place aten.{packet} on a tensor that other operations see")
     node.target = overload
+
+
+def _acc(total: Tensor | None, term: Tensor | None) -> Tensor | None:
+    """total + term, in place on ``total`` when it is a fresh result of this rule (never a
+    coefficient that other nodes hold) and the sum keeps its shape."""
+    if total is None:
+        return term
+    if term is None:
+        return total
+    if torch.broadcast_shapes(total.shape, term.shape) == total.shape:
+        return total.add_(term)
+    return total + term
 
 
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -449,11 +462,12 @@ def _product(op: Callable[[Any, Any], Tensor], a: Any, b: Any, primal: dict[Any,
     """Product rule for a bilinear ``op(a, b)``."""
     a0, b0 = _v(a, primal), _v(b, primal)
     a1, a2, b1, b2 = _c(a, coef, 1), _c(a, coef, 2), _c(b, coef, 1), _c(b, coef, 2)
-    c1 = _add(None if a1 is None else op(a1, b0), None if b1 is None else op(a0, b1))
+    # every term is a fresh tensor of the output's shape: accumulate in place
+    c1 = _acc(None if a1 is None else op(a1, b0), None if b1 is None else op(a0, b1))
     c2 = None
     for x, y in ((a2, b0), (a1, b1), (a0, b2)):
         if x is not None and y is not None:
-            c2 = _add(c2, op(x, y))
+            c2 = _acc(c2, op(x, y))
     return c1, c2
 
 
@@ -467,13 +481,13 @@ def _addmm(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) 
     beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
     c1, c2 = _product(torch.mm, m1, m2, primal, coef)
     if alpha != 1:
-        c1 = None if c1 is None else alpha * c1
-        c2 = None if c2 is None else alpha * c2
+        c1 = None if c1 is None else c1.mul_(alpha)
+        c2 = None if c2 is None else c2.mul_(alpha)
     shape = primal[node].shape
     out = []
     for k, c in ((1, c1), (2, c2)):
         cb = _c(bias, coef, k)
-        s = _add(c, None if cb is None else beta * cb)
+        s = _acc(c, None if cb is None else cb if beta == 1 else beta * cb)
         out.append(None if s is None else s.expand(shape) if s.shape != shape else s)
     return tuple(out)
 
@@ -494,7 +508,7 @@ def _convolution(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, A
             view = (1, -1) + (1,) * (primal[node].ndim - 2)
             shape = primal[node].shape
             cb = cb.view(view)
-            c = cb.expand(shape) if c is None else c + cb
+            c = cb.expand(shape) if c is None else c.add_(cb)
         out.append(c)
     return tuple(out)
 
@@ -539,8 +553,8 @@ def _mse_loss(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]
 
 def _elementwise_rule(node: Any, primal: dict[Any, Any]) -> Callable[..., Any]:
     """φ'(x₀) and ½φ''(x₀) by autograd, once per point (tanh and relu in closed form, kept
-    in less memory: tanh keeps φ' = 1 − y² and forms ½φ'' = −y φ' per probe; relu keeps its
-    mask as booleans)."""
+    in less memory: tanh keeps only y and forms φ' = 1 − y² and ½φ'' = −y φ' per probe;
+    relu keeps its mask as booleans)."""
     args, kwargs = _resolved(node, primal)
     name = node.target.overloadpacket.__name__
     src = node.args[0]
@@ -555,15 +569,16 @@ def _elementwise_rule(node: Any, primal: dict[Any, Any]) -> Callable[..., Any]:
         return relu_rule
     if name == "tanh":
         y = primal[node]
-        dy = 1 - y * y
 
         def tanh_rule(node: Any, primal: dict[Any, Any],
                       coef: dict[Any, tuple[Any, Any]]) -> Any:
             x1, x2 = _c(src, coef, 1), _c(src, coef, 2)
+            dy = torch.addcmul(torch.ones_like(y), y, y, value=-1)  # 1 − y², not kept
             y1 = None if x1 is None else dy * x1
             y2 = None if x2 is None else dy * x2
-            if x1 is not None:
-                y2 = _add(y2, -(y * x1) * y1)  # ½φ'' x₁² = −y (1 − y²) x₁²
+            if x1 is not None:  # ½φ'' x₁² = −y (1 − y²) x₁² = −(y x₁) y₁
+                t = (y * x1).mul_(y1)
+                y2 = t.neg_() if y2 is None else y2.sub_(t)
             return y1, y2
 
         return tanh_rule
@@ -585,7 +600,7 @@ def _elementwise_rule(node: Any, primal: dict[Any, Any]) -> Callable[..., Any]:
         y1 = None if x1 is None else d1 * x1
         y2 = None if x2 is None else d1 * x2
         if x1 is not None and half_d2 is not None:
-            y2 = _add(y2, half_d2 * x1 * x1)
+            y2 = _acc(y2, (half_d2 * x1).mul_(x1))
         return y1, y2
 
     return rule
