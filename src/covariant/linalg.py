@@ -226,6 +226,10 @@ def _check_vector(y: Tensor, dim: int, who: str) -> Tensor:
 
 
 def _check_finite(t: Tensor, what: str) -> None:
+    # fast path: a NaN or Inf anywhere makes the sum non-finite (a finite sum proves all
+    # entries finite); only an overflowing sum needs the elementwise test
+    if math.isfinite(float(t.sum())):
+        return
     if not bool(torch.isfinite(t).all()):
         raise NonFiniteError(
             f"{what} contains NaN or Inf. Check the operator (loss, Hessian-vector product, "
@@ -723,9 +727,10 @@ def lanczos(
     # The basis is stored row-major as (m, dim) and used through its transpose, so each
     # basis vector is contiguous and projections read V[:, :j] as a transposed block
     # (3-10x faster than a strided (dim, m) column slice; benchmarks/).
-    V = torch.zeros(m, dim, dtype=dtype, device=device).T
-    BV = V if inner_matvec is None else torch.zeros(m, dim, dtype=dtype, device=device).T
-    AV = torch.zeros(m, dim, dtype=dtype, device=device).T if residuals == "basis" else None
+    # (empty, not zeros: a column is read only after it is written; restarts use all m)
+    V = torch.empty(m, dim, dtype=dtype, device=device).T
+    BV = V if inner_matvec is None else torch.empty(m, dim, dtype=dtype, device=device).T
+    AV = torch.empty(m, dim, dtype=dtype, device=device).T if residuals == "basis" else None
     T = torch.zeros(m, m, dtype=torch.float64)
 
     def fresh(j: int) -> tuple[Tensor, Tensor, float]:
