@@ -795,7 +795,7 @@ def profile_ctx(ctx: Ctx, cfg: Config) -> tuple[dict[str, Any], str]:
     text.append(f"--- linalg.lanczos top-5 on space.hvp_operator: {total:.2f} s, "
                 f"{res.num_matvecs} products; {100 * spent['matvec_s'] / total:.0f}% in "
                 f"products, {100 * orth / total:.0f}% in _orthogonalize (CGS2 against the "
-                "(dim, m) basis)")
+                "row-major (m, dim) basis)")
     return summary, "\n".join(text)
 
 
