@@ -141,3 +141,72 @@ def test_inplace_relu_is_recorded_out_of_place_and_unsafe_mutation_refused():
 
     with pytest.raises(TaylorUnsupportedError, match="in-place"):
         QuadraticForm(mutated_after_use, torch.ones(3, dtype=torch.float64))
+
+
+class _Tokens(nn.Module):
+    """Embedding → mean over tokens → linear: exercises the embedding rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(self.emb(x.long()).mean(1))
+
+
+@pytest.mark.parametrize("case", ["batchnorm_maxpool_conv", "conv2d_maxpool2d",
+                                  "embedding", "bce_softmax_logsumexp"])
+def test_more_rules_match_dense_hessian(case):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    if case == "batchnorm_maxpool_conv":
+        model = nn.Sequential(nn.Unflatten(1, (1, 12)), nn.Conv1d(1, 3, 3), nn.BatchNorm1d(3),
+                              nn.ReLU(), nn.MaxPool1d(2), nn.Flatten(), nn.Linear(15, 3))
+        model = model.double()
+        with torch.no_grad():  # non-trivial running statistics, then eval mode
+            model(torch.randn(64, 12, generator=gen, dtype=torch.float64) * 2)
+        X = torch.randn(10, 12, generator=gen, dtype=torch.float64)
+        data, loss_fn = (X, torch.randint(0, 3, (10,), generator=gen)), nn.CrossEntropyLoss()
+    elif case == "conv2d_maxpool2d":
+        model = nn.Sequential(nn.Unflatten(1, (1, 6, 6)), nn.Conv2d(1, 2, 3), nn.Softplus(),
+                              nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 3)).double()
+        X = torch.randn(10, 36, generator=gen, dtype=torch.float64)
+        data, loss_fn = (X, torch.randint(0, 3, (10,), generator=gen)), nn.CrossEntropyLoss()
+    elif case == "embedding":
+        model = _Tokens().double()
+        X = torch.randint(0, 7, (10, 5), generator=gen).double()
+        data, loss_fn = (X, torch.randint(0, 3, (10,), generator=gen)), nn.CrossEntropyLoss()
+    else:
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+        X = torch.randn(10, 4, generator=gen, dtype=torch.float64)
+        t = torch.rand(10, 3, generator=gen, dtype=torch.float64)
+
+        def loss_fn(out, target):  # softmax, logsumexp and BCE with logits in one loss
+            return (nn.functional.binary_cross_entropy_with_logits(out, target)
+                    + torch.softmax(out, 1).pow(2).sum(1).mean()
+                    + 0.1 * torch.logsumexp(out, dim=1).sum())
+
+        data = (X, t)
+    model.eval()
+    space, p = cv.ParameterSpace.from_module(model, loss_fn, data)
+    q = QuadraticForm(space._loss, p)
+    V = torch.randn(4, p.shape[0], generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(torch.stack([q(v) for v in V]),
+                               _dense_quadratic_forms(space, p, V), rtol=1e-10, atol=1e-12)
+
+
+def test_batchnorm_in_training_mode_is_refused():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double()
+    X = torch.randn(8, 3, dtype=torch.float64)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [q.shape for q in model.parameters()]
+
+    def loss(p):  # functional_call with the module in train mode: batch statistics
+        parts = torch.split(p, [s.numel() for s in shapes])
+        params = {n: t.view(s) for n, t, s in zip(names, parts, shapes, strict=True)}
+        return torch.func.functional_call(model, params, (X,)).pow(2).mean()
+
+    p = torch.cat([q.detach().flatten() for q in model.parameters()])
+    with pytest.raises(TaylorUnsupportedError, match="training mode"):
+        QuadraticForm(loss, p)

@@ -73,7 +73,8 @@ _LINEAR_FIRST = {
     "nll_loss_forward", "nll_loss2d_forward", "index_select", "gather", "narrow", "repeat",
     "unfold", "avg_pool1d", "avg_pool2d", "_adaptive_avg_pool2d", "view_copy",
     "permute_copy", "t_copy", "expand_copy", "transpose_copy", "squeeze_copy",
-    "unsqueeze_copy", "_reshape_alias", "diagonal", "trace", "flip", "roll",
+    "unsqueeze_copy", "_reshape_alias", "diagonal", "trace", "flip", "roll", "embedding",
+    "index",
 }
 # Linear with a scalar factor or shift.
 _SCALED = {"mul.Scalar", "div.Scalar"}
@@ -87,7 +88,8 @@ _ELEMENTWISE = {
 # Rules that read the shape of the operation's own value (a meta tensor stands in for it)
 # or the value itself (log-softmax: its probabilities).
 _READS_OWN_SHAPE = {"add", "sub", "rsub", "addmm", "convolution"}
-_READS_OWN_VALUE = {"_log_softmax"}
+_READS_OWN_VALUE = {"_log_softmax", "_softmax", "logsumexp", "max_pool1d_with_indices",
+                    "max_pool2d_with_indices", "max_pool3d_with_indices"}
 # Outputs that never depend differentiably on their inputs.
 _CONSTANT = {
     "zeros_like", "ones_like", "full_like", "empty_like", "zeros", "ones", "full", "arange",
@@ -354,6 +356,29 @@ class QuadraticForm:
             return _linear_first
         if packet == "_log_softmax":
             return _log_softmax
+        if packet == "_softmax":
+            return _softmax
+        if packet == "logsumexp":
+            return _logsumexp
+        if packet == "binary_cross_entropy_with_logits":
+            if any(a is not None for a in node.args[2:4]) or any(
+                    node.kwargs.get(k) is not None for k in ("weight", "pos_weight")):
+                raise TaylorUnsupportedError(
+                    "QuadraticForm: binary_cross_entropy_with_logits with weights")
+            if carries(args[1]):
+                raise TaylorUnsupportedError("QuadraticForm: a p-dependent BCE target")
+            return _bce_with_logits
+        if packet in ("native_batch_norm", "_native_batch_norm_legit_no_training"):
+            if packet == "native_batch_norm" and args[5]:
+                raise TaylorUnsupportedError(
+                    "QuadraticForm: batch norm in training mode (batch statistics); use "
+                    "model.eval() or Hessian-vector products")
+            if any(carries(a) for a in args[3:5] if a is not None):
+                raise TaylorUnsupportedError("QuadraticForm: p-dependent running statistics")
+            return _batch_norm_eval
+        if packet in ("max_pool1d_with_indices", "max_pool2d_with_indices",
+                      "max_pool3d_with_indices"):
+            return _max_pool
         if packet == "mse_loss":
             return _mse_loss
         if packet in _ELEMENTWISE or full in _ELEMENTWISE:
@@ -513,21 +538,127 @@ def _convolution(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, A
     return tuple(out)
 
 
-def _log_softmax(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
-    # y = x − logsumexp(x): y₁ = x₁ − ⟨π, x₁⟩, y₂ = x₂ − ⟨π, x₂⟩ − ½(⟨π, x₁²⟩ − ⟨π, x₁⟩²)
-    src, dim = node.args[0], node.args[1]
-    probs = primal[node].exp()
-    x1, x2 = _c(src, coef, 1), _c(src, coef, 2)
-    y1 = y2 = None
+def _lse_coefficients(probs: Tensor, x1: Tensor | None, x2: Tensor | None, dim: Any
+                      ) -> tuple[Tensor | None, Tensor | None]:
+    """Coefficients 1 and 2 of logsumexp(x) over ``dim`` (kept): ⟨π, x₁⟩ and
+    ⟨π, x₂⟩ + ½(⟨π, x₁²⟩ − ⟨π, x₁⟩²), with π = softmax(x₀)."""
+    l1 = l2 = None
     if x1 is not None:
-        m1 = (probs * x1).sum(dim, keepdim=True)
-        y1 = x1 - m1
-        y2 = -0.5 * ((probs * x1 * x1).sum(dim, keepdim=True) - m1 * m1)
-        y2 = y2.expand_as(x1)
+        l1 = (probs * x1).sum(dim, keepdim=True)
+        l2 = (probs * x1 * x1).sum(dim, keepdim=True).sub_(l1 * l1).mul_(0.5)
     if x2 is not None:
-        t = x2 - (probs * x2).sum(dim, keepdim=True)
-        y2 = t if y2 is None else y2 + t
+        l2 = _acc(l2, (probs * x2).sum(dim, keepdim=True))
+    return l1, l2
+
+
+def _log_softmax(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
+    # y = x − logsumexp(x): y_k = x_k − lse_k
+    src, dim = node.args[0], node.args[1]
+    x1, x2 = _c(src, coef, 1), _c(src, coef, 2)
+    l1, l2 = _lse_coefficients(primal[node].exp(), x1, x2, dim)
+    y1 = None if x1 is None else x1 - l1
+    y2 = None if l2 is None else (-l2).expand(primal[node].shape) if x2 is None else x2 - l2
     return y1, y2
+
+
+def _softmax(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
+    # s = exp(u), u = log_softmax(x): s₁ = s u₁, s₂ = s (u₂ + ½ u₁²)
+    src, dim = node.args[0], node.args[1]
+    s0 = primal[node]
+    x1, x2 = _c(src, coef, 1), _c(src, coef, 2)
+    l1, l2 = _lse_coefficients(s0, x1, x2, dim)
+    u1 = None if x1 is None else x1 - l1
+    u2 = None if l2 is None else -l2 if x2 is None else x2 - l2
+    s1 = None if u1 is None else s0 * u1
+    s2 = None
+    if u2 is not None:
+        s2 = s0 * (u2 + 0.5 * u1 * u1) if u1 is not None else s0 * u2
+    return s1, s2
+
+
+def _logsumexp(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
+    src, dim = node.args[0], node.args[1]
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    x0 = _v(src, primal)
+    y0 = primal[node] if keepdim else primal[node].reshape(
+        [1 if i in [d % x0.ndim for d in dims] else n for i, n in enumerate(x0.shape)])
+    l1, l2 = _lse_coefficients((x0 - y0).exp(), _c(src, coef, 1), _c(src, coef, 2), dims)
+    shape = primal[node].shape
+    return (None if l1 is None else l1.reshape(shape), None if l2 is None else l2.reshape(shape))
+
+
+def _bce_with_logits(node: Any, primal: dict[Any, Any],
+                     coef: dict[Any, tuple[Any, Any]]) -> Any:
+    # ℓ(x) = softplus(x) − t x: ℓ' = σ(x) − t, ½ℓ'' = ½ σ(1 − σ)
+    src, target = node.args[0], node.args[1]
+    reduction = node.args[4] if len(node.args) > 4 else node.kwargs.get("reduction", 1)
+    x0, t = _v(src, primal), _v(target, primal)
+    sig = torch.sigmoid(x0)
+    x1, x2 = _c(src, coef, 1), _c(src, coef, 2)
+
+    def reduce(v: Tensor) -> Tensor:
+        return v.mean() if reduction == 1 else v.sum() if reduction == 2 else v
+
+    y1 = None if x1 is None else reduce((sig - t) * x1)
+    y2 = None if x2 is None else (sig - t) * x2
+    if x1 is not None:
+        y2 = _acc(y2, 0.5 * sig * (1 - sig) * x1 * x1)
+    return y1, None if y2 is None else reduce(y2)
+
+
+def _batch_norm_eval(node: Any, primal: dict[Any, Any],
+                     coef: dict[Any, tuple[Any, Any]]) -> Any:
+    # y = x̂ w + b with x̂ = (x − μ) / √(σ² + ε) per channel (running statistics: affine in x)
+    legit = node.target.overloadpacket.__name__ == "_native_batch_norm_legit_no_training"
+    x, w, b, mean, var = node.args[:5]
+    eps = node.args[6] if legit else node.args[7]
+    x0 = _v(x, primal)
+    view = (1, -1) + (1,) * (x0.ndim - 2)
+    scale = (_v(var, primal) + eps).rsqrt().view(view)
+    xhat0 = (x0 - _v(mean, primal).view(view)) * scale
+    w0 = None if w is None else _v(w, primal).view(view)
+
+    def chan(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.view(view)
+
+    out = []
+    x1 = _c(x, coef, 1)
+    for k in (1, 2):
+        xk = _c(x, coef, k)
+        c = None if xk is None else xk * scale if w0 is None else xk * (scale * w0)
+        if w is not None:
+            wk = chan(_c(w, coef, k))
+            if wk is not None:
+                c = _acc(c, xhat0 * wk)
+            w1 = chan(_c(w, coef, 1))
+            if k == 2 and x1 is not None and w1 is not None:
+                c = _acc(c, x1 * scale * w1)
+        if b is not None:
+            bk = chan(_c(b, coef, k))
+            if bk is not None:
+                c = bk.expand(x0.shape) if c is None else c + bk
+        out.append(c)
+    # (output, saved mean, saved inverse std): only the output carries coefficients
+    return tuple(None if c is None else (c, None, None) for c in out)
+
+
+def _max_pool(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
+    # piecewise linear: each output coefficient is the input coefficient at the argmax
+    # (indices count within each plane of the d spatial dimensions)
+    src = node.args[0]
+    d = int(node.target.overloadpacket.__name__[len("max_pool")])
+    out0, idx = primal[node]
+    flat_idx = idx.flatten(start_dim=idx.ndim - d)
+    res = []
+    for k in (1, 2):
+        xk = _c(src, coef, k)
+        if xk is None:
+            res.append(None)
+            continue
+        picked = xk.flatten(start_dim=xk.ndim - d).gather(-1, flat_idx)
+        res.append((picked.reshape(out0.shape), None))
+    return tuple(res)
 
 
 def _mse_loss(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
