@@ -105,8 +105,8 @@ def test_flatness_taylor_and_hvp_give_the_same_estimate():
 
 
 def test_flatness_falls_back_to_products_when_the_loss_has_no_rule():
-    def loss(p):
-        return torch.linalg.vector_norm(p) ** 4 + (p**2).sum()
+    def loss(p):  # a 4-norm: no rule here
+        return torch.linalg.vector_norm(p, ord=4) ** 3 + (p**2).sum()
 
     space = cv.ParameterSpace(loss)
     p = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
@@ -210,3 +210,27 @@ def test_batchnorm_in_training_mode_is_refused():
     p = torch.cat([q.detach().flatten() for q in model.parameters()])
     with pytest.raises(TaylorUnsupportedError, match="training mode"):
         QuadraticForm(loss, p)
+
+
+def test_weight_norm_chart_loss_quotient_and_norm_rules():
+    # L∘h for weight norm (w = g v / ‖v‖) needs the quotient and vector-norm rules; the naive
+    # (Euclidean) trace in the (g, v) chart then uses Taylor mode as well.
+    torch.manual_seed(0)
+    space, theta = _space(preset("mlp-small", hidden=(6,)), nn.CrossEntropyLoss(), n=16)
+    wn = space.reparametrize({"*.weight": cv.reparam.WeightNorm()})
+    psi = wn.chart.inverse(theta)
+    q = QuadraticForm(wn._loss, psi)
+    V = torch.randn(4, psi.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(torch.stack([q(v) for v in V]),
+                               _dense_quadratic_forms(wn, psi, V), rtol=1e-10, atol=1e-12)
+    naive = wn.with_metric(cv.metrics.Euclidean())
+    r = cv.flatness(naive, psi, measures=("trace",), method="stochastic", num_probes=20)
+    assert r["trace"].extras["products"] == "taylor"
+
+    def quotient(p):  # division by a p-dependent tensor, broadcast
+        return (p[:3] / (1.5 + p[3:4] ** 2)).sin().sum()
+
+    p = torch.tensor([0.3, -0.2, 0.5, 0.7], dtype=torch.float64)
+    H = torch.func.hessian(quotient)(p)
+    for v in torch.eye(4, dtype=torch.float64):
+        assert float(QuadraticForm(quotient, p)(v)) == pytest.approx(float(v @ H @ v), rel=1e-12)

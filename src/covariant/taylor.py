@@ -86,10 +86,11 @@ _ELEMENTWISE = {
     "square", "log_sigmoid_forward", "hardtanh", "erf", "abs",
 }
 # Rules that read the shape of the operation's own value (a meta tensor stands in for it)
-# or the value itself (log-softmax: its probabilities).
-_READS_OWN_SHAPE = {"add", "sub", "rsub", "addmm", "convolution"}
-_READS_OWN_VALUE = {"_log_softmax", "_softmax", "logsumexp", "max_pool1d_with_indices",
-                    "max_pool2d_with_indices", "max_pool3d_with_indices"}
+# or the value itself (log-softmax: its probabilities; a norm: its value).
+_READS_OWN_SHAPE = {"add", "sub", "rsub", "addmm", "convolution", "div"}
+_READS_OWN_VALUE = {"_log_softmax", "_softmax", "logsumexp", "linalg_vector_norm",
+                    "max_pool1d_with_indices", "max_pool2d_with_indices",
+                    "max_pool3d_with_indices"}
 # Outputs that never depend differentiably on their inputs.
 _CONSTANT = {
     "zeros_like", "ones_like", "full_like", "empty_like", "zeros", "ones", "full", "arange",
@@ -351,9 +352,12 @@ class QuadraticForm:
         if packet == "convolution":
             return _convolution
         if full == "div.Tensor":
-            if carries(args[1]):
-                raise TaylorUnsupportedError("QuadraticForm: division by a p-dependent tensor")
-            return _linear_first
+            return _quotient if carries(args[1]) else _linear_first
+        if packet == "linalg_vector_norm":
+            order = args[1] if len(args) > 1 else node.kwargs.get("ord", 2)
+            if order != 2:
+                raise TaylorUnsupportedError(f"QuadraticForm: vector norm of order {order}")
+            return _vector_norm
         if packet == "_log_softmax":
             return _log_softmax
         if packet == "_softmax":
@@ -536,6 +540,53 @@ def _convolution(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, A
             c = cb.expand(shape) if c is None else c.add_(cb)
         out.append(c)
     return tuple(out)
+
+
+def _quotient(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
+    # a / b = a · r with r = 1/b: r₁ = −b₁/b₀², r₂ = −b₂/b₀² + b₁²/b₀³; then the product rule
+    a, b = node.args[0], node.args[1]
+    a0, r0 = _v(a, primal), 1.0 / _v(b, primal)
+    b1, b2 = _c(b, coef, 1), _c(b, coef, 2)
+    r1 = None if b1 is None else -b1 * r0 * r0
+    r2 = None if b2 is None else -b2 * r0 * r0
+    if b1 is not None:
+        r2 = _acc(r2, b1 * b1 * r0 * r0 * r0)
+    a1, a2 = _c(a, coef, 1), _c(a, coef, 2)
+
+    def mul(x: Any, y: Any) -> Tensor:
+        return x * y
+
+    q1 = _acc(None if a1 is None else mul(a1, r0), None if r1 is None else mul(a0, r1))
+    q2 = None
+    for x, y in ((a2, r0), (a1, r1), (a0, r2)):
+        if x is not None and y is not None:
+            q2 = _acc(q2, mul(x, y))
+    shape = primal[node].shape
+    return tuple(None if q is None else q.expand(shape) if q.shape != shape else q
+                 for q in (q1, q2))
+
+
+def _vector_norm(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
+    # n = √s with s = Σ x²: s₁ = 2Σ x₀x₁, s₂ = Σ (2 x₀x₂ + x₁²);
+    # n₁ = s₁ / (2n₀), n₂ = s₂ / (2n₀) − s₁² / (8 n₀³)
+    src = node.args[0]
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    keepdim = node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False)
+    x0, n0 = _v(src, primal), primal[node]
+    x1, x2 = _c(src, coef, 1), _c(src, coef, 2)
+
+    def total(t: Tensor) -> Tensor:
+        return t.sum() if dim is None else t.sum(dim, keepdim=keepdim)
+
+    s1 = None if x1 is None else 2 * total(x0 * x1)
+    s2 = None if x2 is None else 2 * total(x0 * x2)
+    if x1 is not None:
+        s2 = _acc(s2, total(x1 * x1))
+    n1 = None if s1 is None else s1 / (2 * n0)
+    n2 = None if s2 is None else s2 / (2 * n0)
+    if s1 is not None:
+        n2 = _acc(n2, -(s1 * s1) / (8 * n0 * n0 * n0))
+    return n1, n2
 
 
 def _lse_coefficients(probs: Tensor, x1: Tensor | None, x2: Tensor | None, dim: Any
