@@ -28,6 +28,7 @@ tensor([1.0000, 2.7183], dtype=torch.float64)
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -108,6 +109,35 @@ _SIDES = {
     "inverse_jvp": ("theta", "psi"), "inverse_vjp": ("psi", "theta"),
     "gram": ("psi", "psi"), "pinv_gram": ("psi", "psi"),
 }
+
+
+class _NamedProducts(Linearization):
+    """A linearization whose products all go through one ``_product(name, x)``.
+
+    The products are methods, not closures stored on the instance, so that no reference
+    cycle keeps θ alive.
+    """
+
+    def _product(self, product: str, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def jvp(self, v: Tensor) -> Tensor:
+        return self._product("jvp", v)
+
+    def vjp(self, w: Tensor) -> Tensor:
+        return self._product("vjp", w)
+
+    def inverse_jvp(self, u: Tensor) -> Tensor:
+        return self._product("inverse_jvp", u)
+
+    def inverse_vjp(self, z: Tensor) -> Tensor:
+        return self._product("inverse_vjp", z)
+
+    def gram(self, v: Tensor) -> Tensor:
+        return self._product("gram", v)
+
+    def pinv_gram(self, w: Tensor) -> Tensor:
+        return self._product("pinv_gram", w)
 
 
 def _check_flat(x: Tensor, name: str, owner: str) -> None:
@@ -772,29 +802,18 @@ class WeightNorm(Reparametrization):
         norm = v.norm(dim=1, keepdim=True)
         return v / norm, g[:, None] / norm  # v̂ (rows), c (column)
 
+    # The closed forms live in _WeightNormLinearization; a one-off product builds it at ψ.
     def jvp(self, psi: Tensor, v: Tensor) -> Tensor:
-        vhat, c = self._parts(psi)
-        dg, dv = v[: self.num_slices], self._rows(v[self.num_slices :])
-        dv_perp = dv - vhat * (vhat * dv).sum(1, keepdim=True)
-        return self._unrows(dg[:, None] * vhat + c * dv_perp)
+        return _WeightNormLinearization(self, psi)._out_of_place("jvp", v)
 
     def vjp(self, psi: Tensor, w: Tensor) -> Tensor:
-        vhat, c = self._parts(psi)
-        wr = self._rows(w)
-        a = (vhat * wr).sum(1)
-        return torch.cat([a, self._unrows(c * (wr - vhat * a[:, None]))])
+        return _WeightNormLinearization(self, psi)._out_of_place("vjp", w)
 
     def inverse_jvp(self, psi: Tensor, u: Tensor) -> Tensor:
-        vhat, c = self._parts(psi)
-        ur = self._rows(u)
-        a = (vhat * ur).sum(1)
-        return torch.cat([a, self._unrows((ur - vhat * a[:, None]) / c)])
+        return _WeightNormLinearization(self, psi)._out_of_place("inverse_jvp", u)
 
     def inverse_vjp(self, psi: Tensor, z: Tensor) -> Tensor:
-        vhat, c = self._parts(psi)
-        dg, dv = z[: self.num_slices], self._rows(z[self.num_slices :])
-        dv_perp = dv - vhat * (vhat * dv).sum(1, keepdim=True)
-        return self._unrows(dg[:, None] * vhat + dv_perp / c)
+        return _WeightNormLinearization(self, psi)._out_of_place("inverse_vjp", z)
 
     def _linearize(self, psi: Tensor) -> Linearization:
         return _WeightNormLinearization(self, psi)
@@ -830,7 +849,7 @@ class WeightNorm(Reparametrization):
         return f"WeightNorm(shape={shape}, dim={self.dim})"
 
 
-class _WeightNormLinearization(Linearization):
+class _WeightNormLinearization(_NamedProducts):
     r"""Weight norm's products at one ψ, from v itself and per-slice scalars.
 
     With V the rows of v (a view of ψ when ``dim`` is 0 or None, so no copy is kept),
@@ -869,33 +888,17 @@ class _WeightNormLinearization(Linearization):
         coef["vjp"], coef["inverse_vjp"] = coef["jvp"], coef["inverse_jvp"]
         self._spec = {p: (alpha[:, None], beta, src == "psi", dst == "psi")
                       for p, (alpha, beta) in coef.items() for src, dst in [_SIDES[p]]}
-        if theta_out is None:
-            theta = h._unrows(c[:, None] * V)  # g v̂ = c v
-        elif self._in_place:
-            theta = theta_out
-            torch.mul(V, c[:, None], out=theta.view(self._shape))
-        else:
-            theta = theta_out.copy_(h._unrows(c[:, None] * V))
-        self.theta = theta
+        self._c = c
+        if theta_out is not None:  # else θ is formed on first use (one-off products skip it)
+            if self._in_place:
+                torch.mul(V, c[:, None], out=theta_out.view(self._shape))
+            else:
+                theta_out.copy_(h._unrows(c[:, None] * V))
+            self.theta = theta_out
 
-    # methods, not closures stored on the instance: no reference cycle keeps θ alive
-    def jvp(self, v: Tensor) -> Tensor:
-        return self._product("jvp", v)
-
-    def vjp(self, w: Tensor) -> Tensor:
-        return self._product("vjp", w)
-
-    def inverse_jvp(self, u: Tensor) -> Tensor:
-        return self._product("inverse_jvp", u)
-
-    def inverse_vjp(self, z: Tensor) -> Tensor:
-        return self._product("inverse_vjp", z)
-
-    def gram(self, v: Tensor) -> Tensor:
-        return self._product("gram", v)
-
-    def pinv_gram(self, w: Tensor) -> Tensor:
-        return self._product("pinv_gram", w)
+    @functools.cached_property
+    def theta(self) -> Tensor:  # type: ignore[override]
+        return self._h._unrows(self._c[:, None] * self._V)  # g v̂ = c v
 
     def _product(self, product: str, x: Tensor) -> Tensor:
         if (self._in_place and _is_plain(x) and x.is_contiguous() and x.dtype == self._dtype
@@ -1196,7 +1199,7 @@ class ParameterwiseReparametrization(Reparametrization):
         return f"ParameterwiseReparametrization({{{inner}}})"
 
 
-class _BlockLinearization(Linearization):
+class _BlockLinearization(_NamedProducts):
     """Products of a :class:`ParameterwiseReparametrization` at one ψ, block by block.
 
     On plain tensors each product allocates its output once and fills it slice by slice:
@@ -1241,26 +1244,7 @@ class _BlockLinearization(Linearization):
             if any(getattr(lin, fused) is None for lin in lins.values()):
                 setattr(self, fused, None)
 
-    # methods, not closures stored on the instance: no reference cycle keeps θ alive
-    def jvp(self, v: Tensor) -> Tensor:
-        return self._apply("jvp", v)
-
-    def vjp(self, w: Tensor) -> Tensor:
-        return self._apply("vjp", w)
-
-    def inverse_jvp(self, u: Tensor) -> Tensor:
-        return self._apply("inverse_jvp", u)
-
-    def inverse_vjp(self, z: Tensor) -> Tensor:
-        return self._apply("inverse_vjp", z)
-
-    def gram(self, v: Tensor) -> Tensor:
-        return self._apply("gram", v)
-
-    def pinv_gram(self, w: Tensor) -> Tensor:
-        return self._apply("pinv_gram", w)
-
-    def _apply(self, product: str, x: Tensor) -> Tensor:
+    def _product(self, product: str, x: Tensor) -> Tensor:
         plan = self._plan[product]
         if not (self._fast and _is_plain(x) and x.dtype == self._dtype
                 and x.device == self._device):

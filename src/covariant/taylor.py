@@ -332,12 +332,15 @@ class QuadraticForm:
         def carries(a: Any) -> bool:
             return a in depends
 
-        if packet in _CONSTANT:
-            return None
-        if packet in _LINEAR_FIRST or full in _SCALED:
+        def first_only() -> None:  # linear / elementwise in the first argument only
             if any(carries(a) for a in node.all_input_nodes if a is not args[0]):
                 raise TaylorUnsupportedError(
                     f"QuadraticForm: {full} with a p-dependent argument besides the first")
+
+        if packet in _CONSTANT:
+            return None
+        if packet in _LINEAR_FIRST or full in _SCALED:
+            first_only()
             return _linear_first
         if full in _SHIFTED:
             return _shifted
@@ -386,9 +389,7 @@ class QuadraticForm:
         if packet == "mse_loss":
             return _mse_loss
         if packet in _ELEMENTWISE or full in _ELEMENTWISE:
-            if any(carries(a) for a in node.all_input_nodes if a is not args[0]):
-                raise TaylorUnsupportedError(
-                    f"QuadraticForm: {full} with a p-dependent argument besides the first")
+            first_only()
             return _elementwise_rule(node, self._primal)
         raise TaylorUnsupportedError(
             f"QuadraticForm: no second-order Taylor rule for aten.{full}; use Hessian-vector "
@@ -488,9 +489,15 @@ def _concat(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]])
 
 def _product(op: Callable[[Any, Any], Tensor], a: Any, b: Any, primal: dict[Any, Any],
              coef: dict[Any, tuple[Any, Any]]) -> tuple[Tensor | None, Tensor | None]:
-    """Product rule for a bilinear ``op(a, b)``."""
-    a0, b0 = _v(a, primal), _v(b, primal)
-    a1, a2, b1, b2 = _c(a, coef, 1), _c(a, coef, 2), _c(b, coef, 1), _c(b, coef, 2)
+    """Product rule for a bilinear ``op(a, b)`` of two recorded arguments."""
+    return _product_rule(op, _v(a, primal), _c(a, coef, 1), _c(a, coef, 2),
+                         _v(b, primal), _c(b, coef, 1), _c(b, coef, 2))
+
+
+def _product_rule(op: Callable[[Any, Any], Tensor], a0: Any, a1: Tensor | None,
+                  a2: Tensor | None, b0: Any, b1: Tensor | None, b2: Tensor | None
+                  ) -> tuple[Tensor | None, Tensor | None]:
+    """(a·b)₁ = a₁b₀ + a₀b₁, (a·b)₂ = a₂b₀ + a₁b₁ + a₀b₂ for a bilinear ``op``."""
     # every term is a fresh tensor of the output's shape: accumulate in place
     c1 = _acc(None if a1 is None else op(a1, b0), None if b1 is None else op(a0, b1))
     c2 = None
@@ -551,16 +558,7 @@ def _quotient(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]
     r2 = None if b2 is None else -b2 * r0 * r0
     if b1 is not None:
         r2 = _acc(r2, b1 * b1 * r0 * r0 * r0)
-    a1, a2 = _c(a, coef, 1), _c(a, coef, 2)
-
-    def mul(x: Any, y: Any) -> Tensor:
-        return x * y
-
-    q1 = _acc(None if a1 is None else mul(a1, r0), None if r1 is None else mul(a0, r1))
-    q2 = None
-    for x, y in ((a2, r0), (a1, r1), (a0, r2)):
-        if x is not None and y is not None:
-            q2 = _acc(q2, mul(x, y))
+    q1, q2 = _product_rule(torch.mul, a0, _c(a, coef, 1), _c(a, coef, 2), r0, r1, r2)
     shape = primal[node].shape
     return tuple(None if q is None else q.expand(shape) if q.shape != shape else q
                  for q in (q1, q2))
