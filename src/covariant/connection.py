@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jacfwd, jvp
 
+from ._fast import is_plain as _plain
 from .errors import NonFiniteError, NotConvergedError
 from .metrics import Metric
 
@@ -38,14 +39,6 @@ __all__ = [
     "connection_correction",
     "geodesic",
 ]
-
-
-def _plain(*xs: Tensor) -> bool:
-    """True for ordinary tensors: not tracked by autograd nor wrapped by torch.func (then the
-    faster autograd double-backward paths apply)."""
-    return all(
-        not x.requires_grad and not torch._C._functorch.is_functorch_wrapped_tensor(x) for x in xs
-    )
 
 
 def _directional_derivative(metric: Metric, p: Tensor, u: Tensor, x: Tensor) -> Tensor:

@@ -48,6 +48,7 @@ from torch import Tensor
 from torch.func import grad as func_grad
 from torch.func import hessian as func_hessian
 
+from ._fast import is_transformed
 from ._progress import progress_bar
 from .errors import CovariantError, NonFiniteError, SingularMetricError
 from .metrics import MAX_DENSE_DIM, Constant, Diagonal, Euclidean, Metric, Pullback
@@ -447,7 +448,7 @@ def logdet(
     if method == "dense":
         return _dense_logdet(metric, p, max_dim or MAX_DENSE_DIM)
     # slq
-    if torch._C._functorch.is_functorch_wrapped_tensor(p):
+    if is_transformed(p):
         raise ValueError(
             "logdet(method='slq'): its gradient is a custom autograd estimate, which "
             "torch.func transforms (grad, jacrev, hessian) do not see. Differentiate it with "

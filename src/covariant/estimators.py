@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from . import linalg
-from .connection import _plain
+from ._fast import is_plain as _plain
 from .errors import NotConvergedError, SingularMetricError
 from .flatness import Measure
 from .metrics import Euclidean, Pullback

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 from torch.func import jacfwd, jvp, vjp
 
+from ._fast import is_plain as _is_plain
 from .errors import DomainError, NonFiniteError, NotABijectionError, ShapeMismatchError
 from .models import ParameterLayout, match_names
 
@@ -95,12 +96,6 @@ class Linearization:
         that can compute in place override it and skip the intermediate result.
         """
         out.copy_(getattr(self, product)(x))
-
-
-def _is_plain(x: Tensor) -> bool:
-    """An ordinary tensor: not tracked by autograd nor wrapped by ``torch.func`` (so products
-    may write into preallocated outputs)."""
-    return not x.requires_grad and not torch._C._functorch.is_functorch_wrapped_tensor(x)
 
 
 # direction of each product: (input side, output side), "psi" or "theta"

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, vmap
 
-from .connection import _plain, christoffel, connection_correction, geodesic
+from ._fast import is_plain as _plain
+from .connection import christoffel, connection_correction, geodesic
 from .errors import NonFiniteError, NotABijectionError, ShapeMismatchError
 from .metrics import Euclidean, Metric, Pullback, check_dense_size
 from .models import ParameterLayout
@@ -234,10 +235,26 @@ class ParameterSpace:
         return curvature.metric_from_name(name, self, **kwargs)
 
     # ------------------------------------------------------------------ basics
-    def _check(self, p: Tensor, owner: str) -> None:
+    @property
+    def loss_function(self) -> LossFn:
+        """The loss as a plain callable, p ↦ L(p), without the point and finiteness checks.
+
+        Use it inside ``torch.func`` transforms (``vmap``, ``hessian``), where the checks of
+        :meth:`loss` cannot run.
+        """
+        return self._loss
+
+    def check_point(self, p: Tensor, owner: str = "ParameterSpace") -> None:
+        """Raise a typed error unless p is a finite flat point of this space and chart.
+
+        ``owner`` names the caller in the message.
+        """
         _check_point(p, owner, self.dim)
         if self.chart is not None:
             self.chart._check_psi(p)
+
+    def _check(self, p: Tensor, owner: str) -> None:
+        self.check_point(p, owner)
 
     def unflatten(self, p: Tensor) -> dict[str, Tensor]:
         """The parameter dict of a flat point (module spaces only)."""
