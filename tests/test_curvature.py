@@ -59,9 +59,9 @@ def _space(kind: str = "ce", n: int = 40, loss_fn=None, batches=None, metric="gg
 def _ggn_truth(space, theta) -> torch.Tensor:
     """Σ_b w_b J_bᵀ H_b J_b from jacrev of the model and of the loss's gradient itself."""
     G = torch.zeros(theta.numel(), theta.numel(), dtype=theta.dtype)
-    for w, (X, y) in zip(space._batch_weights, space.batches, strict=True):
-        out = space._forward(theta, X)
-        J = jacrev(lambda q, X=X: space._forward(q, X).reshape(-1))(theta)
+    for w, (X, y) in zip(space.binding.weights, space.batches, strict=True):
+        out = space.binding.forward(theta, X)
+        J = jacrev(lambda q, X=X: space.binding.forward(q, X).reshape(-1))(theta)
         # reverse-over-reverse: jacfwd over torch.func.hessian trips a PyTorch ZeroTensor bug
         H = jacrev(jacrev(lambda o, y=y, s=out.shape: space.loss_fn(o.reshape(s), y)))(
             out.reshape(-1)
@@ -106,7 +106,7 @@ def test_ggn_matvec_and_dense_match_dense_truth(kind, loss_fn):
 def test_generic_path_agrees_with_closed_form():
     space, theta = _space("mse")
     closed = space.metric
-    generic = GGN(space._forward, lambda o, y: F.mse_loss(o, y), space.batches)
+    generic = GGN(space.binding.forward, lambda o, y: F.mse_loss(o, y), space.batches)
     assert generic.info.kind == "generic" and closed.info.kind == "mse"
     assert torch.allclose(generic.dense(theta), closed.dense(theta), rtol=1e-12, atol=1e-14)
 
@@ -182,7 +182,7 @@ def _per_sample_grads(space, theta, per_sample_loss):
     X, y = space.batches[0]
     rows = []
     for n in range(X.shape[0]):
-        f = lambda q, n=n: per_sample_loss(space._forward(q, X[n : n + 1]), y[n : n + 1])
+        f = lambda q, n=n: per_sample_loss(space.binding.forward(q, X[n : n + 1]), y[n : n + 1])
         rows.append(jacrev(f)(theta))
     return torch.stack(rows)
 

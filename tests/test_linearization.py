@@ -18,8 +18,8 @@ from torch.func import jacfwd, vmap
 
 import covariant as cv
 from covariant.estimators import shape_operator_matvecs
+from covariant.layout import ParameterLayout
 from covariant.metrics import Constant, Euclidean, Pullback
-from covariant.models import ParameterLayout
 from covariant.reparam import Exp, ParameterwiseReparametrization, WeightNorm
 
 gen = torch.Generator().manual_seed(7)

@@ -42,7 +42,7 @@ CASES = {
                 torch.randn(4, dtype=torch.float64, generator=gen)),
     "parameterwise": (
         cv.reparam.ParameterwiseReparametrization(
-            cv.models.ParameterLayout.from_shapes({"a": (2, 3), "b": (3,), "c": (2,)}),
+            cv.layout.ParameterLayout.from_shapes({"a": (2, 3), "b": (3,), "c": (2,)}),
             {"a": cv.reparam.WeightNorm(), "c": cv.reparam.Exp()}),
         torch.cat([torch.tensor([1.3, -0.6]), torch.randn(6, generator=gen).double(),
                    torch.randn(3, generator=gen).double(), torch.tensor([0.2, -0.4])]).double()),

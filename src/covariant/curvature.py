@@ -82,7 +82,6 @@ from torch.func import grad, jvp, vjp, vmap
 
 from .errors import NonFiniteError, NotConvergedError, ShapeMismatchError, SingularMetricError
 from .metrics import Diagonal, Euclidean, Metric, check_dense_size
-from .reparam import Compose, Reparametrization
 
 __all__ = [
     "GGN",
@@ -286,7 +285,7 @@ class CurvatureMetric(Metric):
     ----------
     forward : callable
         ``forward(p, X)``: the model's outputs at the flat point ``p`` (torch.func-friendly;
-        ``ParameterSpace.from_module`` provides one as ``space._forward``).
+        ``ParameterSpace.from_module`` provides one as ``space.binding.forward``).
     loss_fn : callable
         ``loss_fn(outputs, y)``, a scalar (``reduction='mean'`` or ``'sum'``).
     batches : (X, y) or iterable of (X, y)
@@ -1049,29 +1048,16 @@ def _denominator(
 
 def _model_of(space: Any, what: str) -> tuple[Forward, LossFn, list[Batch], list[float]]:
     """forward (in the space's chart), loss_fn, batches and weights of a model space."""
-    charts: list[Reparametrization] = []
-    s = space
-    while getattr(s, "_forward", None) is None or getattr(s, "loss_fn", None) is None:
-        chart, parent = getattr(s, "chart", None), getattr(s, "parent", None)
-        if chart is None or parent is None:
-            raise ValueError(
-                f"{what} needs a model space with a model, a loss function and data; this "
-                "space has none. Build it with ParameterSpace.from_module(model, loss_fn, "
-                "data), or pass an explicit Metric (e.g. covariant.metrics.Euclidean())."
-            )
-        charts.append(chart)
-        s = parent
-    root_forward: Forward = s._forward
-    batches = list(s.batches)
-    weights = list(getattr(s, "_batch_weights", None) or _default_weights(s.loss_fn, batches))
-    if not charts:
-        return root_forward, s.loss_fn, batches, weights
-    h = charts[0] if len(charts) == 1 else Compose(*reversed(charts))
-
-    def forward(psi: Tensor, X: Tensor) -> Tensor:
-        return root_forward(h.forward(psi), X)
-
-    return forward, s.loss_fn, batches, weights
+    binding = space.binding
+    if binding is None:
+        raise ValueError(
+            f"{what} needs a model space with a model, a loss function and data; this "
+            "space has none. Build it with ParameterSpace.from_module(model, loss_fn, "
+            "data), or pass an explicit Metric (e.g. covariant.metrics.Euclidean())."
+        )
+    h = space.root_chart()
+    forward = binding.forward_in_chart(None if h is None else h.forward)
+    return forward, binding.loss_fn, list(binding.batches), list(binding.weights)
 
 
 def metric_from_name(name: str, space: Any, **kwargs: Any) -> Metric:

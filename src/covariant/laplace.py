@@ -56,9 +56,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from torch.func import grad as func_grad
 from torch.func import hessian as func_hessian
+from torch.func import jacrev, jvp, vjp, vmap
 
 from .connection import connection_correction
 from .density import _closed_form_logdet, _is_degenerate, logdet, map_estimate
@@ -67,8 +67,8 @@ from .errors import (
     NotABijectionError,
     ShapeMismatchError,
 )
+from .layout import ModelBinding, ParameterLayout
 from .metrics import MAX_DENSE_DIM, Constant, Diagonal, Euclidean, Metric, Pullback
-from .models import ParameterLayout
 from .space import ParameterSpace
 
 __all__ = [
@@ -124,23 +124,31 @@ def _prior_nll(theta: Tensor, lam: float | Tensor) -> Tensor:
     return quad - 0.5 * (torch.log(lam_t) - _LOG_2PI).sum()
 
 
+class GaussianNLL(nn.Module):
+    """−log N(y; f, σ² I) summed over all entries: ½‖f − y‖²/σ² + ½·numel·log(2πσ²)."""
+
+    def __init__(self, sigma_noise: float) -> None:
+        super().__init__()
+        self.sigma2 = float(sigma_noise) ** 2
+        self.reduction = "sum"
+
+    def forward(self, f: Tensor, y: Tensor) -> Tensor:
+        t = y.reshape(f.shape).to(f)
+        return 0.5 * ((f - t) ** 2).sum() / self.sigma2 + 0.5 * f.numel() * math.log(
+            2 * math.pi * self.sigma2)
+
+
 def _bayes_of(space: ParameterSpace) -> _Bayes | None:
-    s: ParameterSpace | None = space
-    while s is not None:
-        b = getattr(s, "_bayes", None)
-        if b is not None:
-            return b
-        s = s.parent
-    return None
+    b = space.binding
+    if b is None or not b.is_bayesian:
+        return None
+    (X, y), = b.batches
+    return _Bayes(b.forward, b.loss, b.likelihood, b.sigma_noise, X, y, b.model)
 
 
 def _prior_of(space: ParameterSpace) -> float | Tensor | None:
-    s: ParameterSpace | None = space
-    while s is not None:
-        if hasattr(s, "_bayes_prior"):
-            return s._bayes_prior
-        s = s.parent
-    return None
+    b = space.binding
+    return None if b is None else b.prior_precision
 
 
 def _to_root_fn(space: ParameterSpace) -> Callable[[Tensor], Tensor]:
@@ -157,6 +165,12 @@ def _require_bayes(space: ParameterSpace, what: str) -> _Bayes:
             "you like); a plain from_log_prob space knows no model, likelihood or prior."
         )
     return b
+
+
+def _require_bayes_binding(space: ParameterSpace, what: str) -> ModelBinding:
+    _require_bayes(space, what)
+    assert space.binding is not None
+    return space.binding
 
 
 def posterior_space(
@@ -216,41 +230,25 @@ def posterior_space(
     if not (isinstance(data, tuple | list) and len(data) == 2):
         raise ValueError("posterior_space: data must be one (X, y) batch")
     X, y = data
-    layout = ParameterLayout.from_module(model)
-    params = dict(model.named_parameters())
-    theta = layout.flatten({n: params[n].detach() for n in layout.names})
-    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in layout.names}
-    buffers = dict(model.named_buffers())
-    sigma2 = float(sigma_noise) ** 2
-
-    def forward(p: Tensor, Xb: Tensor) -> Tensor:
-        return functional_call(model, {**frozen, **buffers, **layout.unflatten(p)}, (Xb,))
-
     if likelihood == "classification":
         if y.dtype not in (torch.int64, torch.int32):
             raise ShapeMismatchError("posterior_space: classification targets must be integers")
-
-        def nll(p: Tensor) -> Tensor:
-            return nn.functional.cross_entropy(forward(p, X), y, reduction="sum")
+        nll_fn: nn.Module = nn.CrossEntropyLoss(reduction="sum")
     else:
-
-        def nll(p: Tensor) -> Tensor:
-            f = forward(p, X)
-            t = y.reshape(f.shape).to(f)
-            return 0.5 * ((f - t) ** 2).sum() / sigma2 + 0.5 * f.numel() * math.log(
-                2 * math.pi * sigma2)
-
-    lam0 = prior_precision
+        nll_fn = GaussianNLL(sigma_noise)
+    binding, theta = ModelBinding.from_module(
+        model, nll_fn, (X, y), likelihood=likelihood, sigma_noise=float(sigma_noise),
+        prior_precision=prior_precision,
+    )
+    nll, lam0 = binding.loss, prior_precision
 
     def loss(p: Tensor) -> Tensor:
         return nll(p) + _prior_nll(p, lam0)
 
     space = ParameterSpace(
-        loss, metric, layout=layout, is_density=True, max_dense_dim=max_dense_dim
+        loss, metric, layout=ParameterLayout.from_module(model), is_density=True,
+        max_dense_dim=max_dense_dim, binding=binding,
     )
-    space.model = model
-    space._bayes = _Bayes(forward, nll, likelihood, float(sigma_noise), X, y, model)
-    space._bayes_prior = lam0
     return space, theta
 
 
@@ -261,23 +259,16 @@ def with_prior_precision(space: ParameterSpace, prior_precision: float | Tensor)
     reparametrized chart it is evaluated at θ = h(ψ) (the Jacobian factor of the density is
     already part of the space).
     """
-    _require_bayes(space, "with_prior_precision")
-    lam_old = _prior_of(space)
-    base = space._loss
+    binding = _require_bayes_binding(space, "with_prior_precision")
+    lam_old = binding.prior_precision
+    base = space.loss_function
     to_root = _to_root_fn(space)
 
     def loss(p: Tensor) -> Tensor:
         t = to_root(p)
         return base(p) + _prior_nll(t, prior_precision) - _prior_nll(t, lam_old)
 
-    new = ParameterSpace(
-        loss, space.metric, layout=space.layout, dim=space.dim, is_density=True,
-        max_dense_dim=space.max_dense_dim,
-    )
-    new.chart, new.parent, new.model = space.chart, space.parent, space.model
-    new._bayes = _bayes_of(space)
-    new._bayes_prior = prior_precision
-    return new
+    return space.with_loss(loss).with_binding(binding.replace(prior_precision=prior_precision))
 
 
 # --------------------------------------------------------------------------------------------

@@ -64,8 +64,8 @@ from .errors import (
     ShapeMismatchError,
     SingularMetricError,
 )
+from .layout import ParameterLayout
 from .metrics import Euclidean, Metric
-from .models import ParameterLayout
 from .reparam import Reparametrization
 from .space import ParameterSpace
 

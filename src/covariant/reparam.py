@@ -40,7 +40,7 @@ from torch.func import jacfwd, jvp, vjp
 
 from ._fast import is_plain as _is_plain
 from .errors import DomainError, NonFiniteError, NotABijectionError, ShapeMismatchError
-from .models import ParameterLayout, match_names
+from .layout import ParameterLayout, match_names
 
 __all__ = [
     "Affine",

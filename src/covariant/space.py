@@ -27,13 +27,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, hessian, jacfwd, jacrev, vmap
+from torch.func import grad, hessian, jacfwd, jacrev, vmap
 
 from ._fast import is_plain as _plain
 from .connection import christoffel, connection_correction, geodesic
 from .errors import NonFiniteError, NotABijectionError, ShapeMismatchError
+from .layout import ModelBinding, ParameterLayout
 from .metrics import Euclidean, Metric, Pullback, check_dense_size
-from .models import ParameterLayout
 from .reparam import Compose, ParameterwiseReparametrization, Reparametrization
 
 __all__ = ["ParameterSpace"]
@@ -65,15 +65,6 @@ def _check_finite(x: Tensor, what: str) -> Tensor:
     return x
 
 
-def _as_batches(data: Any) -> list[tuple[Tensor, Tensor]]:
-    if isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[0], Tensor):
-        return [(data[0], data[1])]
-    batches = [(X, y) for X, y in data]
-    if not batches:
-        raise ValueError("from_module: data is empty")
-    return batches
-
-
 class ParameterSpace:
     """A loss and a metric on one chart of a parameter space.
 
@@ -89,6 +80,10 @@ class ParameterSpace:
         ``reparametrize`` by name and ``unflatten``).
     dim : int, optional
         Number of coordinates, checked on every point when known.
+
+    binding : ModelBinding, optional
+        The model behind the space (``from_module`` sets it). Every space reparametrized from
+        this one carries the same binding, in the root coordinates.
 
     Attributes
     ----------
@@ -110,6 +105,7 @@ class ParameterSpace:
         dim: int | None = None,
         is_density: bool = False,
         max_dense_dim: int | None = None,
+        binding: ModelBinding | None = None,
     ) -> None:
         if not callable(loss):
             raise TypeError(f"ParameterSpace: loss must be callable, got {type(loss).__name__}")
@@ -127,9 +123,12 @@ class ParameterSpace:
         self.chart: Reparametrization | None = None
         self.parent: ParameterSpace | None = None
         self._scalar_pullback = False  # loss = parent.loss ∘ chart and metric = pullback
-        self.model: nn.Module | None = None
-        self.loss_fn: Callable[..., Tensor] | None = None
-        self.batches: list[tuple[Tensor, Tensor]] | None = None
+        if binding is not None and not isinstance(binding, ModelBinding):
+            raise TypeError(
+                f"ParameterSpace: binding must be a covariant.layout.ModelBinding, got "
+                f"{type(binding).__name__}"
+            )
+        self._binding = binding
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -193,32 +192,9 @@ class ParameterSpace:
             psi = native.layout.flatten(originals)
             return native.with_metric(native._resolve_metric(metric, **metric_kwargs)), psi
 
-        layout = ParameterLayout.from_module(model)
-        params = dict(model.named_parameters())
-        theta = layout.flatten({n: params[n].detach() for n in layout.names})
-        frozen = {n: p.detach() for n, p in model.named_parameters() if n not in layout.names}
-        buffers = dict(model.named_buffers())
-        batches = _as_batches(data)
-        total = sum(X.shape[0] for X, _ in batches)
-        reduction = getattr(loss_fn, "reduction", "mean")
-        weights = [
-            (X.shape[0] / total if reduction == "mean" else 1.0) for X, _ in batches
-        ]
-
-        def forward(p: Tensor, X: Tensor) -> Tensor:
-            state = {**frozen, **buffers, **layout.unflatten(p)}
-            return functional_call(model, state, (X,))
-
-        def loss(p: Tensor) -> Tensor:
-            out = p.new_zeros(())
-            for w, (X, y) in zip(weights, batches, strict=True):
-                out = out + w * loss_fn(forward(p, X), y)
-            return out
-
-        space = cls(loss, None, layout=layout)
-        space.model, space.loss_fn, space.batches = model, loss_fn, batches
-        space._forward = forward
-        space._batch_weights = weights
+        binding, theta = ModelBinding.from_module(model, loss_fn, data)
+        space = cls(binding.loss, None, layout=ParameterLayout.from_module(model),
+                    binding=binding)
         space.metric = space._resolve_metric(metric, **metric_kwargs)
         return space, theta
 
@@ -233,6 +209,32 @@ class ParameterSpace:
         from . import curvature
 
         return curvature.metric_from_name(name, self, **kwargs)
+
+    # ------------------------------------------------------------------ the model behind it
+    @property
+    def binding(self) -> ModelBinding | None:
+        """The :class:`~covariant.layout.ModelBinding` of the model behind this space.
+
+        Its ``forward`` takes points of the root space; ``binding.forward_in_chart(
+        space.root_chart())`` takes points of this chart. None for a space built from a plain
+        loss.
+        """
+        return self._binding
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The module behind the space, if any."""
+        return None if self._binding is None else self._binding.model
+
+    @property
+    def loss_fn(self) -> Callable[..., Tensor] | None:
+        """The loss function ℓ(output, target) of a model space, if any."""
+        return None if self._binding is None else self._binding.loss_fn
+
+    @property
+    def batches(self) -> tuple[tuple[Tensor, Tensor], ...] | None:
+        """The (X, y) batches of a model space, if any."""
+        return None if self._binding is None else self._binding.batches
 
     # ------------------------------------------------------------------ basics
     @property
@@ -574,17 +576,10 @@ class ParameterSpace:
             def loss(psi: Tensor) -> Tensor:
                 return base_loss(h.forward(psi))
 
-        new = ParameterSpace(
-            loss,
-            self.metric.pullback(h),
-            layout=new_layout,
-            dim=new_dim,
-            is_density=self.is_density,
-            max_dense_dim=self.max_dense_dim,
+        return self._derive(
+            loss, self.metric.pullback(h), layout=new_layout, dim=new_dim, chart=h,
+            parent=self, scalar_pullback=not self.is_density,
         )
-        new.chart, new.parent = h, self
-        new._scalar_pullback = not self.is_density
-        return new
 
     def with_metric(self, metric: Metric | str, **metric_kwargs: Any) -> ParameterSpace:
         """Same loss and chart, another metric. ``with_metric(Euclidean())`` is the naive view.
@@ -594,23 +589,59 @@ class ParameterSpace:
         """
         if isinstance(metric, str):
             metric = self._resolve_metric(metric, **metric_kwargs)
-        new = ParameterSpace(
-            self._loss, metric, layout=self.layout, dim=self.dim, is_density=self.is_density,
-            max_dense_dim=self.max_dense_dim,
-        )
-        new.chart, new.parent = self.chart, self.parent
-        new.model, new.loss_fn, new.batches = self.model, self.loss_fn, self.batches
-        for attr in ("_forward", "_batch_weights"):
-            if hasattr(self, attr):
-                setattr(new, attr, getattr(self, attr))
         # the pullback fast path holds only while the metric is the pullback of the parent's
-        new._scalar_pullback = (
+        scalar_pullback = (
             self._scalar_pullback
             and isinstance(metric, Pullback)
             and self.parent is not None
             and metric.base is self.parent.metric
             and metric.reparam is self.chart
         )
+        return self._derive(self._loss, metric, scalar_pullback=scalar_pullback)
+
+    def with_loss(self, loss: LossFn) -> ParameterSpace:
+        """Same metric, chart, parent and model binding, another loss (e.g. plus a penalty).
+
+        The pullback fast path is dropped: the new loss is no longer the parent's through the
+        chart.
+        """
+        if not callable(loss):
+            raise TypeError(f"with_loss: loss must be callable, got {type(loss).__name__}")
+        return self._derive(loss, self.metric, scalar_pullback=False)
+
+    def with_binding(self, binding: ModelBinding | None) -> ParameterSpace:
+        """Same loss, metric and chart, another model binding (e.g. another prior)."""
+        return self._derive(self._loss, self.metric, binding=binding,
+                            scalar_pullback=self._scalar_pullback)
+
+    _KEEP = object()
+
+    def _derive(
+        self,
+        loss: LossFn,
+        metric: Metric,
+        *,
+        scalar_pullback: bool,
+        layout: Any = _KEEP,
+        dim: Any = _KEEP,
+        chart: Any = _KEEP,
+        parent: Any = _KEEP,
+        binding: Any = _KEEP,
+    ) -> ParameterSpace:
+        """The one constructor path of derived spaces: every field is carried over unless
+        given."""
+        keep = ParameterSpace._KEEP
+        new = ParameterSpace(
+            loss, metric,
+            layout=self.layout if layout is keep else layout,
+            dim=self.dim if dim is keep else dim,
+            is_density=self.is_density,
+            max_dense_dim=self.max_dense_dim,
+            binding=self._binding if binding is keep else binding,
+        )
+        new.chart = self.chart if chart is keep else chart
+        new.parent = self.parent if parent is keep else parent
+        new._scalar_pullback = scalar_pullback
         return new
 
     # ------------------------------------------------------------------ charts to the root

@@ -1,0 +1,290 @@
+r"""A functional view of ``nn.Module``: the parameter layout and the model binding.
+
+A point of a model's parameter space is one flat 1-D tensor. :class:`ParameterLayout` records
+which slice of it belongs to which named parameter, so that charts can be applied by name and
+``space.unflatten(p)`` gives back the parameter dict.
+
+:class:`ModelBinding` is everything a model-aware computation (GGN, Fisher, natural gradient,
+Laplace) needs to know about the model behind a space, as one frozen value: the functional
+forward f(θ, X), the loss function ℓ, the batches with their weights w_b, and, for a Bayesian
+posterior, the likelihood and the prior. The loss it defines is
+
+.. math::
+
+    L(θ) = \sum_b w_b\, ℓ(f(θ, X_b), y_b).
+
+``ParameterSpace.from_module`` creates one; every space reparametrized from it carries the
+same binding, reached through ``space.binding``.
+
+Example
+-------
+>>> import torch
+>>> from torch import nn
+>>> model = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 1))
+>>> layout = ParameterLayout.from_module(model)
+>>> layout.names
+('0.weight', '0.bias', '2.weight', '2.bias')
+>>> p = layout.flatten(dict(model.named_parameters()))
+>>> p.shape
+torch.Size([11])
+>>> layout.unflatten(p)["2.weight"].shape
+torch.Size([1, 2])
+>>> X, y = torch.randn(8, 3), torch.randn(8, 1)
+>>> binding, theta = ModelBinding.from_module(model, nn.MSELoss(), [(X[:5], y[:5]), (X[5:], y[5:])])
+>>> binding.weights                       # batch size / total size, for a 'mean' loss
+(0.625, 0.375)
+>>> bool(torch.allclose(binding.loss(theta), nn.MSELoss()(model(X), y)))
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .errors import ShapeMismatchError
+
+__all__ = ["ModelBinding", "ParameterLayout", "as_batches", "match_names"]
+
+Forward = Callable[[Tensor, Tensor], Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Batch = tuple[Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class ParameterLayout:
+    """Names, shapes and slices of the parameters packed into one flat vector.
+
+    Parameters
+    ----------
+    names : tuple of str
+        Parameter names, in packing order.
+    shapes : tuple of torch.Size
+        Shape of each parameter.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.names) != len(self.shapes):
+            raise ShapeMismatchError("layout: names and shapes must have the same length")
+        if len(set(self.names)) != len(self.names):
+            raise ShapeMismatchError(f"layout: duplicate parameter names in {self.names}")
+
+    @classmethod
+    def from_module(cls, module: nn.Module, *, trainable_only: bool = True) -> ParameterLayout:
+        """Layout of ``module.named_parameters()`` (only those that require grad by default)."""
+        items = [
+            (n, p.shape)
+            for n, p in module.named_parameters()
+            if p.requires_grad or not trainable_only
+        ]
+        return cls(tuple(n for n, _ in items), tuple(torch.Size(s) for _, s in items))
+
+    @classmethod
+    def from_shapes(cls, shapes: Mapping[str, Iterable[int]]) -> ParameterLayout:
+        """Layout from an ordered mapping ``name -> shape``."""
+        return cls(tuple(shapes), tuple(torch.Size(tuple(s)) for s in shapes.values()))
+
+    @property
+    def numels(self) -> tuple[int, ...]:
+        return tuple(math.prod(s) for s in self.shapes)
+
+    @property
+    def dim(self) -> int:
+        """Total number of coordinates."""
+        return sum(self.numels)
+
+    @property
+    def slices(self) -> dict[str, slice]:
+        """``name -> slice`` of the flat vector."""
+        out, start = {}, 0
+        for name, n in zip(self.names, self.numels, strict=True):
+            out[name] = slice(start, start + n)
+            start += n
+        return out
+
+    def flatten(self, params: Mapping[str, Tensor]) -> Tensor:
+        """Pack a parameter dict into one flat vector, in layout order."""
+        missing = [n for n in self.names if n not in params]
+        if missing:
+            raise ShapeMismatchError(f"flatten: parameters {missing} are missing")
+        parts = []
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            t = params[name]
+            if t.shape != shape:
+                raise ShapeMismatchError(
+                    f"flatten: parameter {name!r} has shape {tuple(t.shape)}, "
+                    f"the layout expects {tuple(shape)}"
+                )
+            parts.append(t.reshape(-1))
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    def unflatten(self, p: Tensor) -> dict[str, Tensor]:
+        """Split a flat vector into the parameter dict (views, differentiable)."""
+        if p.ndim != 1 or p.shape[0] != self.dim:
+            raise ShapeMismatchError(
+                f"unflatten: expected a flat point of length {self.dim}, got shape {tuple(p.shape)}"
+            )
+        # torch.split: one backward node for all pieces (slicing builds a full-length zero
+        # vector per parameter in the backward pass; measured in benchmarks/)
+        pieces = torch.split(p, list(self.numels))
+        return {
+            name: piece.view(shape)
+            for name, shape, piece in zip(self.names, self.shapes, pieces, strict=True)
+        }
+
+
+def match_names(names: Iterable[str], patterns: Iterable[str]) -> dict[str, str]:
+    """Map each parameter name to the first glob pattern that matches it.
+
+    A pattern that matches nothing raises :class:`~covariant.errors.ShapeMismatchError`, since a
+    silently ignored chart would change the analysis without telling anyone.
+
+    >>> match_names(["0.weight", "0.bias", "2.weight"], ["*.weight"])
+    {'0.weight': '*.weight', '2.weight': '*.weight'}
+    """
+    names = list(names)
+    out: dict[str, str] = {}
+    for pattern in patterns:
+        hits = [n for n in names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ShapeMismatchError(
+                f"reparametrize: pattern {pattern!r} matches no parameter; "
+                f"the parameters are {names}"
+            )
+        for n in hits:
+            out.setdefault(n, pattern)
+    return {n: out[n] for n in names if n in out}
+
+
+def as_batches(data: Any, owner: str = "from_module") -> tuple[Batch, ...]:
+    """``(X, y)`` or an iterable of ``(X, y)`` batches, as a tuple of batches."""
+    if isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[0], Tensor):
+        return ((data[0], data[1]),)
+    batches = tuple((X, y) for X, y in data)
+    if not batches:
+        raise ValueError(f"{owner}: data is empty")
+    return batches
+
+
+def batch_weights(loss_fn: LossFn, batches: Iterable[Batch]) -> tuple[float, ...]:
+    """w_b = (batch size) / (total size) for a ``'mean'`` loss, 1 for ``'sum'``.
+
+    With these weights Σ_b w_b ℓ(f(θ, X_b), y_b) equals the loss of the whole data set as one
+    batch.
+    """
+    batches = tuple(batches)
+    total = sum(X.shape[0] for X, _ in batches)
+    mean = getattr(loss_fn, "reduction", "mean") == "mean"
+    return tuple((X.shape[0] / total if mean else 1.0) for X, _ in batches)
+
+
+def functional_forward(model: nn.Module, layout: ParameterLayout) -> Forward:
+    """(θ, X) ↦ model(X) with the parameters of ``layout`` taken from the flat θ.
+
+    Frozen parameters and buffers keep the values they have now.
+    """
+    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in layout.names}
+    buffers = dict(model.named_buffers())
+
+    def forward(p: Tensor, X: Tensor) -> Tensor:
+        state = {**frozen, **buffers, **layout.unflatten(p)}
+        return functional_call(model, state, (X,))
+
+    return forward
+
+
+@dataclass(frozen=True)
+class ModelBinding:
+    """The model behind a parameter space, as one frozen value.
+
+    Parameters
+    ----------
+    forward : callable
+        (θ, X) ↦ f(θ, X), with θ the flat point of the space that ``from_module`` built (the
+        root space of every chart derived from it).
+    loss_fn : callable
+        ℓ(output, target), e.g. ``nn.CrossEntropyLoss()``.
+    batches : tuple of (X, y)
+    weights : tuple of float
+        w_b of each batch in L(θ) = Σ_b w_b ℓ(f(θ, X_b), y_b).
+    model : nn.Module, optional
+        The module itself (for predictions and checkpoints).
+    likelihood : {"classification", "regression"}, optional
+        Set for a Bayesian posterior (``covariant.laplace.posterior_space``).
+    sigma_noise : float
+        σ of a Gaussian likelihood.
+    prior_precision : float or Tensor, optional
+        λ of the prior N(0, λ⁻¹ I) on θ, for a Bayesian posterior.
+    """
+
+    forward: Forward
+    loss_fn: LossFn
+    batches: tuple[Batch, ...]
+    weights: tuple[float, ...]
+    model: nn.Module | None = None
+    likelihood: str | None = None
+    sigma_noise: float = 1.0
+    prior_precision: float | Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.batches) != len(self.weights):
+            raise ShapeMismatchError(
+                f"ModelBinding: {len(self.batches)} batches but {len(self.weights)} weights"
+            )
+
+    @classmethod
+    def from_module(
+        cls, model: nn.Module, loss_fn: LossFn, data: Any, **fields: Any
+    ) -> tuple[ModelBinding, Tensor]:
+        """The binding of ``model``'s trainable parameters, and its current flat point.
+
+        ``data`` is an ``(X, y)`` pair or an iterable of batches; ``fields`` set the optional
+        fields (likelihood, prior, ...).
+        """
+        layout = ParameterLayout.from_module(model)
+        params = dict(model.named_parameters())
+        theta = layout.flatten({n: params[n].detach() for n in layout.names})
+        batches = as_batches(data)
+        binding = cls(
+            functional_forward(model, layout), loss_fn, batches, batch_weights(loss_fn, batches),
+            model=model, **fields,
+        )
+        return binding, theta
+
+    @property
+    def is_bayesian(self) -> bool:
+        """True when the binding carries a likelihood and a prior (a model posterior)."""
+        return self.likelihood is not None
+
+    def loss(self, p: Tensor) -> Tensor:
+        """L(θ) = Σ_b w_b ℓ(f(θ, X_b), y_b)."""
+        out = p.new_zeros(())
+        for w, (X, y) in zip(self.weights, self.batches, strict=True):
+            out = out + w * self.loss_fn(self.forward(p, X), y)
+        return out
+
+    def forward_in_chart(self, chart: Callable[[Tensor], Tensor] | None) -> Forward:
+        """(ψ, X) ↦ f(h(ψ), X) for a chart θ = h(ψ) of the root coordinates."""
+        if chart is None:
+            return self.forward
+        root_forward = self.forward
+
+        def forward(psi: Tensor, X: Tensor) -> Tensor:
+            return root_forward(chart(psi), X)
+
+        return forward
+
+    def replace(self, **changes: Any) -> ModelBinding:
+        """A copy with some fields changed (the binding itself is immutable)."""
+        return dataclasses.replace(self, **changes)
