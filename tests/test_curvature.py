@@ -14,15 +14,17 @@ from torch import nn
 from torch.func import jacrev
 
 import covariant as cv
-from covariant.curvature import (
+from covariant.errors import SingularMetricError
+from covariant.metrics import (
     GGN,
     AdamMetric,
+    Damped,
     EmpiricalFisher,
+    Euclidean,
     Fisher,
+    Pullback,
     metric_from_name,
 )
-from covariant.errors import SingularMetricError
-from covariant.metrics import Damped, Euclidean, Pullback
 
 
 def _mlp(din: int = 3, hidden: int = 4, dout: int = 3, seed: int = 0) -> nn.Module:

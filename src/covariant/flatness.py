@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .errors import SingularMetricError
-from .metrics import _cholesky
+from .metrics.base import cholesky_or_raise
 from .space import ParameterSpace
 
 __all__ = ["DENSE_MEASURES", "FlatnessReport", "Measure", "flatness", "generalized_eigh"]
@@ -146,7 +146,7 @@ def generalized_eigh(H: Tensor, G: Tensor, basis: Tensor | None = None) -> tuple
     """
     if basis is not None:
         H, G = basis.T @ H @ basis, basis.T @ G @ basis
-    L = _cholesky(G, "flatness: metric")
+    L = cholesky_or_raise(G, "flatness: metric")
     A = torch.linalg.solve_triangular(L, H, upper=False)
     A = torch.linalg.solve_triangular(L, A.T, upper=False)
     evals, Y = torch.linalg.eigh(0.5 * (A + A.T))

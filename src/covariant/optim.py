@@ -730,9 +730,9 @@ class _PulledBackModelMetric(Metric):
 
 
 def _curvature_metric(name: str, space: ParameterSpace, **kwargs: Any) -> Metric:
-    from . import curvature
+    from .metrics import metric_from_name
 
-    return curvature.metric_from_name(name, space, **kwargs)
+    return metric_from_name(name, space, **kwargs)
 
 
 class RiemannianGD(torch.optim.Optimizer):
@@ -802,7 +802,7 @@ class RiemannianGD(torch.optim.Optimizer):
         neither the conditioning nor the CG iterates. ``"none"``: plain CG.
     metric_kwargs : dict, optional
         Options of the named curvature metric (e.g. ``{"mc_samples": 1}`` for a Monte-Carlo
-        Fisher), passed to :func:`covariant.curvature.metric_from_name`.
+        Fisher), passed to :func:`covariant.metrics.metric_from_name`.
 
     Raises
     ------

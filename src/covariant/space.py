@@ -33,7 +33,8 @@ from ._fast import is_plain as _plain
 from .connection import christoffel, connection_correction, geodesic
 from .errors import NonFiniteError, NotABijectionError, ShapeMismatchError
 from .layout import ModelBinding, ParameterLayout
-from .metrics import Euclidean, Metric, Pullback, check_dense_size
+from .metrics import Euclidean, Metric, Pullback, check_dense_size, metric_from_name
+from .metrics.base import cholesky_or_raise
 from .reparam import Compose, ParameterwiseReparametrization, Reparametrization
 
 __all__ = ["ParameterSpace"]
@@ -206,9 +207,7 @@ class ParameterSpace:
         name = metric.lower()
         if name == "euclidean":
             return Euclidean()
-        from . import curvature
-
-        return curvature.metric_from_name(name, self, **kwargs)
+        return metric_from_name(name, self, **kwargs)
 
     # ------------------------------------------------------------------ the model behind it
     @property
@@ -484,9 +483,8 @@ class ParameterSpace:
     def _dense_solve(self, p: Tensor, G: Tensor, rhs: Tensor) -> Tensor:
         if self._is_degenerate(p):
             return self._dense_pinv(p, G) @ rhs
-        from .metrics import _cholesky
 
-        L = _cholesky(G, "dense metric solve")
+        L = cholesky_or_raise(G, "dense metric solve")
         return torch.cholesky_solve(rhs.reshape(G.shape[0], -1), L).reshape(rhs.shape)
 
     def _dense_pinv(self, p: Tensor, G: Tensor) -> Tensor:

@@ -8,7 +8,8 @@ used only through products, so nothing d×d is built unless ``dense`` is asked f
 - ``inner(p, u, v) = uᵀ G(p) v`` and ``logdet(p) = log det G(p)``.
 
 Under a chart θ = h(ψ) a metric transforms as a (0, 2) tensor, G_Ψ = Jᵀ G_Θ J: that is
-:class:`Pullback`, and the one place where this rule lives.
+:class:`Pullback`, and the one place where this rule lives. :class:`Damped` adds λ·G_ref,
+which stays invariant when the reference is pulled back with it (MATH.md §5).
 
 Example
 -------
@@ -25,14 +26,20 @@ tensor([1., 1.], dtype=torch.float64)
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor
 from torch.func import vmap
 
-from .errors import DenseTooLargeError, NonFiniteError, ShapeMismatchError, SingularMetricError
-from .reparam import Linearization, Reparametrization, _jjt_logdet
+from ..errors import (
+    DenseTooLargeError,
+    NonFiniteError,
+    NotConvergedError,
+    ShapeMismatchError,
+    SingularMetricError,
+)
+from ..linalg import cg
+from ..reparam import Linearization, Reparametrization, _jjt_logdet
 
 __all__ = [
     "MAX_DENSE_DIM",
@@ -43,6 +50,8 @@ __all__ = [
     "Euclidean",
     "Metric",
     "Pullback",
+    "check_dense_size",
+    "cholesky_or_raise",
 ]
 
 #: Largest dimension for which dense matrices are built unless ``max_dim`` says otherwise.
@@ -67,7 +76,7 @@ def check_dense_size(dim: int, what: str, max_dim: int | None = None) -> None:
         )
 
 
-def _cholesky(G: Tensor, what: str) -> Tensor:
+def cholesky_or_raise(G: Tensor, what: str) -> Tensor:
     L, info = torch.linalg.cholesky_ex(G)
     if int(info) != 0:
         raise SingularMetricError(f"{what}: the metric matrix is not positive definite. "
@@ -95,8 +104,6 @@ class Metric:
 
     def solve(self, p: Tensor, w: Tensor) -> Tensor:
         """G(p)⁻¹ w, by conjugate gradients (matrix-free)."""
-        from .errors import NotConvergedError
-        from .linalg import cg
 
         try:
             return cg(lambda x: self.matvec(p, x), w, maxiter=10 * w.shape[0]).x
@@ -118,7 +125,7 @@ class Metric:
 
     def logdet(self, p: Tensor) -> Tensor:
         """log det G(p) (dense Cholesky by default)."""
-        L = _cholesky(self.dense(p), f"{type(self).__name__}.logdet")
+        L = cholesky_or_raise(self.dense(p), f"{type(self).__name__}.logdet")
         return 2 * torch.diagonal(L).log().sum()
 
     def rank(self, p: Tensor) -> int:
@@ -170,7 +177,7 @@ class Constant(Metric):
         if not torch.allclose(matrix, matrix.T, rtol=1e-10, atol=1e-12):
             raise ShapeMismatchError("Constant: matrix must be symmetric")
         self.matrix = matrix
-        self._chol = _cholesky(matrix, "Constant")
+        self._chol = cholesky_or_raise(matrix, "Constant")
 
     def matvec(self, p: Tensor, v: Tensor) -> Tensor:
         return self.matrix.to(v) @ v
@@ -256,13 +263,13 @@ class Dense(Metric):
         G = self.fn(p)
         if not bool(torch.isfinite(G).all()):
             raise NonFiniteError("Dense.solve: the metric matrix contains NaN or Inf")
-        return torch.cholesky_solve(w[:, None], _cholesky(G, "Dense.solve"))[:, 0]
+        return torch.cholesky_solve(w[:, None], cholesky_or_raise(G, "Dense.solve"))[:, 0]
 
     def dense(self, p: Tensor, *, max_dim: int | None = None) -> Tensor:
         return self.fn(p)
 
     def logdet(self, p: Tensor) -> Tensor:
-        return 2 * torch.diagonal(_cholesky(self.fn(p), "Dense.logdet")).log().sum()
+        return 2 * torch.diagonal(cholesky_or_raise(self.fn(p), "Dense.logdet")).log().sum()
 
 
 class Damped(Metric):
@@ -396,9 +403,3 @@ class Pullback(Metric):
         return f"Pullback({self.base!r}, {self.reparam!r})"
 
 
-def __getattr__(name: str) -> Any:  # lazy re-exports of the curvature metrics (issue 3)
-    if name in {"GGN", "Fisher", "EmpiricalFisher", "AdamMetric"}:
-        from . import curvature
-
-        return getattr(curvature, name)
-    raise AttributeError(f"module 'covariant.metrics' has no attribute {name!r}")

@@ -1,0 +1,66 @@
+r"""Riemannian metrics as explicit objects.
+
+A :class:`Metric` is a field of symmetric positive-(semi)definite matrices G(p) on one chart,
+used only through products, so nothing d×d is built unless ``dense`` is asked for:
+``matvec(p, v) = G(p) v``, ``solve(p, w) = G(p)⁻¹ w``, ``inner``, ``logdet``, ``dense``.
+
+========================== =================================================================
+module                     what
+========================== =================================================================
+:mod:`.base`               ``Metric``, ``Euclidean``, ``Constant``, ``Diagonal``, ``Dense``,
+                           ``Pullback`` (G_Ψ = Jᵀ G_Θ J, the one home of that rule), ``Damped``
+:mod:`.losses`             output-space curvature of the common losses
+:mod:`.curvature_base`     ``CurvatureMetric``: G = Σ_b w_b J_bᵀ Λ_b J_b of a model space
+:mod:`.model`              ``GGN``, ``Fisher``, ``EmpiricalFisher``
+:mod:`.adam`               ``AdamMetric``: the geometry of an Adam/RMSprop/Adagrad state
+:mod:`.registry`           metrics by name (``METRIC_NAMES``, ``metric_from_name``)
+========================== =================================================================
+
+Example
+-------
+>>> import torch
+>>> from covariant.metrics import Diagonal
+>>> G = Diagonal(torch.tensor([1.0, 4.0], dtype=torch.float64))
+>>> p = torch.zeros(2, dtype=torch.float64)
+>>> G.solve(p, torch.tensor([1.0, 4.0], dtype=torch.float64))
+tensor([1., 1.], dtype=torch.float64)
+>>> float(G.logdet(p))  # log 4
+1.3862943611198906
+"""
+
+from __future__ import annotations
+
+from .adam import AdamMetric
+from .base import (
+    MAX_DENSE_DIM,
+    Constant,
+    Damped,
+    Dense,
+    Diagonal,
+    Euclidean,
+    Metric,
+    Pullback,
+    check_dense_size,
+)
+from .curvature_base import CurvatureMetric
+from .model import GGN, EmpiricalFisher, Fisher
+from .registry import METRIC_NAMES, metric_from_name
+
+__all__ = [
+    "GGN",
+    "MAX_DENSE_DIM",
+    "METRIC_NAMES",
+    "AdamMetric",
+    "Constant",
+    "CurvatureMetric",
+    "Damped",
+    "Dense",
+    "Diagonal",
+    "EmpiricalFisher",
+    "Euclidean",
+    "Fisher",
+    "Metric",
+    "Pullback",
+    "check_dense_size",
+    "metric_from_name",
+]

@@ -1,0 +1,463 @@
+r"""The common base of the model-curvature metrics G = Σ_b w_b J_bᵀ Λ_b J_b.
+
+A model space (``ParameterSpace.from_module``) has a loss L(θ) = Σ_b w_b ℓ(f(θ, X_b), y_b)
+over batches b with weights w_b (batch size / total size for ``reduction='mean'``, 1 for
+``'sum'``; exactly the weights of the loss). Its curvature metrics all have the form
+
+.. math::
+
+    G(θ) = Σ_b w_b J_bᵀ Λ_b J_b,  J_b = ∂f(θ, X_b)/∂θ,
+
+with an output-space matrix Λ_b:
+
+======================== ====================================================================
+metric                   Λ_b
+======================== ====================================================================
+:class:`GGN`             H_b = ∇²_f ℓ(f, y_b), the Hessian of the loss w.r.t. the outputs
+:class:`Fisher`          Σ_n c_n E_{ỹ ~ p(·|f_n)}[∇_f ℓ_n(ỹ) ∇_f ℓ_n(ỹ)ᵀ], exact or Monte Carlo
+:class:`EmpiricalFisher` Σ_n c_n ∇_f ℓ_n(y_n) ∇_f ℓ_n(y_n)ᵀ, with the observed labels
+======================== ====================================================================
+
+**Scaling convention.** A batch loss is written ℓ = Σ_n c_n ℓ_n with ℓ_n the negative
+log-likelihood of sample n summed over its output entries and c_n the reduction factor:
+
+- ``CrossEntropyLoss``: ℓ_n = −Σ_c t_nc log softmax(f_n)_c; c_n = 1/(number of non-ignored
+  targets) for ``'mean'``, 1 for ``'sum'``;
+- ``MSELoss``: ℓ_n = ‖f_n − y_n‖² (a Gaussian of variance ½); c_n = 1/numel(f) for ``'mean'``;
+- ``BCEWithLogitsLoss``: ℓ_n = Σ_k BCE(f_nk, y_nk); c_n = 1/numel(f) for ``'mean'``;
+- any other loss: ℓ_n is the loss of a batch of one, c_n = 1/N (``'mean'`` or a plain
+  function) or 1 (``'sum'``).
+
+With this convention the empirical Fisher is Σ_b w_b Σ_n c_n g_n g_nᵀ with g_n = ∇_θ ℓ_n,
+i.e. (1/N) Σ_n g_n g_nᵀ over the whole data set for a cross-entropy mean loss, and for
+exponential-family losses in their natural parameters (CE, MSE, BCE-with-logits) the Fisher
+equals the GGN, and E_{y ~ model}[empirical Fisher] = Fisher.
+
+Everything is matrix-free: one ``torch.func.jvp`` and one ``torch.func.vjp`` through the model
+per batch and product, and closed forms (or an autodiff HVP) in output space. ``matvec`` is
+differentiable in the point, so the connection code (Christoffel symbols, Riemannian Hessian)
+can differentiate it.
+
+**Degenerate metrics.** A GGN is often singular: with more parameters than outputs × samples,
+or along symmetries (a cross-entropy net with a linear last layer is invariant to adding the
+same number to every logit, so the GGN always has zero eigenvalues there). ``solve`` never
+returns a silent 1e14: with ``solve_mode='raise'`` (default) it raises
+:class:`~covariant.errors.SingularMetricError` with the fix, ``Damped(G, lam,
+reference=...)`` (MATH.md §5); with ``solve_mode='pinv'`` it returns the pseudo-inverse
+solution G⁺w, matrix-free (Lanczos, i.e. CG, with the numerically null Ritz directions
+dropped: :meth:`CurvatureMetric.pinv_solve`), and ``logdet`` is the pseudo-log-determinant.
+``rank`` is always the numerical rank (eigenvalues above ``rank_rtol``·λ_max).
+
+:class:`AdamMetric` is different in kind: the diagonal preconditioner of an Adam / RMSprop /
+Adagrad state. It is a constant metric in the chart where the optimizer ran and is **not** a
+tensor under reparametrization (MATH.md §6).
+
+Example
+-------
+>>> import torch, covariant as cv
+>>> from torch import nn
+>>> _ = torch.manual_seed(0)
+>>> model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+>>> X, y = torch.randn(20, 2, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64)
+>>> space, theta = cv.ParameterSpace.from_module(model, nn.MSELoss(), (X, y), metric="ggn")
+>>> G = space.metric.dense(theta)
+>>> G.shape, bool(torch.allclose(G, G.T))
+(torch.Size([17, 17]), True)
+>>> fisher = cv.metrics.Fisher.from_space(space)          # = GGN for MSE
+>>> bool(torch.allclose(fisher.dense(theta), G))
+True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import jvp, vjp, vmap
+
+from ..errors import NonFiniteError, NotConvergedError, ShapeMismatchError, SingularMetricError
+from ..layout import as_batches, batch_weights
+from ..linalg import cg
+from .base import MAX_DENSE_DIM, Metric, check_dense_size
+from .losses import cast_input, loss_info
+
+__all__ = ["CurvatureMetric", "model_of"]
+
+Forward = Callable[[Tensor, Tensor], Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Batch = tuple[Tensor, Tensor]
+
+_SOLVE_MODES = ("raise", "pinv")
+
+
+def _default_rtol(dtype: torch.dtype, base: float) -> float:
+    return max(base, 100.0 * torch.finfo(dtype).eps)
+
+
+def model_of(space: Any, what: str) -> tuple[Forward, LossFn, list[Batch], list[float]]:
+    """forward (in the space's chart), loss_fn, batches and weights of a model space."""
+    binding = space.binding
+    if binding is None:
+        raise ValueError(
+            f"{what} needs a model space with a model, a loss function and data; this "
+            "space has none. Build it with ParameterSpace.from_module(model, loss_fn, "
+            "data), or pass an explicit Metric (e.g. covariant.metrics.Euclidean())."
+        )
+    h = space.root_chart()
+    forward = binding.forward_in_chart(None if h is None else h.forward)
+    return forward, binding.loss_fn, list(binding.batches), list(binding.weights)
+
+
+class CurvatureMetric(Metric):
+    r"""Base class of the matrix-free curvature metrics G = Σ_b w_b J_bᵀ Λ_b J_b.
+
+    Subclasses define the output-space product Λ_b u (:meth:`_output_matvec`). The base class
+    supplies the model Jacobian products, the batch average, and the handling of degenerate
+    metrics (``solve``, ``rank``, ``logdet``, ``pseudo_logdet``).
+
+    Parameters
+    ----------
+    forward : callable
+        ``forward(p, X)``: the model's outputs at the flat point ``p`` (torch.func-friendly;
+        ``ParameterSpace.from_module`` provides one as ``space.binding.forward``).
+    loss_fn : callable
+        ``loss_fn(outputs, y)``, a scalar (``reduction='mean'`` or ``'sum'``).
+    batches : (X, y) or iterable of (X, y)
+        The data. Floating inputs are cast to the point's dtype and device.
+    weights : sequence of float, optional
+        Batch weights w_b with L = Σ_b w_b ℓ_b; by default batch size / total size for a mean
+        reduction and 1 for a sum, exactly like ``ParameterSpace.from_module``.
+    solve_mode : {"raise", "pinv"}
+        What ``solve`` and ``logdet`` do with a singular metric: raise
+        :class:`~covariant.errors.SingularMetricError` with the fix (default), or return the
+        pseudo-inverse solution G⁺w and the pseudo-log-determinant.
+    cg_rtol : float, optional
+        Relative tolerance of the conjugate-gradient solves (1e-12 in float64, 100·eps in
+        lower precision).
+    cg_maxiter : int, optional
+        Maximum CG iterations (10·d by default).
+    rank_rtol : float, optional
+        Eigenvalues below ``rank_rtol · λ_max`` count as zero (``rank``, ``pseudo_logdet``,
+        and the singularity test of ``solve``). Default ``max(1e-10, 100·eps)``.
+    """
+
+    name = "CurvatureMetric"
+
+    def __init__(
+        self,
+        forward: Forward,
+        loss_fn: LossFn,
+        batches: Any,
+        weights: Sequence[float] | None = None,
+        *,
+        solve_mode: str = "raise",
+        cg_rtol: float | None = None,
+        cg_maxiter: int | None = None,
+        rank_rtol: float | None = None,
+    ) -> None:
+        if not callable(forward):
+            raise TypeError(f"{self.name}: forward must be callable forward(p, X)")
+        if not callable(loss_fn):
+            raise TypeError(f"{self.name}: loss_fn must be callable loss_fn(outputs, y)")
+        if solve_mode not in _SOLVE_MODES:
+            raise ValueError(
+                f"{self.name}: solve_mode must be one of {_SOLVE_MODES}, got {solve_mode!r}"
+            )
+        self.forward = forward
+        self.loss_fn = loss_fn
+        self.batches = list(as_batches(batches, self.name))
+        self.weights = (
+            list(batch_weights(loss_fn, self.batches))
+            if weights is None
+            else [float(w) for w in weights]
+        )
+        if len(self.weights) != len(self.batches):
+            raise ShapeMismatchError(
+                f"{self.name}: {len(self.weights)} weights for {len(self.batches)} batches"
+            )
+        self.info = loss_info(loss_fn)
+        self.solve_mode = solve_mode
+        self.cg_rtol = cg_rtol
+        self.cg_maxiter = cg_maxiter
+        self.rank_rtol = rank_rtol
+        self.is_constant = False
+        self._eig_cache: tuple[Tensor, Tensor] | None = None
+
+    # ---------------------------------------------------------------- constructors
+    @classmethod
+    def from_space(cls, space: Any, **kwargs: Any) -> CurvatureMetric:
+        """The metric of a model space, in that space's chart.
+
+        For a space made by ``reparametrize`` (any number of times) this is the metric of
+        the model ψ ↦ f(h(ψ)), with h the composed chart to the root module space: the
+        metric computed *in the chart*, which must equal the pulled-back one.
+
+        Example
+        -------
+        >>> import torch, covariant as cv
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 2)).double()
+        >>> data = (torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64))
+        >>> space, theta = cv.ParameterSpace.from_module(model, nn.MSELoss(), data, metric="ggn")
+        >>> new = space.reparametrize(cv.reparam.Scale(2.0))
+        >>> G = cv.metrics.GGN.from_space(new)
+        >>> psi, v = new.chart.inverse(theta), torch.randn(6, dtype=torch.float64)
+        >>> bool(torch.allclose(G.matvec(psi, v), new.metric.matvec(psi, v)))
+        True
+        """
+        forward, loss_fn, batches, weights = model_of(space, cls.name)
+        return cls(forward, loss_fn, batches, weights, **kwargs)
+
+    # ---------------------------------------------------------------- products
+    def _output_matvec(self, b: int, out: Tensor, y: Tensor, u: Tensor) -> Tensor:
+        """Λ_b u in output space (``out`` = f(p, X_b), ``u`` = J_b v)."""
+        raise NotImplementedError
+
+    def _output_rank_bound(self, b: int, out: Tensor, y: Tensor) -> int:
+        """An upper bound on rank Λ_b (used in messages and for large d)."""
+        return out.numel()
+
+    def matvec(self, p: Tensor, v: Tensor) -> Tensor:
+        """G(p) v = Σ_b w_b J_bᵀ Λ_b(f_b) J_b v: one jvp and one vjp per batch.
+
+        Differentiable in ``p`` (and composable with ``torch.func`` transforms).
+        """
+        total: Tensor | None = None
+        for b, (w, (X, y)) in enumerate(zip(self.weights, self.batches, strict=True)):
+            Xb = cast_input(X, p)
+            yb = y.to(device=p.device)
+
+            def f(q: Tensor, Xb: Tensor = Xb) -> Tensor:
+                return self.forward(q, Xb)
+
+            out, Jv = jvp(f, (p,), (v,))
+            u = self._output_matvec(b, out, yb, Jv)
+            term = w * vjp(f, p)[1](u)[0]
+            total = term if total is None else total + term
+        assert total is not None
+        return total
+
+    def dense(self, p: Tensor, *, max_dim: int | None = None) -> Tensor:
+        """G(p) as a dense symmetric (d, d) matrix, from d products (small d only)."""
+        d = p.shape[0]
+        check_dense_size(d, f"{self.name}.dense", max_dim)
+        eye = torch.eye(d, dtype=p.dtype, device=p.device)
+        try:
+            rows = vmap(lambda e: self.matvec(p, e), chunk_size=min(d, 256))(eye)
+        except (RuntimeError, NotImplementedError):  # models that vmap cannot batch
+            rows = torch.stack([self.matvec(p, e) for e in eye])
+        return 0.5 * (rows + rows.T)
+
+    # ---------------------------------------------------------------- spectrum and rank
+    def _rank_rtol(self, dtype: torch.dtype) -> float:
+        return self.rank_rtol if self.rank_rtol is not None else _default_rtol(dtype, 1e-10)
+
+    def eigvalsh(self, p: Tensor) -> Tensor:
+        """Ascending eigenvalues of the dense G(p) (small d; cached for the last point)."""
+        cache = self._eig_cache
+        if (
+            cache is not None
+            and cache[0].shape == p.shape
+            and cache[0].dtype == p.dtype
+            and cache[0].device == p.device
+            and torch.equal(cache[0], p)
+        ):
+            return cache[1]
+        evals = torch.linalg.eigvalsh(self.dense(p.detach()))
+        self._eig_cache = (p.detach().clone(), evals)
+        return evals
+
+    def rank(self, p: Tensor) -> int:
+        """Numerical rank: #eigenvalues > ``rank_rtol``·λ_max (dense, up to MAX_DENSE_DIM).
+
+        Beyond that size it returns the structural bound min(d, Σ_b rank Λ_b), which does
+        not see symmetries of the model.
+        """
+
+        d = p.shape[0]
+        if d > MAX_DENSE_DIM:
+            return min(d, self.rank_bound(p))
+        evals = self.eigvalsh(p)
+        top = float(evals[-1])
+        if top <= 0:
+            return 0
+        return int((evals > self._rank_rtol(p.dtype) * top).sum())
+
+    def rank_bound(self, p: Tensor) -> int:
+        """Structural upper bound Σ_b rank Λ_b on the rank (one forward pass per batch)."""
+        total = 0
+        with torch.no_grad():
+            for b, (X, y) in enumerate(self.batches):
+                out = self.forward(p.detach(), cast_input(X, p))
+                total += self._output_rank_bound(b, out, y.to(p.device))
+        return total
+
+    def pseudo_logdet(self, p: Tensor) -> Tensor:
+        """log of the product of the nonzero eigenvalues (dense; MATH.md §5)."""
+        evals = self.eigvalsh(p)
+        r = self.rank(p)
+        if r == 0:
+            return p.new_zeros(())
+        return evals[-r:].log().sum()
+
+    def logdet(self, p: Tensor) -> Tensor:
+        """log det G(p) (dense). A singular G raises, or gives the pseudo-log-determinant
+        with ``solve_mode='pinv'``."""
+        r = self.rank(p)
+        if r < p.shape[0] and self.solve_mode == "raise":
+            raise SingularMetricError(
+                f"{self.name}.logdet: the metric has rank {r} < d = {p.shape[0]}, so its "
+                "determinant is 0. " + self._fix_hint()
+                + " pseudo_logdet(p) gives the log-product of the nonzero eigenvalues."
+            )
+        return self.pseudo_logdet(p)
+
+    # ---------------------------------------------------------------- solves
+    def _fix_hint(self) -> str:
+        return (
+            "Fixes: damp it in a way that keeps invariance, covariant.metrics.Damped(G, lam, "
+            "reference=<a correctly transformed metric, e.g. the pullback of a metric of the "
+            f"original chart>) (MATH.md §5); or ask for the projected answer, {self.name}(..., "
+            "solve_mode='pinv'), which solves on the range of G (the pseudo-inverse)."
+        )
+
+    def _cg(self, p: Tensor, rhs: Tensor, watch: bool) -> Tensor:
+
+        tol = self._rank_rtol(p.dtype)
+        seen = {"max": 0.0}
+
+        def A(x: Tensor) -> Tensor:
+            Ax = self.matvec(p, x)
+            if watch:
+                xx = float(torch.dot(x, x))
+                if xx > 0:
+                    rq = float(torch.dot(x, Ax)) / xx
+                    seen["max"] = max(seen["max"], rq)
+                    if rq <= tol * seen["max"]:
+                        raise SingularMetricError(
+                            f"{self.name}.solve: the metric is singular at this point (a "
+                            f"conjugate-gradient direction has Rayleigh quotient {rq:.3e} <= "
+                            f"{tol:.0e} × {seen['max']:.3e}); G⁻¹w does not exist. "
+                            + self._bound_note(p) + self._fix_hint()
+                        )
+            return Ax
+
+        rtol = self.cg_rtol if self.cg_rtol is not None else _default_rtol(p.dtype, 1e-12)
+        try:
+            return cg(A, rhs, rtol=rtol, maxiter=self.cg_maxiter).x
+        except NotConvergedError as err:
+            raise SingularMetricError(
+                f"{self.name}.solve: conjugate gradients did not converge ({err}); the metric "
+                "is singular or badly conditioned. " + self._fix_hint()
+            ) from err
+        except SingularMetricError as err:
+            if str(err).startswith(self.name):
+                raise
+            raise SingularMetricError(
+                f"{self.name}.solve: {err} " + self._fix_hint()
+            ) from err
+
+    def _bound_note(self, p: Tensor) -> str:
+        try:
+            bound = self.rank_bound(p)
+        except Exception:  # pragma: no cover - only for the message
+            return ""
+        d = p.shape[0]
+        if bound < d:
+            return (
+                f"Its rank is at most {bound} (outputs × samples) < d = {d} parameters, so it "
+                "is singular everywhere. "
+            )
+        return "Zero eigenvalues usually come from symmetries of the model. "
+
+    def solve(self, p: Tensor, w: Tensor) -> Tensor:
+        """G(p)⁻¹ w by conjugate gradients, or G⁺w on the range with ``solve_mode='pinv'``.
+
+        ``'raise'``: CG, stopped with :class:`~covariant.errors.SingularMetricError` as soon
+        as a CG direction shows a (numerically) zero eigenvalue, or if CG does not converge.
+        A right-hand side in the range of G (a loss gradient always is, for the GGN and the
+        empirical Fisher) has a solution even for a singular G, and CG returns the one in
+        the range, G⁺w.
+
+        ``'pinv'``: :meth:`pinv_solve`.
+        """
+        if self.solve_mode == "raise":
+            return self._cg(p, w, watch=True)
+        return self.pinv_solve(p, w)
+
+    def pinv_solve(self, p: Tensor, w: Tensor) -> Tensor:
+        r"""G(p)⁺ w, the pseudo-inverse solution, matrix-free ("CG on the range").
+
+        Lanczos on the Krylov space K(G, w) with full reorthogonalization: with the basis V
+        and T = VᵀGV, x = V T⁺ Vᵀw, where T⁺ drops the Ritz values below ``rank_rtol``·θ_max.
+        The null-space part of w is an eigenvector of G with eigenvalue 0, so it shows up as
+        such a Ritz value and is dropped (the same threshold as :meth:`rank` and
+        ``torch.linalg.pinv(G, rtol=rank_rtol)``). On an SPD G this is CG in exact
+        arithmetic; unlike CG, a right-hand side outside the range cannot make it blow up. It
+        keeps the basis: k vectors of size d after k iterations.
+
+        It stops when the residual outside span(V), β_k |y_k|, is below ``cg_rtol``·‖w‖ on the
+        range and every dropped Ritz pair is a converged null vector, or when the Krylov
+        space is invariant.
+        """
+        d = w.shape[0]
+        tol = self._rank_rtol(p.dtype)
+        rtol = self.cg_rtol if self.cg_rtol is not None else _default_rtol(p.dtype, 1e-12)
+        maxiter = d if self.cg_maxiter is None else min(int(self.cg_maxiter), d)
+        nw = float(torch.linalg.vector_norm(w))
+        if not math.isfinite(nw):
+            raise NonFiniteError(f"{self.name}.pinv_solve: the right-hand side is NaN or Inf")
+        if nw == 0.0:
+            return torch.zeros_like(w)
+        Q = [w / nw]
+        alphas: list[float] = []
+        betas: list[float] = []
+        y = torch.zeros(1, dtype=torch.float64)
+        converged = False
+        for _ in range(maxiter):
+            z = self.matvec(p, Q[-1])
+            alphas.append(float(torch.dot(Q[-1], z)))
+            if not math.isfinite(alphas[-1]):
+                raise NonFiniteError(f"{self.name}.pinv_solve: G v is NaN or Inf")
+            V = torch.stack(Q)
+            for _ in range(2):  # full reorthogonalization; twice is enough
+                z = z - V.T @ (V @ z)
+            beta = float(torch.linalg.vector_norm(z))
+            k = len(alphas)
+            T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+            if k > 1:
+                off = torch.tensor(betas, dtype=torch.float64)
+                T = T + torch.diag(off, 1) + torch.diag(off, -1)
+            theta, U = torch.linalg.eigh(T)
+            top = max(float(theta.abs().max()), torch.finfo(torch.float64).tiny)
+            keep = theta > tol * top
+            c_kept = nw * U[0, keep]  # U_keptᵀ (‖w‖ e₁)
+            y = U[:, keep] @ (c_kept / theta[keep])
+            if beta <= tol * top:  # invariant Krylov space: exact on it
+                converged = True
+                break
+            outside = beta * abs(float(y[-1]))
+            dropped_ok = bool((beta * U[-1, ~keep].abs() <= tol * top).all())
+            if outside <= rtol * float(c_kept.norm()) and dropped_ok:
+                converged = True
+                break
+            Q.append(z / beta)
+            betas.append(beta)
+        if not converged and maxiter < d:
+            raise SingularMetricError(
+                f"{self.name}.pinv_solve: not converged in {maxiter} iterations; raise "
+                "cg_maxiter or loosen cg_rtol, or damp the metric. " + self._fix_hint()
+            )
+        V = torch.stack(Q[: y.shape[0]])
+        return V.T @ y.to(dtype=w.dtype, device=w.device)
+
+    def __repr__(self) -> str:
+        loss = getattr(type(self.loss_fn), "__name__", "loss")
+        if loss == "function":
+            loss = getattr(self.loss_fn, "__name__", "loss")
+        return f"{self.name}({loss}, {len(self.batches)} batches, solve_mode={self.solve_mode!r})"
+
+
