@@ -55,8 +55,8 @@ import _common as C
 
 import covariant as cv
 from covariant import linalg
+from covariant._fast import QuadraticForm
 from covariant.reparam import WeightNorm
-from covariant.taylor import QuadraticForm
 
 ROWS = ("a", "b", "c", "d", "e", "f")
 
@@ -243,7 +243,7 @@ def row_a(ctx: Ctx, cfg: Config) -> dict:
         "trace_peer": [sum(got["peer"]) / N, _stderr(got["peer"])],
         "ours_call": "cv.flatness(from_module(...), p, ('trace',), 'stochastic', num_probes=N) "
                      "(default quadratic_forms='auto': Taylor-mode zᵀ∇²Lz, "
-                     "covariant.taylor.QuadraticForm)",
+                     "covariant._fast.QuadraticForm)",
         "ours_hvp_products_call": "the same with quadratic_forms='hvp' (one second backward "
                                   "through a kept gradient graph per probe, as PyHessian)",
         "peer_call": "pyhessian.hessian(model, crit, data=(X, y)).trace(maxIter=N, tol=-inf)",
@@ -442,7 +442,7 @@ def row_d(ctx: Ctx, cfg: Config) -> dict:
     C.zero_grads(ctx.model)
     gH = torch.autograd.grad(ctx.crit(ctx.model(ctx.X), ctx.y), ctx.params, create_graph=True)
     op = ctx.space.hvp_operator(ctx.theta, riemannian=False)  # Lanczos' per-product operator
-    qform = QuadraticForm(ctx.space._loss, ctx.theta)  # what Hutchinson uses per probe
+    qform = QuadraticForm(ctx.space.loss_function, ctx.theta)  # what Hutchinson uses per probe
 
     def double_backward():
         g = torch.autograd.grad(ctx.crit(ctx.model(ctx.X), ctx.y), ctx.params, create_graph=True)
@@ -469,7 +469,7 @@ def row_d(ctx: Ctx, cfg: Config) -> dict:
         "per_probe_call": "space.hvp_operator(p, riemannian=False)(v): the per-product "
                           "operator of flatness' Lanczos, SLQ and in-chart estimates "
                           "(gradient graph built once per point)",
-        "taylor_quadratic_form_call": "covariant.taylor.QuadraticForm(space._loss, p)(v): "
+        "taylor_quadratic_form_call": "covariant._fast.QuadraticForm(space.loss_function, p)(v): "
                                       "vᵀ∇²Lv by Taylor mode, what Hutchinson's Euclidean "
                                       "trace uses per probe (not a product, so not row d)",
         "hvp_call": "space.hvp(p, v, riemannian=False): a one-off product from scratch "
@@ -723,7 +723,7 @@ def profile_ctx(ctx: Ctx, cfg: Config) -> tuple[dict[str, Any], str]:
 
     v = torch.randn(ctx.theta.shape[0], generator=torch.Generator().manual_seed(0)).to(ctx.theta)
     op = ctx.space.hvp_operator(ctx.theta, riemannian=False)
-    qform = QuadraticForm(ctx.space._loss, ctx.theta)
+    qform = QuadraticForm(ctx.space.loss_function, ctx.theta)
     cases = {
         "space.hvp": lambda: ctx.space.hvp(ctx.theta, v, riemannian=False),
         "hvp_operator": lambda: op(v),

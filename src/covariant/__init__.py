@@ -41,6 +41,6 @@ def __getattr__(name: str) -> Any:  # lazy submodules that pull optional or heav
     import importlib
 
     if name in {"optim", "laplace", "linalg", "data", "architectures", "training", "curvature",
-                "estimators", "experiments", "taylor"}:
+                "estimators", "experiments"}:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'covariant' has no attribute {name!r}")

@@ -28,6 +28,7 @@ __all__ = [
     "NotConvergedError",
     "ShapeMismatchError",
     "SingularMetricError",
+    "TaylorUnsupportedError",
     "UnsupportedStructureError",
 ]
 
@@ -82,6 +83,14 @@ class NotAModeError(CovariantError, ValueError):
 
 class MissingDependencyError(CovariantError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
+
+
+class TaylorUnsupportedError(CovariantError):
+    """The traced loss uses an operation that has no second-order Taylor rule here.
+
+    Raised by ``QuadraticForm`` (Taylor-mode quadratic forms); ``flatness`` then falls back
+    to Hessian-vector products unless ``quadratic_forms="taylor"`` was asked for.
+    """
 
 
 def require(module: str, extra: str):

@@ -35,12 +35,12 @@ from torch import Tensor
 from torch.func import vmap
 
 from . import linalg
+from ._fast import QuadraticForm, TaylorUnsupportedError
 from ._fast import is_plain as _plain
 from .errors import NotConvergedError, SingularMetricError
 from .flatness import Measure
 from .metrics import Euclidean, Pullback
 from .space import ParameterSpace
-from .taylor import QuadraticForm, TaylorUnsupportedError
 
 __all__ = ["STOCHASTIC_MEASURES", "shape_operator_matvecs", "stochastic_flatness"]
 

@@ -28,10 +28,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .diagnostics import CheckResult, check_chart, check_gradient, check_hessian, check_metric
 from .reparam import Affine, Compose, Elementwise, Reparametrization
 from .space import ParameterSpace
 
-__all__ = ["InvarianceReport", "Sinh", "check_invariance", "random_charts"]
+__all__ = [
+    "CheckResult",
+    "InvarianceReport",
+    "Sinh",
+    "check_chart",
+    "check_gradient",
+    "check_hessian",
+    "check_invariance",
+    "check_metric",
+    "random_charts",
+]
 
 
 class Sinh(Elementwise):

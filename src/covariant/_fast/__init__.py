@@ -1,13 +1,23 @@
 """Optional fast paths, and the one home of every use of private torch API.
 
 Everything here has a generic counterpart elsewhere in the package; each fast path is tested
-against it. Nothing outside ``covariant._fast`` touches ``torch._C`` or
+against it (``tests/_fast/``):
+
+- :mod:`covariant._fast.taylor`: :class:`QuadraticForm`, vᵀ∇²L(p)v by second-order Taylor
+  mode, against Hessian-vector products (``ParameterSpace.hvp(p, v, riemannian=False)``);
+- :func:`is_plain` / :func:`is_transformed`: which tensors may take the autograd
+  double-backward paths, against the ``torch.func`` paths that work on any tensor.
+
+Nothing outside ``covariant._fast`` touches ``torch._C``, ``torch._ops`` or
 ``torch.utils._python_dispatch``.
 
 >>> import torch
 >>> from covariant._fast import is_plain, is_transformed
 >>> is_plain(torch.zeros(2)), is_transformed(torch.zeros(2))
 (True, False)
+>>> from covariant._fast import QuadraticForm
+>>> float(QuadraticForm(lambda p: (p**2).sum(), torch.ones(3))(torch.ones(3)))
+6.0
 >>> bool(torch.func.vmap(lambda x: torch.tensor(is_transformed(x)))(torch.zeros(2)).all())
 True
 """
@@ -17,7 +27,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["is_plain", "is_transformed"]
+from .taylor import QuadraticForm, TaylorUnsupportedError
+
+__all__ = ["QuadraticForm", "TaylorUnsupportedError", "is_plain", "is_transformed"]
 
 
 def is_transformed(x: Tensor) -> bool:

@@ -1,15 +1,19 @@
-"""Second-order Taylor mode (covariant.taylor) against dense float64 Hessians."""
+"""Second-order Taylor mode (covariant._fast.taylor) against dense float64 Hessians and HVPs."""
 
 from __future__ import annotations
+
+import doctest
+import importlib
 
 import pytest
 import torch
 from torch import nn
 
 import covariant as cv
+from covariant import errors
+from covariant._fast import QuadraticForm, TaylorUnsupportedError, is_plain, is_transformed
 from covariant.architectures import preset
 from covariant.errors import CovariantError
-from covariant.taylor import QuadraticForm, TaylorUnsupportedError
 
 
 def _space(model: nn.Module, loss: nn.Module, n: int = 12, classes: int | None = 10,
@@ -30,6 +34,11 @@ def _dense_quadratic_forms(space, p, V):
     return torch.einsum("ki,ij,kj->k", V, H, V)
 
 
+def _hvp_quadratic_forms(space, p, V):
+    """The generic path: vᵀ (∇²L v) by Hessian-vector products (reverse over reverse)."""
+    return torch.stack([v @ space.hvp(p, v, riemannian=False) for v in V])
+
+
 @pytest.mark.parametrize("name, overrides", [
     ("mlp-small", {}), ("cnn-small", {}),
     ("resnet1d-small", {"channels": 6, "num_blocks": 2}),  # residual adds; ~1k parameters
@@ -40,7 +49,7 @@ def test_quadratic_form_matches_dense_hessian_on_presets(name, overrides):
     assert sum(q.numel() for q in model.parameters()) < 3000  # dense Hessian stays small
     space, p = _space(model, nn.CrossEntropyLoss())
     V = torch.randn(4, p.shape[0], dtype=torch.float64)
-    q = QuadraticForm(space._loss, p)
+    q = QuadraticForm(space.loss_function, p)
     got = torch.stack([q(v) for v in V])
     want = _dense_quadratic_forms(space, p, V)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
@@ -55,7 +64,7 @@ def test_quadratic_form_elementwise_rules_and_mse(act):
     model = nn.Sequential(nn.Linear(5, 6), act, nn.Linear(6, 3))
     space, p = _space(model, nn.MSELoss(), n=7, classes=None, batches=2, in_features=5)
     V = torch.randn(3, p.shape[0], dtype=torch.float64)
-    q = QuadraticForm(space._loss, p)
+    q = QuadraticForm(space.loss_function, p)
     torch.testing.assert_close(torch.stack([q(v) for v in V]),
                                _dense_quadratic_forms(space, p, V), rtol=1e-10, atol=1e-12)
 
@@ -129,7 +138,7 @@ def test_inplace_relu_is_recorded_out_of_place_and_unsafe_mutation_refused():
     model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 3))
     space, p = _space(model, nn.CrossEntropyLoss(), n=9, classes=3, in_features=5)
     V = torch.randn(3, p.shape[0], dtype=torch.float64)
-    q = QuadraticForm(space._loss, p)
+    q = QuadraticForm(space.loss_function, p)
     torch.testing.assert_close(torch.stack([q(v) for v in V]),
                                _dense_quadratic_forms(space, p, V), rtol=1e-10, atol=1e-12)
 
@@ -190,7 +199,7 @@ def test_more_rules_match_dense_hessian(case):
         data = (X, t)
     model.eval()
     space, p = cv.ParameterSpace.from_module(model, loss_fn, data)
-    q = QuadraticForm(space._loss, p)
+    q = QuadraticForm(space.loss_function, p)
     V = torch.randn(4, p.shape[0], generator=gen, dtype=torch.float64)
     torch.testing.assert_close(torch.stack([q(v) for v in V]),
                                _dense_quadratic_forms(space, p, V), rtol=1e-10, atol=1e-12)
@@ -219,7 +228,7 @@ def test_weight_norm_chart_loss_quotient_and_norm_rules():
     space, theta = _space(preset("mlp-small", hidden=(6,)), nn.CrossEntropyLoss(), n=16)
     wn = space.reparametrize({"*.weight": cv.reparam.WeightNorm()})
     psi = wn.chart.inverse(theta)
-    q = QuadraticForm(wn._loss, psi)
+    q = QuadraticForm(wn.loss_function, psi)
     V = torch.randn(4, psi.shape[0], dtype=torch.float64)
     torch.testing.assert_close(torch.stack([q(v) for v in V]),
                                _dense_quadratic_forms(wn, psi, V), rtol=1e-10, atol=1e-12)
@@ -234,3 +243,85 @@ def test_weight_norm_chart_loss_quotient_and_norm_rules():
     H = torch.func.hessian(quotient)(p)
     for v in torch.eye(4, dtype=torch.float64):
         assert float(QuadraticForm(quotient, p)(v)) == pytest.approx(float(v @ H @ v), rel=1e-12)
+
+
+# ------------------------------------------------------------------ fast path vs generic path
+@pytest.mark.parametrize("case", ["mlp-tanh-ce", "mlp-relu-mse", "cnn-small", "weight-norm"])
+def test_quadratic_form_matches_the_generic_hvp_path(case):
+    # Each fast path has a generic counterpart: vᵀ∇²L v by Taylor mode against vᵀ(∇²L v) by
+    # Hessian-vector products (space.hvp(..., riemannian=False)), on a few models.
+    torch.manual_seed(0)
+    if case == "mlp-tanh-ce":
+        space, p = _space(preset("mlp-small", hidden=(7,)), nn.CrossEntropyLoss(), n=10)
+    elif case == "mlp-relu-mse":
+        model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+        space, p = _space(model, nn.MSELoss(), n=8, classes=None, in_features=4)
+    elif case == "cnn-small":
+        space, p = _space(preset("cnn-small"), nn.CrossEntropyLoss(), n=6)
+    else:
+        base, theta = _space(preset("mlp-small", hidden=(5,)), nn.CrossEntropyLoss(), n=8)
+        space = base.reparametrize({"*.weight": cv.reparam.WeightNorm()})
+        p = space.chart.inverse(theta)
+    gen = torch.Generator().manual_seed(5)
+    V = torch.randn(3, p.shape[0], generator=gen, dtype=torch.float64)
+    q = QuadraticForm(space.loss_function, p)
+    torch.testing.assert_close(torch.stack([q(v) for v in V]),
+                               _hvp_quadratic_forms(space, p, V), rtol=1e-10, atol=1e-12)
+
+
+def test_taylor_unsupported_error_is_a_covariant_error_with_one_home():
+    assert TaylorUnsupportedError is errors.TaylorUnsupportedError
+    assert issubclass(TaylorUnsupportedError, CovariantError)
+    assert "TaylorUnsupportedError" in errors.__all__
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("covariant.taylor")
+
+
+# ------------------------------------------------------------------ is_plain / is_transformed
+def test_is_plain_and_is_transformed():
+    x = torch.ones(3)
+    assert is_plain(x) and not is_transformed(x)
+    assert is_plain(x, torch.zeros(2))
+    assert not is_plain(x.clone().requires_grad_(True))
+    assert not is_plain(x, x.clone().requires_grad_(True))
+    seen = []
+
+    def probe(t):
+        seen.append((is_plain(t), is_transformed(t)))
+        return t.sum()
+
+    torch.func.vmap(probe)(torch.ones(2, 3))
+    torch.func.grad(probe)(torch.ones(3))
+    torch.func.jvp(probe, (torch.ones(3),), (torch.ones(3),))
+    assert seen == [(False, True)] * 3
+
+
+def test_plain_and_transformed_paths_of_the_hvp_agree():
+    # is_plain picks the autograd double-backward path (through the kept gradient graph);
+    # inside vmap the same operator takes the torch.func path
+    space = cv.ParameterSpace(lambda p: (p.sin() * p.roll(1)).sum() + (p**4).sum())
+    p = torch.tensor([0.3, -0.7, 1.1], dtype=torch.float64)
+    V = torch.eye(3, dtype=torch.float64)
+    op = space.hvp_operator(p, riemannian=False)
+    plain = torch.stack([op(v) for v in V])
+    mapped = torch.func.vmap(op)(V)
+    torch.testing.assert_close(plain, mapped, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(plain, torch.func.hessian(space.loss_function)(p),
+                               rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", [
+    "covariant._fast", "covariant._fast.taylor", "covariant._fast.taylor.quadratic_form",
+    "covariant._fast.taylor.recording", "covariant._fast.taylor.coefficients",
+    "covariant._fast.taylor.rules", "covariant._fast.taylor.nonlinear_rules",
+    "covariant._fast.taylor.dispatch",
+])
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    finally:
+        torch.set_default_dtype(old)
+    assert result.attempted > 0 and result.failed == 0
