@@ -13,7 +13,6 @@ from torch import nn
 
 import covariant as cv
 from covariant import metrics, reparam
-from covariant.curvature import GGN, AdamMetric, EmpiricalFisher, Fisher
 from covariant.invariance import (
     CheckResult,
     check_chart,
@@ -23,6 +22,7 @@ from covariant.invariance import (
     check_metric,
     random_charts,
 )
+from covariant.metrics import GGN, AdamMetric, EmpiricalFisher, Fisher
 
 F64 = torch.float64
 
@@ -103,6 +103,8 @@ def _charts():
         "Scale": (reparam.Scale(_t(2.0, -0.5, 3.0)), theta),
         "Affine": (reparam.Affine(A, _t(0.1, 0.2, 0.3)), theta),
         "Polar": (reparam.Polar(), _t(1.2, 0.4)),
+        "Sinh": (reparam.Sinh(0.8), theta),
+        "Cubic": (reparam.Cubic(0.5), theta),
         "WeightNorm": (reparam.WeightNorm((2, 3)), torch.linspace(0.3, 1.7, 8, dtype=F64)),
         "WeightNorm-dim1": (reparam.WeightNorm((2, 3), dim=1),
                             torch.linspace(0.3, 1.7, 9, dtype=F64)),

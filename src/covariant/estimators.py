@@ -229,7 +229,7 @@ def stochastic_flatness(
         ``converged=False`` when Lanczos stops before its tolerance.
     quadratic_forms : {"auto", "taylor", "hvp"}
         How Hutchinson's trace of a Euclidean Hessian gets its zᵀ∇²L z: "taylor" by
-        second-order Taylor mode (:class:`covariant.taylor.QuadraticForm`, four matrix
+        second-order Taylor mode (``covariant._fast.QuadraticForm``, four matrix
         products per linear layer instead of six, no gradient graph; raises if the loss uses
         an operation without a rule), "hvp" by Hessian-vector products, "auto" Taylor mode
         when the loss traces and falls back to products otherwise. ``extras["products"]``

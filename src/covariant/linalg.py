@@ -870,7 +870,7 @@ def hutchinson(
     quadratic_form : callable, optional
         ``z ↦ zᵀ A z`` (a 0-d tensor), used instead of ``matvec`` when given: the estimator
         needs only these, and they can be cheaper than products (for a Hessian, Taylor mode,
-        :class:`covariant.taylor.QuadraticForm`). Probes are the same as with ``matvec``.
+        ``covariant._fast.QuadraticForm``). Probes are the same as with ``matvec``.
 
     Returns
     -------

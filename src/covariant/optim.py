@@ -766,7 +766,7 @@ class RiemannianGD(torch.optim.Optimizer):
           are the charts' ``original*`` tensors and this is Jᵀ J; without charts it is I.
           Needs ``model``;
         - ``"ggn"``, ``"fisher"``, ``"empirical_fisher"``: natural gradient with the model's
-          curvature metric (:mod:`covariant.curvature`) on one batch per step. Need ``model``,
+          curvature metric (:mod:`covariant.metrics`) on one batch per step. Need ``model``,
           ``loss_fn`` and ``data``.
     model : nn.Module, optional
         The module the parameters belong to.

@@ -1,6 +1,9 @@
-"""Charts: closed-form Jacobian products against the generic torch.func path, and interop."""
+"""Every built-in chart's Jacobian products against ``torch.func.jacfwd`` of its forward map,
+in float64 at random interior points."""
 
 from __future__ import annotations
+
+import inspect
 
 import pytest
 import torch
@@ -8,8 +11,8 @@ from torch import nn
 from torch.func import jacfwd
 
 import covariant as cv
-from covariant.invariance import Sinh
-from covariant.reparam import Reparametrization
+from covariant import reparam
+from covariant.reparam import Reparametrization, Sinh
 
 
 def _generic(h: Reparametrization, psi, v, w):
@@ -86,77 +89,77 @@ def test_closed_forms_match_generic(name):
             assert torch.allclose(J @ K, torch.zeros_like(J @ K), atol=1e-12)
 
 
-@pytest.mark.parametrize("dim", [0, 1, None])
-def test_weight_norm_matches_torch(dim):
-    lin = nn.Linear(4, 3).double()
-    w = lin.weight.detach().clone()
-    wn = torch.nn.utils.parametrizations.weight_norm(nn.Linear(4, 3).double(), dim=dim)
-    with torch.no_grad():
-        wn.weight = w  # sets g, v through right_inverse
-    g = wn.parametrizations.weight.original0.detach()
-    v = wn.parametrizations.weight.original1.detach() * 1.7  # any ‖v‖: w is unchanged
-    h = cv.reparam.WeightNorm((3, 4), dim=dim)
-    psi = torch.cat([g.reshape(-1), v.reshape(-1)])
-    assert torch.allclose(h(psi), w.reshape(-1), atol=1e-12)
-    with torch.no_grad():
-        wn.parametrizations.weight.original1.copy_(v)
-    assert torch.allclose(wn.weight.detach().reshape(-1), h(psi), atol=1e-12)
+# ----- every built-in chart, enumerated from the package ---------------------------------------
+def _r(gen, n, lo=-1.5, hi=1.5):
+    return torch.empty(n, dtype=torch.float64).uniform_(lo, hi, generator=gen)
 
 
-def test_from_parametrization_weight_norm_module():
-    lin = torch.nn.utils.parametrizations.weight_norm(nn.Linear(4, 3).double())
-    module = lin.parametrizations.weight[0]
-    h = cv.reparam.from_parametrization(module, shape=(3, 4))
-    assert not h.is_bijection
-    ours = cv.reparam.WeightNorm((3, 4))
-    w = torch.randn(12, dtype=torch.float64)
-    psi = h.inverse(w)
-    assert torch.allclose(h(psi), w, atol=1e-12)
-    assert torch.allclose(h.jacobian(psi), ours.jacobian(psi), atol=1e-12)
+class _Square(nn.Module):
+    def forward(self, x):
+        return x * x.abs()
+
+    def right_inverse(self, w):
+        return w.sign() * w.abs().sqrt()
 
 
-def test_from_transform_matches_builtin():
-    from torch.distributions.transforms import ExpTransform, SigmoidTransform
-
-    h = cv.reparam.from_transform(ExpTransform())
-    psi = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
-    assert torch.allclose(h(psi), cv.reparam.Exp()(psi))
-    assert torch.allclose(h.log_abs_det_jacobian(psi), psi.sum())
-    s = cv.reparam.from_transform(SigmoidTransform())
-    J = jacfwd(s.forward)(psi)
-    assert torch.allclose(s.log_abs_det_jacobian(psi), torch.linalg.slogdet(J)[1])
-    with pytest.raises(cv.errors.DomainError):
-        s.inverse(torch.tensor([1.5], dtype=torch.float64))
+def _wn_psi(gen, slices, n):
+    return torch.cat([_r(gen, slices, 0.5, 2.0) * torch.where(_r(gen, slices) > 0, 1.0, -1.0),
+                      _r(gen, n)])
 
 
-def test_parameterwise_by_name_and_glob():
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-    X, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
-    space, theta = cv.ParameterSpace.from_module(model, nn.MSELoss(), (X, y))
-    new = space.reparametrize(
-        {"*.weight": cv.reparam.WeightNorm(), "2.bias": cv.reparam.Scale(3.0)}
-    )
-    assert new.layout.names == ("0.weight.g", "0.weight.v", "0.bias", "2.weight.g", "2.weight.v",
-                                "2.bias")
-    psi = new.chart.inverse(theta)
-    assert torch.allclose(new.chart(psi), theta, atol=1e-13)
-    assert torch.allclose(new.unflatten(psi)["2.bias"] * 3.0, space.unflatten(theta)["2.bias"])
-    assert torch.allclose(new.loss(psi), space.loss(theta), atol=1e-13)
-    with pytest.raises(cv.errors.ShapeMismatchError, match="matches no parameter"):
-        space.reparametrize({"3.weight": cv.reparam.Exp()})
+BUILTINS = {
+    "Identity": lambda g: (reparam.Identity(), _r(g, 4)),
+    "Exp": lambda g: (reparam.Exp(), _r(g, 4)),
+    "Log": lambda g: (reparam.Log(), _r(g, 4, 0.2, 3.0)),
+    "Softplus": lambda g: (reparam.Softplus(), _r(g, 4, -3.0, 3.0)),
+    "Sinh": lambda g: (reparam.Sinh(_r(g, 4, 0.5, 1.5), _r(g, 4, 0.5, 2.0), _r(g, 4)), _r(g, 4)),
+    "Cubic": lambda g: (reparam.Cubic(0.3), _r(g, 4, -2.0, 2.0)),
+    "Scale": lambda g: (reparam.Scale(_r(g, 4, 0.5, 2.0)), _r(g, 4)),
+    "Affine": lambda g: (reparam.Affine(torch.randn(4, 4, generator=g, dtype=torch.float64)
+                                        + 3 * torch.eye(4, dtype=torch.float64), _r(g, 4)),
+                         _r(g, 4)),
+    "Polar": lambda g: (reparam.Polar(), torch.stack([_r(g, 1, 0.3, 3.0)[0], _r(g, 1, -3, 3)[0]])),
+    "WeightNorm": lambda g: (reparam.WeightNorm((2, 3), dim=1), _wn_psi(g, 3, 6)),
+    "FromFunctions": lambda g: (reparam.FromFunctions(lambda p: p**3 + p, lambda t: t), _r(g, 3)),
+    "Compose": lambda g: (reparam.Compose(reparam.Exp(), reparam.Sinh(0.8, 1.1, 0.0)), _r(g, 4)),
+    "ParameterwiseReparametrization": lambda g: (
+        reparam.ParameterwiseReparametrization(
+            cv.layout.ParameterLayout.from_shapes({"a": (2, 3), "b": (2,)}),
+            {"a": reparam.WeightNorm(), "b": reparam.Softplus()}),
+        torch.cat([_wn_psi(g, 2, 6), _r(g, 2)])),
+    "from_parametrization": lambda g: (reparam.from_parametrization(_Square(), shape=(3,)),
+                                       _r(g, 3, 0.3, 2.0)),
+    "from_transform": lambda g: (
+        reparam.from_transform(torch.distributions.transforms.SigmoidTransform()), _r(g, 3)),
+}
 
 
-def test_batches_average_like_full_batch():
-    model = nn.Sequential(nn.Linear(3, 2)).double()
-    X = torch.randn(10, 3, dtype=torch.float64)
-    y = torch.randint(0, 2, (10,))
-    full, theta = cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(), (X, y))
-    split, _ = cv.ParameterSpace.from_module(
-        model, nn.CrossEntropyLoss(), [(X[:3], y[:3]), (X[3:], y[3:])]
-    )
-    summed, _ = cv.ParameterSpace.from_module(
-        model, nn.CrossEntropyLoss(reduction="sum"), [(X[:4], y[:4]), (X[4:], y[4:])]
-    )
-    assert torch.allclose(full.loss(theta), split.loss(theta), atol=1e-14)
-    assert torch.allclose(full.grad(theta), split.grad(theta), atol=1e-14)
-    assert torch.allclose(summed.loss(theta), 10 * full.loss(theta), atol=1e-12)
+def test_every_builtin_chart_has_a_case():
+    concrete = {
+        name for name in reparam.__all__
+        if inspect.isclass(obj := getattr(reparam, name)) and issubclass(obj, Reparametrization)
+        and obj not in (Reparametrization, reparam.Elementwise)
+    }
+    factories = {name for name in reparam.__all__ if name.startswith("from_")}
+    assert concrete | factories <= set(BUILTINS)
+
+
+@pytest.mark.parametrize("name", list(BUILTINS))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_products_match_jacfwd(name, seed):
+    gen = torch.Generator().manual_seed(seed)
+    h, psi = BUILTINS[name](gen)
+    J = jacfwd(h.forward)(psi)
+    d, k = J.shape
+    v = torch.randn(k, generator=gen, dtype=torch.float64)
+    w = torch.randn(d, generator=gen, dtype=torch.float64)
+    assert torch.allclose(h.jvp(psi, v), J @ v, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(h.vjp(psi, w), J.T @ w, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(h.jacobian(psi), J, rtol=1e-12, atol=1e-12)
+    Jp = torch.linalg.pinv(J)
+    assert torch.allclose(h.inverse_jvp(psi, w), Jp @ w, rtol=1e-9, atol=1e-10)
+    assert torch.allclose(h.inverse_vjp(psi, v), Jp.T @ v, rtol=1e-9, atol=1e-10)
+    if d == k:
+        assert h.is_bijection
+        assert torch.allclose(h.log_abs_det_jacobian(psi), torch.linalg.slogdet(J)[1],
+                              rtol=1e-12, atol=1e-12)

@@ -105,31 +105,18 @@ def test_pseudo_inverse_metric_closed_form_vs_generic():
     assert torch.allclose(G.pseudo_logdet(psi), ev.log().sum(), atol=1e-10)
 
 
-def test_model_with_torch_weight_norm_in_both_charts():
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        torch.nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)), nn.Tanh(),
-        torch.nn.utils.parametrizations.weight_norm(nn.Linear(4, 2)),
-    ).double()
-    with torch.no_grad():  # a point with ‖v‖ ≠ ‖w‖, where naive numbers move the most
-        net[0].parametrizations.weight.original1.mul_(4.0)
-    gen = torch.Generator().manual_seed(1)
-    X, y = torch.randn(12, 3, generator=gen), torch.randint(0, 2, (12,), generator=gen)
-    plain, charts, originals = cv.reparam.split_parametrizations(net)
-    w_space, theta = cv.ParameterSpace.from_module(plain, nn.CrossEntropyLoss(), (X, y))
-    gv = w_space.reparametrize(charts)
-    psi = gv.layout.flatten(originals)
-    assert torch.allclose(gv.chart(psi), theta, atol=1e-13)
-    # the model's own (g, v) coordinates, analysed directly, give the naive chart
-    native, p_native = cv.ParameterSpace.from_module(net, nn.CrossEntropyLoss(), (X, y))
-    assert torch.allclose(native.loss(p_native), w_space.loss(theta), atol=1e-13)
-    naive_direct = cv.flatness(native, p_native, measures=("trace",))["trace"].value
-    naive_ours = cv.flatness(gv.with_metric(cv.metrics.Euclidean()), psi,
-                             measures=("trace",))["trace"].value
-    assert naive_direct == pytest.approx(naive_ours, rel=1e-9)
-    # the invariant view agrees with the w chart; the naive one does not
-    inv = cv.flatness(gv, psi, measures=("trace", "max_eig"))
-    ref = cv.flatness(w_space, theta, measures=("trace", "max_eig"))
-    assert inv["trace"].value == pytest.approx(ref["trace"].value, rel=1e-9)
-    assert inv["max_eig"].value == pytest.approx(ref["max_eig"].value, rel=1e-9)
-    assert abs(naive_direct - ref["trace"].value) > 0.1 * abs(ref["trace"].value)
+@pytest.mark.parametrize("dim", [0, 1, None])
+def test_weight_norm_matches_torch(dim):
+    lin = nn.Linear(4, 3).double()
+    w = lin.weight.detach().clone()
+    wn = torch.nn.utils.parametrizations.weight_norm(nn.Linear(4, 3).double(), dim=dim)
+    with torch.no_grad():
+        wn.weight = w  # sets g, v through right_inverse
+    g = wn.parametrizations.weight.original0.detach()
+    v = wn.parametrizations.weight.original1.detach() * 1.7  # any ‖v‖: w is unchanged
+    h = cv.reparam.WeightNorm((3, 4), dim=dim)
+    psi = torch.cat([g.reshape(-1), v.reshape(-1)])
+    assert torch.allclose(h(psi), w.reshape(-1), atol=1e-12)
+    with torch.no_grad():
+        wn.parametrizations.weight.original1.copy_(v)
+    assert torch.allclose(wn.weight.detach().reshape(-1), h(psi), atol=1e-12)
