@@ -285,24 +285,24 @@ def stochastic_flatness(
         if euclidean and trace_method == "hutchinson":
             qform, products = _quadratic_form(space, p, quadratic_forms)
         if qform is not None:  # zᵀ∇²L z by Taylor mode; the matvec is never called
-            est = linalg.hutchinson(lambda v: v, d, num_probes, seed=seed, dtype=dtype,
+            est = linalg.hutchinson(lambda v: v, d, num_probes=num_probes, seed=seed, dtype=dtype,
                                     device=device, progress=progress, quadratic_form=qform)
         else:
             e_mv, inner = ops()[:2]
             counter = _Counter(e_mv)
             matmat = _euclidean_matmat(space, p) if inner is None else None
             if trace_method == "hutchinson":
-                est = linalg.hutchinson(counter, d, num_probes, seed=seed, dtype=dtype,
+                est = linalg.hutchinson(counter, d, num_probes=num_probes, seed=seed, dtype=dtype,
                                         device=device, matmat=matmat, batch_size=batch_size,
                                         progress=progress)
             elif trace_method == "hutchpp":
-                est = linalg.hutchpp(counter, d, num_probes, seed=seed, dtype=dtype,
+                est = linalg.hutchpp(counter, d, num_matvecs=num_probes, seed=seed, dtype=dtype,
                                      device=device, matmat=matmat, progress=progress)
             elif trace_method == "xtrace":
                 if inner is not None:
                     raise ValueError("flatness: trace_method='xtrace' needs a symmetric "
                                      "operator (Euclidean metric); use 'hutchpp' for G⁻¹Hess")
-                est = linalg.xtrace(counter, d, num_probes, seed=seed, dtype=dtype,
+                est = linalg.xtrace(counter, d, num_matvecs=num_probes, seed=seed, dtype=dtype,
                                     device=device, matmat=matmat, progress=progress)
             else:
                 raise ValueError(f"flatness: trace_method must be hutchinson, hutchpp or "

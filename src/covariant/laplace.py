@@ -829,7 +829,7 @@ def laplace(
             floor = float(lam.min())
         else:
             E = (lambda v: metric.solve(p, hv(v))) if riemannian else hv
-            tr = hutchinson(E, d, 64, seed=seed, dtype=p.dtype, device=p.device).value
+            tr = hutchinson(E, d, num_probes=64, seed=seed, dtype=p.dtype, device=p.device).value
             floor = (tr - float(lam.sum())) / (d - k)
             if floor <= 0:
                 raise NotAModeError(

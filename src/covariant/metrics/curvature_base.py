@@ -70,7 +70,6 @@ True
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -78,9 +77,10 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
-from ..errors import NonFiniteError, NotConvergedError, ShapeMismatchError, SingularMetricError
+from ..errors import NotConvergedError, ShapeMismatchError, SingularMetricError
 from ..layout import as_batches, batch_weights
 from ..linalg import cg
+from ..linalg import pinv_solve as lanczos_pinv_solve
 from .base import MAX_DENSE_DIM, Metric, check_dense_size
 from .losses import cast_input, loss_info
 
@@ -391,7 +391,8 @@ class CurvatureMetric(Metric):
     def pinv_solve(self, p: Tensor, w: Tensor) -> Tensor:
         r"""G(p)⁺ w, the pseudo-inverse solution, matrix-free ("CG on the range").
 
-        Lanczos on the Krylov space K(G, w) with full reorthogonalization: with the basis V
+        Computed by :func:`covariant.linalg.pinv_solve`: Lanczos on the Krylov space K(G, w)
+        with full reorthogonalization: with the basis V
         and T = VᵀGV, x = V T⁺ Vᵀw, where T⁺ drops the Ritz values below ``rank_rtol``·θ_max.
         The null-space part of w is an eigenvector of G with eigenvalue 0, so it shows up as
         such a Ritz value and is dropped (the same threshold as :meth:`rank` and
@@ -404,55 +405,19 @@ class CurvatureMetric(Metric):
         space is invariant.
         """
         d = w.shape[0]
-        tol = self._rank_rtol(p.dtype)
-        rtol = self.cg_rtol if self.cg_rtol is not None else _default_rtol(p.dtype, 1e-12)
         maxiter = d if self.cg_maxiter is None else min(int(self.cg_maxiter), d)
-        nw = float(torch.linalg.vector_norm(w))
-        if not math.isfinite(nw):
-            raise NonFiniteError(f"{self.name}.pinv_solve: the right-hand side is NaN or Inf")
-        if nw == 0.0:
-            return torch.zeros_like(w)
-        Q = [w / nw]
-        alphas: list[float] = []
-        betas: list[float] = []
-        y = torch.zeros(1, dtype=torch.float64)
-        converged = False
-        for _ in range(maxiter):
-            z = self.matvec(p, Q[-1])
-            alphas.append(float(torch.dot(Q[-1], z)))
-            if not math.isfinite(alphas[-1]):
-                raise NonFiniteError(f"{self.name}.pinv_solve: G v is NaN or Inf")
-            V = torch.stack(Q)
-            for _ in range(2):  # full reorthogonalization; twice is enough
-                z = z - V.T @ (V @ z)
-            beta = float(torch.linalg.vector_norm(z))
-            k = len(alphas)
-            T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-            if k > 1:
-                off = torch.tensor(betas, dtype=torch.float64)
-                T = T + torch.diag(off, 1) + torch.diag(off, -1)
-            theta, U = torch.linalg.eigh(T)
-            top = max(float(theta.abs().max()), torch.finfo(torch.float64).tiny)
-            keep = theta > tol * top
-            c_kept = nw * U[0, keep]  # U_keptᵀ (‖w‖ e₁)
-            y = U[:, keep] @ (c_kept / theta[keep])
-            if beta <= tol * top:  # invariant Krylov space: exact on it
-                converged = True
-                break
-            outside = beta * abs(float(y[-1]))
-            dropped_ok = bool((beta * U[-1, ~keep].abs() <= tol * top).all())
-            if outside <= rtol * float(c_kept.norm()) and dropped_ok:
-                converged = True
-                break
-            Q.append(z / beta)
-            betas.append(beta)
-        if not converged and maxiter < d:
+        res = lanczos_pinv_solve(
+            lambda v: self.matvec(p, v), w,
+            rank_rtol=self._rank_rtol(p.dtype),
+            rtol=self.cg_rtol if self.cg_rtol is not None else _default_rtol(p.dtype, 1e-12),
+            maxiter=self.cg_maxiter, raise_on_failure=False,
+        )
+        if not res.converged and maxiter < d:
             raise SingularMetricError(
                 f"{self.name}.pinv_solve: not converged in {maxiter} iterations; raise "
                 "cg_maxiter or loosen cg_rtol, or damp the metric. " + self._fix_hint()
             )
-        V = torch.stack(Q[: y.shape[0]])
-        return V.T @ y.to(dtype=w.dtype, device=w.device)
+        return res.x
 
     def __repr__(self) -> str:
         loss = getattr(type(self.loss_fn), "__name__", "loss")
