@@ -51,8 +51,8 @@ from torch.func import hessian as func_hessian
 from ._fast import is_transformed
 from ._progress import progress_bar
 from .errors import CovariantError, NonFiniteError, SingularMetricError
-from .metrics import MAX_DENSE_DIM, Constant, Diagonal, Euclidean, Metric, Pullback
-from .reparam import Reparametrization, _jjt_logdet
+from .metrics import MAX_DENSE_DIM, Metric
+from .reparam import Reparametrization
 
 __all__ = [
     "LOGDET_METHODS",
@@ -104,7 +104,7 @@ def riemannian_log_prob(
 
     def log_q(p: Tensor) -> Tensor:
         if method is None:
-            closed = _closed_form_logdet(metric, p, _is_degenerate(metric, p))
+            closed = metric.closed_form_logdet(p, pseudo=metric.is_degenerate(p))
             ld = metric.logdet(p) if closed is None else closed
         else:
             ld = logdet(metric, p, method=method, **logdet_kwargs)
@@ -156,7 +156,7 @@ def lift_log_prob(
         return lambda psi: base(psi) + fiber_log_prob(psi)
 
     def log_prob_psi(psi: Tensor) -> Tensor:
-        return log_prob(reparam.forward(psi)) + 0.5 * _jjt_logdet(reparam, psi) + fiber_log_prob(
+        return log_prob(reparam.forward(psi)) + 0.5 * reparam.jjt_logdet(psi) + fiber_log_prob(
             psi
         )
 
@@ -168,56 +168,14 @@ def lift_log_prob(
 # --------------------------------------------------------------------------------------------
 
 
-def _is_degenerate(metric: Metric, p: Tensor) -> bool:
-    return metric.rank(p) < p.shape[0]
-
-
-def _has_closed_form_logdet(metric: Metric, p: Tensor) -> bool:
-    """True when log det G needs no d×d matrix: constant/diagonal metrics, and pullbacks of
-    such metrics through bijections or through charts that know log det(J Jᵀ)."""
-    if isinstance(metric, Euclidean | Constant | Diagonal):
-        return True
-    if isinstance(metric, Pullback):
-        h = metric.reparam
-        theta = h.forward(p)
-        if _is_degenerate(metric.base, theta) or not _has_closed_form_logdet(metric.base, theta):
-            return False
-        return h.is_bijection or hasattr(h, "jjt_logdet")
-    return False
-
-
-def _closed_form_logdet(metric: Metric, p: Tensor, pseudo: bool) -> Tensor | None:
-    """log det G without a d×d matrix, or ``None`` when no closed form is known.
-
-    The rules themselves live in the metrics (``Pullback.logdet``: log det G_Θ + 2 log|det J|;
-    ``Pullback.pseudo_logdet``: log det G_Θ + log det(J Jᵀ) through a submersion).
-    """
-    if not _has_closed_form_logdet(metric, p):
-        return None
-    if isinstance(metric, Pullback) and not metric.reparam.is_bijection:
-        return metric.pseudo_logdet(p) if pseudo else None
-    return metric.logdet(p)
-
-
-def _gauge_basis(metric: Metric, p: Tensor) -> Tensor | None:
-    """Orthonormal basis (d, d − rank) of ker G(p), from the chart's gauge directions."""
-    fn = getattr(metric, "gauge_directions", None)
-    if fn is None:
-        return None
-    U = fn(p)
-    if U.shape[1] == 0:
-        return None
-    return torch.linalg.qr(U)[0]
-
-
 def _augmented_matvec(metric: Metric, p: Tensor) -> Callable[[Tensor], Tensor]:
     """v ↦ (G + U Uᵀ) v, with U an orthonormal basis of ker G (pseudo-determinant trick).
 
     For a symmetric PSD G whose kernel is spanned by the orthonormal U,
     det(G + U Uᵀ) = pdet(G), the product of the nonzero eigenvalues.
     """
-    U = _gauge_basis(metric, p) if _is_degenerate(metric, p) else None
-    if _is_degenerate(metric, p) and U is None:
+    U = metric.kernel_basis(p) if metric.is_degenerate(p) else None
+    if metric.is_degenerate(p) and U is None:
         raise SingularMetricError(
             f"logdet: {metric!r} is degenerate at this point (rank {metric.rank(p)} < "
             f"{p.shape[0]}) and does not expose its kernel (gauge_directions), so its "
@@ -231,8 +189,8 @@ def _augmented_matvec(metric: Metric, p: Tensor) -> Callable[[Tensor], Tensor]:
 def _dense_logdet(metric: Metric, p: Tensor, max_dim: int | None) -> Tensor:
     G = metric.dense(p, max_dim=max_dim)
     G = 0.5 * (G + G.T)
-    if _is_degenerate(metric, p):
-        U = _gauge_basis(metric, p)
+    if metric.is_degenerate(p):
+        U = metric.kernel_basis(p)
         if U is not None:
             G = G + U @ U.T
         else:
@@ -432,9 +390,9 @@ def logdet(
     """
     if method not in LOGDET_METHODS:
         raise ValueError(f"logdet: method must be one of {LOGDET_METHODS}, got {method!r}")
-    pseudo = _is_degenerate(metric, p)
+    pseudo = metric.is_degenerate(p)
     if method in ("auto", "closed"):
-        out = _closed_form_logdet(metric, p, pseudo)
+        out = metric.closed_form_logdet(p, pseudo)
         if out is not None:
             return out
         if method == "closed":

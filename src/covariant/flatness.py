@@ -161,7 +161,7 @@ def _dense_measures(
 ) -> dict[str, Measure]:
     H = space.hessian(p, riemannian=True)
     G = space.metric.dense(p, max_dim=space.max_dense_dim)
-    basis = space.horizontal_basis(p) if space._is_degenerate(p) else None
+    basis = space.horizontal_basis(p) if space.metric.is_degenerate(p) else None
     try:
         evals, evecs = generalized_eigh(H, G, basis)
     except SingularMetricError as err:

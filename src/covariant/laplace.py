@@ -61,14 +61,14 @@ from torch.func import hessian as func_hessian
 from torch.func import jacrev, jvp, vjp, vmap
 
 from .connection import connection_correction
-from .density import _closed_form_logdet, _is_degenerate, logdet, map_estimate
+from .density import logdet, map_estimate
 from .errors import (
     DenseTooLargeError,
     NotABijectionError,
     ShapeMismatchError,
 )
 from .layout import ModelBinding, ParameterLayout
-from .metrics import MAX_DENSE_DIM, Constant, Diagonal, Euclidean, Metric, Pullback
+from .metrics import MAX_DENSE_DIM, Euclidean, Metric
 from .space import ParameterSpace
 
 __all__ = [
@@ -288,7 +288,7 @@ def _objective(
             "logdet_method='closed' or 'dense' (SLQ gives only a first derivative)"
         )
     if logdet_method == "auto":
-        logdet_method = "closed" if _closed_form_logdet(metric, p, False) is not None else "dense"
+        logdet_method = "closed" if metric.closed_form_logdet(p) is not None else "dense"
     return lambda p: base(p) + 0.5 * logdet(metric, p, logdet_method)
 
 
@@ -397,23 +397,6 @@ def _ggn_matvec(space: ParameterSpace, bayes: _Bayes, p: Tensor) -> Callable[[Te
 # --------------------------------------------------------------------------------------------
 
 
-def _metric_inv_sqrt(metric: Metric, p: Tensor, Z: Tensor) -> Tensor:
-    """S Z with S Sᵀ = G(p)⁻¹, for the columns of Z (d, n)."""
-    if isinstance(metric, Euclidean):
-        return Z
-    if isinstance(metric, Diagonal):
-        return Z / metric.diagonal(p).sqrt()[:, None]
-    if isinstance(metric, Constant):
-        L = torch.linalg.cholesky(metric.dense(p))
-        return torch.linalg.solve_triangular(L.T, Z, upper=True)
-    if isinstance(metric, Pullback) and metric.reparam.is_bijection:
-        h = metric.reparam
-        inner = _metric_inv_sqrt(metric.base, h.forward(p), Z)
-        return torch.stack([h.inverse_jvp(p, c) for c in inner.T], 1)
-    L = torch.linalg.cholesky(metric.dense(p))
-    return torch.linalg.solve_triangular(L.T, Z, upper=True)
-
-
 class DiagonalCovariance:
     """Σ = diag(1/h): the covariance of a diagonal Laplace approximation.
 
@@ -472,7 +455,7 @@ class LowRankCovariance:
 
     def sqrt_matmat(self, Z: Tensor) -> Tensor:
         # a ~ N(0, G⁻¹); x = λ₀^{-1/2}(I − U UᵀG) a + U diag(λ^{-1/2}) UᵀG a has covariance Σ
-        A = _metric_inv_sqrt(self.metric, self.point, Z)
+        A = self.metric.inv_sqrt(self.point, Z)
         GA = torch.stack([self.metric.matvec(self.point, c) for c in A.T], 1)
         c = self.U.T @ GA
         return (A - self.U @ c) / math.sqrt(self.floor) + self.U @ (
@@ -735,7 +718,7 @@ def laplace(
             "are there). Use structure='diag' or 'lowrank'."
         )
     metric = space.metric
-    if riemannian and _is_degenerate(metric, p):
+    if riemannian and metric.is_degenerate(p):
         raise NotABijectionError(
             "laplace: the metric is degenerate here (a submersion chart such as weight norm): "
             "a Gaussian in ψ would spread along the gauge directions, which carry no "

@@ -472,16 +472,13 @@ class ParameterSpace:
             return jacrev(jacrev(self._loss), chunk_size=32)(p)
 
     def _dense_solve_or_matrix_free(self, p: Tensor, g: Tensor) -> Tensor:
-        if self._is_degenerate(p):
+        if self.metric.is_degenerate(p):
             G = self.metric.dense(p, max_dim=self.max_dense_dim)
             return self._dense_pinv(p, G) @ g
         return self.metric.solve(p, g)
 
-    def _is_degenerate(self, p: Tensor) -> bool:
-        return self.metric.rank(p) < p.shape[0]
-
     def _dense_solve(self, p: Tensor, G: Tensor, rhs: Tensor) -> Tensor:
-        if self._is_degenerate(p):
+        if self.metric.is_degenerate(p):
             return self._dense_pinv(p, G) @ rhs
 
         L = cholesky_or_raise(G, "dense metric solve")

@@ -39,7 +39,7 @@ from ..errors import (
     SingularMetricError,
 )
 from ..linalg import cg
-from ..reparam import Linearization, Reparametrization, _jjt_logdet
+from ..reparam import Linearization, Reparametrization
 
 __all__ = [
     "MAX_DENSE_DIM",
@@ -132,6 +132,32 @@ class Metric:
         """Rank of G(p): the dimension of the horizontal space (d for a nondegenerate metric)."""
         return p.shape[0]
 
+    def is_degenerate(self, p: Tensor) -> bool:
+        """True when G(p) is singular (rank < d), e.g. pulled back through a submersion."""
+        return self.rank(p) < p.shape[0]
+
+    def closed_form_logdet(self, p: Tensor, pseudo: bool = False) -> Tensor | None:
+        """log det G(p) without a d×d matrix, or None when no closed form is known.
+
+        With ``pseudo=True`` a degenerate metric may return its pseudo-log-determinant (the
+        log-product of the nonzero eigenvalues). The default knows no closed form.
+        """
+        return None
+
+    def inv_sqrt(self, p: Tensor, Z: Tensor) -> Tensor:
+        """S Z with S Sᵀ = G(p)⁻¹, for the columns of Z (d, n): turns N(0, I) draws into
+        N(0, G⁻¹) draws. The default solves with the dense Cholesky factor, S = L⁻ᵀ."""
+        L = torch.linalg.cholesky(self.dense(p))
+        return torch.linalg.solve_triangular(L.T, Z, upper=True)
+
+    def kernel_basis(self, p: Tensor) -> Tensor | None:
+        """Orthonormal basis (d, d − rank) of ker G(p) where the metric knows it, else None.
+
+        A metric pulled back through a submersion knows its kernel: the chart's gauge
+        directions. The default knows none.
+        """
+        return None
+
     def pullback(self, reparam: Reparametrization) -> Metric:
         """This metric in the chart ψ with θ = h(ψ): Jᵀ G J."""
         return Pullback(self, reparam)
@@ -157,6 +183,12 @@ class Euclidean(Metric):
 
     def logdet(self, p: Tensor) -> Tensor:
         return p.new_zeros(())
+
+    def closed_form_logdet(self, p: Tensor, pseudo: bool = False) -> Tensor | None:
+        return self.logdet(p)
+
+    def inv_sqrt(self, p: Tensor, Z: Tensor) -> Tensor:
+        return Z
 
 
 class Constant(Metric):
@@ -190,6 +222,9 @@ class Constant(Metric):
 
     def logdet(self, p: Tensor) -> Tensor:
         return 2 * torch.diagonal(self._chol.to(p)).log().sum()
+
+    def closed_form_logdet(self, p: Tensor, pseudo: bool = False) -> Tensor | None:
+        return self.logdet(p)
 
 
 class Diagonal(Metric):
@@ -240,6 +275,12 @@ class Diagonal(Metric):
         if not bool((d > 0).all()):
             raise SingularMetricError("Diagonal.logdet: entries <= 0. " + _SINGULAR_HINT)
         return d.log().sum()
+
+    def closed_form_logdet(self, p: Tensor, pseudo: bool = False) -> Tensor | None:
+        return self.logdet(p)
+
+    def inv_sqrt(self, p: Tensor, Z: Tensor) -> Tensor:
+        return Z / self.diagonal(p).sqrt()[:, None]
 
 
 class Dense(Metric):
@@ -381,12 +422,42 @@ class Pullback(Metric):
         h = self.reparam
         if h.is_bijection:
             return self.logdet(p)
-        return self.base.logdet(h.forward(p)) + _jjt_logdet(h, p)
+        return self.base.logdet(h.forward(p)) + h.jjt_logdet(p)
 
     def rank(self, p: Tensor) -> int:
         if self.reparam.is_bijection:
             return p.shape[0]
         return self.base.rank(self.reparam.forward(p))
+
+    def closed_form_logdet(self, p: Tensor, pseudo: bool = False) -> Tensor | None:
+        """log det G_Θ(h(ψ)) + 2 log|det J| (bijection), or with ``pseudo=True`` the
+        pseudo-log-determinant log det G_Θ + log det(J Jᵀ) (a submersion whose chart has a
+        closed-form log det(J Jᵀ)); None when the base metric has no closed form or is
+        degenerate."""
+        h = self.reparam
+        theta = h.forward(p)
+        if self.base.is_degenerate(theta) or self.base.closed_form_logdet(theta) is None:
+            return None
+        if h.is_bijection:
+            return self.logdet(p)
+        if not h.has_closed_form_jjt_logdet:
+            return None
+        return self.pseudo_logdet(p) if pseudo else None
+
+    def inv_sqrt(self, p: Tensor, Z: Tensor) -> Tensor:
+        """J⁻¹ S_Θ Z through a bijection (S_Θ of the base metric at h(ψ)); dense otherwise."""
+        h = self.reparam
+        if not h.is_bijection:
+            return super().inv_sqrt(p, Z)
+        inner = self.base.inv_sqrt(h.forward(p), Z)
+        return torch.stack([h.inverse_jvp(p, c) for c in inner.T], 1)
+
+    def kernel_basis(self, p: Tensor) -> Tensor | None:
+        """Orthonormal basis of the chart's gauge directions (the vertical space), or None."""
+        U = self.reparam.gauge_directions(p)
+        if U.shape[1] == 0:
+            return None
+        return torch.linalg.qr(U)[0]
 
     def gauge_directions(self, p: Tensor) -> Tensor:
         """Basis of the kernel of G_Ψ(ψ) that comes from the chart (the vertical space)."""

@@ -32,7 +32,6 @@ tensor([2.0000, 5.4366], dtype=torch.float64)
 """
 
 from .base import Compose, Identity, Linearization, Reparametrization
-from .base import _jjt_logdet as _jjt_logdet  # imported by covariant.density and .metrics
 from .blocks import ParameterwiseReparametrization
 from .elementwise import Affine, Cubic, Elementwise, Exp, Log, Polar, Scale, Sinh, Softplus
 from .functions import FromFunctions

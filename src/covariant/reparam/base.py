@@ -266,6 +266,16 @@ class Reparametrization:
         self._require_bijection("log_abs_det_jacobian")
         return torch.linalg.slogdet(self.jacobian(psi))[1]
 
+    #: True when :meth:`jjt_logdet` has a closed form (no dense Jacobian).
+    has_closed_form_jjt_logdet: bool = False
+
+    def jjt_logdet(self, psi: Tensor) -> Tensor:
+        """log det(J Jᵀ)(ψ), the log-volume factor of a submersion (2 log|det J| for a
+        bijection). The default builds the dense Jacobian; charts with a closed form override
+        it and set ``has_closed_form_jjt_logdet``."""
+        J = self.jacobian(psi)
+        return torch.linalg.slogdet(J @ J.T)[1]
+
     def gauge_directions(self, psi: Tensor) -> Tensor:
         """Basis of ker J(ψ), shape (k, k - d); empty for a bijection."""
         return psi.new_zeros(psi.shape[0], 0)
@@ -314,12 +324,6 @@ def _solve_jjt(h: Reparametrization, psi: Tensor, u: Tensor) -> Tensor:
 
 
 
-def _jjt_logdet(r: Reparametrization, psi: Tensor) -> Tensor:
-    """log det(J Jᵀ): the chart's closed form ``jjt_logdet`` if it has one, else dense."""
-    if hasattr(r, "jjt_logdet"):
-        return r.jjt_logdet(psi)
-    J = r.jacobian(psi)
-    return torch.linalg.slogdet(J @ J.T)[1]
 
 
 

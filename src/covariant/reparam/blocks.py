@@ -26,7 +26,7 @@ from torch import Tensor
 from .._fast import is_plain as _is_plain
 from ..errors import DomainError, NotABijectionError, ShapeMismatchError
 from ..layout import ParameterLayout, match_names
-from .base import _SIDES, Linearization, Reparametrization, _jjt_logdet, _NamedProducts
+from .base import _SIDES, Linearization, Reparametrization, _NamedProducts
 
 __all__ = ["ParameterwiseReparametrization"]
 
@@ -163,13 +163,15 @@ class ParameterwiseReparametrization(Reparametrization):
             total = total + r.log_abs_det_jacobian(psi[self._psi_slices[name]])
         return total
 
+    has_closed_form_jjt_logdet = True
+
     def jjt_logdet(self, psi: Tensor) -> Tensor:
         """log det(J Jᵀ), block by block (bijective blocks give 2 log|det J|)."""
         total = psi.new_zeros(())
         for name, r in self.blocks.items():
             p = psi[self._psi_slices[name]]
             total = total + (
-                2 * r.log_abs_det_jacobian(p) if r.is_bijection else _jjt_logdet(r, p)
+                2 * r.log_abs_det_jacobian(p) if r.is_bijection else r.jjt_logdet(p)
             )
         return total
 

@@ -199,6 +199,8 @@ class WeightNorm(Reparametrization):
     def _linearize_into(self, psi: Tensor, theta_out: Tensor) -> Linearization:
         return _WeightNormLinearization(self, psi, theta_out)
 
+    has_closed_form_jjt_logdet = True
+
     def jjt_logdet(self, psi: Tensor) -> Tensor:
         """log det(J Jᵀ) = Σ_slices 2 (n_slice − 1) log|c| (closed form, MATH.md §5)."""
         _, c = self._parts(psi)
