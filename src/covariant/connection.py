@@ -36,6 +36,7 @@ from .metrics import Metric
 __all__ = [
     "christoffel",
     "christoffel_dense",
+    "christoffel_lowered_dense",
     "connection_correction",
     "geodesic",
 ]
@@ -107,17 +108,27 @@ def connection_correction(metric: Metric, p: Tensor, v: Tensor, r: Tensor) -> Te
     )
 
 
-def christoffel_dense(metric: Metric, p: Tensor, *, pseudo_inverse: bool = False) -> Tensor:
-    """All Christoffel symbols Γ[m, i, j] = Γ^m_ij as a dense (d, d, d) tensor (tests only).
+def christoffel_lowered_dense(metric: Metric, p: Tensor, *, max_dim: int | None = None) -> Tensor:
+    """The Christoffel symbols of the first kind, Γ[l, i, j] = Γ_lij, as a dense (d, d, d)
+    tensor: Γ_lij = ½ (∂_i G_jl + ∂_j G_il − ∂_l G_ij).
 
-    Built from ``jacfwd`` of the dense metric, independent of the matrix-free path.
-    ``pseudo_inverse=True`` raises the index with the pseudo-inverse (submersion charts).
+    Built from ``jacfwd`` of the dense metric, independent of the matrix-free path: the
+    ground truth that the Riemannian Hessian's ``method="general"`` and the tests use.
+    """
+    dG = jacfwd(lambda q: metric.dense(q, max_dim=max_dim))(p)  # dG[j, l, i] = ∂_i G_jl
+    return 0.5 * (
+        torch.einsum("jli->lij", dG) + torch.einsum("ilj->lij", dG) - torch.einsum("ijl->lij", dG)
+    )
+
+
+def christoffel_dense(metric: Metric, p: Tensor, *, pseudo_inverse: bool = False) -> Tensor:
+    """All Christoffel symbols Γ[m, i, j] = Γ^m_ij as a dense (d, d, d) tensor (small d).
+
+    Γ^m_ij = G^{ml} Γ_lij from :func:`christoffel_lowered_dense`. ``pseudo_inverse=True``
+    raises the index with the pseudo-inverse (submersion charts).
     """
     G = metric.dense(p)
-    dG = jacfwd(metric.dense)(p)  # dG[j, l, i] = ∂_i G_jl
-    lowered = 0.5 * (
-        torch.einsum("jli->lij", dG) + torch.einsum("ilj->lij", dG) - torch.einsum("ijl->lij", dG)
-    )  # lowered[l, i, j] = Γ_lij
+    lowered = christoffel_lowered_dense(metric, p)
     Ginv = torch.linalg.pinv(G, hermitian=True) if pseudo_inverse else torch.linalg.inv(G)
     return torch.einsum("ml,lij->mij", Ginv, lowered)
 

@@ -27,10 +27,15 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, hessian, jacfwd, jacrev, vmap
+from torch.func import grad, hessian, jacrev, vmap
 
 from ._fast import is_plain as _plain
-from .connection import christoffel, connection_correction, geodesic
+from .connection import (
+    christoffel,
+    christoffel_lowered_dense,
+    connection_correction,
+    geodesic,
+)
 from .errors import NonFiniteError, NotABijectionError, ShapeMismatchError
 from .layout import ModelBinding, ParameterLayout
 from .metrics import Euclidean, Metric, Pullback, check_dense_size, metric_from_name
@@ -432,14 +437,9 @@ class ParameterSpace:
             g = grad(self._loss)(p)
             G = self.metric.dense(p, max_dim=limit)
             r = self._dense_solve(p, G, g)
-            dG = jacfwd(lambda q: self.metric.dense(q, max_dim=limit))(p)
-            # dG[j, l, i] = ∂_i G_jl ; Γ^m_ij ∂_m L = ½ r_l (∂_i G_jl + ∂_j G_il − ∂_l G_ij)
-            corr = 0.5 * (
-                torch.einsum("jli,l->ij", dG, r)
-                + torch.einsum("ilj,l->ij", dG, r)
-                - torch.einsum("ijl,l->ij", dG, r)
-            )
-            H = H - corr
+            # Γ^m_ij ∂_m L = Γ_lij r_l with r = G⁻¹∇L (lowered symbols from jacfwd of dense G)
+            lowered = christoffel_lowered_dense(self.metric, p, max_dim=limit)
+            H = H - torch.einsum("lij,l->ij", lowered, r)
         return _check_finite(0.5 * (H + H.T), "the Hessian")
 
     def _dense_euclidean_hessian(self, p: Tensor) -> Tensor:
