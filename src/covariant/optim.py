@@ -149,7 +149,7 @@ def riemannian_step(
         )
     if space.chart is not None:
         try:
-            space.chart._check_psi(out)
+            space.chart.check_psi(out)
         except CovariantError as err:
             raise type(err)(
                 f"the {update} step of size {lr:g} left the chart's domain ({err}); lower lr"

@@ -66,13 +66,13 @@ class ReferenceChart(Reparametrization):
     def _inverse(self, theta: Tensor) -> Tensor:
         return reference_phi(theta)
 
-    def _check_psi(self, psi: Tensor) -> None:
+    def check_psi(self, psi: Tensor) -> None:
         from .errors import ShapeMismatchError
 
         if psi.shape[0] != 2:
             raise ShapeMismatchError(f"ReferenceChart: needs 2 coordinates, got {psi.shape[0]}")
 
-    _check_theta = _check_psi
+    check_theta = check_psi
 
     def __repr__(self) -> str:
         return "ReferenceChart()"

@@ -257,7 +257,7 @@ class ParameterSpace:
         """
         _check_point(p, owner, self.dim)
         if self.chart is not None:
-            self.chart._check_psi(p)
+            self.chart.check_psi(p)
 
     def _check(self, p: Tensor, owner: str) -> None:
         self.check_point(p, owner)

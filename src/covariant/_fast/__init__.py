@@ -29,12 +29,24 @@ from torch import Tensor
 
 from .taylor import QuadraticForm, TaylorUnsupportedError
 
-__all__ = ["QuadraticForm", "TaylorUnsupportedError", "is_plain", "is_transformed"]
+__all__ = [
+    "QuadraticForm",
+    "TaylorUnsupportedError",
+    "is_plain",
+    "is_transformed",
+    "tensor_version",
+]
 
 
 def is_transformed(x: Tensor) -> bool:
     """True when ``x`` is wrapped by a ``torch.func`` transform (vmap, grad, jvp, ...)."""
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
+def tensor_version(x: Tensor) -> int:
+    """The in-place version counter of ``x``: it changes whenever ``x`` is written in place
+    (caches keyed on a tensor use it to notice mutation)."""
+    return int(x._version)
 
 
 def is_plain(*xs: Tensor) -> bool:

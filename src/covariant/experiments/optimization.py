@@ -111,7 +111,7 @@ class ReferenceChart(Reparametrization):
         a = (2.5 * u + torch.sqrt(6.25 * u * u + 125.0 / 27.0)).pow(1.0 / 3.0)
         return a - (5.0 / 3.0) * a.reciprocal()
 
-    def _check_psi(self, psi: Tensor) -> None:
+    def check_psi(self, psi: Tensor) -> None:
         if psi.shape[0] != 2:
             raise ValueError(f"ReferenceChart: needs 2 coordinates, got {psi.shape[0]}")
 

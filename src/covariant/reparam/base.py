@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.func import jacfwd, jvp, vjp
 
 from .._fast import is_plain as _is_plain
+from .._fast import tensor_version
 from ..errors import NonFiniteError, NotABijectionError, ShapeMismatchError
 from ..linalg import cg
 
@@ -155,10 +156,10 @@ class Reparametrization:
         """ψ = h⁻¹(θ) (a right inverse for a submersion), without input checks."""
         raise NotImplementedError
 
-    def _check_psi(self, psi: Tensor) -> None:
+    def check_psi(self, psi: Tensor) -> None:
         """Raise :class:`DomainError` if ψ lies outside the chart's domain."""
 
-    def _check_theta(self, theta: Tensor) -> None:
+    def check_theta(self, theta: Tensor) -> None:
         """Raise :class:`DomainError` if θ lies outside the image of the chart."""
 
     # ----- shapes -------------------------------------------------------------------------
@@ -180,13 +181,13 @@ class Reparametrization:
     # ----- public, checked ----------------------------------------------------------------
     def __call__(self, psi: Tensor) -> Tensor:
         _check_flat(psi, "psi", type(self).__name__)
-        self._check_psi(psi)
+        self.check_psi(psi)
         return self.forward(psi)
 
     def inverse(self, theta: Tensor) -> Tensor:
         """ψ with h(ψ) = θ: the inverse, or a right inverse for a submersion."""
         _check_flat(theta, "theta", f"{type(self).__name__}.inverse")
-        self._check_theta(theta)
+        self.check_theta(theta)
         return self._inverse(theta)
 
     # ----- Jacobian products (torch.func defaults) ----------------------------------------
@@ -227,12 +228,12 @@ class Reparametrization:
         if cached is not None:
             psi_ref, version, lin_ref = cached
             lin = lin_ref()
-            if (lin is not None and psi_ref() is psi and psi._version == version
+            if (lin is not None and psi_ref() is psi and tensor_version(psi) == version
                     and _is_plain(psi)):
                 return lin
         lin = self._linearize(psi)
         if _is_plain(psi) and not psi.is_inference():
-            self._linearization_cache = (weakref.ref(psi), psi._version, weakref.ref(lin))
+            self._linearization_cache = (weakref.ref(psi), tensor_version(psi), weakref.ref(lin))
         return lin
 
     def _linearize(self, psi: Tensor) -> Linearization:
@@ -245,7 +246,7 @@ class Reparametrization:
             lambda z: self.inverse_vjp(psi, z),
         )
 
-    def _linearize_into(self, psi: Tensor, theta_out: Tensor) -> Linearization:
+    def linearize_into(self, psi: Tensor, theta_out: Tensor) -> Linearization:
         """Linearization whose ``theta`` is ``theta_out``, filled here with h(ψ).
 
         For a plain ψ only; block-diagonal charts pass slices of one θ, so that no block keeps

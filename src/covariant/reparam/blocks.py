@@ -81,25 +81,25 @@ class ParameterwiseReparametrization(Reparametrization):
     def psi_dim(self, theta_dim: int) -> int:
         return self._psi_dim
 
-    def _check_psi(self, psi: Tensor) -> None:
+    def check_psi(self, psi: Tensor) -> None:
         if psi.shape[0] != self._psi_dim:
             raise ShapeMismatchError(
                 f"reparametrized point must have {self._psi_dim} coordinates, got {psi.shape[0]}"
             )
         for name, r in self.blocks.items():
             try:
-                r._check_psi(psi[self._psi_slices[name]])
+                r.check_psi(psi[self._psi_slices[name]])
             except DomainError as err:
                 raise DomainError(f"parameter {name!r}: {err}") from err
 
-    def _check_theta(self, theta: Tensor) -> None:
+    def check_theta(self, theta: Tensor) -> None:
         if theta.shape[0] != self.layout.dim:
             raise ShapeMismatchError(
                 f"point must have {self.layout.dim} coordinates, got {theta.shape[0]}"
             )
         for name, r in self.blocks.items():
             try:
-                r._check_theta(theta[self._theta_slices[name]])
+                r.check_theta(theta[self._theta_slices[name]])
             except DomainError as err:
                 raise DomainError(f"parameter {name!r}: {err}") from err
 
@@ -220,7 +220,7 @@ class _BlockLinearization(_NamedProducts):
         self._dims = {"psi": h._psi_dim, "theta": h.layout.dim}
         if self._fast:
             theta = psi.new_empty(h.layout.dim)
-            lins = {n: r._linearize_into(psi[h._psi_slices[n]], theta[h._theta_slices[n]])
+            lins = {n: r.linearize_into(psi[h._psi_slices[n]], theta[h._theta_slices[n]])
                     for n, r in h.blocks.items()}
             for n in names:
                 if n not in lins:

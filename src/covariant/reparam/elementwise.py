@@ -78,7 +78,7 @@ class Exp(Elementwise):
     def log_abs_det_jacobian(self, psi: Tensor) -> Tensor:
         return psi.sum()
 
-    def _check_theta(self, theta: Tensor) -> None:
+    def check_theta(self, theta: Tensor) -> None:
         if not bool((theta > 0).all()):
             raise DomainError(
                 f"Exp.inverse: theta must be > 0 everywhere (log of a non-positive number); "
@@ -102,7 +102,7 @@ class Log(Elementwise):
     def log_abs_det_jacobian(self, psi: Tensor) -> Tensor:
         return -psi.log().sum()
 
-    def _check_psi(self, psi: Tensor) -> None:
+    def check_psi(self, psi: Tensor) -> None:
         if not bool((psi > 0).all()):
             raise DomainError(
                 f"Log: psi must be > 0 everywhere (log of a non-positive number); "
@@ -123,7 +123,7 @@ class Softplus(Elementwise):
     def derivative(self, psi: Tensor) -> Tensor:
         return torch.sigmoid(psi)
 
-    def _check_theta(self, theta: Tensor) -> None:
+    def check_theta(self, theta: Tensor) -> None:
         if not bool((theta > 0).all()):
             raise DomainError(
                 f"Softplus.inverse: theta must be > 0 everywhere; got min {float(theta.min()):.3g}"
@@ -194,14 +194,14 @@ class Affine(Reparametrization):
     def _A(self, x: Tensor) -> Tensor:
         return self.matrix.to(dtype=x.dtype, device=x.device)
 
-    def _check_psi(self, psi: Tensor) -> None:
+    def check_psi(self, psi: Tensor) -> None:
         if psi.shape[0] != self.matrix.shape[1]:
             raise ShapeMismatchError(
                 f"Affine: point has {psi.shape[0]} coordinates, matrix expects "
                 f"{self.matrix.shape[1]}"
             )
 
-    _check_theta = _check_psi
+    check_theta = check_psi
 
     def forward(self, psi: Tensor) -> Tensor:
         out = self._A(psi) @ psi
@@ -253,13 +253,13 @@ class Polar(Reparametrization):
     True
     """
 
-    def _check_psi(self, psi: Tensor) -> None:
+    def check_psi(self, psi: Tensor) -> None:
         if psi.shape[0] != 2:
             raise ShapeMismatchError(f"Polar: needs 2 coordinates (r, phi), got {psi.shape[0]}")
         if not bool(psi[0] > 0):
             raise DomainError(f"Polar: radius r must be > 0, got {float(psi[0]):.3g}")
 
-    def _check_theta(self, theta: Tensor) -> None:
+    def check_theta(self, theta: Tensor) -> None:
         if theta.shape[0] != 2:
             raise ShapeMismatchError(f"Polar.inverse: needs 2 coordinates, got {theta.shape[0]}")
         if not bool(theta.norm() > 0):

@@ -195,7 +195,7 @@ class FromFunctions(Reparametrization):
             return psi
         return psi + _least_norm_solve(self, psi, theta - self.forward(psi))
 
-    def _check_psi(self, psi: Tensor) -> None:
+    def check_psi(self, psi: Tensor) -> None:
         if self._domain is not None and not bool(torch.as_tensor(self._domain(psi)).all()):
             raise DomainError("FromFunctions: psi lies outside the domain given by `domain`")
 

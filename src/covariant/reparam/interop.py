@@ -152,7 +152,7 @@ class _FromTransform(Reparametrization):
     def _inverse(self, theta: Tensor) -> Tensor:
         return self.transform.inv(theta)
 
-    def _check_theta(self, theta: Tensor) -> None:
+    def check_theta(self, theta: Tensor) -> None:
         support = self.transform.codomain
         if not bool(support.check(theta).all()):
             raise DomainError(

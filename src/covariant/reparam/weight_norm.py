@@ -136,7 +136,7 @@ class WeightNorm(Reparametrization):
     def _split(self, psi: Tensor) -> tuple[Tensor, Tensor]:
         return psi[: self.num_slices], self._rows(psi[self.num_slices :])
 
-    def _check_psi(self, psi: Tensor) -> None:
+    def check_psi(self, psi: Tensor) -> None:
         self._need_shape()
         if psi.shape[0] != self.num_slices + self.n:
             raise ShapeMismatchError(
@@ -155,7 +155,7 @@ class WeightNorm(Reparametrization):
                 "submersion. Perturb g away from 0."
             )
 
-    def _check_theta(self, theta: Tensor) -> None:
+    def check_theta(self, theta: Tensor) -> None:
         self._need_shape()
         if theta.shape[0] != self.n:
             raise ShapeMismatchError(
@@ -196,7 +196,7 @@ class WeightNorm(Reparametrization):
     def _linearize(self, psi: Tensor) -> Linearization:
         return _WeightNormLinearization(self, psi)
 
-    def _linearize_into(self, psi: Tensor, theta_out: Tensor) -> Linearization:
+    def linearize_into(self, psi: Tensor, theta_out: Tensor) -> Linearization:
         return _WeightNormLinearization(self, psi, theta_out)
 
     has_closed_form_jjt_logdet = True
