@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, hessian, jacrev, vmap
 
+from ._checks import check_finite, check_flat
 from ._fast import is_plain as _plain
 from .connection import (
     christoffel,
@@ -36,7 +37,7 @@ from .connection import (
     connection_correction,
     geodesic,
 )
-from .errors import NonFiniteError, NotABijectionError, ShapeMismatchError
+from .errors import NotABijectionError, ShapeMismatchError
 from .layout import ModelBinding, ParameterLayout
 from .metrics import Euclidean, Metric, Pullback, check_dense_size, metric_from_name
 from .metrics.base import cholesky_or_raise
@@ -45,30 +46,6 @@ from .reparam import Compose, ParameterwiseReparametrization, Reparametrization
 __all__ = ["ParameterSpace"]
 
 LossFn = Callable[[Tensor], Tensor]
-
-
-def _check_point(p: Tensor, owner: str, dim: int | None = None) -> None:
-    if not isinstance(p, Tensor):
-        raise TypeError(f"{owner}: the point p must be a torch.Tensor, got {type(p).__name__}")
-    if p.ndim != 1:
-        raise ShapeMismatchError(
-            f"{owner}: the point p must be a flat 1-D tensor, got shape {tuple(p.shape)}"
-        )
-    if dim is not None and p.shape[0] != dim:
-        raise ShapeMismatchError(
-            f"{owner}: the point p has {p.shape[0]} coordinates, this space has {dim}"
-        )
-    if not bool(torch.isfinite(p).all()):
-        raise NonFiniteError(f"{owner}: the point p contains NaN or Inf")
-
-
-def _check_finite(x: Tensor, what: str) -> Tensor:
-    if not bool(torch.isfinite(x).all()):
-        raise NonFiniteError(
-            f"{what} is NaN or Inf. Check the point (is it inside every chart's domain?) and "
-            "the loss (log of 0, overflow)."
-        )
-    return x
 
 
 class ParameterSpace:
@@ -255,7 +232,7 @@ class ParameterSpace:
 
         ``owner`` names the caller in the message.
         """
-        _check_point(p, owner, self.dim)
+        check_flat(p, owner, dim=self.dim)
         if self.chart is not None:
             self.chart.check_psi(p)
 
@@ -271,16 +248,16 @@ class ParameterSpace:
     def loss(self, p: Tensor) -> Tensor:
         """L(p)."""
         self._check(p, "loss")
-        return _check_finite(self._loss(p), "loss(p)")
+        return check_finite(self._loss(p), "loss(p)")
 
     def grad(self, p: Tensor) -> Tensor:
         """∇L(p), a covector."""
         self._check(p, "grad")
-        return _check_finite(self._grad(p), "the gradient")
+        return check_finite(self._grad(p), "the gradient")
 
     def riemannian_grad(self, p: Tensor) -> Tensor:
         """G(p)⁻¹ ∇L(p), a vector (the pseudo-inverse for a submersion chart)."""
-        return _check_finite(self.metric.solve(p, self.grad(p)), "the Riemannian gradient")
+        return check_finite(self.metric.solve(p, self.grad(p)), "the Riemannian gradient")
 
     def _euclidean_hvp(self, p: Tensor, v: Tensor) -> Tensor:
         """∇²L v by reverse-over-reverse differentiation.
@@ -384,7 +361,7 @@ class ParameterSpace:
         if v.shape != p.shape:
             raise ShapeMismatchError(f"hvp: v has shape {tuple(v.shape)}, p {tuple(p.shape)}")
         out = self._riemannian_hvp(p, v, method) if riemannian else self._euclidean_hvp(p, v)
-        return _check_finite(out, "the Hessian-vector product")
+        return check_finite(out, "the Hessian-vector product")
 
     def hessian(
         self,
@@ -416,7 +393,7 @@ class ParameterSpace:
             assert h is not None and parent is not None
             J = h.jacobian(p)
             H = J.T @ parent.hessian(h.forward(p), True, max_dim=max_dim) @ J
-            return _check_finite(0.5 * (H + H.T), "the Hessian")
+            return check_finite(0.5 * (H + H.T), "the Hessian")
         if method == "pullback" and riemannian:
             raise ValueError("hessian: the pullback path needs a space made by reparametrize")
         H = self._dense_euclidean_hessian(p)
@@ -440,7 +417,7 @@ class ParameterSpace:
             # Γ^m_ij ∂_m L = Γ_lij r_l with r = G⁻¹∇L (lowered symbols from jacfwd of dense G)
             lowered = christoffel_lowered_dense(self.metric, p, max_dim=limit)
             H = H - torch.einsum("lij,l->ij", lowered, r)
-        return _check_finite(0.5 * (H + H.T), "the Hessian")
+        return check_finite(0.5 * (H + H.T), "the Hessian")
 
     def _dense_euclidean_hessian(self, p: Tensor) -> Tensor:
         """∇²L by batched HVPs with the identity (chunked, so memory stays bounded).

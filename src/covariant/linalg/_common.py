@@ -11,20 +11,18 @@ Example
 >>> X = torch.eye(3, dtype=torch.float64)[:, :2]
 >>> _apply_block(lambda v: A @ v, None, X).tolist()
 [[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]]
->>> _default_tol(None, torch.float32, 1e-10) == 100 * torch.finfo(torch.float32).eps
-True
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..errors import NonFiniteError, ShapeMismatchError
+from .._checks import check_finite
+from ..errors import ShapeMismatchError
 
 Matvec = Callable[[Tensor], Tensor]
 """A linear operator as a callable on flat 1-D tensors: ``v ↦ A v``."""
@@ -37,13 +35,6 @@ _DAMPING_HINT = (
     "covariant.metrics.Damped(G, lam, reference=...), or, for a submersion chart, work with the "
     "pseudo-inverse on the horizontal space (MATH.md §5)."
 )
-
-
-def _default_tol(tol: float | None, dtype: torch.dtype, base: float) -> float:
-    """``tol`` if given, else ``base`` floored at what ``dtype`` can attain (100·eps)."""
-    if tol is not None:
-        return float(tol)
-    return max(base, 100.0 * torch.finfo(dtype).eps)
 
 
 def _check_dim(dim: int) -> int:
@@ -64,17 +55,15 @@ def _check_vector(y: Tensor, dim: int, who: str) -> Tensor:
     return y
 
 
+#: What to look at when an operator returns NaN or Inf.
+OPERATOR_HINT = (
+    "Check the operator (loss, Hessian-vector product, metric solve) at this point."
+)
+
+
 def _check_finite(t: Tensor, what: str) -> None:
     """A ``NonFiniteError`` naming ``what`` if ``t`` holds NaN or Inf."""
-    # fast path: a NaN or Inf anywhere makes the sum non-finite (a finite sum proves all
-    # entries finite); only an overflowing sum needs the elementwise test
-    if math.isfinite(float(t.sum())):
-        return
-    if not bool(torch.isfinite(t).all()):
-        raise NonFiniteError(
-            f"{what} contains NaN or Inf. Check the operator (loss, Hessian-vector product, "
-            "metric solve) at this point."
-        )
+    check_finite(t, what, OPERATOR_HINT)
 
 
 def _apply_block(

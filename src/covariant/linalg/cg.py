@@ -21,8 +21,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .._checks import default_tol
 from ..errors import NonFiniteError, NotConvergedError, ShapeMismatchError, SingularMetricError
-from ._common import _DAMPING_HINT, Matvec, _check_finite, _check_vector, _default_tol
+from ._common import _DAMPING_HINT, Matvec, _check_finite, _check_vector
 from .results import CGResult
 
 __all__ = ["cg"]
@@ -111,7 +112,7 @@ def cg(
         )
     _check_finite(b, "The right-hand side b of cg")
     dim = b.shape[0]
-    rtol_ = _default_tol(rtol, b.dtype, 1e-10)
+    rtol_ = default_tol(rtol, b.dtype, 1e-10)
     maxiter_ = 10 * dim if maxiter is None else int(maxiter)
 
     def A(v: Tensor) -> Tensor:

@@ -23,9 +23,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from .._checks import default_tol
 from .._progress import progress_bar
 from ..errors import NonFiniteError, SingularMetricError
-from ._common import _DAMPING_HINT, Matvec, _check_dim, _check_finite, _check_vector, _default_tol
+from ._common import _DAMPING_HINT, Matvec, _check_dim, _check_finite, _check_vector
 from .probes import _generator, _probe
 from .results import EigResult
 
@@ -142,7 +143,7 @@ def lanczos(
             f"{nwant + 2} (or dim={dim})."
         )
     # residuals of products of a large network reach about 1000·eps in low precision
-    tol_ = _default_tol(tol, dtype, 1e-8) if tol is not None else max(
+    tol_ = default_tol(tol, dtype, 1e-8) if tol is not None else max(
         1e-8, 1000.0 * torch.finfo(dtype).eps)
     keep = min(nwant + (m - nwant) // 2, m - 1) if m < dim else m
     bar = progress_bar(

@@ -29,8 +29,9 @@ import math
 import torch
 from torch import Tensor
 
+from .._checks import default_tol
 from ..errors import NonFiniteError, NotConvergedError
-from ._common import Matvec, _check_vector, _default_tol
+from ._common import Matvec, _check_vector
 from .results import PinvSolveResult
 
 __all__ = ["pinv_solve"]
@@ -99,8 +100,8 @@ def pinv_solve(
     (True, 2)
     """
     d = b.shape[0]
-    tol = _default_tol(rank_rtol, b.dtype, 1e-10)
-    rtol_ = _default_tol(rtol, b.dtype, 1e-12)
+    tol = default_tol(rank_rtol, b.dtype, 1e-10)
+    rtol_ = default_tol(rtol, b.dtype, 1e-12)
     maxiter_ = d if maxiter is None else min(int(maxiter), d)
     nw = float(torch.linalg.vector_norm(b))
     if not math.isfinite(nw):

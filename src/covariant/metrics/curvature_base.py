@@ -77,6 +77,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
+from .._checks import default_tol
 from ..errors import NotConvergedError, ShapeMismatchError, SingularMetricError
 from ..layout import as_batches, batch_weights
 from ..linalg import cg
@@ -91,10 +92,6 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 Batch = tuple[Tensor, Tensor]
 
 _SOLVE_MODES = ("raise", "pinv")
-
-
-def _default_rtol(dtype: torch.dtype, base: float) -> float:
-    return max(base, 100.0 * torch.finfo(dtype).eps)
 
 
 def model_of(space: Any, what: str) -> tuple[Forward, LossFn, list[Batch], list[float]]:
@@ -253,7 +250,7 @@ class CurvatureMetric(Metric):
 
     # ---------------------------------------------------------------- spectrum and rank
     def _rank_rtol(self, dtype: torch.dtype) -> float:
-        return self.rank_rtol if self.rank_rtol is not None else _default_rtol(dtype, 1e-10)
+        return self.rank_rtol if self.rank_rtol is not None else default_tol(None, dtype, 1e-10)
 
     def eigvalsh(self, p: Tensor) -> Tensor:
         """Ascending eigenvalues of the dense G(p) (small d; cached for the last point)."""
@@ -345,7 +342,7 @@ class CurvatureMetric(Metric):
                         )
             return Ax
 
-        rtol = self.cg_rtol if self.cg_rtol is not None else _default_rtol(p.dtype, 1e-12)
+        rtol = self.cg_rtol if self.cg_rtol is not None else default_tol(None, p.dtype, 1e-12)
         try:
             return cg(A, rhs, rtol=rtol, maxiter=self.cg_maxiter).x
         except NotConvergedError as err:
@@ -409,7 +406,7 @@ class CurvatureMetric(Metric):
         res = lanczos_pinv_solve(
             lambda v: self.matvec(p, v), w,
             rank_rtol=self._rank_rtol(p.dtype),
-            rtol=self.cg_rtol if self.cg_rtol is not None else _default_rtol(p.dtype, 1e-12),
+            rtol=self.cg_rtol if self.cg_rtol is not None else default_tol(None, p.dtype, 1e-12),
             maxiter=self.cg_maxiter, raise_on_failure=False,
         )
         if not res.converged and maxiter < d:

@@ -35,9 +35,10 @@ import torch
 from torch import Tensor
 from torch.func import jacfwd, jvp, vjp
 
+from .._checks import check_flat
 from .._fast import is_plain as _is_plain
 from .._fast import tensor_version
-from ..errors import NonFiniteError, NotABijectionError, ShapeMismatchError
+from ..errors import NotABijectionError, ShapeMismatchError
 from ..linalg import cg
 
 __all__ = ["Compose", "Identity", "Linearization", "Reparametrization"]
@@ -115,19 +116,6 @@ class _NamedProducts(Linearization):
         return self._product("pinv_gram", w)
 
 
-def _check_flat(x: Tensor, name: str, owner: str) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim != 1:
-        raise ShapeMismatchError(
-            f"{owner}: {name} must be a flat 1-D tensor (one coordinate vector), "
-            f"got shape {tuple(x.shape)}; use x.reshape(-1)"
-        )
-    if not bool(torch.isfinite(x).all()):
-        raise NonFiniteError(f"{owner}: {name} contains NaN or Inf")
-
-
-
 class Reparametrization:
     r"""Base class of charts θ = h(ψ).
 
@@ -180,13 +168,13 @@ class Reparametrization:
 
     # ----- public, checked ----------------------------------------------------------------
     def __call__(self, psi: Tensor) -> Tensor:
-        _check_flat(psi, "psi", type(self).__name__)
+        check_flat(psi, type(self).__name__, "psi")
         self.check_psi(psi)
         return self.forward(psi)
 
     def inverse(self, theta: Tensor) -> Tensor:
         """ψ with h(ψ) = θ: the inverse, or a right inverse for a submersion."""
-        _check_flat(theta, "theta", f"{type(self).__name__}.inverse")
+        check_flat(theta, f"{type(self).__name__}.inverse", "theta")
         self.check_theta(theta)
         return self._inverse(theta)
 
@@ -387,7 +375,7 @@ class Compose(Reparametrization):
         return pts  # pts[i] is the input of reparams[n-1-i]
 
     def __call__(self, psi: Tensor) -> Tensor:
-        _check_flat(psi, "psi", "Compose")
+        check_flat(psi, "Compose", "psi")
         x = psi
         for r in reversed(self.reparams):
             x = r(x)
