@@ -20,7 +20,7 @@ BLOCK = re.compile(r"```python\n(.*?)```", re.S)
 CORE_MODULES = [
     "covariant", "covariant.reparam", "covariant.metrics", "covariant.space",
     "covariant.connection", "covariant.flatness", "covariant.density", "covariant.invariance",
-    "covariant.estimators", "covariant.problems", "covariant.models", "covariant.errors",
+    "covariant.estimators", "covariant.zoo.problems", "covariant.models", "covariant.errors",
     "covariant.linalg", "covariant.curvature", "covariant.laplace", "covariant.optim",
 ]
 

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import covariant as cv
-from covariant.architectures import preset
 from covariant.errors import CovariantError
 from covariant.taylor import QuadraticForm, TaylorUnsupportedError
+from covariant.zoo.architectures import preset
 
 
 def _space(model: nn.Module, loss: nn.Module, n: int = 12, classes: int | None = 10,

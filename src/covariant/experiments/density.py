@@ -319,24 +319,24 @@ LOGV_SCALE = 0.1  # log‖v‖ ~ N(0, LOGV_SCALE²): the gauge part of the prior
 def _load_classification(quick: bool, seed: int) -> tuple[Any, str]:
     note = ""
     if quick:  # no sklearn import (seconds) in the smoke run used by the tests
-        from ..data import make_synthetic_classification
+        from ..zoo.data import make_synthetic_classification
 
         ds = make_synthetic_classification(400, 16, 4, seed=seed, dtype=_DT)
         return ds, "SYNTHETIC (quick mode: Gaussian blobs, 16 features, 4 classes)"
     try:
-        from ..data import load_digits
+        from ..zoo.data import load_digits
 
         ds = load_digits(seed=seed, dtype=_DT)
         name = "sklearn digits (8x8, 64 features, 10 classes)"
     except Exception as err:  # pragma: no cover - depends on the environment
         try:
-            from ..data import load_mnist1d
+            from ..zoo.data import load_mnist1d
 
             ds = load_mnist1d(seed=seed).to(_DT)
             name = "MNIST-1D"
             note = f"digits unavailable ({type(err).__name__}); used MNIST-1D"
         except Exception as err2:
-            from ..data import make_synthetic_classification
+            from ..zoo.data import make_synthetic_classification
 
             ds = make_synthetic_classification(1500, 64, 10, seed=seed, dtype=_DT)
             name = "SYNTHETIC FALLBACK (Gaussian blobs, 64 features, 10 classes)"

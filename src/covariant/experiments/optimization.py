@@ -352,14 +352,14 @@ def _part_b(cfg: dict[str, Any], progress: bool) -> dict[str, Any]:
 
 
 def _dataset(num_samples: int, seed: int, cache: Path | None) -> tuple[Tensor, ...]:
-    from ..data import load_mnist1d
+    from ..zoo.data import load_mnist1d
 
     ds = load_mnist1d(num_samples, seed=42 + seed, dtype=_DT, cache_dir=cache)
     return ds.X_train, ds.y_train, ds.X_test, ds.y_test
 
 
 def _mlp(hidden: list[int], seed: int) -> nn.Sequential:
-    from ..architectures import MLP
+    from ..zoo.architectures import MLP
 
     torch.manual_seed(seed)
     return MLP(40, 10, hidden=tuple(hidden), activation="tanh").to(_DT)

@@ -6,8 +6,8 @@ Adam, AdamW or SGD. The Riemannian optimizers live in :mod:`covariant.optim`.
 Example
 -------
 >>> import torch
->>> from covariant.data import make_synthetic_classification
->>> from covariant.architectures import build
+>>> from covariant.zoo.data import make_synthetic_classification
+>>> from covariant.zoo.architectures import build
 >>> ds = make_synthetic_classification(200, 4, 2, seed=0)
 >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
 <torch._C.Generator object at ...>
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from covariant._progress import progress_bar
-from covariant.errors import NonFiniteError, ShapeMismatchError
+from .._progress import progress_bar
+from ..errors import NonFiniteError, ShapeMismatchError
 
 __all__ = ["OPTIMIZERS", "accuracy", "evaluate", "train_classifier"]
 

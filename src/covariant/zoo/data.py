@@ -11,7 +11,7 @@ only when their loader is called. Every loader returns a :class:`Dataset`.
 
 Example
 -------
->>> from covariant.data import load_dataset, batches
+>>> from covariant.zoo.data import load_dataset, batches
 >>> ds = load_dataset("synthetic", num_samples=100, num_features=5, num_classes=3)
 >>> ds.X_train.shape, ds.num_classes
 (torch.Size([80, 5]), 3)
@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from covariant.errors import ShapeMismatchError, require
+from .._io import atomic_savez
+from ..errors import ShapeMismatchError, require
 
 __all__ = [
     "DATASETS",
@@ -124,12 +125,6 @@ class Dataset:
 # --------------------------------------------------------------------------------------------
 
 _MNIST1D_FIXED = ("num_samples", "seed", "train_split", "url")
-
-
-def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    from ._io import atomic_write
-
-    atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 def _mnist1d_generate(args: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -237,7 +232,7 @@ def load_mnist1d(
                 arrays = None  # unreadable or foreign cache file: regenerate and overwrite
         if arrays is None:
             arrays = _mnist1d_generate(args)
-            _atomic_savez(path, key=np.array(key_doc), **arrays)
+            atomic_savez(path, key=np.array(key_doc), **arrays)
     else:
         arrays = _mnist1d_generate(args)
 
