@@ -12,7 +12,7 @@ Example
 >>> d = part_d(cfg, 0, None, progress=False)  # doctest: +SKIP
 >>> d["gd_omega_vs_gd_w_per_layer_lr"]["max_abs"] < 1e-12  # doctest: +SKIP
 True
->>> trajectory_gap({"traj": torch.ones(2, 3)}, {"traj": torch.zeros(2, 3)})["max_abs"]
+>>> trajectory_gap({"traj": torch.zeros(2, 3)}, {"traj": torch.ones(2, 3)})["max_abs"]
 1.0
 """
 
