@@ -266,6 +266,16 @@ def _read(
     return state_dict, stored_arch, stored_kwargs, metadata, source
 
 
+def _load_weights(model: nn.Module, state_dict: dict[str, Any],
+                  map_location: str | torch.device) -> nn.Module:
+    """Load ``state_dict`` into ``model`` in its floating dtype; move it; eval mode."""
+    float_dtypes = {v.dtype for v in state_dict.values() if v.is_floating_point()}
+    if len(float_dtypes) == 1:
+        model = model.to(float_dtypes.pop())
+    model.load_state_dict(state_dict, strict=True)
+    return model.to(map_location).eval()
+
+
 def load_checkpoint(
     path: str | os.PathLike[str],
     *,
@@ -341,10 +351,6 @@ def load_checkpoint(
     message = _mismatch_message(arch, kwargs, _signature(model.state_dict()), got)
     if message is not None:
         raise ArchitectureMismatchError(message)
-    float_dtypes = {v.dtype for v in state_dict.values() if v.is_floating_point()}
-    if len(float_dtypes) == 1:
-        model = model.to(float_dtypes.pop())
-    model.load_state_dict(state_dict, strict=True)
-    model = model.to(map_location).eval()
+    model = _load_weights(model, state_dict, map_location)
     meta = {"arch": arch, "arch_kwargs": kwargs, "metadata": metadata, "source": source}
     return model, meta

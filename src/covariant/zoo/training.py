@@ -56,6 +56,13 @@ def _prepare(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> tuple[torch.
     return X, y.long()
 
 
+def _check_positive(*, epochs: int, batch_size: int) -> None:
+    if epochs < 0:
+        raise ValueError(f"epochs={epochs} must be non-negative")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be positive")
+
+
 def _make_optimizer(
     name: str, params, lr: float, weight_decay: float, momentum: float
 ) -> torch.optim.Optimizer:
@@ -67,6 +74,19 @@ def _make_optimizer(
     if key == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; choose from {list(OPTIMIZERS)}")
+
+
+def _epoch(model: nn.Module, opt: torch.optim.Optimizer, X: torch.Tensor, y: torch.Tensor,
+           order: torch.Tensor, batch_size: int) -> float:
+    """One pass over the examples in ``order``, in mini-batches; the mean loss as seen."""
+    total = torch.zeros((), dtype=torch.float64, device=X.device)
+    for idx in torch.split(order, batch_size):
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(X[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        total += loss.detach().to(torch.float64) * idx.numel()
+    return float(total) / X.shape[0]
 
 
 def train_classifier(
@@ -134,10 +154,7 @@ def train_classifier(
     >>> len(train_classifier(m, X, y, epochs=3, lr=0.1, optimizer="sgd"))
     3
     """
-    if epochs < 0:
-        raise ValueError(f"epochs={epochs} must be non-negative")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be positive")
+    _check_positive(epochs=epochs, batch_size=batch_size)
     X, y = _prepare(model, X, y)
     n = X.shape[0]
     if n == 0:
@@ -156,14 +173,7 @@ def train_classifier(
             bar = progress_bar(range(epochs), enabled=progress, total=epochs, desc="train")
             for epoch in bar:
                 order = torch.randperm(n, generator=order_gen).to(X.device)
-                total = torch.zeros((), dtype=torch.float64, device=X.device)
-                for idx in torch.split(order, batch_size):
-                    opt.zero_grad(set_to_none=True)
-                    loss = F.cross_entropy(model(X[idx]), y[idx])
-                    loss.backward()
-                    opt.step()
-                    total += loss.detach().to(torch.float64) * idx.numel()
-                mean = float(total) / n
+                mean = _epoch(model, opt, X, y, order, batch_size)
                 if not math.isfinite(mean):
                     raise NonFiniteError(
                         f"training loss became {mean} in epoch {epoch} with lr={lr} and "
