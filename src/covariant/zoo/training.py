@@ -89,6 +89,34 @@ def _epoch(model: nn.Module, opt: torch.optim.Optimizer, X: torch.Tensor, y: tor
     return float(total) / X.shape[0]
 
 
+def _fit(model: nn.Module, opt: torch.optim.Optimizer, X: torch.Tensor, y: torch.Tensor, *,
+         epochs: int, batch_size: int, seed: int, progress: bool, what: str) -> list[float]:
+    """The epochs of :func:`train_classifier`: seeded orders, in-model randomness forked and
+    seeded, the model's mode restored; the mean loss of each epoch."""
+    n = X.shape[0]
+    order_gen = torch.Generator().manual_seed(int(seed))
+    was_training = model.training
+    model.train()
+    losses: list[float] = []
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            bar = progress_bar(range(epochs), enabled=progress, total=epochs, desc="train")
+            for epoch in bar:
+                order = torch.randperm(n, generator=order_gen).to(X.device)
+                mean = _epoch(model, opt, X, y, order, batch_size)
+                if not math.isfinite(mean):
+                    raise NonFiniteError(
+                        f"training loss became {mean} in epoch {epoch} with {what}; "
+                        "lower lr or check the inputs for NaN/Inf"
+                    )
+                losses.append(mean)
+                bar.set_postfix(loss=f"{mean:.4f}")
+    finally:
+        model.train(was_training)
+    return losses
+
+
 def train_classifier(
     model: nn.Module,
     X: torch.Tensor,
@@ -163,27 +191,8 @@ def train_classifier(
     if not params:
         raise ValueError("model has no trainable parameters")
     opt = _make_optimizer(optimizer, params, lr, weight_decay, momentum)
-    order_gen = torch.Generator().manual_seed(int(seed))
-    was_training = model.training
-    model.train()
-    losses: list[float] = []
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
-            bar = progress_bar(range(epochs), enabled=progress, total=epochs, desc="train")
-            for epoch in bar:
-                order = torch.randperm(n, generator=order_gen).to(X.device)
-                mean = _epoch(model, opt, X, y, order, batch_size)
-                if not math.isfinite(mean):
-                    raise NonFiniteError(
-                        f"training loss became {mean} in epoch {epoch} with lr={lr} and "
-                        f"optimizer={optimizer!r}; lower lr or check the inputs for NaN/Inf"
-                    )
-                losses.append(mean)
-                bar.set_postfix(loss=f"{mean:.4f}")
-    finally:
-        model.train(was_training)
-    return losses
+    return _fit(model, opt, X, y, epochs=epochs, batch_size=batch_size, seed=seed,
+                progress=progress, what=f"lr={lr} and optimizer={optimizer!r}")
 
 
 @torch.no_grad()
