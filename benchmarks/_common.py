@@ -223,7 +223,7 @@ def default_cache_dir() -> Path:
 
 def load_data(cache: Path, num_samples: int = 4000):
     """MNIST-1D (generated locally, cached as .npz)."""
-    from covariant.data import load_mnist1d
+    from covariant.zoo.data import load_mnist1d
 
     return load_mnist1d(num_samples, seed=42, cache_dir=cache)
 
@@ -236,8 +236,8 @@ def trained_model(
     Returns the model on ``device`` in float32 and a small dict describing it (including the
     path of the cached state dict, which memory-measurement subprocesses load).
     """
-    from covariant.architectures import num_parameters, preset
-    from covariant.training import accuracy, train_classifier
+    from covariant.zoo.architectures import num_parameters, preset
+    from covariant.zoo.training import accuracy, train_classifier
 
     recipe = {"preset": name, "epochs": epochs, "seed": seed, "lr": 1e-3, "batch": 128,
               "n_train": int(ds.X_train.shape[0]), "data": "mnist1d-4000-seed42"}

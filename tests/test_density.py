@@ -11,9 +11,8 @@ import covariant as cv
 from covariant import density as cvd
 from covariant.errors import NotABijectionError
 from covariant.experiments.density import _shear_chart
-from covariant.invariance import Sinh
 from covariant.metrics import Dense, Euclidean, Pullback
-from covariant.reparam import Affine, Compose, Log, Polar, WeightNorm
+from covariant.reparam import Affine, Compose, Log, Polar, Sinh, WeightNorm
 
 
 def _t(x):

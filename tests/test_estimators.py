@@ -10,7 +10,7 @@ from torch import nn
 
 import covariant as cv
 from covariant.errors import NotConvergedError
-from covariant.invariance import Sinh
+from covariant.reparam import Sinh
 
 from .test_rules import theta_metric
 
@@ -90,7 +90,7 @@ def test_curved_metric_lanczos_matches_generalized_eigh():
 
 def _mnist1d_mlp_space(wd=1e-2):
     """A small MLP trained on generated MNIST-1D (the issue's setting), with weight decay."""
-    from covariant.data import load_mnist1d
+    from covariant.zoo.data import load_mnist1d
 
     ds = load_mnist1d(num_samples=400, seed=0, dtype=torch.float64)
     X, y = ds.X_train[:96], ds.y_train[:96]

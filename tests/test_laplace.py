@@ -12,9 +12,8 @@ import covariant as cv
 from covariant import density as cvd
 from covariant import laplace as cvl
 from covariant.errors import DenseTooLargeError, NotABijectionError
-from covariant.invariance import Sinh
 from covariant.metrics import Euclidean, Pullback
-from covariant.reparam import Affine, Compose, WeightNorm
+from covariant.reparam import Affine, Compose, Sinh, WeightNorm
 
 
 def _t(x):

@@ -14,7 +14,6 @@ from torch.nn.utils import parametrize
 
 import covariant as cv
 from covariant.errors import NonFiniteError, SingularMetricError
-from covariant.experiments.optimization import ReferenceChart, reference_loss
 from covariant.metrics import Constant, Dense, Euclidean, Metric
 from covariant.optim import (
     RiemannianGD,
@@ -25,6 +24,7 @@ from covariant.optim import (
     step_size_sweep,
     trajectory_discrepancy,
 )
+from covariant.zoo.problems import ReferenceChart, reference_loss
 
 THETA0 = torch.tensor([0.7, -0.4], dtype=torch.float64)
 

@@ -12,7 +12,7 @@ import torch
 from torch.func import grad, hessian, jacfwd
 
 import covariant as cv
-from covariant.invariance import Sinh
+from covariant.reparam import Sinh
 
 from .conftest import phi_chart_from_functions, reference_loss
 

@@ -40,7 +40,6 @@ __all__ = [
 def __getattr__(name: str) -> Any:  # lazy submodules that pull optional or heavier parts
     import importlib
 
-    if name in {"optim", "laplace", "linalg", "data", "architectures", "training", "curvature",
-                "estimators", "experiments"}:
+    if name in {"optim", "laplace", "linalg", "zoo", "estimators", "experiments"}:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'covariant' has no attribute {name!r}")

@@ -3,6 +3,12 @@
 Library calls default to ``progress=False``; the command line turns bars on. tqdm is an
 optional extra (``pip install 'covariant[progress]'``), so a missing tqdm never breaks a
 computation: the bar is simply not shown.
+
+Example
+-------
+>>> bar = progress_bar(range(3), enabled=False, desc="steps")
+>>> list(bar)
+[0, 1, 2]
 """
 
 from __future__ import annotations

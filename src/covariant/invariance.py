@@ -29,13 +29,12 @@ import torch
 from torch import Tensor
 
 from .diagnostics import CheckResult, check_chart, check_gradient, check_hessian, check_metric
-from .reparam import Affine, Compose, Elementwise, Reparametrization
+from .reparam import Affine, Compose, Reparametrization, Sinh
 from .space import ParameterSpace
 
 __all__ = [
     "CheckResult",
     "InvarianceReport",
-    "Sinh",
     "check_chart",
     "check_gradient",
     "check_hessian",
@@ -43,35 +42,6 @@ __all__ = [
     "check_metric",
     "random_charts",
 ]
-
-
-class Sinh(Elementwise):
-    """θ = s · sinh(a ψ) / a + c elementwise (a smooth nonlinear bijection of ℝ).
-
-    Parameters
-    ----------
-    a, s, c : Tensor or float
-        Curvature (> 0), scale (nonzero) and shift, per coordinate or shared.
-    """
-
-    def __init__(self, a: Tensor | float = 1.0, s: Tensor | float = 1.0,
-                 c: Tensor | float = 0.0) -> None:
-        self.a, self.s, self.c = (torch.as_tensor(x) for x in (a, s, c))
-
-    def _abc(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return tuple(t.to(dtype=x.dtype, device=x.device) for t in (self.a, self.s, self.c))
-
-    def forward(self, psi: Tensor) -> Tensor:
-        a, s, c = self._abc(psi)
-        return s * torch.sinh(a * psi) / a + c
-
-    def _inverse(self, theta: Tensor) -> Tensor:
-        a, s, c = self._abc(theta)
-        return torch.asinh(a * (theta - c) / s) / a
-
-    def derivative(self, psi: Tensor) -> Tensor:
-        a, s, _ = self._abc(psi)
-        return (s * torch.cosh(a * psi)).expand_as(psi)
 
 
 def random_charts(

@@ -499,13 +499,21 @@ class ParameterSpace:
 
     # ------------------------------------------------------------------ charts
     def reparametrize(
-        self, reparam: Reparametrization | Mapping[str, Reparametrization]
+        self,
+        reparam: Reparametrization | Mapping[str, Reparametrization],
+        *,
+        loss: LossFn | None = None,
     ) -> ParameterSpace:
         """The same space in a new chart θ = h(ψ).
 
         ``reparam`` is a chart of the whole flat point, or a dict ``{name or glob pattern:
         chart}`` applied to named parameters (module spaces). The loss becomes L∘h (for a
         density space, −log p∘h − log|det J|) and the metric its pullback Jᵀ G J.
+
+        ``loss`` replaces the transformed loss by one written in ψ directly, e.g. a posterior
+        whose prior is placed on the new coordinates, or a density lifted through a submersion
+        (:func:`covariant.density.lift_log_prob`; pass ``lambda psi: -log_p(psi)``). The metric
+        is still pulled back and the space keeps its parent, chart and model binding.
         """
         if isinstance(reparam, Mapping):
             if self.layout is None:
@@ -530,6 +538,13 @@ class ParameterSpace:
             )
 
         base_loss = self._loss
+        if loss is not None:
+            if not callable(loss):
+                raise TypeError(f"reparametrize: loss must be callable, got {type(loss).__name__}")
+            return self._derive(
+                loss, self.metric.pullback(h), layout=new_layout, dim=new_dim, chart=h,
+                parent=self, scalar_pullback=False,
+            )
         if self.is_density:
             if not h.is_bijection:
                 raise NotABijectionError(

@@ -12,8 +12,8 @@ from torch import nn
 import covariant as cv
 from covariant import errors
 from covariant._fast import QuadraticForm, TaylorUnsupportedError, is_plain, is_transformed
-from covariant.architectures import preset
 from covariant.errors import CovariantError
+from covariant.zoo.architectures import preset
 
 
 def _space(model: nn.Module, loss: nn.Module, n: int = 12, classes: int | None = 10,

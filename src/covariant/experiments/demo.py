@@ -17,6 +17,9 @@ With ``out_dir`` it writes ``demo_spectra.png`` (naive vs invariant spectra),
 
 Example
 -------
+>>> toy = toy_part()                 # the MATH.md §8 part (fast)
+>>> toy["max_invariant_deviation"] < 1e-12, round(toy["original"]["trace"], 5)
+(True, 5.57746)
 >>> from covariant.experiments.demo import run
 >>> result = run(quick=True, echo=None)            # doctest: +SKIP
 >>> result["mlp"]["max_invariant_deviation"] < 1e-6  # doctest: +SKIP
@@ -36,10 +39,15 @@ from torch import nn
 from .. import flatness, metrics, reparam
 from .._io import atomic_write_json, save_figure
 from .._progress import progress_bar
+from ..errors import require
 from ..flatness import format_value
-from ..invariance import Sinh
-from ..problems import REFERENCE_POINT, ReferenceChart, reference_loss
+from ..linalg import spectral_density
+from ..reparam import Sinh
 from ..space import ParameterSpace
+from ..zoo.architectures import build
+from ..zoo.data import load_mnist1d
+from ..zoo.problems import REFERENCE_POINT, ReferenceChart, reference_loss
+from ..zoo.training import evaluate, train_classifier
 
 MEASURES = ("trace", "logdet", "max_eig", "top_eigs")
 
@@ -111,13 +119,15 @@ def _print_part(title: str, result: dict[str, Any], measures: tuple[str, ...],
     echo("")
 
 
-def _scale_directions(chart: reparam.ParameterwiseReparametrization, s: float):
+def _scale_directions(
+    chart: reparam.ParameterwiseReparametrization, s: float
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ψ ↦ ψ with every weight-norm direction v scaled by ``s`` (the network is unchanged)."""
     def modify(psi: torch.Tensor) -> torch.Tensor:
         out = psi.clone()
-        for name, block in chart.blocks.items():
-            sl = chart._psi_slices[name]
-            n_g = block.num_slices
-            out[sl.start + n_g: sl.stop] *= s
+        v_slices = chart.new_layout.slices
+        for name in chart.blocks:
+            out[v_slices[f"{name}.v"]] *= s
         return out
 
     return modify
@@ -139,10 +149,6 @@ def mlp_part(
     echo: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Part 2: a small MLP trained on generated MNIST-1D, in weight-norm and scaled charts."""
-    from ..architectures import build
-    from ..data import load_mnist1d
-    from ..training import evaluate, train_classifier
-
     num_samples, epochs, analysis = (600, 15, 96) if quick else (2000, 40, 256)
     hidden = (12, 12) if quick else (16, 16)
     weight_decay = 1e-3
@@ -164,7 +170,7 @@ def mlp_part(
     data_space, theta = ParameterSpace.from_module(model, nn.CrossEntropyLoss(), (X, y))
     # the objective that was minimized: cross-entropy + (weight decay / 2)·‖θ‖²
     space = ParameterSpace(
-        lambda p: data_space._loss(p) + 0.5 * weight_decay * (p**2).sum(),
+        lambda p: data_space.loss_function(p) + 0.5 * weight_decay * (p**2).sum(),
         layout=data_space.layout,
     )
     wn = reparam.ParameterwiseReparametrization(
@@ -190,8 +196,6 @@ def mlp_part(
 def _densities(space: ParameterSpace, theta: torch.Tensor, charts: dict[str, Any], quick: bool,
                seed: int, progress: bool) -> dict[str, Any]:
     """SLQ spectral densities (matrix-free) in three charts, invariant and naive."""
-    from ..linalg import spectral_density
-
     picks = {"original (w)": (None, None)}
     for name in charts:
         if "×10" in name or "layer" in name:
@@ -231,8 +235,6 @@ def _densities(space: ParameterSpace, theta: torch.Tensor, charts: dict[str, Any
 
 
 def _plot_densities(result: dict[str, Any], path: Path) -> Path:
-    from ..errors import require
-
     plt = require("matplotlib.pyplot", "plots")
     dens = result["spectral_density"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
@@ -256,8 +258,6 @@ def _plot_densities(result: dict[str, Any], path: Path) -> Path:
 
 
 def _plot(result: dict[str, Any], path: Path) -> Path:
-    from ..errors import require
-
     plt = require("matplotlib.pyplot", "plots")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     base = sorted((abs(v) for v in result["original"]["spectrum"]), reverse=True)

@@ -6,8 +6,8 @@ Adam, AdamW or SGD. The Riemannian optimizers live in :mod:`covariant.optim`.
 Example
 -------
 >>> import torch
->>> from covariant.data import make_synthetic_classification
->>> from covariant.architectures import build
+>>> from covariant.zoo.data import make_synthetic_classification
+>>> from covariant.zoo.architectures import build
 >>> ds = make_synthetic_classification(200, 4, 2, seed=0)
 >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
 <torch._C.Generator object at ...>
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from covariant._progress import progress_bar
-from covariant.errors import NonFiniteError, ShapeMismatchError
+from .._progress import progress_bar
+from ..errors import NonFiniteError, ShapeMismatchError
 
 __all__ = ["OPTIMIZERS", "accuracy", "evaluate", "train_classifier"]
 
@@ -56,6 +56,13 @@ def _prepare(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> tuple[torch.
     return X, y.long()
 
 
+def _check_positive(*, epochs: int, batch_size: int) -> None:
+    if epochs < 0:
+        raise ValueError(f"epochs={epochs} must be non-negative")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be positive")
+
+
 def _make_optimizer(
     name: str, params, lr: float, weight_decay: float, momentum: float
 ) -> torch.optim.Optimizer:
@@ -67,6 +74,47 @@ def _make_optimizer(
     if key == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; choose from {list(OPTIMIZERS)}")
+
+
+def _epoch(model: nn.Module, opt: torch.optim.Optimizer, X: torch.Tensor, y: torch.Tensor,
+           order: torch.Tensor, batch_size: int) -> float:
+    """One pass over the examples in ``order``, in mini-batches; the mean loss as seen."""
+    total = torch.zeros((), dtype=torch.float64, device=X.device)
+    for idx in torch.split(order, batch_size):
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(X[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        total += loss.detach().to(torch.float64) * idx.numel()
+    return float(total) / X.shape[0]
+
+
+def _fit(model: nn.Module, opt: torch.optim.Optimizer, X: torch.Tensor, y: torch.Tensor, *,
+         epochs: int, batch_size: int, seed: int, progress: bool, what: str) -> list[float]:
+    """The epochs of :func:`train_classifier`: seeded orders, in-model randomness forked and
+    seeded, the model's mode restored; the mean loss of each epoch."""
+    n = X.shape[0]
+    order_gen = torch.Generator().manual_seed(int(seed))
+    was_training = model.training
+    model.train()
+    losses: list[float] = []
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            bar = progress_bar(range(epochs), enabled=progress, total=epochs, desc="train")
+            for epoch in bar:
+                order = torch.randperm(n, generator=order_gen).to(X.device)
+                mean = _epoch(model, opt, X, y, order, batch_size)
+                if not math.isfinite(mean):
+                    raise NonFiniteError(
+                        f"training loss became {mean} in epoch {epoch} with {what}; "
+                        "lower lr or check the inputs for NaN/Inf"
+                    )
+                losses.append(mean)
+                bar.set_postfix(loss=f"{mean:.4f}")
+    finally:
+        model.train(was_training)
+    return losses
 
 
 def train_classifier(
@@ -134,10 +182,7 @@ def train_classifier(
     >>> len(train_classifier(m, X, y, epochs=3, lr=0.1, optimizer="sgd"))
     3
     """
-    if epochs < 0:
-        raise ValueError(f"epochs={epochs} must be non-negative")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be positive")
+    _check_positive(epochs=epochs, batch_size=batch_size)
     X, y = _prepare(model, X, y)
     n = X.shape[0]
     if n == 0:
@@ -146,34 +191,8 @@ def train_classifier(
     if not params:
         raise ValueError("model has no trainable parameters")
     opt = _make_optimizer(optimizer, params, lr, weight_decay, momentum)
-    order_gen = torch.Generator().manual_seed(int(seed))
-    was_training = model.training
-    model.train()
-    losses: list[float] = []
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
-            bar = progress_bar(range(epochs), enabled=progress, total=epochs, desc="train")
-            for epoch in bar:
-                order = torch.randperm(n, generator=order_gen).to(X.device)
-                total = torch.zeros((), dtype=torch.float64, device=X.device)
-                for idx in torch.split(order, batch_size):
-                    opt.zero_grad(set_to_none=True)
-                    loss = F.cross_entropy(model(X[idx]), y[idx])
-                    loss.backward()
-                    opt.step()
-                    total += loss.detach().to(torch.float64) * idx.numel()
-                mean = float(total) / n
-                if not math.isfinite(mean):
-                    raise NonFiniteError(
-                        f"training loss became {mean} in epoch {epoch} with lr={lr} and "
-                        f"optimizer={optimizer!r}; lower lr or check the inputs for NaN/Inf"
-                    )
-                losses.append(mean)
-                bar.set_postfix(loss=f"{mean:.4f}")
-    finally:
-        model.train(was_training)
-    return losses
+    return _fit(model, opt, X, y, epochs=epochs, batch_size=batch_size, seed=seed,
+                progress=progress, what=f"lr={lr} and optimizer={optimizer!r}")
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Tests of covariant.data: generated / bundled datasets, registry and batching."""
+"""Tests of covariant.zoo.data: generated / bundled datasets, registry and batching."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from covariant import data
 from covariant.errors import MissingDependencyError, ShapeMismatchError
+from covariant.zoo import data
 
 # --------------------------------------------------------------------------------------------
 # MNIST-1D (generator only)

@@ -1,4 +1,5 @@
-"""MATH.md §8: reference values at the non-critical point θ = (0.7, −0.4), to the printed digits."""
+"""covariant.zoo.problems: MATH.md §8 reference values at the non-critical point θ = (0.7, −0.4),
+to the printed digits, for the closed-form chart and the same chart through FromFunctions."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import pytest
 import torch
 
 import covariant as cv
+from covariant.zoo.problems import REFERENCE_POINT as THETA
+from covariant.zoo.problems import ReferenceChart as PhiChart
 
-from .conftest import PhiChart, phi_chart_from_functions
-
-THETA = torch.tensor([0.7, -0.4], dtype=torch.float64)
+from ..conftest import phi_chart_from_functions
 
 
 def _round(x, digits=3):
@@ -51,3 +52,18 @@ def test_reference_invariant_to_1e10(reference_space):
     a = torch.tensor(cv.flatness(reference_space, THETA, measures=("spectrum",))["spectrum"].value)
     b = torch.tensor(cv.flatness(new, psi, measures=("spectrum",))["spectrum"].value)
     assert torch.allclose(a, b, rtol=1e-10, atol=0)
+
+
+def test_closed_form_chart_products_match_autodiff():
+    h = PhiChart()
+    psi = h.inverse(THETA)
+    J = torch.func.jacfwd(cv.zoo.problems.reference_h)(psi)
+    v = torch.tensor([0.3, -1.2], dtype=torch.float64)
+    assert torch.allclose(h.jvp(psi, v), J @ v, atol=1e-14)
+    assert torch.allclose(h.vjp(psi, v), J.T @ v, atol=1e-14)
+    Jinv = torch.linalg.inv(J)
+    assert torch.allclose(h.inverse_jvp(psi, v), Jinv @ v, atol=1e-13)
+    assert torch.allclose(h.inverse_vjp(psi, v), Jinv.T @ v, atol=1e-13)
+    assert torch.allclose(h.log_abs_det_jacobian(psi), torch.linalg.slogdet(J).logabsdet)
+    with pytest.raises(cv.errors.ShapeMismatchError):
+        h(torch.zeros(3, dtype=torch.float64))

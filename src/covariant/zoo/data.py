@@ -11,7 +11,7 @@ only when their loader is called. Every loader returns a :class:`Dataset`.
 
 Example
 -------
->>> from covariant.data import load_dataset, batches
+>>> from covariant.zoo.data import load_dataset, batches
 >>> ds = load_dataset("synthetic", num_samples=100, num_features=5, num_classes=3)
 >>> ds.X_train.shape, ds.num_classes
 (torch.Size([80, 5]), 3)
@@ -29,13 +29,15 @@ import os
 import random
 import zipfile
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from covariant.errors import ShapeMismatchError, require
+from .._io import atomic_savez
+from ..errors import ShapeMismatchError, require
 
 __all__ = [
     "DATASETS",
@@ -126,12 +128,6 @@ class Dataset:
 _MNIST1D_FIXED = ("num_samples", "seed", "train_split", "url")
 
 
-def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    from ._io import atomic_write
-
-    atomic_write(path, lambda fh: np.savez(fh, **arrays))
-
-
 def _mnist1d_generate(args: dict[str, Any]) -> dict[str, np.ndarray]:
     """Run the mnist1d generator with ``args`` without disturbing the global RNGs."""
     mdata = require("mnist1d.data", "data")
@@ -146,6 +142,50 @@ def _mnist1d_generate(args: dict[str, Any]) -> dict[str, np.ndarray]:
         random.setstate(py_state)
         np.random.set_state(np_state)  # noqa: NPY002
     return {k: np.asarray(raw[k]) for k in ("x", "y", "x_test", "y_test")}
+
+
+def _mnist1d_args(num_samples: int, seed: int, train_split: float,
+                  generator_args: dict[str, Any]) -> dict[str, Any]:
+    """The generator's arguments: its defaults (without the URL) updated with ours, checked."""
+    if num_samples < 20:
+        raise ValueError(f"num_samples={num_samples} is too small: use at least 20 (2 per class)")
+    if not 0.0 < train_split < 1.0:
+        raise ValueError(f"train_split={train_split} must lie strictly between 0 and 1")
+    mdata = require("mnist1d.data", "data")
+    defaults = mdata.get_dataset_args(as_dict=True)
+    allowed = sorted(k for k in defaults if k not in _MNIST1D_FIXED)
+    unknown = sorted(set(generator_args) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown mnist1d generator argument(s) {unknown}; choose from {allowed} "
+            "(num_samples, seed and train_split are arguments of load_mnist1d itself)"
+        )
+    args = {k: v for k, v in defaults.items() if k != "url"}
+    args.update(generator_args, num_samples=num_samples, seed=seed, train_split=train_split)
+    return args
+
+
+def _mnist1d_cached(args: dict[str, Any], cache_dir: str | os.PathLike[str]
+                    ) -> dict[str, np.ndarray]:
+    """The generated arrays from ``cache_dir/mnist1d-<key>.npz``, keyed by every generator
+    argument and the mnist1d version; generated and written (atomically) when missing."""
+    try:
+        mnist1d_version = version("mnist1d")
+    except PackageNotFoundError:  # pragma: no cover - editable/odd installs
+        mnist1d_version = "unknown"
+    key_doc = json.dumps({"args": args, "mnist1d": mnist1d_version}, sort_keys=True)
+    key = hashlib.sha256(key_doc.encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"mnist1d-{key}.npz"
+    if path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                if str(f["key"]) == key_doc:
+                    return {k: f[k] for k in ("x", "y", "x_test", "y_test")}
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+            pass  # unreadable or foreign cache file: regenerate and overwrite
+    arrays = _mnist1d_generate(args)
+    atomic_savez(path, key=np.array(key_doc), **arrays)
+    return arrays
 
 
 def load_mnist1d(
@@ -199,47 +239,8 @@ def load_mnist1d(
     >>> ds.X_train.shape, ds.X_test.shape, ds.num_classes
     (torch.Size([160, 40]), torch.Size([40, 40]), 10)
     """
-    num_samples = int(num_samples)
-    if num_samples < 20:
-        raise ValueError(f"num_samples={num_samples} is too small: use at least 20 (2 per class)")
-    if not 0.0 < train_split < 1.0:
-        raise ValueError(f"train_split={train_split} must lie strictly between 0 and 1")
-    mdata = require("mnist1d.data", "data")
-    defaults = mdata.get_dataset_args(as_dict=True)
-    allowed = sorted(k for k in defaults if k not in _MNIST1D_FIXED)
-    unknown = sorted(set(generator_args) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"unknown mnist1d generator argument(s) {unknown}; choose from {allowed} "
-            "(num_samples, seed and train_split are arguments of load_mnist1d itself)"
-        )
-    args = {k: v for k, v in defaults.items() if k != "url"}
-    args.update(generator_args, num_samples=num_samples, seed=int(seed), train_split=train_split)
-
-    arrays: dict[str, np.ndarray] | None = None
-    path: Path | None = None
-    if cache_dir is not None:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            mnist1d_version = version("mnist1d")
-        except PackageNotFoundError:  # pragma: no cover - editable/odd installs
-            mnist1d_version = "unknown"
-        key_doc = json.dumps({"args": args, "mnist1d": mnist1d_version}, sort_keys=True)
-        key = hashlib.sha256(key_doc.encode()).hexdigest()[:16]
-        path = Path(cache_dir) / f"mnist1d-{key}.npz"
-        if path.exists():
-            try:
-                with np.load(path, allow_pickle=False) as f:
-                    if str(f["key"]) == key_doc:
-                        arrays = {k: f[k] for k in ("x", "y", "x_test", "y_test")}
-            except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-                arrays = None  # unreadable or foreign cache file: regenerate and overwrite
-        if arrays is None:
-            arrays = _mnist1d_generate(args)
-            _atomic_savez(path, key=np.array(key_doc), **arrays)
-    else:
-        arrays = _mnist1d_generate(args)
+    args = _mnist1d_args(int(num_samples), int(seed), train_split, generator_args)
+    arrays = _mnist1d_generate(args) if cache_dir is None else _mnist1d_cached(args, cache_dir)
 
     def feats(a: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.ascontiguousarray(a, dtype=np.float64)).to(dtype)

@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from covariant.experiments import density as exp
+from covariant.experiments.density import runner
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +61,8 @@ def test_resumes_from_checkpoints(quick_run, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a finished part was recomputed")
 
-    for name in ("_part_lognormal", "_part_map2d", "_part_mlp", "_part_evidence",
-                 "_part_prior"):
-        monkeypatch.setattr(exp, name, boom)
+    for name in ("part_lognormal", "part_map2d", "part_mlp", "part_evidence", "part_prior"):
+        monkeypatch.setattr(runner, name, boom)
     again = exp.run(out, quick=True, seed=0, progress=False)
     assert again["parts"]["evidence"]["marker"] == "from checkpoint"
     # another configuration does not reuse them

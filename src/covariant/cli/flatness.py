@@ -1,7 +1,7 @@
 """``covariant flatness``: invariant vs naive curvature of a saved model.
 
 Loads a checkpoint (``torch.load(..., weights_only=True)`` only) into an architecture of
-:mod:`covariant.architectures`, takes a slice of a bundled or generated dataset, and reports the
+:mod:`covariant.zoo.architectures`, takes a slice of a bundled or generated dataset, and reports the
 measures of E = G⁻¹Hess in the chosen chart and metric next to the naive numbers (G = I in that
 chart). With ``--out DIR`` it writes a spectral-density plot; with ``--json`` every number.
 
@@ -9,12 +9,16 @@ Example (shell)::
 
     covariant flatness model.pt --dataset mnist1d --chart weightnorm:10 --metric euclidean \\
         --measures trace,max_eig --num-probes 50 --out out/ --json
+
+Example
+-------
+>>> _parse_kwargs("hidden=64,64;activation=tanh;scale=0.5")
+{'hidden': [64, 64], 'activation': 'tanh', 'scale': 0.5}
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ArchitectureMismatchError, CovariantError
+from .. import metrics, reparam
+from .._io import atomic_write_json, dumps_json, save_figure
+from ..errors import ArchitectureMismatchError, CovariantError, require
+from ..flatness import flatness, format_value
+from ..linalg import spectral_density
+from ..space import ParameterSpace
+from ..zoo.checkpoints import load_checkpoint
+from ..zoo.data import load_dataset
 
 DEFAULT_MEASURES = "trace,logdet,max_eig,top_eigs"
 
@@ -32,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", type=Path, help="saved model (save_checkpoint or a state_dict)")
     p.add_argument("--arch", default=None,
                    help="architecture (mlp, cnn1d, resnet1d); read from the checkpoint if saved "
-                        "with covariant.architectures.save_checkpoint")
+                        "with covariant.zoo.checkpoints.save_checkpoint")
     p.add_argument("--arch-kwargs", default="",
                    help="architecture options, e.g. 'hidden=64,64;activation=tanh'")
     p.add_argument("--dataset", default="mnist1d", help="mnist1d or digits (default mnist1d)")
@@ -78,8 +89,6 @@ def _parse_kwargs(text: str) -> dict[str, Any]:
 
 
 def _chart(space: Any, theta: torch.Tensor, spec: str) -> tuple[Any, torch.Tensor]:
-    from . import reparam
-
     kind, _, arg = spec.partition(":")
     kind = kind.strip().lower()
     if kind in ("none", "w", ""):
@@ -90,9 +99,9 @@ def _chart(space: Any, theta: torch.Tensor, spec: str) -> tuple[Any, torch.Tenso
         scale = float(arg) if arg else 1.0
         if scale != 1.0:
             psi = psi.clone()
-            for name, block in new.chart.blocks.items():
-                sl = new.chart._psi_slices[name]
-                psi[sl.start + block.num_slices : sl.stop] *= scale
+            v_slices = new.chart.new_layout.slices
+            for name in new.chart.blocks:
+                psi[v_slices[f"{name}.v"]] *= scale
         return new, psi
     if kind == "scale":
         if not arg:
@@ -104,11 +113,6 @@ def _chart(space: Any, theta: torch.Tensor, spec: str) -> tuple[Any, torch.Tenso
 
 def analyse(args: argparse.Namespace, *, progress: bool) -> dict[str, Any]:
     """Run the analysis described by parsed CLI arguments; return every number."""
-    from . import flatness, metrics
-    from .architectures import load_checkpoint
-    from .data import load_dataset
-    from .space import ParameterSpace
-
     dtype = torch.float32 if args.float32 else torch.float64
     ds = load_dataset(args.dataset)
     kwargs = _parse_kwargs(args.arch_kwargs)
@@ -146,8 +150,6 @@ def analyse(args: argparse.Namespace, *, progress: bool) -> dict[str, Any]:
 
 
 def _fmt(m: dict[str, Any]) -> str:
-    from .flatness import format_value
-
     text = format_value(m["value"], 5)
     if m.get("stderr") is not None and not isinstance(m["value"], list):
         text += f" ± {m['stderr']:.2g}"
@@ -178,11 +180,7 @@ def print_table(result: dict[str, Any], stream: Any = sys.stdout) -> None:
 
 
 def _plot_density(result: dict[str, Any], path: Path) -> Path:
-    from ._io import save_figure
-    from .errors import require
-
     plt = require("matplotlib.pyplot", "plots")
-    from .linalg import spectral_density
 
     fig, ax = plt.subplots(figsize=(7, 4))
     nodes = {k: torch.tensor(result[k]["spectral_density"]["extras"]["nodes"])
@@ -209,8 +207,6 @@ def _plot_density(result: dict[str, Any], path: Path) -> Path:
 
 def run_flatness(args: argparse.Namespace, *, progress: bool) -> int:
     """Entry point of ``covariant flatness``; returns the exit status."""
-    from ._io import atomic_write_json
-
     if args.out is not None and args.method == "stochastic" and "spectral_density" not in \
             args.measures:
         args.measures += ",spectral_density"
@@ -230,6 +226,5 @@ def run_flatness(args: argparse.Namespace, *, progress: bool) -> int:
         if files:
             print("wrote " + ", ".join(files), file=stream)
     elif args.json:
-        json.dump(result, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        sys.stdout.write(dumps_json(result) + "\n")
     return 0

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from covariant.experiments import optimization as exp
+from covariant.experiments.optimization import runner, settings
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +53,16 @@ def test_claims_hold_in_the_quick_run(quick):
     gaps = s["rescaling_relative_gap_smallest_lr"]
     assert gaps["adam"] > 0.1 and gaps["rmsprop"] > 0.1
     assert gaps["natural_gradient_ggn"] < 1e-6
-    # (f): recorded, with the curves it is based on
-    f = parts["f"]
-    assert isinstance(s["ngd_vs_sgd"]["ngd_faster_per_step"], bool)
+    # (f): per step, the best natural-gradient run ends far below the best SGD run, and the
+    # SGD sweep brackets its best learning rate (the comparison is not lost at the sweep's end)
+    f, claim = parts["f"], s["ngd_vs_sgd"]
+    assert claim["ngd_faster_per_step"] is True
+    assert claim["ngd_final_loss"] < 0.5 * claim["sgd_final_loss"]
+    assert claim["ngd_final_loss"] < 0.3 * f["initial_loss"]
+    sgd_lrs = res["settings"]["f"]["sgd_lrs"]
+    assert min(sgd_lrs) < f["best_sgd"]["lr"] < max(sgd_lrs)
+    finals = [c[-1] for c in f["curves"]["sgd"].values() if c[-1] is not None]
+    assert claim["sgd_final_loss"] == min(finals) == f["best_sgd"]["loss"][-1]
     assert f["best_ngd"]["loss"][-1] < f["initial_loss"]
 
 
@@ -66,8 +74,8 @@ def test_rerun_skips_finished_parts(quick, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a finished part was recomputed")
 
-    for name in ("_part_a", "_part_b", "_part_c", "_part_d", "_part_e", "_part_f"):
-        monkeypatch.setattr(exp, f"{name}", fail)
+    for name in ("part_a", "part_b", "part_c", "part_d", "part_e", "part_f"):
+        monkeypatch.setattr(runner, name, fail)
     again = exp.run(out, quick=True, progress=False)
     assert again["parts"] == res["parts"]
 
@@ -75,19 +83,19 @@ def test_rerun_skips_finished_parts(quick, monkeypatch):
     partial = dict(saved)
     partial["parts"] = {k: v for k, v in saved["parts"].items() if k != "d"}
     path.write_text(json.dumps(partial))
-    monkeypatch.setattr(exp, "_part_d", lambda *a, **k: {**saved["parts"]["d"], "rerun": True})
+    monkeypatch.setattr(runner, "part_d", lambda *a, **k: {**saved["parts"]["d"], "rerun": True})
     resumed = exp.run(out, quick=True, progress=False)
     assert resumed["parts"]["d"]["rerun"] is True
     assert resumed["parts"]["a"] == saved["parts"]["a"]
 
 
 def test_other_settings_start_over(tmp_path):
-    settings = exp._settings(True, 0)
+    config = settings.settings(True, 0)
     path = tmp_path / exp.JSON_NAME
-    exp._write_json(path, {"settings": settings, "parts": {"a": {}}})
-    assert exp._load_previous(path, settings) is not None
-    assert exp._load_previous(path, exp._settings(True, 1)) is None
-    assert exp._load_previous(path, exp._settings(False, 0)) is None
+    settings.write_results(path, {"settings": config, "parts": {"a": {}}})
+    assert settings.load_previous(path, config) is not None
+    assert settings.load_previous(path, settings.settings(True, 1)) is None
+    assert settings.load_previous(path, settings.settings(False, 0)) is None
     path.write_text("{ truncated")
-    assert exp._load_previous(path, settings) is None
+    assert settings.load_previous(path, config) is None
     assert not list(tmp_path.glob(".*tmp"))  # no temporary files left behind

@@ -1,0 +1,20 @@
+"""Ready-made problems, models, data and training loops to try covariant on.
+
+- :mod:`covariant.zoo.problems`: the 2-D reference problem of MATH.md §8 (loss, chart, point);
+- :mod:`covariant.zoo.architectures`: MLP / CNN1D / ResNet1D for 1-D inputs, and presets;
+- :mod:`covariant.zoo.checkpoints`: save and load those models with their recipe;
+- :mod:`covariant.zoo.data`: MNIST-1D (generated locally), sklearn digits, synthetic sets;
+- :mod:`covariant.zoo.training`: a seeded cross-entropy training loop and evaluation.
+
+Example
+-------
+>>> from covariant import zoo
+>>> zoo.architectures.num_parameters(zoo.architectures.preset("mlp-small"))
+2698
+"""
+
+from __future__ import annotations
+
+from . import architectures, checkpoints, data, problems, training
+
+__all__ = ["architectures", "checkpoints", "data", "problems", "training"]

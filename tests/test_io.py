@@ -1,0 +1,78 @@
+"""covariant._io: the JSON sanitizer and the atomic writers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+
+from covariant._io import (
+    atomic_save_torch,
+    atomic_savez,
+    atomic_write,
+    atomic_write_json,
+    dumps_json,
+    to_jsonable,
+)
+
+
+class _Result:
+    def to_dict(self):
+        return {"value": torch.tensor(2.0), "stderr": None}
+
+
+def test_to_jsonable_converts_everything():
+    x = {1: (torch.tensor([1.0, 2.0]), np.arange(2), np.float64(0.5), np.bool_(True)),
+         "r": _Result(), "s": "text", "n": None}
+    assert to_jsonable(x) == {"1": [[1.0, 2.0], [0, 1], 0.5, True],
+                              "r": {"value": 2.0, "stderr": None}, "s": "text", "n": None}
+    with pytest.raises(TypeError, match="set"):
+        to_jsonable({1, 2})
+
+
+def test_non_finite_floats_kept_or_nulled(tmp_path):
+    x = {"a": [math.inf, -math.inf, math.nan, 1.5], "t": torch.tensor(float("nan"))}
+    kept = to_jsonable(x)
+    assert kept["a"][:2] == [math.inf, -math.inf] and math.isnan(kept["a"][2])
+    assert to_jsonable(x, nonfinite="null") == {"a": [None, None, None, 1.5], "t": None}
+    assert json.loads(dumps_json(x, nonfinite="null")) == {"a": [None, None, None, 1.5],
+                                                           "t": None}
+    back = json.loads(atomic_write_json(tmp_path / "k.json", x).read_text())
+    assert back["a"][1] == -math.inf
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    path = tmp_path / "sub" / "f.bin"
+    atomic_write(path, lambda fh: fh.write(b"old"))
+
+    def broken(fh):
+        fh.write(b"partial")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, broken)
+    assert path.read_bytes() == b"old"
+    assert sorted(os.listdir(path.parent)) == ["f.bin"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_npz_and_torch_writers(tmp_path):
+    p = atomic_savez(tmp_path / "a.npz", x=np.arange(3))
+    with np.load(p) as f:
+        assert f["x"].tolist() == [0, 1, 2]
+    q = atomic_save_torch(tmp_path / "t.pt", {"w": torch.ones(2)})
+    assert torch.equal(torch.load(q, weights_only=True)["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("name", ["covariant._io", "covariant._progress"])
+def test_docstring_examples(name):
+    from .zoo.test_doctests import run_doctests
+
+    run_doctests(name)

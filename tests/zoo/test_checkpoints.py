@@ -1,0 +1,98 @@
+"""Tests of covariant.zoo.checkpoints: exact round trips, bare state dicts, helpful errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from covariant.errors import ArchitectureMismatchError
+from covariant.zoo import architectures as arch
+from covariant.zoo import checkpoints as ckpt
+
+
+@pytest.mark.parametrize("name", ["mlp-small", "cnn-small", "resnet1d-small"])
+def test_checkpoint_round_trip_is_exact(tmp_path, name):
+    torch.manual_seed(1)
+    model = arch.preset(name)
+    path = tmp_path / "sub" / "model.pt"
+    ckpt.save_checkpoint(path, model, metadata={"epochs": 3, "note": "x"})
+    assert [p.name for p in path.parent.iterdir()] == ["model.pt"]  # no temp files left
+    raw = torch.load(path, weights_only=True)
+    assert raw["arch"] == model.arch_name and raw["arch_kwargs"] == model.arch_kwargs
+
+    rng = torch.get_rng_state()
+    loaded, meta = ckpt.load_checkpoint(path)
+    assert torch.equal(torch.get_rng_state(), rng)  # loading does not consume the global RNG
+    assert type(loaded) is type(model) and not loaded.training
+    assert meta["metadata"] == {"epochs": 3, "note": "x"} and meta["source"] == "checkpoint"
+    X = torch.randn(5, 40)
+    assert torch.equal(loaded(X), model(X))
+
+
+def test_checkpoint_keeps_float64(tmp_path):
+    model = arch.preset("mlp-small").double()
+    ckpt.save_checkpoint(tmp_path / "m.pt", model)
+    loaded, _ = ckpt.load_checkpoint(tmp_path / "m.pt")
+    assert loaded[0].weight.dtype == torch.float64
+    X = torch.randn(3, 40, dtype=torch.float64)
+    assert torch.equal(loaded(X), model(X))
+
+
+def test_bare_state_dict_and_prefixes(tmp_path):
+    torch.manual_seed(2)
+    model = arch.preset("mlp-small")
+    X = torch.randn(4, 40)
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    with pytest.raises(ArchitectureMismatchError, match=r"arch='mlp'.*'hidden': \[32, 32\]"):
+        ckpt.load_checkpoint(tmp_path / "sd.pt")
+    loaded, meta = ckpt.load_checkpoint(
+        tmp_path / "sd.pt", arch="mlp", in_features=40, num_classes=10, hidden=[32, 32]
+    )
+    assert meta["source"] == "state_dict" and torch.equal(loaded(X), model(X))
+    # DataParallel-style "module." prefixes are removed
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "dp.pt")
+    loaded, _ = ckpt.load_checkpoint(
+        tmp_path / "dp.pt", arch="mlp", in_features=40, num_classes=10, hidden=[32, 32]
+    )
+    assert torch.equal(loaded(X), model(X))
+
+
+def test_mismatched_checkpoint_raises_with_helpful_message(tmp_path):
+    path = tmp_path / "m.pt"
+    ckpt.save_checkpoint(path, arch.preset("mlp-small"))
+    with pytest.raises(ArchitectureMismatchError) as err:
+        ckpt.load_checkpoint(path, hidden=[64, 64])
+    msg = str(err.value)
+    assert "0.weight: checkpoint (32, 40) vs model (64, 40)" in msg
+    assert "'hidden': [32, 32]" in msg  # what would fit
+    assert isinstance(err.value, ValueError)
+
+    with pytest.raises(ArchitectureMismatchError) as err:
+        ckpt.load_checkpoint(path, arch="cnn1d")
+    msg = str(err.value)
+    assert "missing keys [features.0.weight" in msg and "unexpected keys [0.weight" in msg
+
+    cnn = tmp_path / "cnn.pt"
+    ckpt.save_checkpoint(cnn, arch.preset("cnn-small"))
+    with pytest.raises(ArchitectureMismatchError, match=r"'channels': \[8, 16\]"):
+        ckpt.load_checkpoint(cnn, channels=[8, 32])
+
+
+def test_save_validates_recipe(tmp_path):
+    model = arch.preset("mlp-small")
+    with pytest.raises(ArchitectureMismatchError, match="refusing to save"):
+        ckpt.save_checkpoint(tmp_path / "bad.pt", model, hidden=[16])
+    assert not (tmp_path / "bad.pt").exists()
+    with pytest.raises(TypeError, match="cannot be stored"):
+        ckpt.save_checkpoint(tmp_path / "bad.pt", model, metadata={"t": torch.zeros(1)})
+    with pytest.raises(ValueError, match="arch="):
+        ckpt.save_checkpoint(tmp_path / "bad.pt", nn.Linear(2, 2))
+    # a plain nn.Sequential saves when the recipe is given, and loads as an MLP
+    seq = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    ckpt.save_checkpoint(tmp_path / "seq.pt", seq, "mlp", in_features=3, num_classes=2,
+                         hidden=(4,))
+    loaded, meta = ckpt.load_checkpoint(tmp_path / "seq.pt")
+    assert meta["arch_kwargs"]["hidden"] == [4]
+    x = torch.randn(2, 3)
+    assert torch.equal(loaded(x), seq(x))
