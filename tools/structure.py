@@ -62,8 +62,10 @@ def import_graph() -> dict[str, set[str]]:
                 base = _resolve(mod, is_pkg, node)
                 if base is None:
                     continue
-                targets.append(base)
-                targets += [f"{base}.{a.name}" for a in node.names]
+                # ``from pkg import sub`` depends on the submodule; ``from mod import name`` on mod
+                for a in node.names:
+                    sub = f"{base}.{a.name}"
+                    targets.append(sub if sub in mods else base)
             elif isinstance(node, ast.Import):
                 targets += [a.name for a in node.names]
             for t in targets:
