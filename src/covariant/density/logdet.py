@@ -35,6 +35,7 @@ from torch.func import grad as func_grad
 from .._fast import is_transformed
 from ..errors import SingularMetricError
 from ..linalg import cg, slq
+from ..linalg.probes import probe_block
 from ..metrics import MAX_DENSE_DIM, Metric
 from .results import LogDetEstimate
 
@@ -90,12 +91,9 @@ def _hutchinson_probes(dim: int, num: int, seed: int, like: Tensor) -> Tensor:
     on its device, from a CPU generator seeded with ``seed + 7919`` (a stream apart from the
     SLQ probes of the same ``seed``).
 
-    They equal the probes of :mod:`covariant.linalg.probes` for the seed ``seed + 7919``
-    (``tests/density/test_logdet.py`` checks it), but that module has no public entry point.
+    They are :func:`covariant.linalg.probes.probe_block` for the seed ``seed + 7919``.
     """
-    gen = torch.Generator(device="cpu").manual_seed(int(seed) + 7919)
-    Z = torch.randint(0, 2, (num, dim), generator=gen).to(torch.float64) * 2 - 1
-    return Z.to(dtype=like.dtype, device=like.device)
+    return probe_block(int(seed) + 7919, dim, num, "rademacher", like.dtype, like.device).T
 
 
 def _solves(

@@ -70,6 +70,19 @@ def _probes(
     return torch.stack(cols, dim=1)
 
 
+def probe_block(
+    seed: int,
+    dim: int,
+    num: int,
+    distribution: str = "rademacher",
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """``num`` probes of length ``dim`` as the columns of a ``(dim, num)`` block, from a CPU
+    generator seeded with ``seed``: the same stream every estimator of this package draws."""
+    return _probes(_generator(seed), dim, num, distribution, dtype, device)
+
+
 def _stderr(samples: Tensor) -> float:
     """Standard error of the mean of exchangeable samples, ``std / √n`` (NaN for ``n < 2``)."""
     n = samples.numel()
