@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, hessian, jacrev, vmap
+from torch.func import grad, vmap
 
+from . import autodiff
 from ._checks import check_finite, check_flat
 from ._fast import is_plain as _plain
 from .connection import (
@@ -40,7 +41,7 @@ from .connection import (
 from .errors import NotABijectionError, ShapeMismatchError
 from .layout import ModelBinding, ParameterLayout
 from .metrics import Euclidean, Metric, Pullback, check_dense_size, metric_from_name
-from .metrics.base import cholesky_or_raise
+from .metrics.base import dense_pinv, dense_solve
 from .reparam import Compose, ParameterwiseReparametrization, Reparametrization
 
 __all__ = ["ParameterSpace"]
@@ -236,8 +237,7 @@ class ParameterSpace:
         if self.chart is not None:
             self.chart.check_psi(p)
 
-    def _check(self, p: Tensor, owner: str) -> None:
-        self.check_point(p, owner)
+    _check = check_point
 
     def unflatten(self, p: Tensor) -> dict[str, Tensor]:
         """The parameter dict of a flat point (module spaces only)."""
@@ -260,32 +260,10 @@ class ParameterSpace:
         return check_finite(self.metric.solve(p, self.grad(p)), "the Riemannian gradient")
 
     def _euclidean_hvp(self, p: Tensor, v: Tensor) -> Tensor:
-        """∇²L v by reverse-over-reverse differentiation.
-
-        On plain tensors it uses ``torch.autograd`` double backward, and inside ``torch.func``
-        transforms (vmap, jacfwd) the functional ``grad`` of ``⟨∇L, v⟩``. Both beat the
-        forward-mode variants on CPU (measured in ``benchmarks/``), work for operations
-        without forward-mode AD (``torch._weight_norm``), and avoid the immutable-zero-tensor
-        failure of ``jvp(grad(L))`` through ``mse_loss`` on torch 2.13.
-        """
-        if _plain(p) and _plain(v):
-            with torch.enable_grad():
-                q = p.detach().requires_grad_(True)
-                (g,) = torch.autograd.grad(self._loss(q), q, create_graph=True)
-                if not g.requires_grad:  # the loss is linear in p
-                    return torch.zeros_like(p)
-                (hv,) = torch.autograd.grad(g, q, grad_outputs=v, allow_unused=True)
-            return torch.zeros_like(p) if hv is None else hv.detach()
-        return grad(lambda q: torch.dot(grad(self._loss)(q), v))(p)
+        return autodiff.hvp(self._loss, p, v)
 
     def _grad(self, p: Tensor) -> Tensor:
-        """∇L(p): autograd on plain tensors, ``torch.func.grad`` inside transforms."""
-        if _plain(p):
-            with torch.enable_grad():
-                q = p.detach().requires_grad_(True)
-                (g,) = torch.autograd.grad(self._loss(q), q, allow_unused=True)
-            return torch.zeros_like(p) if g is None else g
-        return grad(self._loss)(p)
+        return autodiff.gradient(self._loss, p)
 
     def _riemannian_hvp(self, p: Tensor, v: Tensor, method: str) -> Tensor:
         if method not in ("auto", "pullback", "general"):
@@ -323,7 +301,7 @@ class ParameterSpace:
             lin = h.linearize(p)
             parent_op = parent.hvp_operator(lin.theta, True)
             return lambda v: lin.vjp(parent_op(lin.jvp(v)))
-        euclidean = self._euclidean_hvp_operator(p)
+        euclidean = autodiff.hvp_operator(self._loss, p)
         if not riemannian or self.metric.is_constant:
             return euclidean
         r = self.metric.solve(p, self._grad(p))
@@ -332,22 +310,6 @@ class ParameterSpace:
             return euclidean(v) - connection_correction(self.metric, p, v, r)
 
         return riemannian_hvp
-
-    def _euclidean_hvp_operator(self, p: Tensor) -> Callable[[Tensor], Tensor]:
-        q = p.detach().requires_grad_(True)
-        with torch.enable_grad():
-            (g,) = torch.autograd.grad(self._loss(q), q, create_graph=True)
-        if not g.requires_grad:  # the loss is at most linear in p
-            return lambda v: torch.zeros_like(v)
-
-        def hvp(v: Tensor) -> Tensor:
-            if not _plain(v):
-                return self._euclidean_hvp(p, v)
-            (hv,) = torch.autograd.grad(g, q, grad_outputs=v, retain_graph=True,
-                                        allow_unused=True)
-            return torch.zeros_like(v) if hv is None else hv.detach()
-
-        return hvp
 
     def hvp(self, p: Tensor, v: Tensor, riemannian: bool = True, *, method: str = "auto") -> Tensor:
         """Hessian-vector product.
@@ -413,7 +375,7 @@ class ParameterSpace:
         elif riemannian and not self.metric.is_constant:
             g = grad(self._loss)(p)
             G = self.metric.dense(p, max_dim=limit)
-            r = self._dense_solve(p, G, g)
+            r = dense_solve(self.metric, p, G, g)
             # Γ^m_ij ∂_m L = Γ_lij r_l with r = G⁻¹∇L (lowered symbols from jacfwd of dense G)
             lowered = christoffel_lowered_dense(self.metric, p, max_dim=limit)
             H = H - torch.einsum("lij,l->ij", lowered, r)
@@ -427,46 +389,19 @@ class ParameterSpace:
         """
         cacheable = _plain(p)
         if not cacheable:
-            return self._compute_euclidean_hessian(p)
+            return autodiff.dense_hessian(self._loss, p)
         cached = getattr(self, "_hessian_cache", None)
         if cached is not None and cached[0].shape == p.shape and torch.equal(cached[0], p):
             return cached[1]
-        H = self._compute_euclidean_hessian(p)
+        H = autodiff.dense_hessian(self._loss, p)
         self._hessian_cache = (p.clone(), H)
         return H
-
-    def _compute_euclidean_hessian(self, p: Tensor) -> Tensor:
-        d = p.shape[0]
-        if d <= 64:
-            try:
-                return hessian(self._loss)(p)
-            except NotImplementedError:  # an op without forward-mode AD
-                return jacrev(jacrev(self._loss))(p)
-        eye = torch.eye(d, dtype=p.dtype, device=p.device)
-        try:
-            return vmap(lambda v: self._euclidean_hvp(p, v), chunk_size=32)(eye)
-        except NotImplementedError:
-            return jacrev(jacrev(self._loss), chunk_size=32)(p)
 
     def _dense_solve_or_matrix_free(self, p: Tensor, g: Tensor) -> Tensor:
         if self.metric.is_degenerate(p):
             G = self.metric.dense(p, max_dim=self.max_dense_dim)
-            return self._dense_pinv(p, G) @ g
+            return dense_pinv(self.metric, p, G) @ g
         return self.metric.solve(p, g)
-
-    def _dense_solve(self, p: Tensor, G: Tensor, rhs: Tensor) -> Tensor:
-        if self.metric.is_degenerate(p):
-            return self._dense_pinv(p, G) @ rhs
-
-        L = cholesky_or_raise(G, "dense metric solve")
-        return torch.cholesky_solve(rhs.reshape(G.shape[0], -1), L).reshape(rhs.shape)
-
-    def _dense_pinv(self, p: Tensor, G: Tensor) -> Tensor:
-        """Pseudo-inverse of a metric of known rank: invert its top-rank eigenspace."""
-        rank = self.metric.rank(p)
-        evals, evecs = torch.linalg.eigh(G)
-        Q, lam = evecs[:, -rank:], evals[-rank:]
-        return (Q / lam) @ Q.T
 
     def horizontal_basis(self, p: Tensor) -> Tensor:
         """Orthonormal basis (d, rank) of the range of G(p): the horizontal space (dense)."""
@@ -484,7 +419,7 @@ class ParameterSpace:
         """
         H = self.hessian(p, riemannian=True, method=method, max_dim=max_dim)
         G = self.metric.dense(p, max_dim=max_dim or self.max_dense_dim)
-        return self._dense_solve(p, G, H)
+        return dense_solve(self.metric, p, G, H)
 
     def christoffel(self, p: Tensor, u: Tensor, w: Tensor) -> Tensor:
         """Γ(u, w) = Γ^m_ij u^i w^j, matrix-free."""
@@ -663,11 +598,3 @@ def _psi_dim_or_none(h: Reparametrization, dim: int) -> int | None:
         raise
     except Exception:  # pragma: no cover - charts without shape knowledge
         return None
-
-
-def dense_matrix_of(matvec: Callable[[Tensor], Tensor], dim: int, like: Tensor) -> Tensor:
-    """Dense matrix of a linear map from its products with the identity (vmap)."""
-    eye = torch.eye(dim, dtype=like.dtype, device=like.device)
-    return vmap(matvec)(eye).T
-
-

@@ -52,6 +52,8 @@ __all__ = [
     "Pullback",
     "check_dense_size",
     "cholesky_or_raise",
+    "dense_pinv",
+    "dense_solve",
 ]
 
 #: Largest dimension for which dense matrices are built unless ``max_dim`` says otherwise.
@@ -82,6 +84,24 @@ def cholesky_or_raise(G: Tensor, what: str) -> Tensor:
         raise SingularMetricError(f"{what}: the metric matrix is not positive definite. "
                                   + _SINGULAR_HINT)
     return L
+
+
+def dense_pinv(metric: Metric, p: Tensor, G: Tensor) -> Tensor:
+    """G⁺ for the dense matrix G = G(p) of a metric of known rank: the inverse on its top-rank
+    eigenspace (the horizontal space), zero on the rest."""
+    rank = metric.rank(p)
+    evals, evecs = torch.linalg.eigh(G)
+    Q, lam = evecs[:, -rank:], evals[-rank:]
+    return (Q / lam) @ Q.T
+
+
+def dense_solve(metric: Metric, p: Tensor, G: Tensor, rhs: Tensor) -> Tensor:
+    """G⁻¹ rhs with the dense G = G(p) (Cholesky), or G⁺ rhs for a degenerate metric; ``rhs``
+    is a vector or a matrix of columns."""
+    if metric.is_degenerate(p):
+        return dense_pinv(metric, p, G) @ rhs
+    L = cholesky_or_raise(G, "dense metric solve")
+    return torch.cholesky_solve(rhs.reshape(G.shape[0], -1), L).reshape(rhs.shape)
 
 
 class Metric:

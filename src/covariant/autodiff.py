@@ -1,0 +1,105 @@
+r"""Euclidean derivatives of a scalar function of a flat point: ∇L, ∇²L v, and the dense ∇²L.
+
+Every function takes the loss as a plain callable ``L(p) -> scalar`` written in torch
+operations. Each picks the fastest correct mode for its input:
+
+- on plain tensors (not tracked by autograd, not wrapped by ``torch.func``): ``torch.autograd``,
+  with double backward for Hessian-vector products;
+- inside ``torch.func`` transforms (vmap, jacfwd, grad): ``torch.func.grad`` compositions.
+
+Reverse-over-reverse beats the forward-mode variants on CPU (measured in ``benchmarks/``),
+works for operations without forward-mode AD (``torch._weight_norm``), and avoids the
+immutable-zero-tensor failure of ``jvp(grad(L))`` through ``mse_loss`` on torch 2.13.
+
+These are the chart-bound (Euclidean) objects; the Riemannian Hessian adds the connection term
+(:mod:`covariant.connection`, ``ParameterSpace.hvp``).
+
+Example
+-------
+>>> import torch
+>>> L = lambda p: (p[0] ** 2) * p[1] + p[1] ** 3
+>>> p = torch.tensor([1.0, 2.0], dtype=torch.float64)
+>>> gradient(L, p)                                   # (2 p0 p1, p0² + 3 p1²)
+tensor([ 4., 13.], dtype=torch.float64)
+>>> hvp(L, p, torch.tensor([1.0, 0.0], dtype=torch.float64))   # first column of ∇²L
+tensor([4., 2.], dtype=torch.float64)
+>>> bool(torch.equal(dense_hessian(L, p), torch.tensor([[4.0, 2.0], [2.0, 12.0]],
+...                                                    dtype=torch.float64)))
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.func import grad, hessian, jacrev, vmap
+
+from ._fast import is_plain
+
+__all__ = ["dense_hessian", "gradient", "hvp", "hvp_operator"]
+
+LossFn = Callable[[Tensor], Tensor]
+
+
+def gradient(loss: LossFn, p: Tensor) -> Tensor:
+    """∇L(p): autograd on plain tensors, ``torch.func.grad`` inside transforms."""
+    if is_plain(p):
+        with torch.enable_grad():
+            q = p.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(loss(q), q, allow_unused=True)
+        return torch.zeros_like(p) if g is None else g
+    return grad(loss)(p)
+
+
+def hvp(loss: LossFn, p: Tensor, v: Tensor) -> Tensor:
+    """∇²L(p) v by reverse-over-reverse differentiation (double backward on plain tensors)."""
+    if is_plain(p) and is_plain(v):
+        with torch.enable_grad():
+            q = p.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(loss(q), q, create_graph=True)
+            if not g.requires_grad:  # the loss is linear in p
+                return torch.zeros_like(p)
+            (hv,) = torch.autograd.grad(g, q, grad_outputs=v, allow_unused=True)
+        return torch.zeros_like(p) if hv is None else hv.detach()
+    return grad(lambda q: torch.dot(grad(loss)(q), v))(p)
+
+
+def hvp_operator(loss: LossFn, p: Tensor) -> Callable[[Tensor], Tensor]:
+    """v ↦ ∇²L(p) v at a fixed plain point, with the gradient graph built once.
+
+    Each product then runs only the second backward pass (as PyHessian does). Products with a
+    transformed v fall back to :func:`hvp`.
+    """
+    q = p.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(loss(q), q, create_graph=True)
+    if not g.requires_grad:  # the loss is at most linear in p
+        return lambda v: torch.zeros_like(v)
+
+    def product(v: Tensor) -> Tensor:
+        if not is_plain(v):
+            return hvp(loss, p, v)
+        (hv,) = torch.autograd.grad(g, q, grad_outputs=v, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(v) if hv is None else hv.detach()
+
+    return product
+
+
+def dense_hessian(loss: LossFn, p: Tensor) -> Tensor:
+    """∇²L(p) as a dense matrix: ``torch.func.hessian`` for d ≤ 64, else batched HVPs with the
+    identity in chunks of 32 (memory stays bounded); reverse-over-reverse where an op has no
+    forward-mode AD."""
+    d = p.shape[0]
+    if d <= 64:
+        try:
+            return hessian(loss)(p)
+        except NotImplementedError:  # an op without forward-mode AD
+            return jacrev(jacrev(loss))(p)
+    eye = torch.eye(d, dtype=p.dtype, device=p.device)
+    try:
+        return vmap(lambda v: hvp(loss, p, v), chunk_size=32)(eye)
+    except NotImplementedError:
+        return jacrev(jacrev(loss), chunk_size=32)(p)
+
