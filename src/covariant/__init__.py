@@ -2,7 +2,11 @@
 
 Keep the metric explicit, transform every object by its rule, and flatness, optimizer
 trajectories and MAP estimates stop depending on the chart (Kristiadi, Dangel & Hennig,
-NeurIPS 2023). See ``MATH.md`` for the rules and ``API.md`` for the public names.
+NeurIPS 2023). The rules are in ``docs/math.md`` and the public names in ``docs/api.md``.
+
+The top level holds the central object, the measures and the checks; everything else lives in
+a subpackage that mirrors the mathematics: ``reparam`` (charts), ``metrics``, ``connection``,
+``linalg``, ``density``, ``optim``, ``laplace`` and ``zoo`` (problems, models, data).
 
 >>> import torch, covariant as cv
 >>> space = cv.ParameterSpace(lambda p: (p**2).sum())
@@ -12,34 +16,58 @@ NeurIPS 2023). See ``MATH.md`` for the rules and ``API.md`` for the public names
 
 from __future__ import annotations
 
-from typing import Any
-
-from . import connection, density, errors, metrics, reparam
+from . import (
+    autodiff,
+    connection,
+    density,
+    errors,
+    experiments,
+    laplace,
+    linalg,
+    metrics,
+    optim,
+    reparam,
+    zoo,
+)
 from .flatness import FlatnessReport, Measure, flatness
-from .invariance import InvarianceReport, check_invariance
+from .invariance import (
+    CheckResult,
+    InvarianceReport,
+    check_chart,
+    check_gradient,
+    check_hessian,
+    check_invariance,
+    check_metric,
+)
+from .layout import ModelBinding, ParameterLayout
 from .space import ParameterSpace
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckResult",
     "FlatnessReport",
     "InvarianceReport",
     "Measure",
+    "ModelBinding",
+    "ParameterLayout",
     "ParameterSpace",
     "__version__",
+    "autodiff",
+    "check_chart",
+    "check_gradient",
+    "check_hessian",
     "check_invariance",
+    "check_metric",
     "connection",
     "density",
     "errors",
+    "experiments",
     "flatness",
+    "laplace",
+    "linalg",
     "metrics",
+    "optim",
     "reparam",
+    "zoo",
 ]
-
-
-def __getattr__(name: str) -> Any:  # lazy submodules that pull optional or heavier parts
-    import importlib
-
-    if name in {"optim", "laplace", "linalg", "zoo", "estimators", "experiments"}:
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module 'covariant' has no attribute {name!r}")

@@ -64,7 +64,7 @@ def check_finite(x: Tensor, what: str, hint: str = SPACE_HINT) -> Tensor:
     """``x`` itself; a :class:`NonFiniteError` naming ``what`` if it holds NaN or Inf."""
     # fast path: a finite sum proves every entry finite; only NaN/Inf or an overflowing sum
     # needs the elementwise test
-    if math.isfinite(float(x.sum())):
+    if math.isfinite(float(x.detach().sum())):
         return x
     if not bool(torch.isfinite(x).all()):
         raise NonFiniteError(f"{what} is NaN or Inf. {hint}")
