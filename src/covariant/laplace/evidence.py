@@ -215,6 +215,20 @@ def _check_structure(structure: str, hessian: str) -> None:
         raise ValueError(f"laplace: hessian must be one of {HESSIANS}, got {hessian!r}")
 
 
+def _prepared(space: ParameterSpace, p_map: Tensor,
+              prior_precision: float | Tensor | None) -> ParameterSpace:
+    """The density space (with the given prior), after checking it and the point."""
+    if not space.is_density:
+        raise ValueError(
+            "laplace: needs a density space holding the log joint "
+            "(ParameterSpace.from_log_prob(log_joint) or laplace.posterior_space(...))"
+        )
+    if prior_precision is not None:
+        space = with_prior_precision(space, prior_precision)
+    space.check_point(p_map, "laplace")
+    return space
+
+
 def _check_space(space: ParameterSpace, p: Tensor, structure: str, riemannian: bool,
                  limit: int) -> None:
     """The density space, the dense size limit and a non-degenerate metric."""
@@ -302,18 +316,11 @@ def laplace(
     invariant evidence in any bijective chart, it is the same number).
     """
     _check_structure(structure, hessian)
-    if not space.is_density:
-        raise ValueError(
-            "laplace: needs a density space holding the log joint "
-            "(ParameterSpace.from_log_prob(log_joint) or laplace.posterior_space(...))"
-        )
-    if prior_precision is not None:
-        space = with_prior_precision(space, prior_precision)
-    space.check_point(p_map, "laplace")
+    space = _prepared(space, p_map, prior_precision)
     p, limit = p_map.detach(), max_dim or FULL_MAX_DIM
     _check_space(space, p, structure, riemannian, limit)
     fn = objective(space, riemannian, logdet_method, p)
-    curv = Curvature(space, fn, p, riemannian, hessian)
+    curv = Curvature(space, fn, riemannian, hessian)
     info: dict[str, Any] = {"grad_norm": float(grad(fn)(p).norm())}
     log_joint = -float(fn(p))
     logdet_G = float(fn(p) - space.loss_function(p)) * 2 if riemannian else 0.0

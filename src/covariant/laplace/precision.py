@@ -15,7 +15,7 @@ Example
 >>> import math, torch, covariant as cv
 >>> space = cv.ParameterSpace.from_log_prob(lambda t: -(t**2).sum() - (t**4).sum())
 >>> p = torch.zeros(2, dtype=torch.float64)
->>> curv = Curvature(space, objective(space, False, "auto", p), p, False, "exact")
+>>> curv = Curvature(space, objective(space, False, "auto", p), False, "exact")
 >>> curv.dense(p, max_dim=10).tolist()                  # ∇²(t² + t⁴) at 0 = 2 I
 [[2.0, 0.0], [0.0, 2.0]]
 >>> prec = full_precision(curv, p, riemannian=False, max_dim=10)
@@ -88,7 +88,7 @@ class Curvature:
     metric) for the differentiated part; the GGN is a tensor and needs none.
     """
 
-    def __init__(self, space: ParameterSpace, fn: LossFn, p: Tensor, riemannian: bool,
+    def __init__(self, space: ParameterSpace, fn: LossFn, riemannian: bool,
                  hessian: str) -> None:
         self.riemannian = riemannian
         self.ggn: GGN | None = None
