@@ -62,9 +62,8 @@ def weight_norm_space(
     assert layout is not None
     h = ParameterwiseReparametrization(layout, {"*.weight": WeightNorm()})
     new_layout = h.new_layout
-    bayes = cvl._bayes_of(w_space)
-    assert bayes is not None
-    nll = bayes.nll
+    assert w_space.binding is not None and w_space.binding.is_bayesian
+    nll = w_space.binding.loss  # −log p(D | θ) of a posterior space
     sl = new_layout.slices
     names = list(new_layout.names)
     shapes = dict(zip(new_layout.names, new_layout.shapes, strict=True))
@@ -78,7 +77,7 @@ def weight_norm_space(
                 v = psi[sl[base + ".v"]].reshape(shapes[base + ".v"])
                 total = total + wn_prior_log_prob(g, v.reshape(v.shape[0], -1), lam)
             elif not name.endswith(".v"):
-                total = total - cvl._prior_nll(psi[sl[name]], lam)
+                total = total - cvl.gaussian_prior_nll(psi[sl[name]], lam)
         return total
 
     space = w_space.reparametrize(h, loss=lambda psi: -log_prob(psi))
