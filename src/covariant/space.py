@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
+from torch.nn.utils import parametrize
 
 from . import autodiff
 from ._checks import check_finite, check_flat
@@ -42,7 +43,12 @@ from .errors import NotABijectionError, ShapeMismatchError
 from .layout import ModelBinding, ParameterLayout
 from .metrics import Euclidean, Metric, Pullback, check_dense_size, metric_from_name
 from .metrics.base import dense_pinv, dense_solve
-from .reparam import Compose, ParameterwiseReparametrization, Reparametrization
+from .reparam import (
+    Compose,
+    ParameterwiseReparametrization,
+    Reparametrization,
+    split_parametrizations,
+)
 
 __all__ = ["ParameterSpace"]
 
@@ -164,11 +170,7 @@ class ParameterSpace:
         -------
         space, theta : ParameterSpace, Tensor
         """
-        from torch.nn.utils import parametrize
-
         if any(parametrize.is_parametrized(m) for m in model.modules()):
-            from .reparam import split_parametrizations
-
             plain, charts, originals = split_parametrizations(model)
             w_space, _ = cls.from_module(plain, loss_fn, data, "euclidean")
             native = w_space.reparametrize(charts)
@@ -187,10 +189,7 @@ class ParameterSpace:
             return metric
         if not isinstance(metric, str):
             raise TypeError(f"metric must be a Metric or a name, got {type(metric).__name__}")
-        name = metric.lower()
-        if name == "euclidean":
-            return Euclidean()
-        return metric_from_name(name, self, **kwargs)
+        return metric_from_name(metric, self, **kwargs)
 
     # ------------------------------------------------------------------ the model behind it
     @property
@@ -209,14 +208,10 @@ class ParameterSpace:
         return None if self._binding is None else self._binding.model
 
     @property
-    def loss_fn(self) -> Callable[..., Tensor] | None:
-        """The loss function ℓ(output, target) of a model space, if any."""
-        return None if self._binding is None else self._binding.loss_fn
-
-    @property
-    def batches(self) -> tuple[tuple[Tensor, Tensor], ...] | None:
-        """The (X, y) batches of a model space, if any."""
-        return None if self._binding is None else self._binding.batches
+    def is_pullback(self) -> bool:
+        """True when this space is its parent's pulled through ``chart``: loss L∘h and metric
+        Jᵀ G J. Then every tensor rule lets a computation run in the parent chart."""
+        return self._scalar_pullback
 
     # ------------------------------------------------------------------ basics
     @property

@@ -61,11 +61,11 @@ def _space(kind: str = "ce", n: int = 40, loss_fn=None, batches=None, metric="gg
 def _ggn_truth(space, theta) -> torch.Tensor:
     """Σ_b w_b J_bᵀ H_b J_b from jacrev of the model and of the loss's gradient itself."""
     G = torch.zeros(theta.numel(), theta.numel(), dtype=theta.dtype)
-    for w, (X, y) in zip(space.binding.weights, space.batches, strict=True):
+    for w, (X, y) in zip(space.binding.weights, space.binding.batches, strict=True):
         out = space.binding.forward(theta, X)
         J = jacrev(lambda q, X=X: space.binding.forward(q, X).reshape(-1))(theta)
         # reverse-over-reverse: jacfwd over torch.func.hessian trips a PyTorch ZeroTensor bug
-        H = jacrev(jacrev(lambda o, y=y, s=out.shape: space.loss_fn(o.reshape(s), y)))(
+        H = jacrev(jacrev(lambda o, y=y, s=out.shape: space.binding.loss_fn(o.reshape(s), y)))(
             out.reshape(-1)
         )
         G = G + w * J.T @ H @ J
@@ -108,7 +108,7 @@ def test_ggn_matvec_and_dense_match_dense_truth(kind, loss_fn):
 def test_generic_path_agrees_with_closed_form():
     space, theta = _space("mse")
     closed = space.metric
-    generic = GGN(space.binding.forward, lambda o, y: F.mse_loss(o, y), space.batches)
+    generic = GGN(space.binding.forward, lambda o, y: F.mse_loss(o, y), space.binding.batches)
     assert generic.info.kind == "generic" and closed.info.kind == "mse"
     assert torch.allclose(generic.dense(theta), closed.dense(theta), rtol=1e-12, atol=1e-14)
 
@@ -181,7 +181,7 @@ def test_mc_fisher_converges_to_exact_and_is_seeded(kind):
 
 
 def _per_sample_grads(space, theta, per_sample_loss):
-    X, y = space.batches[0]
+    X, y = space.binding.batches[0]
     rows = []
     for n in range(X.shape[0]):
         f = lambda q, n=n: per_sample_loss(space.binding.forward(q, X[n : n + 1]), y[n : n + 1])
@@ -216,9 +216,9 @@ def test_empirical_fisher_matches_per_sample_gradient_outer_products(
     assert isinstance(EF, EmpiricalFisher)
     g = _per_sample_grads(space, theta, per_sample)
     if scale is None:
-        c = 1 / int((space.batches[0][1] != 2).sum())
+        c = 1 / int((space.binding.batches[0][1] != 2).sum())
     else:
-        c = scale(*space.batches[0][1].shape[:1], 3)
+        c = scale(*space.binding.batches[0][1].shape[:1], 3)
     truth = c * g.T @ g
     v = torch.randn(theta.numel(), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert torch.allclose(EF.matvec(theta, v), truth @ v, rtol=1e-10, atol=1e-13)
