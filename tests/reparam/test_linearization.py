@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import jacfwd, vmap
 
 import covariant as cv
-from covariant.estimators import shape_operator_matvecs
+from covariant.flatness import shape_operator_matvecs
 from covariant.layout import ParameterLayout
 from covariant.metrics import Constant, Euclidean, Pullback
 from covariant.reparam import Exp, ParameterwiseReparametrization, WeightNorm
