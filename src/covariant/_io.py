@@ -45,7 +45,7 @@ __all__ = [
     "to_jsonable",
 ]
 
-NonFinite = Literal["keep", "null"]
+NonFinite = Literal["keep", "null", "string"]
 
 
 def to_jsonable(x: Any, *, nonfinite: NonFinite = "keep") -> Any:
@@ -53,8 +53,9 @@ def to_jsonable(x: Any, *, nonfinite: NonFinite = "keep") -> Any:
 
     Dicts (keys as ``str``), lists and tuples (as lists) are copied recursively; tensors and
     NumPy arrays become nested lists, NumPy scalars and 0-d objects with ``item()`` Python
-    numbers, objects with ``to_dict()`` their dict. Non-finite floats stay (``"keep"``) or
-    become ``None`` (``"null"``).
+    numbers, objects with ``to_dict()`` their dict. Non-finite floats stay (``"keep"``),
+    become ``None`` (``"null"``, for strict JSON) or the strings ``"inf"``, ``"-inf"``,
+    ``"nan"`` (``"string"``).
 
     Example
     -------
@@ -68,7 +69,9 @@ def to_jsonable(x: Any, *, nonfinite: NonFinite = "keep") -> Any:
         return [to_jsonable(v, nonfinite=nonfinite) for v in x]
     if isinstance(x, float):  # before the checks below: np.float64 is a float
         x = float(x)
-        return None if nonfinite == "null" and not math.isfinite(x) else x
+        if math.isfinite(x) or nonfinite == "keep":
+            return x
+        return None if nonfinite == "null" else str(x)
     if x is None or isinstance(x, bool | int | str):
         return x
     if isinstance(x, torch.Tensor):

@@ -18,30 +18,18 @@ True
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from torch import Tensor
 
+from .._io import to_jsonable
+
 __all__ = ["LogDetEstimate", "MAPResult"]
 
 
 def _jsonable(x: Any) -> Any:
-    """``x`` as plain JSON-ready Python: tensors to lists, non-finite floats to ``None``."""
-    if isinstance(x, Tensor):
-        return _jsonable(x.detach().cpu().tolist())
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, bool | int | str) or x is None:
-        return x
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if hasattr(x, "item"):  # NumPy scalars
-        return _jsonable(x.item())
-    return str(x)
+    return to_jsonable(x, nonfinite="null")
 
 
 @dataclass

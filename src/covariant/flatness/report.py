@@ -30,12 +30,13 @@ FlatnessReport(Euclidean())
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
+
+from .._io import to_jsonable
 
 __all__ = ["FlatnessReport", "Measure", "format_value"]
 
@@ -160,16 +161,6 @@ def format_value(value: float | list[float], digits: int = 5) -> str:
     return f"{value:.{digits}g}"
 
 
-# TODO(restructure): use covariant._io.to_jsonable
 def _to_jsonable(x: Any) -> Any:
-    """``x`` as JSON-ready Python: dicts with str keys, tensors and tuples as lists, and
-    non-finite floats as the strings "inf", "-inf", "nan"."""
-    if isinstance(x, dict):
-        return {str(k): _to_jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_to_jsonable(v) for v in x]
-    if isinstance(x, Tensor):
-        return _to_jsonable(x.detach().cpu().tolist())
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    return x
+    """JSON-ready Python; non-finite floats as the strings "inf", "-inf", "nan"."""
+    return to_jsonable(x, nonfinite="string")

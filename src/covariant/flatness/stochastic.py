@@ -364,8 +364,7 @@ def stochastic_flatness(
             f"flatness: unknown stochastic measure(s) {unknown}; choose from "
             f"{STOCHASTIC_MEASURES} (the full 'spectrum' needs method='dense')"
         )
-    # TODO(restructure): a public ParameterSpace accessor for the pullback fast path
-    if not opts.in_chart and space._scalar_pullback and space.chart is not None \
+    if not opts.in_chart and space.is_pullback and space.chart is not None \
             and space.parent is not None and _plain(p):
         return _in_parent_chart(space, p, measures, k, opts)
     ops = functools.cache(lambda: shape_operator_matvecs(space, p))  # built on first use

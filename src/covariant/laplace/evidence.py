@@ -27,7 +27,6 @@ Example
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +34,7 @@ import torch
 from torch import Tensor
 from torch.func import grad
 
+from .._io import to_jsonable
 from ..errors import (
     DenseTooLargeError,
     NotABijectionError,
@@ -64,6 +64,10 @@ __all__ = [
     "laplace",
 ]
 
+
+def _jsonable(x: Any) -> Any:
+    return to_jsonable(x, nonfinite="null")
+
 #: Largest dimension for ``structure="full"`` unless ``max_dim`` raises it: a dense d×d
 #: precision (8·d² bytes in float64, 128 MiB at d = 4096), d Hessian-vector products to build
 #: it and an O(d³) Cholesky factorization.
@@ -71,22 +75,6 @@ FULL_MAX_DIM = MAX_DENSE_DIM
 
 STRUCTURES = ("full", "diag", "lowrank")
 HESSIANS = ("exact", "ggn")
-
-
-def _json_value(x: Any) -> Any:
-    """``x`` as JSON-ready Python: tensors as (nested) lists, containers converted entry by
-    entry, non-finite floats and anything else as None."""
-    if isinstance(x, Tensor):
-        return _json_value(x.detach().cpu().tolist())
-    if isinstance(x, dict):
-        return {str(k): _json_value(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_json_value(v) for v in x]
-    if isinstance(x, bool | int | str):
-        return x
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    return None
 
 
 @dataclass
@@ -189,14 +177,14 @@ class LaplaceResult:
         range of the marginal variances; rank, floor and eigenvalues for "lowrank") instead
         of the d×d matrix. Non-finite floats and values JSON cannot hold become None."""
         return {
-            "log_evidence": _json_value(self.log_evidence),
-            "log_joint": _json_value(self.log_joint),
-            "logdet_precision": _json_value(self.logdet_precision),
+            "log_evidence": _jsonable(self.log_evidence),
+            "log_joint": _jsonable(self.log_joint),
+            "logdet_precision": _jsonable(self.logdet_precision),
             "riemannian": self.riemannian, "hessian": self.hessian,
             "structure": self.structure, "dim": self.dim,
-            "point": _json_value(self.point),
-            "covariance": _json_value(self.covariance_operator.summary()),
-            "info": _json_value(self.info),
+            "point": _jsonable(self.point),
+            "covariance": _jsonable(self.covariance_operator.summary()),
+            "info": _jsonable(self.info),
         }
 
 
