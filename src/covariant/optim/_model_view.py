@@ -148,6 +148,13 @@ class _ModelView:
                     t.copy_(live_buffers[name])
         return twin
 
+    def moved_weights(self, module: nn.Module) -> Tensor:
+        """Positions in the weights of ``module`` of those the optimizer moves: its plain
+        parameters in its order, then its parametrized tensors in order of appearance."""
+        slices = ParameterLayout.from_module(module).slices
+        names = [n for n in self.names if _ORIGINAL.match(n) is None] + list(self._blocks)
+        return torch.cat([torch.arange(slices[n].start, slices[n].stop) for n in names])
+
     # ------------------------------------------------------------- the chart p ↦ w
     def chart(self, module: nn.Module) -> Reparametrization | None:
         """E: p ↦ w onto the trainable weights of ``module`` (from :meth:`weight_module`);

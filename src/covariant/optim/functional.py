@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.integrate import solve_ivp
 from torch import Tensor
 
 from .._progress import progress_bar
@@ -251,8 +252,6 @@ def gradient_flow(
     >>> abs(float(out[1, 0]) - math.exp(-1.0)) < 1e-9
     True
     """
-    from scipy.integrate import solve_ivp
-
     times = np.asarray(torch.as_tensor(t, dtype=torch.float64).reshape(-1).numpy())
     if times.size == 0:
         raise ValueError("gradient_flow: t is empty")

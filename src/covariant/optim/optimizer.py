@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import NonFiniteError, NotConvergedError, SingularMetricError
+from ..linalg import cg
 from ..metrics import Damped, Euclidean, Metric, Pullback
 from ..reparam import Reparametrization
 from ..space import ParameterSpace
@@ -308,12 +309,15 @@ class RiemannianGD(torch.optim.Optimizer):
         G = G_w if E is None else Pullback(G_w, E)
         return Damped(G, lam, self._reference_metric(E)) if lam > 0 else G
 
-    def _metric_at_step(self) -> tuple[Metric, bool, Reparametrization | None]:
-        """(G + λ G_ref on p, whether G's own ``solve`` may be used, the chart E)."""
+    def _metric_at_step(
+        self,
+    ) -> tuple[Metric, bool, nn.Module | None, Reparametrization | None]:
+        """(G + λ G_ref on p, whether G's own ``solve`` may be used, the module on the
+        weights and the chart E: p ↦ w, where this step needs them)."""
         module, E = self._chart()
         if self.metric_name in _MODEL_METRICS:
             assert module is not None
-            return self._model_metric(module, E), False, E
+            return self._model_metric(module, E), False, module, E
         if self.metric is not None:
             base = self.metric
         elif self.metric_name == "weights":
@@ -322,13 +326,13 @@ class RiemannianGD(torch.optim.Optimizer):
             base = Euclidean()
         if self.damping == 0.0:
             own_solve = self.metric is not None and type(base).solve is not Metric.solve
-            return base, own_solve, E
-        return Damped(base, self.damping, self._reference_metric(E)), False, E
+            return base, own_solve, module, E
+        return Damped(base, self.damping, self._reference_metric(E)), False, module, E
 
     # ----------------------------------------------------------------- the solve
     def _solve(self, p: Tensor, g: Tensor) -> Tensor:
         """r = (G + λ G_ref)⁻¹ g at p; records how in :attr:`info`."""
-        G, own_solve, E = self._metric_at_step()
+        G, own_solve, module, E = self._metric_at_step()
         if isinstance(G, Euclidean):
             self.info = {"method": "identity"}
             return g
@@ -342,14 +346,13 @@ class RiemannianGD(torch.optim.Optimizer):
                 ) from err
             self.info = {"method": "solve"}
             return r
-        precond = self._preconditioner(p, E) if self.cg_preconditioner == "auto" else None
+        precond = (self._preconditioner(p, module, E) if self.cg_preconditioner == "auto"
+                   else None)
         return self._cg(G, p, g, precond)
 
     def _cg(
         self, G: Metric, p: Tensor, g: Tensor, precond: Callable[[Tensor], Tensor] | None
     ) -> Tensor:
-        from ..linalg import cg
-
         lam = self.damping
         try:
             res = cg(lambda v: G.matvec(p, v), g, rtol=self.cg_tol, maxiter=self.cg_maxiter,
@@ -392,7 +395,7 @@ class RiemannianGD(torch.optim.Optimizer):
             self._warned_truncated = True
 
     def _preconditioner(
-        self, p: Tensor, E: Reparametrization | None
+        self, p: Tensor, module: nn.Module | None, E: Reparametrization | None
     ) -> Callable[[Tensor], Tensor] | None:
         """Block-scalar Jacobi preconditioner from the reference metric J_Eᵀ J_E.
 
@@ -404,8 +407,10 @@ class RiemannianGD(torch.optim.Optimizer):
         None when the module has no ``parametrize`` charts (M = I).
         """
         view = self._view
-        if view is None or not view.has_chart or E is None or self._damping_reference != "weights":
+        if (view is None or not view.has_chart or module is None or E is None
+                or self._damping_reference != "weights"):
             return None
+        moved = view.moved_weights(module).to(p.device)
         scales, start = [], 0
         gen = torch.Generator().manual_seed(0)
         for shape in view.layout.shapes:
@@ -414,7 +419,7 @@ class RiemannianGD(torch.optim.Optimizer):
             probe = torch.randint(0, 2, (n,), generator=gen).to(p) * 2 - 1
             z[start : start + n] = probe
             with torch.enable_grad():
-                jz = E.jvp(p, z).detach()
+                jz = E.jvp(p, z).detach()[moved]  # J_E z_b on the weights p moves
             s = float(torch.dot(jz, jz)) / n
             scales.append(p.new_full((n,), s if s > 0 and math.isfinite(s) else 1.0))
             start += n
