@@ -1,8 +1,11 @@
-"""covariant.optim: invariance orders of the updates, gradient flow, and RiemannianGD."""
+"""covariant.optim.optimizer: RiemannianGD against SGD, dense natural-gradient steps, and its
+invariance under torch.nn.utils.parametrize charts."""
 
 from __future__ import annotations
 
 import copy
+import doctest
+import importlib
 import itertools
 import math
 
@@ -12,135 +15,9 @@ from torch import nn
 from torch.func import functional_call, jacrev
 from torch.nn.utils import parametrize
 
-import covariant as cv
 from covariant.errors import NonFiniteError, SingularMetricError
-from covariant.metrics import Constant, Dense, Euclidean, Metric
-from covariant.optim import (
-    RiemannianGD,
-    fit_loglog_slope,
-    gradient_flow,
-    map_trajectory,
-    riemannian_gd,
-    step_size_sweep,
-    trajectory_discrepancy,
-)
-from covariant.zoo.problems import ReferenceChart, reference_loss
-
-THETA0 = torch.tensor([0.7, -0.4], dtype=torch.float64)
-
-
-@pytest.fixture(scope="module")
-def spaces():
-    theta = cv.ParameterSpace(reference_loss)
-    h = ReferenceChart()
-    psi = theta.reparametrize(h)
-    return theta, psi, h
-
-
-# ------------------------------------------------------------------ the order of invariance
-def test_slopes_of_the_step_size_sweep(spaces):
-    _, psi, h = spaces
-    p0 = h.inverse(THETA0)
-    lrs, T = [0.04, 0.02, 0.01], 0.2
-    plain = step_size_sweep(psi.with_metric(Euclidean()), p0, lrs, T)
-    linear = step_size_sweep(psi, p0, lrs, T, update="linear")
-    second = step_size_sweep(psi, p0, lrs, T, update="second_order")
-    assert abs(plain.slope) < 0.3
-    assert min(plain.discrepancies) > 1e-3  # plain GD in ψ does not converge to GD in θ
-    assert 0.8 <= linear.slope <= 1.2
-    assert second.slope >= 1.8
-    # and the orders are really different at the smallest step
-    assert second.discrepancies[-1] < 0.01 * linear.discrepancies[-1]
-    assert linear.discrepancies[-1] < 0.01 * plain.discrepancies[-1]
-
-
-def test_geodesic_steps_are_exactly_invariant(spaces):
-    _, psi, h = spaces
-    p0 = h.inverse(THETA0)
-    geo = step_size_sweep(psi, p0, [0.1], 0.2, update="geodesic")
-    lin = step_size_sweep(psi, p0, [0.1], 0.2, update="linear")
-    assert geo.discrepancies[0] < 1e-6
-    assert lin.discrepancies[0] > 1e-4
-
-
-def test_second_order_step_is_the_geodesic_to_second_order(spaces):
-    _, psi, h = spaces
-    p0 = h.inverse(THETA0)
-    r = psi.riemannian_grad(p0)
-    gaps = []
-    for lr in (0.02, 0.01):
-        exact = psi.exp(p0, -r, t=lr)
-        second = riemannian_gd(psi, p0, lr, 1, "second_order")[-1]
-        gaps.append(float((second - exact).norm()))
-    assert 6.0 < gaps[0] / gaps[1] < 10.0  # O(α³) per step
-
-
-# ------------------------------------------------------------------ functional updates
-def test_riemannian_gd_shape_and_linear_step():
-    G = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
-    space = cv.ParameterSpace(lambda p: (p**2).sum() + p[0], Constant(G))
-    p0 = torch.tensor([1.0, -1.0], dtype=torch.float64)
-    traj = riemannian_gd(space, p0, 0.1, 3)
-    assert traj.shape == (4, 2)
-    g = 2 * p0 + torch.tensor([1.0, 0.0], dtype=torch.float64)
-    assert torch.allclose(traj[1], p0 - 0.1 * torch.linalg.solve(G, g), atol=1e-14)
-    # a constant metric has straight geodesics: all three updates coincide
-    for update in ("second_order", "geodesic"):
-        assert torch.allclose(riemannian_gd(space, p0, 0.1, 3, update), traj, atol=1e-12)
-
-
-def test_riemannian_gd_reports_the_failing_step():
-    space = cv.ParameterSpace(lambda p: (p**2).sum()).reparametrize(cv.reparam.Polar())
-    with pytest.raises(cv.errors.DomainError, match="step 1 of 3"):
-        riemannian_gd(space.with_metric(Euclidean()), torch.tensor([0.1, 0.0]), 5.0, 3)
-    with pytest.raises(ValueError, match="update"):
-        riemannian_gd(space, torch.tensor([1.0, 0.0]), 0.1, 1, update="cubic")
-    with pytest.raises(ValueError, match="lr"):
-        riemannian_gd(space, torch.tensor([1.0, 0.0]), -0.1, 1)
-
-
-def test_gradient_flow_matches_the_closed_form():
-    # L = ½ pᵀ A p, G = M constant: p(t) = expm(−t M⁻¹ A) p0
-    A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
-    M = torch.tensor([[2.0, 0.3], [0.3, 0.5]], dtype=torch.float64)
-    space = cv.ParameterSpace(lambda p: 0.5 * p @ A @ p, Constant(M))
-    p0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
-    t = torch.tensor([0.0, 0.3, 1.0, 2.5], dtype=torch.float64)
-    out = gradient_flow(space, p0, t)
-    K = torch.linalg.solve(M, A)
-    exact = torch.stack([torch.linalg.matrix_exp(-s * K) @ p0 for s in t])
-    assert out.shape == (4, 2)
-    assert torch.allclose(out, exact, atol=1e-9)
-    assert torch.allclose(gradient_flow(space, p0, 0.0), p0[None])
-
-
-def test_gradient_flow_is_invariant_across_charts(spaces):
-    theta, psi, h = spaces
-    t = [0.0, 0.2, 0.5]
-    flow = gradient_flow(theta, THETA0, t)
-    p0 = h.inverse(THETA0)
-    mapped = map_trajectory(gradient_flow(psi, p0, t), h)
-    assert trajectory_discrepancy(mapped, flow, at="max") < 1e-8
-    naive = map_trajectory(gradient_flow(psi.with_metric(Euclidean()), p0, t), h)
-    assert trajectory_discrepancy(naive, flow, at="max") > 1e-3
-    # also through a second, different chart (polar coordinates)
-    polar = theta.reparametrize(cv.reparam.Polar())
-    mapped2 = map_trajectory(gradient_flow(polar, polar.chart.inverse(THETA0), t), polar)
-    assert trajectory_discrepancy(mapped2, flow, at="max") < 1e-8
-
-
-def test_trajectory_tools():
-    assert fit_loglog_slope([1, 2, 4], [5, 10, 20])[0] == pytest.approx(1.0)
-    assert math.isnan(fit_loglog_slope([1, 2], [0.0, 0.0])[0])
-    a = torch.zeros(3, 2)
-    b = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 1.0]])
-    assert trajectory_discrepancy(a, b) == 1.0
-    assert trajectory_discrepancy(a, b, at="max") == 5.0
-    with pytest.raises(cv.errors.ShapeMismatchError):
-        trajectory_discrepancy(a, b[:2])
-    assert torch.allclose(map_trajectory(b, lambda r: 2 * r), 2 * b)
-    with pytest.raises(ValueError, match="integer"):
-        step_size_sweep(cv.ParameterSpace(lambda p: (p**2).sum()), torch.ones(2), [0.3], 1.0)
+from covariant.metrics import Constant, Dense, Metric
+from covariant.optim import RiemannianGD
 
 
 # ------------------------------------------------------------------ RiemannianGD
@@ -458,3 +335,139 @@ def test_exhausted_data_iterator():
     _train(model, opt, X, y, 1)
     with pytest.raises(ValueError, match="exhausted"):
         _train(model, opt, X, y, 1)
+
+
+# ------------------------------------------------------------------ function-space invariance
+class _ElementScale(nn.Module):
+    """W = S ⊙ Ω with a fixed positive S per entry: a linear chart that is not a multiple of I."""
+
+    def __init__(self, s):
+        super().__init__()
+        self.s = s
+
+    def forward(self, omega):
+        return self.s * omega
+
+    def right_inverse(self, w):
+        return w / self.s
+
+
+def _outputs(model, X, opt, y, steps):
+    """f(X) before and after each of ``steps`` optimizer steps."""
+    loss_fn = nn.CrossEntropyLoss()
+    outs = [model(X).detach()]
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(model(X), y).backward()
+        opt.step()
+        outs.append(model(X).detach())
+    return torch.stack(outs)
+
+
+def test_natural_gradient_function_space_trajectory_is_chart_free():
+    """The same network through a parametrize chart: natural-gradient RiemannianGD gives the
+    same outputs f(X) at every step (to 1e-8 in float64), torch.optim.SGD does not."""
+    X, y = _data()
+    base = _mlp()
+    g = torch.Generator().manual_seed(3)
+    charted = copy.deepcopy(base)
+    for m in (charted[0], charted[2]):
+        s = torch.exp(2 * torch.rand(m.weight.shape, generator=g) - 1)  # in [e⁻¹, e]
+        parametrize.register_parametrization(m, "weight", _ElementScale(s))
+    plain = copy.deepcopy(base)
+    assert torch.allclose(charted(X), plain(X), atol=1e-14)
+    kw = dict(loss_fn=nn.CrossEntropyLoss(), data=(X, y), damping=1e-2, cg_tol=1e-12,
+              cg_maxiter=500)
+    ngd_plain = _outputs(plain, X, RiemannianGD(plain.parameters(), 0.5, "ggn", model=plain,
+                                                **kw), y, 4)
+    ngd_chart = _outputs(charted, X, RiemannianGD(charted.parameters(), 0.5, "ggn",
+                                                  model=charted, **kw), y, 4)
+    assert (ngd_plain - ngd_chart).abs().max() < 1e-8
+    assert (ngd_plain[-1] - ngd_plain[0]).abs().max() > 0.1  # and the outputs did move
+
+    sgd_a, sgd_b = copy.deepcopy(base), copy.deepcopy(charted)
+    out_a = _outputs(sgd_a, X, torch.optim.SGD(sgd_a.parameters(), 0.5), y, 4)
+    out_b = _outputs(sgd_b, X, torch.optim.SGD(sgd_b.parameters(), 0.5), y, 4)
+    assert (out_a - out_b).abs().max() > 1e-2
+
+
+def test_subset_of_parameters_in_any_order_matches_the_dense_restriction():
+    """Parameters in another order, some frozen out: the metric is G restricted to them."""
+    X, y = _data()
+    model = _mlp()
+    G, theta = _dense_ggn(model, X, y)
+    names = [n for n, _ in model.named_parameters()]
+    order = ["2.weight", "0.bias"]
+    slices, start = {}, 0
+    for n, p in model.named_parameters():
+        slices[n] = torch.arange(start, start + p.numel())
+        start += p.numel()
+    idx = torch.cat([slices[n] for n in order])
+    named = dict(model.named_parameters())
+    loss = nn.CrossEntropyLoss()(model(X), y)
+    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, [named[n] for n in order])])
+    step = torch.linalg.solve(G[idx][:, idx] + 1e-2 * torch.eye(len(idx)), g)
+    expected = theta.clone()
+    expected[idx] -= 0.5 * step
+    opt = RiemannianGD([named[n] for n in order], 0.5, "ggn", model=model,
+                       loss_fn=nn.CrossEntropyLoss(), data=(X, y), damping=1e-2, cg_tol=1e-12,
+                       cg_maxiter=500)
+    _train(model, opt, X, y, 1)
+    assert torch.allclose(_flat(model), expected, atol=1e-9)
+    assert set(names) == set(named)
+
+
+# ------------------------------------------------------------------ diagnostics and side effects
+def test_info_reports_the_solve_and_last_solve_is_its_alias():
+    X, y = _data()
+    model = _mlp()
+    opt = RiemannianGD(model.parameters(), 0.1, "ggn", model=model,
+                       loss_fn=nn.CrossEntropyLoss(), data=(X, y), damping=1e-2)
+    _train(model, opt, X, y, 1)
+    assert opt.info["method"] == "cg" and opt.info["converged"]
+    assert opt.info["iterations"] > 0 and opt.info["residual"] >= 0
+    assert opt.last_solve is opt.info
+    sgd = RiemannianGD(model.parameters(), 0.1, "weights", model=model)
+    _train(model, sgd, X, y, 1)
+    assert sgd.info == {"method": "identity"}
+
+
+def test_truncated_solve_warns_once_at_the_callers_line():
+    X, y = _data()
+    model = _mlp()
+    opt = RiemannianGD(model.parameters(), 0.1, "ggn", model=model,
+                       loss_fn=nn.CrossEntropyLoss(), data=(X, y), damping=1e-3, cg_maxiter=2)
+    with pytest.warns(RuntimeWarning, match="truncated") as record:
+        _train(model, opt, X, y, 2)
+    assert len(record) == 1
+    assert record[0].filename == __file__
+    assert not opt.info["converged"]
+
+
+def test_steps_leave_the_global_random_state_alone():
+    """Building the charts of a parametrized model draws probes; the user's stream is kept."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    X, y = _data()
+    model = _mlp()
+    weight_norm(model[0])
+    opt = RiemannianGD(model.parameters(), 0.1, "ggn", model=model,
+                       loss_fn=nn.CrossEntropyLoss(), data=(X, y), damping=1e-2)
+    torch.manual_seed(123)
+    _train(model, opt, X, y, 2)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(3))
+
+
+@pytest.mark.parametrize("name", ["covariant.optim.optimizer", "covariant.optim._model_view",
+                                  "covariant.optim._data"])
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)  # examples are written for torch's default dtype
+    try:
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    finally:
+        torch.set_default_dtype(old)
+    assert result.attempted > 0 and result.failed == 0
