@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -59,20 +59,29 @@ class _FromParametrization(Reparametrization):
     def bind(self, shape: torch.Size | Sequence[int]) -> _FromParametrization:
         return _FromParametrization(self.module, torch.Size(tuple(shape)), self._user_bijection)
 
+    #: parametrization types seen to lack forward-mode AD (e.g. torch's weight-norm kernel):
+    #: remembered so that every later product goes straight to the reverse-mode route
+    _NO_FORWARD_AD: ClassVar[set[type]] = set()
+
     def jvp(self, psi: Tensor, v: Tensor) -> Tensor:
-        try:
-            return super().jvp(psi, v)
-        except NotImplementedError:
-            # some parametrizations (torch's weight norm kernel) lack forward-mode AD:
-            # J v is the vjp of the linear map w ↦ Jᵀ w
-            w0 = torch.zeros_like(self.forward(psi))
-            return vjp(lambda w: self.vjp(psi, w), w0)[1](v)[0]
+        kind = type(self.module)
+        if kind not in self._NO_FORWARD_AD:
+            try:
+                return super().jvp(psi, v)
+            except NotImplementedError:
+                self._NO_FORWARD_AD.add(kind)
+        # without forward-mode AD, J v is the vjp of the linear map w ↦ Jᵀ w
+        w0 = torch.zeros_like(self.forward(psi))
+        return vjp(lambda w: self.vjp(psi, w), w0)[1](v)[0]
 
     def jacobian(self, psi: Tensor) -> Tensor:
-        try:
-            return super().jacobian(psi)
-        except NotImplementedError:
-            return torch.func.jacrev(self.forward)(psi)
+        kind = type(self.module)
+        if kind not in self._NO_FORWARD_AD:
+            try:
+                return super().jacobian(psi)
+            except NotImplementedError:
+                self._NO_FORWARD_AD.add(kind)
+        return torch.func.jacrev(self.forward)(psi)
 
     def _need(self) -> list[torch.Size]:
         if self._orig_shapes is None:
