@@ -237,7 +237,7 @@ def row_a(ctx: Ctx, cfg: Config) -> dict:
         "num_probes": N, "batch": int(ctx.X.shape[0]), "params": d,
         "times_s": t, "median_s": med, "probes_per_s": thr,
         "per_probe_ms": {k: 1e3 * v / N for k, v in med.items()},
-        "products_used": got["ours"].extras.get("products"),
+        "products_used": got["ours"].info.get("products"),
         "trace_ours": [got["ours"].value, got["ours"].stderr],
         "trace_ours_hvp_products": [got["hvp"].value, got["hvp"].stderr],
         "trace_peer": [sum(got["peer"]) / N, _stderr(got["peer"])],
@@ -270,7 +270,7 @@ def rows_b(ctx: Ctx, cfg: Config) -> list[dict]:
                       seed=12345)["top_eigs"]
     ref_time = time.perf_counter() - t0
     ref_vals = list(ref.value)
-    resid = list(ref.extras["residuals"])
+    resid = list(ref.info["residuals"])
     rho = max(abs(v) for v in ref_vals)
     ref_bound = [r * rho / abs(v) for r, v in zip(resid, ref_vals, strict=True)]
     reference = {"eigenvalues": ref_vals, "residuals": resid, "converged": ref.converged,
@@ -404,9 +404,9 @@ def row_c(ctx: Ctx, cfg: Config) -> dict:
     inv_m, euc_m = got["inv"], got["euc"]
     extras = {
         "num_probes": N, "chart": "{'*.weight': WeightNorm()} (dim=0)",
-        "psi_dim": int(ctx.psi.shape[0]), "rank": inv_m.extras.get("rank"),
-        "gauge_directions": inv_m.extras.get("num_gauge_directions"),
-        "computed_in": inv_m.extras.get("computed_in", "this chart"),
+        "psi_dim": int(ctx.psi.shape[0]), "rank": inv_m.info.get("rank"),
+        "gauge_directions": inv_m.info.get("num_gauge_directions"),
+        "computed_in": inv_m.info.get("computed_in", "this chart"),
         "times_s": t, "median_s": med,
         "in_chart_vs_euclidean_hvp_products": (med["invariant_weightnorm_in_chart"]
                                                / med["euclidean_w_hvp_products"]),

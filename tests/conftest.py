@@ -1,4 +1,4 @@
-"""Shared fixtures: float64 everywhere, the reference problem of MATH.md §8
+"""Shared fixtures: float64 everywhere, the reference problem of docs/math.md §8
 (:mod:`covariant.zoo.problems`)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Christoffel symbols, the matrix-free connection and geodesics (MATH.md §3)."""
+"""Christoffel symbols, the matrix-free connection and geodesics (docs/math.md §3)."""
 
 from __future__ import annotations
 

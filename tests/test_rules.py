@@ -1,7 +1,7 @@
-"""Every transformation rule of MATH.md §2, checked in float64 against dense ground truth.
+"""Every transformation rule of docs/math.md §2, checked in float64 against dense ground truth.
 
 Charts: affine, a nonlinear elementwise chart, polar, and a user FromFunctions chart (φ⁻¹ of
-MATH.md §8). Points are random and non-critical, so the connection term matters. The metric in
+docs/math.md §8). Points are random and non-critical, so the connection term matters. The metric in
 Θ is a point-dependent (non-constant) SPD field, so pullback and Christoffel terms are real.
 """
 

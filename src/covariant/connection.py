@@ -1,5 +1,5 @@
 r"""The Levi-Civita connection of a metric: Christoffel contractions, Riemannian Hessian-vector
-products and geodesics, all matrix-free (MATH.md §3).
+products and geodesics, all matrix-free (docs/math.md §3).
 
 With DG[u] the directional derivative of θ ↦ G(θ) along u,
 

@@ -53,7 +53,7 @@ class SingularMetricError(CovariantError, ValueError):
     """A metric is singular where its inverse is needed.
 
     The fix is either damping that keeps invariance (``metrics.Damped(G, lam, reference=...)``)
-    or the pseudo-inverse on the horizontal space of a submersion chart (MATH.md §5).
+    or the pseudo-inverse on the horizontal space of a submersion chart (docs/math.md §5).
     """
 
 

@@ -125,7 +125,7 @@ class ParameterSpace:
     def from_log_prob(
         cls, log_prob: LossFn, metric: Metric | None = None, **kwargs: Any
     ) -> ParameterSpace:
-        """A density space: loss = −log p. ``reparametrize`` adds log|det J| (MATH.md §2).
+        """A density space: loss = −log p. ``reparametrize`` adds log|det J| (docs/math.md §2).
 
         Example
         -------
@@ -310,7 +310,7 @@ class ParameterSpace:
         """Hessian-vector product.
 
         ``riemannian=True`` gives Hess·v = ∇²L v − Γ(v, ·)·∇L with the matrix-free connection
-        term (MATH.md §3); ``riemannian=False`` the Euclidean ∇²L v. For a space made by
+        term (docs/math.md §3); ``riemannian=False`` the Euclidean ∇²L v. For a space made by
         ``reparametrize``, ``method="pullback"`` uses Jᵀ Hess_Θ (J v) and ``"general"`` the
         connection formula in this chart; ``"auto"`` picks the pullback when it applies.
         """
@@ -410,7 +410,7 @@ class ParameterSpace:
         """Dense E = G⁻¹ Hess, a (1,1) tensor: E_Ψ = J⁻¹ E_Θ J. Its spectrum is invariant.
 
         For a submersion chart G⁻¹ is the pseudo-inverse; the nonzero spectrum then equals
-        the spectrum in the original chart, plus a 0 per gauge direction (MATH.md §5).
+        the spectrum in the original chart, plus a 0 per gauge direction (docs/math.md §5).
         """
         H = self.hessian(p, riemannian=True, method=method, max_dim=max_dim)
         G = self.metric.dense(p, max_dim=max_dim or self.max_dense_dim)

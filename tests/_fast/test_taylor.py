@@ -102,8 +102,8 @@ def test_flatness_taylor_and_hvp_give_the_same_estimate():
     taylor = cv.flatness(space, p, quadratic_forms="taylor", **kw)["trace"]
     hvp = cv.flatness(space, p, quadratic_forms="hvp", **kw)["trace"]
     auto = cv.flatness(space, p, **kw)["trace"]
-    assert taylor.extras["products"] == "taylor" == auto.extras["products"]
-    assert hvp.extras["products"] == "hvp"
+    assert taylor.info["products"] == "taylor" == auto.info["products"]
+    assert hvp.info["products"] == "hvp"
     assert taylor.value == pytest.approx(hvp.value, rel=1e-10)
     assert auto.value == taylor.value
     # ground truth: the dense float64 Hessian with the same Rademacher probes
@@ -121,7 +121,7 @@ def test_flatness_falls_back_to_products_when_the_loss_has_no_rule():
     p = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
     kw = {"measures": ("trace",), "method": "stochastic", "num_probes": 20, "seed": 0}
     auto = cv.flatness(space, p, **kw)["trace"]
-    assert auto.extras["products"].startswith("hvp (")
+    assert auto.info["products"].startswith("hvp (")
     exact = float(torch.trace(torch.func.hessian(loss)(p)))
     # Rademacher probes and this Hessian: a 3-dim estimate, compare with the product path
     assert auto.value == pytest.approx(cv.flatness(space, p, quadratic_forms="hvp", **kw)
@@ -234,7 +234,7 @@ def test_weight_norm_chart_loss_quotient_and_norm_rules():
                                _dense_quadratic_forms(wn, psi, V), rtol=1e-10, atol=1e-12)
     naive = wn.with_metric(cv.metrics.Euclidean())
     r = cv.flatness(naive, psi, measures=("trace",), method="stochastic", num_probes=20)
-    assert r["trace"].extras["products"] == "taylor"
+    assert r["trace"].info["products"] == "taylor"
 
     def quotient(p):  # division by a p-dependent tensor, broadcast
         return (p[:3] / (1.5 + p[3:4] ** 2)).sin().sum()

@@ -45,8 +45,8 @@ def test_flatness_cli_invariant_across_charts(checkpoint, tmp_path, capsys):
     assert wn["chart_dim"] == w["dim"] + 3 + 10
     # without --in-chart the pulled-back space is computed in w: the very same numbers
     fast = _run([*common, "--chart", "weightnorm:10"], tmp_path, "fast")
-    assert "computed_in" in fast["invariant"]["trace"]["extras"]
-    assert "computed_in" not in wn["invariant"]["trace"]["extras"]
+    assert "computed_in" in fast["invariant"]["trace"]["info"]
+    assert "computed_in" not in wn["invariant"]["trace"]["info"]
     assert fast["invariant"]["trace"]["value"] == pytest.approx(a["value"], rel=1e-12)
 
 

@@ -1,4 +1,5 @@
-"""log det G three ways (closed / dense / SLQ), in float64, against dense truth (MATH.md §5, §7)."""
+"""log det G three ways (closed / dense / SLQ), in float64, against dense truth
+(docs/math.md §5, §7)."""
 
 from __future__ import annotations
 

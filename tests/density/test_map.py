@@ -1,5 +1,5 @@
 """MAP and Riemannian MAP by Newton, L-BFGS and Adam (exact and SLQ log-det), in float64
-(MATH.md §7)."""
+(docs/math.md §7)."""
 
 from __future__ import annotations
 

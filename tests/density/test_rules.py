@@ -1,5 +1,5 @@
 """Density rules: pushforward, the Riemannian density (a scalar) and the lift through a
-submersion, in float64 (MATH.md §2, §7)."""
+submersion, in float64 (docs/math.md §2, §7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The demo (``covariant demo``): its MATH.md §8 part."""
+"""The demo (``covariant demo``): its docs/math.md §8 part."""
 
 from __future__ import annotations
 

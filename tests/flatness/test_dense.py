@@ -21,7 +21,7 @@ MEASURES = ("trace", "logdet", "max_eig", "top_eigs")
 
 
 def loss(t: torch.Tensor) -> torch.Tensor:
-    """A non-quadratic loss on ℝ³ (the reference problem of MATH.md §8, extended)."""
+    """A non-quadratic loss on ℝ³ (the reference problem of docs/math.md §8, extended)."""
     x, y, z = t[0], t[1], t[2]
     return ((x**2 + 2 * y**2 - 1) ** 2 + 0.3 * torch.sin(2 * x) + 0.1 * x * y
             + 0.25 * z**4 + 0.5 * y * z**2 + 0.8 * z**2)

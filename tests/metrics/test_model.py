@@ -299,7 +299,7 @@ def _regression_space(loss: str = "bce"):
 
 
 def _riemannian_hessian_truth(space, theta) -> torch.Tensor:
-    """∇²L − Γ^m_ij ∂_m L with Γ from jacfwd of the dense ground-truth GGN (MATH.md §3)."""
+    """∇²L − Γ^m_ij ∂_m L with Γ from jacfwd of the dense ground-truth GGN (docs/math.md §3)."""
     H = torch.func.hessian(space._loss)(theta)
     g = torch.func.grad(space._loss)(theta)
     G = _ggn_truth(space, theta)

@@ -174,7 +174,7 @@ def _w(model):
 
 
 def test_ntk_and_standard_parametrization_agree_to_float64():
-    """GD on Ω (W = s Ω, s = σ/√n) is GD on W with per-layer lr α s² (MATH.md §6)."""
+    """GD on Ω (W = s Ω, s = σ/√n) is GD on W with per-layer lr α s² (docs/math.md §6)."""
     X, y = _data()
     base = _mlp()
     scales = [1 / math.sqrt(4), 1 / math.sqrt(6)]

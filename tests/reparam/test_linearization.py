@@ -218,6 +218,6 @@ def test_horizontal_operator_shares_the_chart_linearization():
     finally:
         type(wn.chart)._linearize = original
     assert len(calls) == 1
-    # with the pulled-back Euclidean metric the horizontal operator is ∇²L(θ) (MATH.md §5)
+    # with the pulled-back Euclidean metric the horizontal operator is ∇²L(θ) (docs/math.md §5)
     u = torch.randn(d, dtype=torch.float64)
     assert torch.allclose(matvec(u), space.hvp(theta, u, riemannian=False), atol=1e-10)

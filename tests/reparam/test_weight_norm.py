@@ -1,4 +1,5 @@
-"""Weight normalization, a submersion chart (MATH.md §5), on a small MLP at a non-critical point."""
+"""Weight normalization, a submersion chart (docs/math.md §5), on a small MLP at a
+non-critical point."""
 
 from __future__ import annotations
 

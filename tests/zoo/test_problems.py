@@ -1,4 +1,5 @@
-"""covariant.zoo.problems: MATH.md §8 reference values at the non-critical point θ = (0.7, −0.4),
+"""covariant.zoo.problems: docs/math.md §8 reference values at the non-critical point
+θ = (0.7, −0.4),
 to the printed digits, for the closed-form chart and the same chart through FromFunctions."""
 
 from __future__ import annotations

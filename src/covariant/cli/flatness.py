@@ -183,7 +183,7 @@ def _plot_density(result: dict[str, Any], path: Path) -> Path:
     plt = require("matplotlib.pyplot", "plots")
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    nodes = {k: torch.tensor(result[k]["spectral_density"]["extras"]["nodes"])
+    nodes = {k: torch.tensor(result[k]["spectral_density"]["info"]["nodes"])
              for k in ("invariant", "naive")}
     lo = min(float(n.min()) for n in nodes.values())
     hi = max(float(n.max()) for n in nodes.values())
@@ -191,7 +191,7 @@ def _plot_density(result: dict[str, Any], path: Path) -> Path:
     grid = torch.linspace(lo - pad, hi + pad, 600, dtype=torch.float64)
     sigma = 0.01 * float(grid[-1] - grid[0])  # one broadening for both curves
     for kind, style in (("invariant", "-"), ("naive", "--")):
-        weights = torch.tensor(result[kind]["spectral_density"]["extras"]["weights"])
+        weights = torch.tensor(result[kind]["spectral_density"]["info"]["weights"])
         dens = spectral_density(nodes[kind].double(), weights.double(), grid, sigma)
         ax.plot(grid, dens.clamp_min(1e-12), style, label=kind)
     ax.set_yscale("log")

@@ -1,4 +1,5 @@
-r"""Densities under reparametrization, the Riemannian volume, log det G, and MAP (MATH.md §2, §7).
+r"""Densities under reparametrization, the Riemannian volume, log det G, and MAP
+(docs/math.md §2, §7).
 
 A probability density with respect to Lebesgue measure is *not* a scalar: under θ = h(ψ),
 

@@ -1,9 +1,9 @@
 r"""log det G(p), three ways: closed form, dense Cholesky and stochastic Lanczos quadrature.
 
 log det G enters the Riemannian volume dV = √det G dθ, so every Riemannian density and the
-Riemannian MAP needs it (MATH.md §7). For a degenerate metric (a pullback through a submersion
+Riemannian MAP needs it (docs/math.md §7). For a degenerate metric (a pullback through a submersion
 such as weight norm) it is the pseudo-log-determinant, the log of the product of the nonzero
-eigenvalues (MATH.md §5).
+eigenvalues (docs/math.md §5).
 
 - :func:`logdet`: a differentiable scalar, by ``"closed"`` (metrics pulled back from a constant
   or diagonal metric through charts, via ``log_abs_det_jacobian``), ``"dense"`` (Cholesky) or
@@ -253,7 +253,7 @@ def logdet(
     r"""log det G(p) as a differentiable scalar tensor (a loss term).
 
     For a degenerate metric (a pullback through a submersion such as weight norm) this is the
-    pseudo-log-determinant, the log of the product of the nonzero eigenvalues (MATH.md §5).
+    pseudo-log-determinant, the log of the product of the nonzero eigenvalues (docs/math.md §5).
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-r"""MAP and Riemannian MAP on a density space (MATH.md §7).
+r"""MAP and Riemannian MAP on a density space (docs/math.md §7).
 
 The ordinary MAP minimizes −log p_Ψ; it moves under a reparametrization, because log p_Ψ
 gains log|det J|. The Riemannian MAP minimizes
@@ -246,7 +246,7 @@ def map_estimate(
     under a reparametrization because log p_Ψ gains log|det J|. ``riemannian=True`` minimizes
     −log q(ψ) = −log p_Ψ(ψ) + ½ log det G_Ψ(ψ) (:func:`map_objective`), a scalar, so its
     minimizer is the same point in every chart: ψ* = h⁻¹(θ*). With G = I in the original chart
-    it is the ordinary MAP there, in every chart (MATH.md §7).
+    it is the ordinary MAP there, in every chart (docs/math.md §7).
 
     Parameters
     ----------

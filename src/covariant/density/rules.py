@@ -1,4 +1,4 @@
-r"""The transformation rules of a density, and the Riemannian volume (MATH.md §2, §7).
+r"""The transformation rules of a density, and the Riemannian volume (docs/math.md §2, §7).
 
 A probability density with respect to Lebesgue measure is *not* a scalar: under θ = h(ψ),
 

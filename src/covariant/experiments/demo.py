@@ -3,7 +3,7 @@
 Two parts, each printed as a table of measure × (original chart; new chart with the metric
 carried along; new chart naive):
 
-1. The 2-D reference problem of MATH.md §8 at a non-critical point, in the chart φ⁻¹ and in an
+1. The 2-D reference problem of docs/math.md §8 at a non-critical point, in the chart φ⁻¹ and in an
    elementwise sinh chart.
 2. A small MLP trained on generated MNIST-1D data (the ``mnist1d`` generator; nothing is
    downloaded), reparametrized by weight norm with ‖v‖ rescaled by 0.1, 1 and 10 (which does
@@ -17,7 +17,7 @@ With ``out_dir`` it writes ``demo_spectra.png`` (naive vs invariant spectra),
 
 Example
 -------
->>> toy = toy_part()                 # the MATH.md §8 part (fast)
+>>> toy = toy_part()                 # the docs/math.md §8 part (fast)
 >>> toy["max_invariant_deviation"] < 1e-12, round(toy["original"]["trace"], 5)
 (True, 5.57746)
 >>> from covariant.experiments.demo import run
@@ -134,7 +134,7 @@ def _scale_directions(
 
 
 def toy_part(progress: bool = False) -> dict[str, Any]:
-    """Part 1: the MATH.md §8 problem."""
+    """Part 1: the docs/math.md §8 problem."""
     space = ParameterSpace(reference_loss)
     charts = {
         "φ⁻¹ (MATH §8)": (ReferenceChart(), None),
@@ -219,7 +219,7 @@ def _densities(space: ParameterSpace, theta: torch.Tensor, charts: dict[str, Any
             if chart is None and kind == "naive":
                 continue
             m = flatness(s, p, **opts)["spectral_density"]
-            raw[name][kind] = (torch.tensor(m.extras["nodes"]), torch.tensor(m.extras["weights"]))
+            raw[name][kind] = (torch.tensor(m.info["nodes"]), torch.tensor(m.info["weights"]))
     lo = min(float(n.min()) for r in raw.values() for n, _ in r.values())
     hi = max(float(n.max()) for r in raw.values() for n, _ in r.values())
     pad = 0.05 * (hi - lo)
@@ -294,7 +294,7 @@ def run(
     torch.set_num_threads(max(1, torch.get_num_threads()))
     toy = toy_part(progress)
     if echo:
-        _print_part("MATH.md §8 problem at θ = (0.7, −0.4)", toy, ("trace", "det", "max_eig"),
+        _print_part("docs/math.md §8 problem at θ = (0.7, −0.4)", toy, ("trace", "det", "max_eig"),
                     echo)
     mlp = mlp_part(quick=quick, seed=seed, progress=progress, echo=echo)
     if echo:

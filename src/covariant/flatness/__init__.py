@@ -1,4 +1,4 @@
-r"""Curvature ("flatness") measures of a minimum, invariant and classic (MATH.md §4).
+r"""Curvature ("flatness") measures of a minimum, invariant and classic (docs/math.md §4).
 
 Every measure is spectral and taken on the shape operator E = G⁻¹ Hess, i.e. on the
 generalized eigenproblem Hess x = λ G x. Its eigenvalues do not depend on the chart, so
@@ -8,7 +8,7 @@ depend on the chart.
 
 For a submersion chart (weight norm) the problem is solved on the horizontal space, the range
 of G: that drops one zero eigenvalue per gauge direction and gives the pseudo-log-determinant
-(MATH.md §5).
+(docs/math.md §5).
 
 Parts:
 

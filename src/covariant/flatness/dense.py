@@ -9,7 +9,7 @@ ground truth the stochastic one is tested against.
 For a submersion chart (weight norm) G is singular along the gauge directions, and the problem
 is solved on the horizontal space span(Q) (Q orthonormal, ``space.horizontal_basis``):
 QᵀHess Q y = λ QᵀG Q y, x = Q y. That drops one zero eigenvalue per gauge direction and gives
-the pseudo-log-determinant (MATH.md §5).
+the pseudo-log-determinant (docs/math.md §5).
 
 Example
 -------

@@ -86,13 +86,11 @@ class Measure:
     def to_dict(self) -> dict[str, Any]:
         """Every field but ``vectors`` as plain JSON-ready Python.
 
-        Tensors become lists, non-finite floats the strings "inf", "-inf", "nan". ``info``
-        is also written under its former key ``"extras"``.
+        Tensors become lists, non-finite floats the strings "inf", "-inf", "nan".
         """
         out = {"name": self.name, "value": self.value, "stderr": self.stderr,
                "residual": self.residual, "num_matvecs": self.num_matvecs,
-               "converged": self.converged, "method": self.method, "info": self.info,
-               "extras": self.info}
+               "converged": self.converged, "method": self.method, "info": self.info}
         return _to_jsonable(out)
 
     def format(self, digits: int = 5) -> str:

@@ -1,4 +1,4 @@
-r"""Matrix-free, stochastic flatness measures at network scale (MATH.md §4–5).
+r"""Matrix-free, stochastic flatness measures at network scale (docs/math.md §4–5).
 
 All measures are spectral quantities of the shape operator E = G⁻¹ Hess, applied matrix-free:
 one Hessian-vector product (with the connection term, or the pullback fast path) and one
@@ -16,7 +16,7 @@ G⁺ is the pseudo-inverse on the horizontal space. The problem is then posed on
 space, in the coordinates u = J v of the chart's image: E_h u = J G⁺Hess J⁺ u, self-adjoint
 in the inner product J⁺ᵀ G J⁺. Every product still uses the chart's own Hessian and metric;
 the spectrum is exactly the nonzero spectrum of G⁺Hess (no gauge zeros), so the trace is
-tr E and the log-determinant the pseudo-log-determinant (MATH.md §5).
+tr E and the log-determinant the pseudo-log-determinant (docs/math.md §5).
 
 Example
 -------
@@ -103,7 +103,7 @@ def shape_operator_matvecs(
             f"flatness: the metric has rank {rank} < {d} and its kernel is not the gauge space "
             "of this space's chart. Damp it in a way that keeps invariance "
             "(metrics.Damped(G, lam, reference=...)) or use the pulled-back metric of a "
-            "submersion chart (MATH.md §5)."
+            "submersion chart (docs/math.md §5)."
         )
 
     lin = h.linearize(p)  # the chart's per-point work (θ, weight norms) done once

@@ -1,5 +1,5 @@
 r"""The Laplace approximation: evidence, covariance, samples and predictives, classic and
-invariant (MATH.md §7).
+invariant (docs/math.md §7).
 
 On a density space (the log joint log p(D, θ); ``ParameterSpace.from_log_prob`` or
 :func:`posterior_space` for an ``nn.Module``), expanded around a mode p*:

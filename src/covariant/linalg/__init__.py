@@ -13,7 +13,7 @@ Contents (each a small pure function, named after its method):
 - :mod:`~covariant.linalg.lanczos`: :func:`lanczos`, extreme eigenpairs by thick-restart
   (Krylov-Schur) Lanczos with full reorthogonalization, optionally in a ``B``-inner product.
   With ``matvec = G⁻¹ Hess`` and ``inner_matvec = G`` this is the spectrum of the shape
-  operator (MATH.md §4).
+  operator (docs/math.md §4).
 - :mod:`~covariant.linalg.pinv`: :func:`pinv_solve`, ``A⁺ b`` for a positive semi-definite
   ``A`` by Lanczos on the range.
 - :mod:`~covariant.linalg.trace`: :func:`hutchinson`, :func:`hutchpp`, :func:`xtrace`,

@@ -33,7 +33,7 @@ Matmat = Callable[[Tensor], Tensor]
 _DAMPING_HINT = (
     "Damp the metric in a way that keeps invariance, e.g. "
     "covariant.metrics.Damped(G, lam, reference=...), or, for a submersion chart, work with the "
-    "pseudo-inverse on the horizontal space (MATH.md §5)."
+    "pseudo-inverse on the horizontal space (docs/math.md §5)."
 )
 
 

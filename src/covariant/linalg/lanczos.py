@@ -2,7 +2,7 @@
 
 :func:`lanczos` runs Lanczos with full reorthogonalization, optionally in a ``B``-inner
 product: with ``matvec = G⁻¹ Hess`` and ``inner_matvec = G`` its Ritz values are the
-eigenvalues of the shape operator (MATH.md §4), computed with ``G``-solves only. The small
+eigenvalues of the shape operator (docs/math.md §4), computed with ``G``-solves only. The small
 projected matrices live on the CPU in float64, where an ``m × m`` eigendecomposition is
 cheapest and most accurate; the basis keeps the operator's dtype and device.
 
@@ -65,7 +65,7 @@ def lanczos(
     **Generalized problem.** Pass ``matvec = B⁻¹H`` and ``inner_matvec = B`` (SPD). ``B⁻¹H`` is
     self-adjoint in the ``B``-inner product, so the Ritz values approximate the eigenvalues of
     ``H x = λ B x``. With ``H = Hess`` and ``B = G`` these are the eigenvalues of the shape
-    operator ``E = G⁻¹ Hess`` (MATH.md §4), computed with ``G``-solves only; no ``G^{-1/2}``.
+    operator ``E = G⁻¹ Hess`` (docs/math.md §4), computed with ``G``-solves only; no ``G^{-1/2}``.
     The eigenvectors are ``B``-orthonormal and the residual norms are ``B``-norms, so both
     the values and the convergence flags are chart-invariant.
 

@@ -1,7 +1,7 @@
 r"""The diagonal geometry an Adam / RMSprop / Adagrad state implies.
 
 G = diag(√v̂ + ε) in the chart where the optimizer ran. It is a constant metric there and is
-**not** a tensor under reparametrization (MATH.md §6): pulled back through a chart it is
+**not** a tensor under reparametrization (docs/math.md §6): pulled back through a chart it is
 not what the optimizer would have built in that chart.
 
 Example
@@ -69,7 +69,7 @@ class AdamMetric(Diagonal):
     - Adagrad: G = √(Σ g²) + ε.
 
     The diagonal is frozen when the object is built: a constant metric (no Christoffel
-    symbols). It is **not** a tensor under reparametrization (MATH.md §6): Adam run in another
+    symbols). It is **not** a tensor under reparametrization (docs/math.md §6): Adam run in another
     chart builds its own squared-gradient statistics there, which are not Jᵀ G J. Use it to
     ask how flat a minimum is *for Adam*, in the chart Adam ran in.
 

@@ -9,7 +9,7 @@ used only through products, so nothing d×d is built unless ``dense`` is asked f
 
 Under a chart θ = h(ψ) a metric transforms as a (0, 2) tensor, G_Ψ = Jᵀ G_Θ J: that is
 :class:`Pullback`, and the one place where this rule lives. :class:`Damped` adds λ·G_ref,
-which stays invariant when the reference is pulled back with it (MATH.md §5).
+which stays invariant when the reference is pulled back with it (docs/math.md §5).
 
 Example
 -------
@@ -63,7 +63,7 @@ _SINGULAR_HINT = (
     "Either damp it in a way that keeps invariance, "
     "covariant.metrics.Damped(G, lam, reference=<a correctly transformed metric>), "
     "or, for a submersion chart such as weight norm, use the pulled-back metric, whose "
-    "solve is the pseudo-inverse on the horizontal space (MATH.md §5)."
+    "solve is the pseudo-inverse on the horizontal space (docs/math.md §5)."
 )
 
 
@@ -339,7 +339,7 @@ class Damped(Metric):
     With ``reference=None`` the reference is the identity *of the chart it was built in*,
     G + λI. That breaks invariance: λI is not a tensor. When the space is reparametrized,
     a ``Damped`` metric pulls back *both* parts, Jᵀ(G + λ G_ref)J = JᵀGJ + λ JᵀG_ref J, so
-    the damping stays the same geometric object in every chart (MATH.md §5).
+    the damping stays the same geometric object in every chart (docs/math.md §5).
 
     Parameters
     ----------
@@ -378,7 +378,7 @@ class Pullback(Metric):
 
     Matrix-free: ``matvec`` is a jvp of h, a product with G_Θ, and a vjp of h. ``solve`` uses
     inverse-Jacobian products, G_Ψ⁻¹ w = J⁻¹ G_Θ⁻¹ J⁻ᵀ w; for a submersion (weight norm) it is
-    the pseudo-inverse on the horizontal space, G_Ψ⁺ = J⁺ G_Θ⁻¹ J⁺ᵀ (MATH.md §5).
+    the pseudo-inverse on the horizontal space, G_Ψ⁺ = J⁺ G_Θ⁻¹ J⁺ᵀ (docs/math.md §5).
     ``logdet`` is log det G_Θ + 2 log|det J| for a bijection; for a submersion G_Ψ is
     singular and ``pseudo_logdet`` = log det G_Θ + log det(J Jᵀ) is the log of the product of
     its nonzero eigenvalues.
@@ -432,7 +432,7 @@ class Pullback(Metric):
             raise SingularMetricError(
                 "Pullback.logdet: the metric pulled back through a submersion is singular "
                 "along the gauge directions, so its determinant is 0. Use pseudo_logdet(p), "
-                "the log-product of the nonzero eigenvalues (MATH.md §5)."
+                "the log-product of the nonzero eigenvalues (docs/math.md §5)."
             )
         theta = self.reparam.forward(p)
         return self.base.logdet(theta) + 2 * self.reparam.log_abs_det_jacobian(p)

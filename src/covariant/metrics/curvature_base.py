@@ -43,14 +43,14 @@ or along symmetries (a cross-entropy net with a linear last layer is invariant t
 same number to every logit, so the GGN always has zero eigenvalues there). ``solve`` never
 returns a silent 1e14: with ``solve_mode='raise'`` (default) it raises
 :class:`~covariant.errors.SingularMetricError` with the fix, ``Damped(G, lam,
-reference=...)`` (MATH.md §5); with ``solve_mode='pinv'`` it returns the pseudo-inverse
+reference=...)`` (docs/math.md §5); with ``solve_mode='pinv'`` it returns the pseudo-inverse
 solution G⁺w, matrix-free (Lanczos, i.e. CG, with the numerically null Ritz directions
 dropped: :meth:`CurvatureMetric.pinv_solve`), and ``logdet`` is the pseudo-log-determinant.
 ``rank`` is always the numerical rank (eigenvalues above ``rank_rtol``·λ_max).
 
 :class:`AdamMetric` is different in kind: the diagonal preconditioner of an Adam / RMSprop /
 Adagrad state. It is a constant metric in the chart where the optimizer ran and is **not** a
-tensor under reparametrization (MATH.md §6).
+tensor under reparametrization (docs/math.md §6).
 
 Example
 -------
@@ -293,7 +293,7 @@ class CurvatureMetric(Metric):
         return total
 
     def pseudo_logdet(self, p: Tensor) -> Tensor:
-        """log of the product of the nonzero eigenvalues (dense; MATH.md §5)."""
+        """log of the product of the nonzero eigenvalues (dense; docs/math.md §5)."""
         evals = self.eigvalsh(p)
         r = self.rank(p)
         if r == 0:
@@ -317,7 +317,8 @@ class CurvatureMetric(Metric):
         return (
             "Fixes: damp it in a way that keeps invariance, covariant.metrics.Damped(G, lam, "
             "reference=<a correctly transformed metric, e.g. the pullback of a metric of the "
-            f"original chart>) (MATH.md §5); or ask for the projected answer, {self.name}(..., "
+            "original chart>) (docs/math.md §5); or ask for the projected answer, "
+            f"{self.name}(..., "
             "solve_mode='pinv'), which solves on the range of G (the pseudo-inverse)."
         )
 

@@ -1,5 +1,5 @@
 r"""Invariant optimization: Riemannian and natural gradient descent, geodesic updates and
-gradient flow (MATH.md §6).
+gradient flow (docs/math.md §6).
 
 Preconditioned gradient descent θ ← θ − α G(θ)⁻¹ ∇L(θ) is Riemannian gradient descent with
 metric G. Run in a new chart with the pulled-back metric, it moves the same way to first order

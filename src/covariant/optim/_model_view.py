@@ -13,7 +13,7 @@ covariant's charts and nothing else:
   the optimizer moves only some of the coordinates ψ or orders them differently; the other
   coordinates stay at their current values.
 
-A metric G_w of the weights reaches p as ``metrics.Pullback(G_w, E)``, Eᵀ G_w E (MATH.md §2),
+A metric G_w of the weights reaches p as ``metrics.Pullback(G_w, E)``, Eᵀ G_w E (docs/math.md §2),
 and the weights' Euclidean metric as ``Pullback(Euclidean(), E)``: every product rule lives in
 :mod:`covariant.metrics` and :mod:`covariant.reparam`. The embedding is used for products
 only (the optimizer solves with conjugate gradients), never for ``Pullback.solve``.

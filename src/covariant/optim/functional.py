@@ -1,5 +1,5 @@
 r"""Riemannian gradient descent and gradient flow on a :class:`~covariant.ParameterSpace`, and
-tools to compare trajectories across charts (MATH.md §6).
+tools to compare trajectories across charts (docs/math.md §6).
 
 Preconditioned gradient descent θ ← θ − α G(θ)⁻¹ ∇L(θ) is Riemannian gradient descent with
 metric G. How invariant it is depends on how it moves:

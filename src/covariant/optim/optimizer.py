@@ -12,7 +12,7 @@ by conjugate gradients and moves p ← p − α r, with the momentum, Nesterov, 
 - ``"weights"``: the weights' Euclidean metric pulled back, ``Pullback(Euclidean(), E)``.
 
 Damping by the ``"weights"`` reference is added in w, ``Pullback(Damped(G_w, λ), E)``, so that it
-transforms with the chart (MATH.md §5).
+transforms with the chart (docs/math.md §5).
 
 Example
 -------
@@ -103,7 +103,7 @@ class RiemannianGD(torch.optim.Optimizer):
         G_ref. ``"weights"`` (default) is the ``"weights"`` metric above: since it is itself a
         pulled-back metric, G + λ G_ref transforms correctly and **damping keeps invariance
         under every ``torch.nn.utils.parametrize`` chart** (weight norm, per-layer scaling,
-        NTK parametrization, ...) (MATH.md §5). It is still λI in the module's own weight
+        NTK parametrization, ...) (docs/math.md §5). It is still λI in the module's own weight
         coordinates, so it does *not* make the step invariant under a change of those (e.g.
         rewriting the model with rescaled layers without ``parametrize``). Without ``model``
         it is I. ``"identity"`` is λI on the raw parameters: not invariant.
@@ -140,7 +140,7 @@ class RiemannianGD(torch.optim.Optimizer):
     *Invariance.* With the exact natural gradient (converged CG) the step transforms as a
     vector: training the same network through any ``parametrize`` chart gives, mapped to the
     weights, the same trajectory to first order in α (exactly, for a linear chart), where
-    ``torch.optim.SGD`` and Adam give a different one (MATH.md §6). A parameter without
+    ``torch.optim.SGD`` and Adam give a different one (docs/math.md §6). A parameter without
     ``.grad`` counts as gradient 0 for a non-Euclidean metric (the metric may still move it).
 
     Example

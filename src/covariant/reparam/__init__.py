@@ -6,7 +6,7 @@ as ``torch.nn.utils.parametrize``. Every chart provides, on flat 1-D tensors,
 - ``h(psi)`` and a (right) inverse ``h.inverse(theta)``;
 - ``jvp(psi, v) = J v`` and ``vjp(psi, w) = Jᵀ w`` with ``J = ∂θ/∂ψ``;
 - ``inverse_jvp(psi, u) = J⁺ u`` and ``inverse_vjp(psi, z) = J⁺ᵀ z``, where ``J⁺ = J⁻¹`` for a
-  bijection and a right inverse ``Jᵀ(JJᵀ)⁻¹`` for a submersion (MATH.md §5);
+  bijection and a right inverse ``Jᵀ(JJᵀ)⁻¹`` for a submersion (docs/math.md §5);
 - ``log_abs_det_jacobian(psi) = log|det J|`` (bijections only).
 
 Generic defaults come from ``torch.func``; the built-in charts override them with closed forms,

@@ -7,7 +7,7 @@ A chart maps *new* coordinates ψ to *original* ones θ, the same direction as
 - ``h(psi)`` and a (right) inverse ``h.inverse(theta)``;
 - ``jvp(psi, v) = J v`` and ``vjp(psi, w) = Jᵀ w`` with ``J = ∂θ/∂ψ``;
 - ``inverse_jvp(psi, u) = J⁺ u`` and ``inverse_vjp(psi, z) = J⁺ᵀ z``, where ``J⁺ = J⁻¹`` for a
-  bijection and a right inverse ``Jᵀ(JJᵀ)⁻¹`` for a submersion (MATH.md §5);
+  bijection and a right inverse ``Jᵀ(JJᵀ)⁻¹`` for a submersion (docs/math.md §5);
 - ``log_abs_det_jacobian(psi) = log|det J|`` (bijections only).
 
 Generic defaults come from ``torch.func``; the built-in charts override them with closed forms,
@@ -272,7 +272,7 @@ class Reparametrization:
     def pushforward_log_prob(
         self, log_prob: Callable[[Tensor], Tensor]
     ) -> Callable[[Tensor], Tensor]:
-        """log p_Ψ(ψ) = log p_Θ(h(ψ)) + log|det J(ψ)|: the density rule of MATH.md §2.
+        """log p_Ψ(ψ) = log p_Θ(h(ψ)) + log|det J(ψ)|: the density rule of docs/math.md §2.
 
         The one place of this rule (``density.pushforward_log_prob`` and density spaces use
         it). Raises :class:`NotABijectionError` for a submersion.
@@ -300,7 +300,7 @@ class Reparametrization:
                 f"{type(self).__name__} is a submersion (more new coordinates than original "
                 f"ones), so {what} is undefined: there is no log|det J| and a density cannot be "
                 "pushed through it. Use a bijective chart, or keep the density in the original "
-                "chart and reparametrize only the metric (MATH.md §5)."
+                "chart and reparametrize only the metric (docs/math.md §5)."
             )
 
     def __repr__(self) -> str:
@@ -308,7 +308,7 @@ class Reparametrization:
 
 
 def _solve_jjt(h: Reparametrization, psi: Tensor, u: Tensor) -> Tensor:
-    """(J Jᵀ)⁻¹ u by conjugate gradients: the generic submersion path (MATH.md §5)."""
+    """(J Jᵀ)⁻¹ u by conjugate gradients: the generic submersion path (docs/math.md §5)."""
     return cg(lambda x: h.jvp(psi, h.vjp(psi, x)), u).x
 
 

@@ -1,4 +1,4 @@
-r"""Weight normalization w = g · v / ‖v‖ as a chart (a submersion, MATH.md §5), and its
+r"""Weight normalization w = g · v / ‖v‖ as a chart (a submersion, docs/math.md §5), and its
 linearization: closed-form J, Jᵀ, J⁺, J⁺ᵀ, JᵀJ and J⁺J⁺ᵀ products at one point.
 
 Example
@@ -36,7 +36,7 @@ class WeightNorm(Reparametrization):
     Follows ``torch.nn.utils.parametrizations.weight_norm``: with ``dim=0`` there is one g per
     output unit and ‖v‖ is taken over all other axes; with ``dim=None`` a single g and the
     norm of the whole tensor. ψ packs ``g`` (one value per slice) followed by ``v`` (the
-    shape of w). Per slice, with v̂ = v/‖v‖ and c = g/‖v‖ (MATH.md §5):
+    shape of w). Per slice, with v̂ = v/‖v‖ and c = g/‖v‖ (docs/math.md §5):
 
     - J = [v̂ | c (I − v̂v̂ᵀ)], rank n, kernel spanned by (0, v) (the gauge direction);
     - J⁺u = (v̂·u, (u − v̂(v̂·u)) / c) and J⁺ᵀ(δg, δv) = δg v̂ + (δv − v̂(v̂·δv)) / c,
@@ -202,7 +202,7 @@ class WeightNorm(Reparametrization):
     has_closed_form_jjt_logdet = True
 
     def jjt_logdet(self, psi: Tensor) -> Tensor:
-        """log det(J Jᵀ) = Σ_slices 2 (n_slice − 1) log|c| (closed form, MATH.md §5)."""
+        """log det(J Jᵀ) = Σ_slices 2 (n_slice − 1) log|c| (closed form, docs/math.md §5)."""
         _, c = self._parts(psi)
         per_slice = self.n // self.num_slices
         return 2 * (per_slice - 1) * c.abs().log().sum()

@@ -1,6 +1,6 @@
 """Ready-made problems, models, data and training loops to try covariant on.
 
-- :mod:`covariant.zoo.problems`: the 2-D reference problem of MATH.md §8 (loss, chart, point);
+- :mod:`covariant.zoo.problems`: the 2-D reference problem of docs/math.md §8 (loss, chart, point);
 - :mod:`covariant.zoo.architectures`: MLP / CNN1D / ResNet1D for 1-D inputs, and presets;
 - :mod:`covariant.zoo.checkpoints`: save and load those models with their recipe;
 - :mod:`covariant.zoo.data`: MNIST-1D (generated locally), sklearn digits, synthetic sets;

@@ -1,4 +1,5 @@
-r"""The reference problem of MATH.md §8, with known answers, for docs, demos, experiments, tests.
+r"""The reference problem of docs/math.md §8, with known answers, for docs, demos, experiments
+and tests.
 
 The loss L(x, y) = (x² + 2y² − 1)² + 0.3 sin 2x + 0.1 xy with G = I in (x, y), and the chart
 ψ = φ(θ) = (x + 0.2x³, y + 0.5 sin x), i.e. h = φ⁻¹. At θ = (0.7, −0.4):
@@ -26,7 +27,7 @@ from ..reparam import Reparametrization
 
 __all__ = ["REFERENCE_POINT", "ReferenceChart", "reference_h", "reference_loss", "reference_phi"]
 
-#: The non-critical point of MATH.md §8.
+#: The non-critical point of docs/math.md §8.
 REFERENCE_POINT = torch.tensor([0.7, -0.4], dtype=torch.float64)
 
 
@@ -75,7 +76,7 @@ def reference_h(psi: Tensor) -> Tensor:
 
 
 class ReferenceChart(Reparametrization):
-    r"""h = φ⁻¹ with φ(x, y) = (x + 0.2x³, y + 0.5 sin x), the chart of MATH.md §8, in closed
+    r"""h = φ⁻¹ with φ(x, y) = (x + 0.2x³, y + 0.5 sin x), the chart of docs/math.md §8, in closed
     form.
 
     The cubic x + 0.2x³ = u has one real root (Cardano): with

@@ -1,4 +1,4 @@
-r"""``covariant reproduce density``: MAP and Laplace under reparametrization (MATH.md §7).
+r"""``covariant reproduce density``: MAP and Laplace under reparametrization (docs/math.md §7).
 
 Five parts, each written to ``<out_dir>/density_parts/<part>.json`` as soon as it is done (so a
 killed run resumes where it stopped) and drawn to ``<out_dir>/density_<part>.png``; the whole

@@ -1,11 +1,11 @@
 r"""Experiment: which optimizers are invariant under reparametrization, and to what order
-(MATH.md §6; ``covariant reproduce optimization``).
+(docs/math.md §6; ``covariant reproduce optimization``).
 
 Parts, each saved to ``optimization.json`` as soon as it is done (a rerun with the same
 settings skips finished parts), with figures drawn from the JSON:
 
-(a) **Trajectories** on the 2-D loss of MATH.md §8 under two nonlinear charts (h = φ⁻¹ of
-    MATH.md §8, and polar coordinates), every run mapped back to θ over the loss contours:
+(a) **Trajectories** on the 2-D loss of docs/math.md §8 under two nonlinear charts (h = φ⁻¹ of
+    docs/math.md §8, and polar coordinates), every run mapped back to θ over the loss contours:
     GD in θ, plain GD in ψ, Riemannian GD in ψ (linear, second-order, geodesic) and the
     gradient flow. → ``optimization_trajectories.png``
 (b) **Order of invariance.** Distance at a fixed horizon T between the ψ-run (mapped to θ)

@@ -1,4 +1,4 @@
-"""The two nonlinear charts of the 2-D parts: h = φ⁻¹ of MATH.md §8 and polar coordinates.
+"""The two nonlinear charts of the 2-D parts: h = φ⁻¹ of docs/math.md §8 and polar coordinates.
 
 Example
 -------
@@ -15,5 +15,5 @@ __all__ = ["charts"]
 
 
 def charts() -> dict[str, Reparametrization]:
-    """The charts by name: ``"phi"`` (MATH.md §8) and ``"polar"``."""
+    """The charts by name: ``"phi"`` (docs/math.md §8) and ``"polar"``."""
     return {"phi": ReferenceChart(), "polar": Polar()}

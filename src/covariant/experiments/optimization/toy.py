@@ -1,4 +1,4 @@
-"""Parts (a) and (b): trajectories on the 2-D loss of MATH.md §8, and the order of invariance.
+"""Parts (a) and (b): trajectories on the 2-D loss of docs/math.md §8, and the order of invariance.
 
 (a) GD in θ, plain GD in ψ, Riemannian GD in ψ (linear, second-order, geodesic) and the
 gradient flow, under the charts h = φ⁻¹ and polar, every run mapped back to θ.
@@ -134,7 +134,7 @@ def plot_a(a: dict[str, Any], out: Path, plt: Any) -> str:
         for key, st in styles.items():
             tr = np.asarray(res["trajectories"][key])
             ax.plot(tr[:, 0], tr[:, 1], **st)
-        title = {"phi": "chart h = φ⁻¹ (MATH.md §8)", "polar": "polar chart (r, φ)"}[name]
+        title = {"phi": "chart h = φ⁻¹ (docs/math.md §8)", "polar": "polar chart (r, φ)"}[name]
         ax.set_title(f"{title}\nα = {a['lr']}, {a['steps']} steps")
         ax.set_xlabel("x")
         ax.set_ylabel("y")
