@@ -19,13 +19,12 @@ module                     what
 Example
 -------
 >>> import torch
->>> from covariant.metrics import Diagonal
->>> G = Diagonal(torch.tensor([1.0, 4.0], dtype=torch.float64))
->>> p = torch.zeros(2, dtype=torch.float64)
->>> G.solve(p, torch.tensor([1.0, 4.0], dtype=torch.float64))
-tensor([1., 1.], dtype=torch.float64)
->>> float(G.logdet(p))  # log 4
-1.3862943611198906
+>>> from covariant.metrics import Damped, Euclidean
+>>> from covariant.reparam import Scale
+>>> p = torch.ones(2, dtype=torch.float64)
+>>> G = Damped(Euclidean(), 0.5).pullback(Scale(2.0))    # (1 + 0.5) · 2 · 2
+>>> G.matvec(p, torch.ones(2, dtype=torch.float64))
+tensor([6., 6.], dtype=torch.float64)
 """
 
 from __future__ import annotations

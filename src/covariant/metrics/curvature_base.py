@@ -57,15 +57,11 @@ Example
 >>> import torch, covariant as cv
 >>> from torch import nn
 >>> _ = torch.manual_seed(0)
->>> model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).double()
->>> X, y = torch.randn(20, 2, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64)
->>> space, theta = cv.ParameterSpace.from_module(model, nn.MSELoss(), (X, y), metric="ggn")
->>> G = space.metric.dense(theta)
->>> G.shape, bool(torch.allclose(G, G.T))
-(torch.Size([17, 17]), True)
->>> fisher = cv.metrics.Fisher.from_space(space)          # = GGN for MSE
->>> bool(torch.allclose(fisher.dense(theta), G))
-True
+>>> model = nn.Linear(3, 2).double()        # softmax ignores a constant added to both logits
+>>> data = (torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 2, (10,)))
+>>> space, theta = cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(), data, "ggn")
+>>> space.metric.rank(theta), theta.shape[0]     # a singular GGN: half the directions are null
+(4, 8)
 """
 
 from __future__ import annotations

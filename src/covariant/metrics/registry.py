@@ -3,13 +3,8 @@ the optimizers understand.
 
 Example
 -------
->>> import torch, covariant as cv
->>> from torch import nn
->>> model = nn.Linear(2, 2).double()
->>> data = (torch.randn(6, 2, dtype=torch.float64), torch.randint(0, 2, (6,)))
->>> space, theta = cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(), data)
->>> metric_from_name("GGN", space)
-GGN(CrossEntropyLoss, 1 batches, solve_mode='raise')
+>>> metric_from_name("Euclidean", None)       # needs no model
+Euclidean()
 >>> METRIC_NAMES
 ('euclidean', 'ggn', 'fisher', 'empirical_fisher')
 """

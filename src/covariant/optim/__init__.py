@@ -20,15 +20,14 @@ Modules
 
 Example
 -------
->>> import torch, covariant as cv
->>> from covariant.optim import riemannian_gd, map_trajectory
->>> space = cv.ParameterSpace(lambda p: ((p - 2.0) ** 2).sum())      # minimum at θ = (2, 2)
->>> log_space = space.reparametrize(cv.reparam.Exp())                # θ = exp(ψ)
->>> psi0 = log_space.chart.inverse(torch.ones(2, dtype=torch.float64))
->>> traj = riemannian_gd(log_space, psi0, lr=0.1, steps=50)          # pulled-back metric
->>> theta = map_trajectory(traj, log_space)                          # back to θ
->>> torch.allclose(theta[-1], torch.full((2,), 2.0, dtype=torch.float64))
-True
+>>> import torch
+>>> from covariant.optim import RiemannianGD
+>>> w = torch.nn.Parameter(torch.tensor([3.0]))
+>>> opt = RiemannianGD([w], lr=0.5)          # G = I: plain gradient descent, as torch.optim.SGD
+>>> for _ in range(3):
+...     opt.zero_grad(); ((w - 1.0) ** 2).sum().backward(); opt.step()
+>>> float(w)                                 # w ← w − 0.5 · 2 (w − 1) lands on 1 at once
+1.0
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
 r"""The chart protocol: :class:`Reparametrization` θ = h(ψ), its :class:`Linearization` at a
 point, the identity chart and :class:`Compose`.
 
-A chart maps *new* coordinates ψ to *original* ones θ, the same direction as
-``torch.nn.utils.parametrize``. Every chart provides, on flat 1-D tensors,
-
-- ``h(psi)`` and a (right) inverse ``h.inverse(theta)``;
-- ``jvp(psi, v) = J v`` and ``vjp(psi, w) = Jᵀ w`` with ``J = ∂θ/∂ψ``;
-- ``inverse_jvp(psi, u) = J⁺ u`` and ``inverse_vjp(psi, z) = J⁺ᵀ z``, where ``J⁺ = J⁻¹`` for a
-  bijection and a right inverse ``Jᵀ(JJᵀ)⁻¹`` for a submersion (docs/math.md §5);
-- ``log_abs_det_jacobian(psi) = log|det J|`` (bijections only).
-
-Generic defaults come from ``torch.func``; the built-in charts override them with closed forms,
-and the tests check every closed form against ``torch.func.jacfwd``.
+The products every chart offers are listed in :mod:`covariant.reparam`; this module gives
+their ``torch.func`` defaults (forward- and reverse-mode Jacobian products, J⁺ by the
+implicit-function rule or through (J Jᵀ)⁻¹ for a submersion, docs/math.md §5) and the
+per-point :class:`Linearization` that shares work across products at one point.
 
 Example
 -------
