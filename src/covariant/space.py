@@ -562,13 +562,16 @@ class ParameterSpace:
         return new
 
     # ------------------------------------------------------------------ charts to the root
+    def lineage(self) -> list[ParameterSpace]:
+        """This space, its parent, and so on up to the root space (the one walk to the root)."""
+        out = [self]
+        while out[-1].parent is not None and out[-1].chart is not None:
+            out.append(out[-1].parent)
+        return out
+
     def root_chart(self) -> Reparametrization | None:
         """The composed chart from this space's coordinates to the original space's."""
-        charts: list[Reparametrization] = []
-        s: ParameterSpace | None = self
-        while s is not None and s.chart is not None:
-            charts.append(s.chart)
-            s = s.parent
+        charts = [s.chart for s in self.lineage()[:-1]]
         if not charts:
             return None
         return charts[0] if len(charts) == 1 else Compose(*reversed(charts))

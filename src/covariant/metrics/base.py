@@ -117,6 +117,14 @@ class Metric:
     """
 
     is_constant: bool = False
+    #: True only for G = I, whose pullbacks may use a chart's fused JᵀJ and J⁺J⁺ᵀ products.
+    is_identity: bool = False
+
+    @property
+    def has_own_solve(self) -> bool:
+        """True when ``solve`` is the metric's own (a closed form or a specialised solver),
+        False when it is the generic conjugate gradients of this base class."""
+        return type(self).solve is not Metric.solve
 
     def matvec(self, p: Tensor, v: Tensor) -> Tensor:
         """G(p) v."""
@@ -190,6 +198,7 @@ class Euclidean(Metric):
     """G = I: the metric everybody uses without saying so."""
 
     is_constant = True
+    is_identity = True
 
     def matvec(self, p: Tensor, v: Tensor) -> Tensor:
         return v
@@ -417,7 +426,7 @@ class Pullback(Metric):
         def solve(w: Tensor) -> Tensor:
             return lin.inverse_jvp(base.solve(lin.theta, lin.inverse_vjp(w)))
 
-        if type(base) is Euclidean:  # G_Θ = I: the chart's fused JᵀJ and J⁺J⁺ᵀ, if it has them
+        if base.is_identity:  # G_Θ = I: the chart's fused JᵀJ and J⁺J⁺ᵀ, if it has them
             return lin.gram or matvec, lin.pinv_gram or solve
         return matvec, solve
 

@@ -389,10 +389,7 @@ class SweepResult:
 
 def _root_space(space: ParameterSpace) -> ParameterSpace:
     """The space that ``space`` was (repeatedly) reparametrized from."""
-    s = space
-    while s.parent is not None:
-        s = s.parent
-    return s
+    return space.lineage()[-1]
 
 
 def step_size_sweep(

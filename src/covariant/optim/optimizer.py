@@ -325,7 +325,7 @@ class RiemannianGD(torch.optim.Optimizer):
         else:
             base = Euclidean()
         if self.damping == 0.0:
-            own_solve = self.metric is not None and type(base).solve is not Metric.solve
+            own_solve = self.metric is not None and base.has_own_solve
             return base, own_solve, module, E
         return Damped(base, self.damping, self._reference_metric(E)), False, module, E
 
