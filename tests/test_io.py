@@ -69,10 +69,3 @@ def test_npz_and_torch_writers(tmp_path):
         assert f["x"].tolist() == [0, 1, 2]
     q = atomic_save_torch(tmp_path / "t.pt", {"w": torch.ones(2)})
     assert torch.equal(torch.load(q, weights_only=True)["w"], torch.ones(2))
-
-
-@pytest.mark.parametrize("name", ["covariant._io", "covariant._progress"])
-def test_docstring_examples(name):
-    from .zoo.test_doctests import run_doctests
-
-    run_doctests(name)

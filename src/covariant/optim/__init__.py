@@ -26,7 +26,7 @@ Example
 >>> opt = RiemannianGD([w], lr=0.5)          # G = I: plain gradient descent, as torch.optim.SGD
 >>> for _ in range(3):
 ...     opt.zero_grad(); ((w - 1.0) ** 2).sum().backward(); opt.step()
->>> float(w)                                 # w ← w − 0.5 · 2 (w − 1) lands on 1 at once
+>>> float(w.detach())                        # w ← w − 0.5 · 2 (w − 1) lands on 1 at once
 1.0
 """
 
