@@ -69,3 +69,27 @@ def test_npz_and_torch_writers(tmp_path):
         assert f["x"].tolist() == [0, 1, 2]
     q = atomic_save_torch(tmp_path / "t.pt", {"w": torch.ones(2)})
     assert torch.equal(torch.load(q, weights_only=True)["w"], torch.ones(2))
+
+
+def test_stale_temporaries_of_a_killed_writer_are_removed(tmp_path):
+    import os
+    import time
+
+    from covariant._io import STALE_TMP_SECONDS, atomic_write_text
+
+    target = tmp_path / "result.json"
+    stale = tmp_path / ".result.json.abc123.tmp"  # what a kill -9 during a write leaves
+    fresh = tmp_path / ".result.json.def456.tmp"  # a writer that is still running
+    other = tmp_path / ".other.json.xyz.tmp"  # another file's writer: not ours to touch
+    for f in (stale, fresh, other):
+        f.write_text("partial")
+    old = time.time() - 2 * STALE_TMP_SECONDS
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    atomic_write_text(target, "{}")
+    assert target.read_text() == "{}"
+    assert not stale.exists() and fresh.exists() and other.exists()
+    # the written file has the umask default mode, not mkstemp's 0600
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~umask)

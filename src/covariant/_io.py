@@ -27,6 +27,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -41,6 +42,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "dumps_json",
+    "remove_stale_temporaries",
     "save_figure",
     "to_jsonable",
 ]
@@ -104,10 +106,36 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+#: A temporary file older than this (seconds) was left by a writer that was killed.
+STALE_TMP_SECONDS = 300.0
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete the ``.<name>.*.tmp`` files that killed writers of ``path`` left behind.
+
+    Only files older than :data:`STALE_TMP_SECONDS` go, so a writer that is still running is
+    never disturbed. Returns the removed paths.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    now, removed = time.time(), []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > STALE_TMP_SECONDS:
+                tmp.unlink()
+                removed.append(tmp)
+        except FileNotFoundError:  # another process cleaned it first
+            continue
+    return removed
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(fh)`` on a temporary binary file next to ``path``, fsync, then rename.
 
-    The folder is created; the temporary file is removed if ``write`` raises.
+    The folder is created; the temporary file is removed if ``write`` raises, and temporary
+    files of ``path`` left by a killed writer are removed first
+    (:func:`remove_stale_temporaries`).
 
     Example
     -------
@@ -118,6 +146,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:

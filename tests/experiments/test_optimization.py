@@ -99,3 +99,26 @@ def test_other_settings_start_over(tmp_path):
     path.write_text("{ truncated")
     assert settings.load_previous(path, config) is None
     assert not list(tmp_path.glob(".*tmp"))  # no temporary files left behind
+
+
+def test_ggn_vs_sgd_figure_gives_each_learning_rate_its_own_colour(monkeypatch, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from covariant.experiments.optimization import ggn_vs_sgd
+
+    captured = {}
+    monkeypatch.setattr(ggn_vs_sgd, "save_png", lambda fig, path, plt: captured.setdefault(
+        "fig", fig) and str(path))
+    lrs = ["0.01", "0.03", "0.1", "0.3", "1.0", "3.0"]
+    f = {"curves": {"sgd": {lr: [2.0, 1.5, 1.0] for lr in lrs},
+                    "ngd": {lr: [2.0, 1.0, 0.5] for lr in lrs[:3]}},
+         "best_sgd": {"lr": 0.3}, "best_ngd": {"lr": 0.1}, "initial_loss": 2.0}
+    ggn_vs_sgd.plot_f(f, tmp_path, plt)
+    lines = captured["fig"].axes[0].get_lines()
+    sgd = [tuple(ln.get_color()) for ln in lines if ln.get_label().startswith("SGD")]
+    assert len(sgd) == 6 and len(set(sgd)) == 6  # before: six lines, one colour
+    assert sum("(best)" in ln.get_label() for ln in lines) == 2
+    plt.close("all")

@@ -20,6 +20,7 @@ True
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from ...reparam import Reparametrization
 from .common import pyplot, save_png
 from .evidence import evidence_charts, logreg_problem, mlp_problem
 
-__all__ = ["lambda_spread", "part_prior", "plot_prior"]
+__all__ = ["evidence_floor", "lambda_spread", "part_prior", "plot_prior"]
 
 
 def lambda_spread(fits: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -93,6 +94,28 @@ def part_prior(quick: bool, seed: int, progress: bool) -> dict[str, Any]:
     return out
 
 
+def evidence_floor(charts: dict[str, Any], span: float = 30.0) -> float | None:
+    """Lower y-limit that keeps every curve's maximum in view: ``span`` below the best
+    evidence, lowered to 3 below the smallest per-curve maximum; None when all curves fit
+    within 40. Non-finite evidences (−inf where the precision is not positive definite) are
+    left out (they are drawn as markers on the floor).
+
+    >>> evidence_floor({"a": {"classic": {"log_evidences": [-500.0, -480.0, float("-inf")]},
+    ...                       "invariant": {"log_evidences": [-10.0, -2.0]}}})
+    -483.0
+    """
+    curves = [[x for x in e[k]["log_evidences"] if math.isfinite(x)]
+              for e in charts.values() for k in ("classic", "invariant")]
+    curves = [c for c in curves if c]
+    if not curves:
+        return None
+    best = max(max(c) for c in curves)
+    lowest = min(min(c) for c in curves)
+    if best - lowest <= 40:
+        return None
+    return min(best - span, min(max(c) for c in curves) - 3.0)
+
+
 def plot_prior(r: dict[str, Any], path: Path) -> None:
     plt = pyplot()
     models = [k for k in ("logistic_regression", "mlp_regression") if k in r]
@@ -107,12 +130,15 @@ def plot_prior(r: dict[str, Any], path: Path) -> None:
             ax.plot(c["prior_precision"], c["log_evidence"], "x", color=col, ms=9, mew=2)
             ax.plot(v["prior_precision"], v["log_evidence"], "o", color=col, ms=8, mfc="none")
         ax.set_xscale("log")
-        best = max(e[k]["log_evidence"] for e in r[key]["charts"].values()
-                   for k in ("classic", "invariant"))
-        lows = [min(e[k]["log_evidences"]) for e in r[key]["charts"].values()
-                for k in ("classic", "invariant")]
-        if best - min(lows) > 40:  # keep the maxima visible, not the far tails
-            ax.set_ylim(best - 30, best + 3)
+        bottom = evidence_floor(r[key]["charts"])
+        if bottom is not None:
+            ax.set_ylim(bottom, None)
+            for i, e in enumerate(r[key]["charts"].values()):  # −inf: precision not PD there
+                for k, marker in (("classic", "v"), ("invariant", "^")):
+                    bad = [g for g, x in zip(e[k]["grid"], e[k]["log_evidences"], strict=True)
+                           if not math.isfinite(x)]
+                    ax.plot(bad, [bottom] * len(bad), marker, color=f"C{i}", ms=6, ls="none",
+                            clip_on=False)
         ax.set_xlabel("prior precision λ")
         ax.set_ylabel("Laplace log evidence")
         ax.set_title(f"(e) {key.replace('_', ' ')} ({r[key].get('method', 'refit')}, "

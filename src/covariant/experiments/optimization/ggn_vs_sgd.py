@@ -25,7 +25,7 @@ from ...optim import RiemannianGD
 from .networks import dataset, mlp, train, weight_names
 from .settings import save_png
 
-__all__ = ["best", "part_f", "plot_f"]
+__all__ = ["best", "part_f", "plot_f", "sweep_colours"]
 
 
 def best(curves: dict[str, list[float]]) -> tuple[str, list[float]]:
@@ -63,15 +63,30 @@ def part_f(cfg: dict[str, Any], seed: int, cache: Path | None, progress: bool) -
     }
 
 
+def sweep_colours(n: int, cmap: Any) -> list[Any]:
+    """n distinguishable shades of one colour map, light (small lr) to dark (large lr).
+
+    >>> import matplotlib
+    >>> cols = sweep_colours(6, matplotlib.colormaps["Reds"])
+    >>> len({tuple(c) for c in cols})
+    6
+    """
+    return [cmap(0.35 + 0.6 * i / max(n - 1, 1)) for i in range(n)]
+
+
 def plot_f(f: dict[str, Any], out: Path, plt: Any) -> str:
-    """Every loss curve of both sweeps, the best of each highlighted."""
+    """Every loss curve of both sweeps, one shade per learning rate; the best of each solid and
+    thick."""
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for lr, curve in f["curves"]["sgd"].items():
-        ax.plot(curve, color="tab:red", alpha=0.3 + 0.7 * (float(lr) == f["best_sgd"]["lr"]),
-                label=f"SGD lr {lr}")
-    for lr, curve in f["curves"]["ngd"].items():
-        ax.plot(curve, color="tab:blue", alpha=0.3 + 0.7 * (float(lr) == f["best_ngd"]["lr"]),
-                label=f"RiemannianGD('ggn') lr {lr}")
+    for kind, cmap, best, name in (("sgd", "Reds", f["best_sgd"]["lr"], "SGD"),
+                                   ("ngd", "Blues", f["best_ngd"]["lr"], "RiemannianGD('ggn')")):
+        curves = f["curves"][kind]
+        colours = sweep_colours(len(curves), plt.get_cmap(cmap))
+        for colour, (lr, curve) in zip(colours, sorted(curves.items(), key=lambda c: float(c[0])),
+                                       strict=True):
+            top = float(lr) == best
+            ax.plot(curve, color=colour, lw=2.2 if top else 1.0, ls="-" if top else "--",
+                    label=f"{name} lr {lr}" + (" (best)" if top else ""))
     ax.set_ylim(top=f["initial_loss"] * 1.2, bottom=0)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
