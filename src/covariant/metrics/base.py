@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
+from .._fast import is_plain
 from ..errors import (
     DenseTooLargeError,
     NonFiniteError,
@@ -42,6 +43,7 @@ from ..linalg import cg
 from ..reparam import Linearization, Reparametrization
 
 __all__ = [
+    "DENSE_SOLVE_DIM",
     "MAX_DENSE_DIM",
     "Constant",
     "Damped",
@@ -58,6 +60,10 @@ __all__ = [
 
 #: Largest dimension for which dense matrices are built unless ``max_dim`` says otherwise.
 MAX_DENSE_DIM = 4096
+
+#: Up to this dimension the generic :meth:`Metric.solve` factors the dense G(p) once per
+#: point instead of running conjugate gradients for every right-hand side.
+DENSE_SOLVE_DIM = 2048
 
 _SINGULAR_HINT = (
     "Either damp it in a way that keeps invariance, "
@@ -131,8 +137,19 @@ class Metric:
         raise NotImplementedError
 
     def solve(self, p: Tensor, w: Tensor) -> Tensor:
-        """G(p)⁻¹ w, by conjugate gradients (matrix-free)."""
+        """G(p)⁻¹ w.
 
+        Up to :data:`DENSE_SOLVE_DIM` coordinates (at a plain point), from the Cholesky factor
+        of the dense G(p): d products once, kept for every later solve at the same point (an
+        estimator solves hundreds of times at one point). Above that, or when G(p) is not
+        positive definite, by conjugate gradients (matrix-free). The factor is keyed on the
+        point's values, so a metric whose products depend on anything else must override
+        ``solve``.
+        """
+        L = self._dense_factor(p)
+        if L is not None:
+            return torch.cholesky_solve(w.reshape(L.shape[0], -1).to(L), L).reshape(
+                w.shape).to(w.dtype)
         try:
             return cg(lambda x: self.matvec(p, x), w, maxiter=10 * w.shape[0]).x
         except NotConvergedError as err:
@@ -140,6 +157,21 @@ class Metric:
                 f"{type(self).__name__}.solve: conjugate gradients did not converge ({err}); "
                 "the metric is singular or badly conditioned. " + _SINGULAR_HINT
             ) from err
+
+    def _dense_factor(self, p: Tensor) -> Tensor | None:
+        """Cholesky factor of the dense G(p) for small d at a plain point (cached), else None."""
+        d = p.shape[0]
+        if d > DENSE_SOLVE_DIM or not is_plain(p):
+            return None
+        cache = self.__dict__.get("_factor_cache")
+        if cache is not None and cache[0].shape == p.shape and cache[0].dtype == p.dtype \
+                and cache[0].device == p.device and torch.equal(cache[0], p):
+            return cache[1]
+        G = self.dense(p, max_dim=d)
+        L, info = torch.linalg.cholesky_ex(0.5 * (G + G.T))
+        factor = L if int(info) == 0 else None  # not PD: conjugate gradients decide
+        self._factor_cache = (p.clone(), factor)
+        return factor
 
     def inner(self, p: Tensor, u: Tensor, v: Tensor) -> Tensor:
         """⟨u, v⟩_G = uᵀ G(p) v."""
@@ -369,6 +401,11 @@ class Damped(Metric):
 
     def matvec(self, p: Tensor, v: Tensor) -> Tensor:
         return self.metric.matvec(p, v) + self.lam * self.reference.matvec(p, v)
+
+    def dense(self, p: Tensor, *, max_dim: int | None = None) -> Tensor:
+        """G + λ G_ref from the two dense matrices (each part builds its own fastest way)."""
+        return self.metric.dense(p, max_dim=max_dim) + self.lam * self.reference.dense(
+            p, max_dim=max_dim)
 
     def rank(self, p: Tensor) -> int:
         if self.lam > 0:
