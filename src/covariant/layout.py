@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .errors import ShapeMismatchError
+from .errors import ShapeMismatchError, UnsupportedStructureError
 
 __all__ = ["ModelBinding", "ParameterLayout", "as_batches", "match_names"]
 
@@ -189,6 +189,79 @@ def batch_weights(loss_fn: LossFn, batches: Iterable[Batch]) -> tuple[float, ...
     return tuple((X.shape[0] / total if mean else 1.0) for X, _ in batches)
 
 
+def model_dtype(model: nn.Module, layout: ParameterLayout) -> torch.dtype | None:
+    """The one floating dtype of the parameters in ``layout``, or None if they mix dtypes."""
+    params = dict(model.named_parameters())
+    dtypes = {params[n].dtype for n in layout.names if n in params}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+#: Modules whose forward in training mode is random (dropout, RReLU) or uses batch
+#: statistics and updates running ones in place (batch norm): neither has one loss function.
+TRAIN_MODE_RANDOM = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                     nn.FeatureAlphaDropout, nn.RReLU)
+TRAIN_MODE_BATCH_STATS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def train_mode_modules(model: nn.Module) -> list[str]:
+    """Names (and kinds) of the submodules whose training mode makes the loss random or
+    batch-dependent: dropout with p > 0, RReLU, multi-head attention with dropout, batch norm.
+    """
+    out = []
+    for name, m in model.named_modules():
+        if not m.training:
+            continue
+        random = (isinstance(m, TRAIN_MODE_RANDOM) and getattr(m, "p", 1.0) > 0) or (
+            isinstance(m, nn.MultiheadAttention) and m.dropout > 0)
+        if random or isinstance(m, TRAIN_MODE_BATCH_STATS):
+            out.append(f"{name or '<model>'} ({type(m).__name__})")
+    return out
+
+
+def check_model_data(model: nn.Module, layout: ParameterLayout, batches: tuple[Batch, ...],
+                     theta: Tensor, forward: Forward, owner: str = "from_module") -> None:
+    """Typed errors, before any analysis, for a model and data that cannot define one loss.
+
+    - a module in training mode whose forward is random or uses batch statistics
+      (:class:`~covariant.errors.UnsupportedStructureError`: call ``model.eval()``);
+    - floating inputs X of another dtype than the model's parameters, and a target batch
+      whose length differs from its input batch (:class:`ShapeMismatchError`);
+    - a model that fails on the first input batch, e.g. X of the wrong width
+      (:class:`ShapeMismatchError`, with the model's own message).
+    """
+    stochastic = train_mode_modules(model)
+    if stochastic:
+        raise UnsupportedStructureError(
+            f"{owner}: the model is in training mode and {', '.join(stochastic)} make(s) its "
+            "loss random or dependent on batch statistics (with in-place running-statistics "
+            "updates), so it has no single Hessian; call model.eval() before from_module"
+        )
+    dtype = model_dtype(model, layout)
+    for i, (X, y) in enumerate(batches):
+        if not (isinstance(X, Tensor) and isinstance(y, Tensor)):
+            continue
+        if dtype is not None and X.is_floating_point() and X.dtype != dtype:
+            raise ShapeMismatchError(
+                f"{owner}: the inputs X have dtype {X.dtype} but the model's parameters are "
+                f"{dtype}; convert one of them: X.to({dtype}), or model.to({X.dtype}) "
+                "(and the targets with it)"
+            )
+        if X.ndim > 0 and y.ndim > 0 and X.shape[0] != y.shape[0]:
+            raise ShapeMismatchError(
+                f"{owner}: batch {i} has {X.shape[0]} inputs (X {tuple(X.shape)}) but "
+                f"{y.shape[0]} targets (y {tuple(y.shape)})"
+            )
+    X0 = batches[0][0]
+    try:
+        with torch.no_grad():
+            forward(theta, X0)
+    except (RuntimeError, ValueError, IndexError) as err:
+        raise ShapeMismatchError(
+            f"{owner}: the model fails on the first batch of inputs, X of shape "
+            f"{tuple(getattr(X0, 'shape', ()))} (is its width the model's input size?): {err}"
+        ) from err
+
+
 def functional_forward(model: nn.Module, layout: ParameterLayout) -> Forward:
     """(θ, X) ↦ model(X) with the parameters of ``layout`` taken from the flat θ.
 
@@ -196,8 +269,15 @@ def functional_forward(model: nn.Module, layout: ParameterLayout) -> Forward:
     """
     frozen = {n: p.detach() for n, p in model.named_parameters() if n not in layout.names}
     buffers = dict(model.named_buffers())
+    dtype = model_dtype(model, layout)
 
     def forward(p: Tensor, X: Tensor) -> Tensor:
+        if dtype is not None and p.dtype != dtype:
+            raise ShapeMismatchError(
+                f"model forward: the point has dtype {p.dtype} but the model's parameters are "
+                f"{dtype}; use a point of the model's dtype (p.to({dtype})), or convert the "
+                f"model and the data (model.to({p.dtype}), X.to({p.dtype})) before from_module"
+            )
         state = {**frozen, **buffers, **layout.unflatten(p)}
         return functional_call(model, state, (X,))
 
@@ -250,15 +330,20 @@ class ModelBinding:
         """The binding of ``model``'s trainable parameters, and its current flat point.
 
         ``data`` is an ``(X, y)`` pair or an iterable of batches; ``fields`` set the optional
-        fields (likelihood, prior, ...).
+        fields (likelihood, prior, ...). The model and data are checked first
+        (:func:`check_model_data`): a module in training mode with dropout or batch norm,
+        inputs of another dtype than the model, targets of another batch size, or inputs the
+        model cannot take raise a typed error. The point of the binding must have the model's
+        dtype.
         """
         layout = ParameterLayout.from_module(model)
         params = dict(model.named_parameters())
         theta = layout.flatten({n: params[n].detach() for n in layout.names})
         batches = as_batches(data)
+        forward = functional_forward(model, layout)
+        check_model_data(model, layout, batches, theta, forward)
         binding = cls(
-            functional_forward(model, layout), loss_fn, batches, batch_weights(loss_fn, batches),
-            model=model, **fields,
+            forward, loss_fn, batches, batch_weights(loss_fn, batches), model=model, **fields,
         )
         return binding, theta
 
