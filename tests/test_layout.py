@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -45,9 +46,13 @@ def test_dtype_mismatch_of_data_or_point_is_a_typed_error():
     with pytest.raises(ShapeMismatchError, match=r"float64 but the model's parameters are "
                                                  r"torch.float32.*model.to\(torch.float64\)"):
         cv.ParameterSpace.from_module(model, nn.MSELoss(), (X3.double(), Y3.double()))
+    # a float64 point of the float32 model is evaluated in float64 (data, buffers promoted)
     space, theta = cv.ParameterSpace.from_module(model, nn.MSELoss(), (X3, Y3))
-    with pytest.raises(ShapeMismatchError, match=r"point has dtype torch.float64.*p.to"):
-        cv.flatness(space, theta.double(), measures=("trace",))
+    double, theta64 = cv.ParameterSpace.from_module(copy.deepcopy(model).double(), nn.MSELoss(),
+                                                    (X3.double(), Y3.double()))
+    assert torch.equal(theta.double(), theta64)
+    got = cv.flatness(space, theta.double(), measures=("trace",))["trace"].value
+    assert got == cv.flatness(double, theta64, measures=("trace",))["trace"].value
     # integer inputs (token ids) are not checked against the model's dtype
     emb = nn.Sequential(nn.Embedding(5, 2), nn.Flatten(), nn.Linear(4, 1)).float()
     cv.ParameterSpace.from_module(emb, nn.MSELoss(), (torch.randint(0, 5, (6, 2)), Y3[:6]))

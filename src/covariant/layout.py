@@ -265,20 +265,25 @@ def check_model_data(model: nn.Module, layout: ParameterLayout, batches: tuple[B
 def functional_forward(model: nn.Module, layout: ParameterLayout) -> Forward:
     """(θ, X) ↦ model(X) with the parameters of ``layout`` taken from the flat θ.
 
-    Frozen parameters and buffers keep the values they have now.
+    Frozen parameters and buffers keep the values they have now. The forward runs in the
+    dtype of θ: floating inputs, frozen parameters and buffers of another dtype are cast to
+    it (as the curvature metrics cast their data), so a float64 point of a float32 model is
+    evaluated in float64.
     """
     frozen = {n: p.detach() for n, p in model.named_parameters() if n not in layout.names}
-    buffers = dict(model.named_buffers())
-    dtype = model_dtype(model, layout)
+    fixed = {**frozen, **dict(model.named_buffers())}
+    cast: dict[torch.dtype, dict[str, Tensor]] = {}
+
+    def fixed_as(dtype: torch.dtype) -> dict[str, Tensor]:
+        if dtype not in cast:
+            cast[dtype] = {n: t.to(dtype) if t.is_floating_point() else t
+                           for n, t in fixed.items()}
+        return cast[dtype]
 
     def forward(p: Tensor, X: Tensor) -> Tensor:
-        if dtype is not None and p.dtype != dtype:
-            raise ShapeMismatchError(
-                f"model forward: the point has dtype {p.dtype} but the model's parameters are "
-                f"{dtype}; use a point of the model's dtype (p.to({dtype})), or convert the "
-                f"model and the data (model.to({p.dtype}), X.to({p.dtype})) before from_module"
-            )
-        state = {**frozen, **buffers, **layout.unflatten(p)}
+        if isinstance(X, Tensor) and X.is_floating_point() and X.dtype != p.dtype:
+            X = X.to(p.dtype)
+        state = {**fixed_as(p.dtype), **layout.unflatten(p)}
         return functional_call(model, state, (X,))
 
     return forward
@@ -333,8 +338,8 @@ class ModelBinding:
         fields (likelihood, prior, ...). The model and data are checked first
         (:func:`check_model_data`): a module in training mode with dropout or batch norm,
         inputs of another dtype than the model, targets of another batch size, or inputs the
-        model cannot take raise a typed error. The point of the binding must have the model's
-        dtype.
+        model cannot take raise a typed error. The binding's forward runs in the dtype of
+        the point it is given (see :func:`functional_forward`).
         """
         layout = ParameterLayout.from_module(model)
         params = dict(model.named_parameters())
