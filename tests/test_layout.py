@@ -88,9 +88,12 @@ def test_train_mode_randomness_is_refused_until_eval(module):
     assert math.isfinite(trace)
 
 
-def test_deterministic_train_mode_is_accepted():
-    """Dropout with p = 0 in training mode is the identity: nothing to refuse."""
-    model = _mlp(nn.Dropout(0.0))
+@pytest.mark.parametrize("module", [nn.Dropout(0.0), nn.BatchNorm1d(4, track_running_stats=False)])
+def test_deterministic_train_mode_is_accepted(module):
+    """Dropout with p = 0 is the identity, batch norm without running statistics a function of
+    the batch: nothing to refuse in training mode."""
+    model = _mlp(module)
     space, theta = cv.ParameterSpace.from_module(model, nn.MSELoss(), (X3, Y3))
     want = nn.MSELoss()(model(X3), Y3)
     assert torch.allclose(space.loss(theta), want)
+    assert math.isfinite(cv.flatness(space, theta, measures=("trace",))["trace"].value)

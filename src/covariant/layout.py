@@ -196,16 +196,18 @@ def model_dtype(model: nn.Module, layout: ParameterLayout) -> torch.dtype | None
     return dtypes.pop() if len(dtypes) == 1 else None
 
 
-#: Modules whose forward in training mode is random (dropout, RReLU) or uses batch
-#: statistics and updates running ones in place (batch norm): neither has one loss function.
+#: Modules whose forward in training mode is random (dropout, RReLU), and batch norms, which
+#: in training mode update their running statistics in place (not possible under torch.func).
 TRAIN_MODE_RANDOM = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                      nn.FeatureAlphaDropout, nn.RReLU)
 TRAIN_MODE_BATCH_STATS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def train_mode_modules(model: nn.Module) -> list[str]:
-    """Names (and kinds) of the submodules whose training mode makes the loss random or
-    batch-dependent: dropout with p > 0, RReLU, multi-head attention with dropout, batch norm.
+    """Names (and kinds) of the submodules in training mode whose forward is random or
+    mutates the model: dropout with p > 0, RReLU, multi-head attention with dropout, and batch
+    norm that tracks running statistics. (Batch norm with ``track_running_stats=False`` uses
+    batch statistics functionally and is accepted.)
     """
     out = []
     for name, m in model.named_modules():
@@ -213,7 +215,7 @@ def train_mode_modules(model: nn.Module) -> list[str]:
             continue
         random = (isinstance(m, TRAIN_MODE_RANDOM) and getattr(m, "p", 1.0) > 0) or (
             isinstance(m, nn.MultiheadAttention) and m.dropout > 0)
-        if random or isinstance(m, TRAIN_MODE_BATCH_STATS):
+        if random or (isinstance(m, TRAIN_MODE_BATCH_STATS) and m.track_running_stats):
             out.append(f"{name or '<model>'} ({type(m).__name__})")
     return out
 
@@ -222,8 +224,9 @@ def check_model_data(model: nn.Module, layout: ParameterLayout, batches: tuple[B
                      theta: Tensor, forward: Forward, owner: str = "from_module") -> None:
     """Typed errors, before any analysis, for a model and data that cannot define one loss.
 
-    - a module in training mode whose forward is random or uses batch statistics
-      (:class:`~covariant.errors.UnsupportedStructureError`: call ``model.eval()``);
+    - a module in training mode whose forward is random or updates running statistics
+      (:func:`train_mode_modules`; :class:`~covariant.errors.UnsupportedStructureError`:
+      call ``model.eval()``);
     - floating inputs X of another dtype than the model's parameters, and a target batch
       whose length differs from its input batch (:class:`ShapeMismatchError`);
     - a model that fails on the first input batch, e.g. X of the wrong width
@@ -232,9 +235,10 @@ def check_model_data(model: nn.Module, layout: ParameterLayout, batches: tuple[B
     stochastic = train_mode_modules(model)
     if stochastic:
         raise UnsupportedStructureError(
-            f"{owner}: the model is in training mode and {', '.join(stochastic)} make(s) its "
-            "loss random or dependent on batch statistics (with in-place running-statistics "
-            "updates), so it has no single Hessian; call model.eval() before from_module"
+            f"{owner}: the model is in training mode, where {', '.join(stochastic)} make(s) "
+            "its loss random (dropout) or update(s) running statistics in place (batch norm), "
+            "so it has no single loss function to differentiate; call model.eval() before "
+            "from_module"
         )
     dtype = model_dtype(model, layout)
     for i, (X, y) in enumerate(batches):
