@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .errors import ShapeMismatchError
+from .errors import ShapeMismatchError, UnsupportedStructureError
 
 __all__ = ["ModelBinding", "ParameterLayout", "as_batches", "match_names"]
 
@@ -189,16 +189,105 @@ def batch_weights(loss_fn: LossFn, batches: Iterable[Batch]) -> tuple[float, ...
     return tuple((X.shape[0] / total if mean else 1.0) for X, _ in batches)
 
 
+def model_dtype(model: nn.Module, layout: ParameterLayout) -> torch.dtype | None:
+    """The one floating dtype of the parameters in ``layout``, or None if they mix dtypes."""
+    params = dict(model.named_parameters())
+    dtypes = {params[n].dtype for n in layout.names if n in params}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+#: Modules whose forward in training mode is random (dropout, RReLU), and batch norms, which
+#: in training mode update their running statistics in place (not possible under torch.func).
+TRAIN_MODE_RANDOM = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                     nn.FeatureAlphaDropout, nn.RReLU)
+TRAIN_MODE_BATCH_STATS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def train_mode_modules(model: nn.Module) -> list[str]:
+    """Names (and kinds) of the submodules in training mode whose forward is random or
+    mutates the model: dropout with p > 0, RReLU, multi-head attention with dropout, and batch
+    norm that tracks running statistics. (Batch norm with ``track_running_stats=False`` uses
+    batch statistics functionally and is accepted.)
+    """
+    out = []
+    for name, m in model.named_modules():
+        if not m.training:
+            continue
+        random = (isinstance(m, TRAIN_MODE_RANDOM) and getattr(m, "p", 1.0) > 0) or (
+            isinstance(m, nn.MultiheadAttention) and m.dropout > 0)
+        if random or (isinstance(m, TRAIN_MODE_BATCH_STATS) and m.track_running_stats):
+            out.append(f"{name or '<model>'} ({type(m).__name__})")
+    return out
+
+
+def check_model_data(model: nn.Module, layout: ParameterLayout, batches: tuple[Batch, ...],
+                     theta: Tensor, forward: Forward, owner: str = "from_module") -> None:
+    """Typed errors, before any analysis, for a model and data that cannot define one loss.
+
+    - a module in training mode whose forward is random or updates running statistics
+      (:func:`train_mode_modules`; :class:`~covariant.errors.UnsupportedStructureError`:
+      call ``model.eval()``);
+    - floating inputs X of another dtype than the model's parameters, and a target batch
+      whose length differs from its input batch (:class:`ShapeMismatchError`);
+    - a model that fails on the first input batch, e.g. X of the wrong width
+      (:class:`ShapeMismatchError`, with the model's own message).
+    """
+    stochastic = train_mode_modules(model)
+    if stochastic:
+        raise UnsupportedStructureError(
+            f"{owner}: the model is in training mode, where {', '.join(stochastic)} make(s) "
+            "its loss random (dropout) or update(s) running statistics in place (batch norm), "
+            "so it has no single loss function to differentiate; call model.eval() before "
+            "from_module"
+        )
+    dtype = model_dtype(model, layout)
+    for i, (X, y) in enumerate(batches):
+        if not (isinstance(X, Tensor) and isinstance(y, Tensor)):
+            continue
+        if dtype is not None and X.is_floating_point() and X.dtype != dtype:
+            raise ShapeMismatchError(
+                f"{owner}: the inputs X have dtype {X.dtype} but the model's parameters are "
+                f"{dtype}; convert one of them: X.to({dtype}), or model.to({X.dtype}) "
+                "(and the targets with it)"
+            )
+        if X.ndim > 0 and y.ndim > 0 and X.shape[0] != y.shape[0]:
+            raise ShapeMismatchError(
+                f"{owner}: batch {i} has {X.shape[0]} inputs (X {tuple(X.shape)}) but "
+                f"{y.shape[0]} targets (y {tuple(y.shape)})"
+            )
+    X0 = batches[0][0]
+    try:
+        with torch.no_grad():
+            forward(theta, X0)
+    except (RuntimeError, ValueError, IndexError) as err:
+        raise ShapeMismatchError(
+            f"{owner}: the model fails on the first batch of inputs, X of shape "
+            f"{tuple(getattr(X0, 'shape', ()))} (is its width the model's input size?): {err}"
+        ) from err
+
+
 def functional_forward(model: nn.Module, layout: ParameterLayout) -> Forward:
     """(θ, X) ↦ model(X) with the parameters of ``layout`` taken from the flat θ.
 
-    Frozen parameters and buffers keep the values they have now.
+    Frozen parameters and buffers keep the values they have now. The forward runs in the
+    dtype of θ: floating inputs, frozen parameters and buffers of another dtype are cast to
+    it (as the curvature metrics cast their data), so a float64 point of a float32 model is
+    evaluated in float64.
     """
     frozen = {n: p.detach() for n, p in model.named_parameters() if n not in layout.names}
-    buffers = dict(model.named_buffers())
+    fixed = {**frozen, **dict(model.named_buffers())}
+    cast: dict[torch.dtype, dict[str, Tensor]] = {}
+
+    def fixed_as(dtype: torch.dtype) -> dict[str, Tensor]:
+        if dtype not in cast:
+            cast[dtype] = {n: t.to(dtype) if t.is_floating_point() else t
+                           for n, t in fixed.items()}
+        return cast[dtype]
 
     def forward(p: Tensor, X: Tensor) -> Tensor:
-        state = {**frozen, **buffers, **layout.unflatten(p)}
+        if isinstance(X, Tensor) and X.is_floating_point() and X.dtype != p.dtype:
+            X = X.to(p.dtype)
+        state = {**fixed_as(p.dtype), **layout.unflatten(p)}
         return functional_call(model, state, (X,))
 
     return forward
@@ -250,15 +339,20 @@ class ModelBinding:
         """The binding of ``model``'s trainable parameters, and its current flat point.
 
         ``data`` is an ``(X, y)`` pair or an iterable of batches; ``fields`` set the optional
-        fields (likelihood, prior, ...).
+        fields (likelihood, prior, ...). The model and data are checked first
+        (:func:`check_model_data`): a module in training mode with dropout or batch norm,
+        inputs of another dtype than the model, targets of another batch size, or inputs the
+        model cannot take raise a typed error. The binding's forward runs in the dtype of
+        the point it is given (see :func:`functional_forward`).
         """
         layout = ParameterLayout.from_module(model)
         params = dict(model.named_parameters())
         theta = layout.flatten({n: params[n].detach() for n in layout.names})
         batches = as_batches(data)
+        forward = functional_forward(model, layout)
+        check_model_data(model, layout, batches, theta, forward)
         binding = cls(
-            functional_forward(model, layout), loss_fn, batches, batch_weights(loss_fn, batches),
-            model=model, **fields,
+            forward, loss_fn, batches, batch_weights(loss_fn, batches), model=model, **fields,
         )
         return binding, theta
 

@@ -183,3 +183,56 @@ def test_unknown_dense_measure_and_stochastic_only_keywords():
     # the settings shared with the stochastic method are accepted and ignored
     r = cv.flatness(space, THETA, measures=("trace",), num_probes=3, seed=4, progress=False)
     assert r["trace"].value == cv.flatness(space, THETA, measures=("trace",))["trace"].value
+
+
+# ---------------------------------------------------------------- hardened inputs (issue 10)
+@pytest.mark.parametrize("method", ["dense", "stochastic"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_loss_value_is_refused(method, bad):
+    """log(p) at p < 0 is NaN while its derivatives are finite: the value itself is checked."""
+    space = cv.ParameterSpace(lambda p: torch.log(p).sum() + (p**2).sum())
+    p = torch.tensor([-1.0, 2.0], dtype=torch.float64)
+    if bad == float("inf"):
+        space = cv.ParameterSpace(lambda p: (p**2).sum() / (p[0] - 1.0) ** 2)
+        p = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    with pytest.raises(cv.errors.NonFiniteError, match="the loss at p is"):
+        cv.flatness(space, p, measures=("trace",), method=method, num_probes=4)
+
+
+@pytest.mark.parametrize("method", ["dense", "stochastic"])
+@pytest.mark.parametrize("k", [0, -1, 2.5, True])
+def test_k_below_one_is_refused(method, k):
+    space = cv.ParameterSpace(loss)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        cv.flatness(space, THETA, measures=("top_eigs",), k=k, method=method)
+
+
+def test_top_eigs_cap_at_the_dimension_is_recorded():
+    space = cv.ParameterSpace(lambda p: (torch.arange(1.0, 4.0, dtype=p.dtype) * p**2).sum())
+    p = torch.ones(3, dtype=torch.float64)
+    m = cv.flatness(space, p, measures=("top_eigs",), k=5)["top_eigs"]
+    assert m.value == pytest.approx([6.0, 4.0, 2.0], abs=1e-12)
+    assert (m.info["k_requested"], m.info["k"]) == (5, 3)
+    assert "k_requested" not in cv.flatness(space, p, measures=("top_eigs",), k=2)[
+        "top_eigs"].info
+
+
+def test_det_beyond_the_float_range_is_inf_or_zero_with_a_flag():
+    p = torch.ones(200, dtype=torch.float64)
+    big = cv.flatness(cv.ParameterSpace(lambda q: 500 * (q**2).sum()), p, measures=("det",))
+    assert big["det"].value == math.inf and big["det"].info["overflow"]
+    assert big["det"].info["log_abs_det"] == pytest.approx(200 * math.log(1000.0), rel=1e-12)
+    small = cv.flatness(cv.ParameterSpace(lambda q: 1e-3 * (q**2).sum()), p, measures=("det",))
+    assert small["det"].value == 0.0 and small["det"].info["underflow"]
+    neg = cv.flatness(cv.ParameterSpace(lambda q: -500 * (q**2).sum()), p[:151],
+                      measures=("det",))
+    assert neg["det"].value == -math.inf and neg["det"].info["sign"] == -1.0
+    ok = cv.flatness(cv.ParameterSpace(loss), THETA, measures=("det", "logdet"))
+    assert not ok["det"].info["overflow"] and not ok["det"].info["underflow"]
+    assert ok["det"].value == pytest.approx(math.exp(ok["logdet"].value) * ok["det"].info["sign"])
+
+
+def test_integer_point_is_refused():
+    space = cv.ParameterSpace(lambda p: (p**2).sum())
+    with pytest.raises(cv.errors.ShapeMismatchError, match=r"use p.double\(\) or p.float\(\)"):
+        cv.flatness(space, torch.ones(3, dtype=torch.long), measures=("trace",))

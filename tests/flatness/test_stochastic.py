@@ -190,3 +190,15 @@ def test_pulled_back_space_in_parent_chart_equals_the_chart_computation(chart):
     for lam, x in zip(fast["top_eigs"].value, fast["top_eigs"].vectors.T, strict=True):
         resid = H @ x - lam * (G @ x)
         assert float(resid.norm()) <= 1e-7 * float((H @ x).norm()), lam
+
+
+def test_default_stochastic_call_below_five_dimensions_caps_k():
+    """top_eigs defaults to k=5; on d = 3 it returns the 3 eigenvalues and records the cap."""
+    space = cv.ParameterSpace(lambda p: (torch.arange(1.0, 4.0, dtype=p.dtype) * p**2).sum())
+    p = torch.ones(3, dtype=torch.float64)
+    r = cv.flatness(space, p, method="stochastic", num_probes=20, seed=0)
+    m = r["top_eigs"]
+    assert m.value == pytest.approx([6.0, 4.0, 2.0], abs=1e-8)
+    assert (m.info["k_requested"], m.info["k"]) == (5, 3)
+    assert m.vectors.shape == (3, 3)
+    assert r["max_eig"].value == pytest.approx(6.0, abs=1e-8)

@@ -76,3 +76,19 @@ def test_metric_names_are_one_list():
     assert metrics.METRIC_NAMES == ("euclidean", "ggn", "fisher", "empirical_fisher")
     with pytest.raises(ValueError, match="unknown metric"):
         metrics.metric_from_name("hessian", None)
+
+
+def test_constant_of_the_wrong_size_names_both_sizes():
+    """A 4 × 4 Constant on a 3-dimensional space: a typed error, not a torch shape error."""
+    import covariant as cv
+    from covariant.errors import ShapeMismatchError
+
+    G = Constant(torch.eye(4, dtype=F64))
+    for call in (lambda: G.matvec(P, P), lambda: G.solve(P, P), lambda: G.dense(P),
+                 lambda: G.logdet(P)):
+        with pytest.raises(ShapeMismatchError, match=r"4 × 4.*shape \(3,\)"):
+            call()
+    space = cv.ParameterSpace(lambda p: (p**2).sum(), G)
+    for method in ("dense", "stochastic"):
+        with pytest.raises(ShapeMismatchError, match="Constant"):
+            cv.flatness(space, P, measures=("trace",), method=method, num_probes=4)

@@ -44,6 +44,8 @@ from typing import Any
 
 from torch import Tensor
 
+from .._checks import check_k, check_loss_value
+from .._fast import is_plain
 from ..space import ParameterSpace
 from .dense import DENSE_MEASURES, dense_flatness, generalized_eigh
 from .options import StochasticOptions, resolve_options
@@ -93,7 +95,9 @@ def flatness(
         "dense" solves the generalized eigenproblem exactly (small d); "stochastic" uses
         matrix-free estimators with error bars (Hutchinson / Hutch++, Lanczos, SLQ).
     k : int
-        Number of eigenvalues for "top_eigs".
+        Number of eigenvalues for "top_eigs", at least 1 (``ValueError`` otherwise). It is
+        capped at the number of eigenvalues of the problem (d, or the rank of a submersion's
+        metric); the measure's ``info`` then holds ``k_requested`` and the ``k`` used.
     options : StochasticOptions, optional
         Settings of the stochastic method (default ``StochasticOptions()``).
     **kwargs
@@ -109,12 +113,17 @@ def flatness(
     -------
     FlatnessReport
         The measures by name; ``report.info`` holds the method, the metric, the dimension
-        and, for the stochastic method, ``seed`` and ``num_probes``.
+        and, for the stochastic method, ``seed`` and ``num_probes``. A NaN or infinite loss at
+        ``p`` raises :class:`~covariant.errors.NonFiniteError` before any curvature is
+        computed.
     """
     if method not in ("dense", "stochastic"):
         raise ValueError(f"flatness: method must be 'dense' or 'stochastic', got {method!r}")
     measures = (measures,) if isinstance(measures, str) else tuple(measures)
+    k = check_k(k, "flatness")
     space.check_point(p, "flatness")
+    if is_plain(p):  # the value itself: a NaN loss can have finite derivatives
+        check_loss_value(space.loss_function, p, "flatness")
     info = {"method": method, "metric": repr(space.metric), "dim": int(p.shape[0])}
     if method == "dense":
         unexpected = [name for name in kwargs if name not in _IGNORED_BY_DENSE]

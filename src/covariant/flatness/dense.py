@@ -63,12 +63,22 @@ def generalized_eigh(H: Tensor, G: Tensor, basis: Tensor | None = None) -> tuple
 
 def _determinant_measure(name: str, evals: Tensor, info: dict[str, Any],
                          pseudo: bool) -> Measure:
-    """"det" (sign · exp log|det E|) or "logdet" (log|det E|, the sign in ``info``)."""
+    """"det" (sign · exp log|det E|) or "logdet" (log|det E|, the sign in ``info``).
+
+    "det" is formed from the log-determinant, so it never raises: beyond the float range it
+    is ±inf with ``info["overflow"]``, below it 0 with ``info["underflow"]``, and
+    ``info["log_abs_det"]`` keeps the exact value.
+    """
     sign = float(torch.prod(torch.sign(evals)))
     logabs = float(evals.abs().log().sum())
     info = {**info, "sign": sign, "pseudo": pseudo, "log_abs_det": logabs}
     if name == "det":
-        return Measure(name, sign * math.exp(logabs), info=info)
+        try:
+            det = sign * math.exp(logabs)
+        except OverflowError:
+            det = sign * math.inf
+        info.update(overflow=math.isinf(det), underflow=det == 0.0 and math.isfinite(logabs))
+        return Measure(name, det, info=info)
     return Measure(name, logabs, info=info)
 
 
@@ -84,6 +94,8 @@ def _spectral_measure(name: str, evals: Tensor, evecs: Tensor, k: int,
         return Measure(name, float(evals[0]), info=info)
     if name == "top_eigs":
         kk = min(k, desc.shape[0])
+        if kk < k:  # capped at the number of eigenvalues of the problem
+            info = {**info, "k_requested": k, "k": kk}
         return Measure(name, desc[:kk].tolist(), info=info,
                        vectors=torch.flip(evecs, [1])[:, :kk])
     if name == "spectrum":

@@ -239,7 +239,8 @@ def _trace_measure(space: ParameterSpace, p: Tensor, ops: Callable[[], tuple[Any
 def _eig_measures(p: Tensor, measures: Sequence[str], k: int,
                   ops: Callable[[], tuple[Any, ...]], opts: StochasticOptions,
                   info: dict[str, Any]) -> dict[str, Measure]:
-    """"max_eig", "top_eigs" (the ``k`` largest) and "min_eig" by one Lanczos run.
+    """"max_eig", "top_eigs" (the ``k`` largest, at most the rank) and "min_eig" by one
+    Lanczos run.
 
     Each carries the largest relative residual of its eigenpairs in ``residual`` and every
     pair's residual in ``info["residuals"]``.
@@ -249,8 +250,10 @@ def _eig_measures(p: Tensor, measures: Sequence[str], k: int,
     which = "largest"
     if "min_eig" in measures:
         which = "both" if ("max_eig" in measures or "top_eigs" in measures) else "smallest"
-    kk = k if "top_eigs" in measures else 1
     e_mv, inner, dim, _, lift = ops()
+    kk = min(k, dim) if "top_eigs" in measures else 1
+    if kk < k and "top_eigs" in measures:  # capped at the rank, as the dense method does
+        info = {**info, "k_requested": k, "k": kk}
     counter = _Counter(e_mv)
     res = linalg.lanczos(counter, dim, kk, which=which, inner_matvec=inner,
                          num_steps=opts.lanczos_steps, max_restarts=opts.max_restarts,

@@ -258,7 +258,8 @@ class Constant(Metric):
     Parameters
     ----------
     matrix : Tensor, shape (d, d)
-        Symmetric positive definite; checked by a Cholesky factorization.
+        Symmetric positive definite; checked by a Cholesky factorization. A point or vector
+        of another length raises :class:`~covariant.errors.ShapeMismatchError`.
     """
 
     is_constant = True
@@ -272,16 +273,29 @@ class Constant(Metric):
         self.matrix = matrix
         self._chol = cholesky_or_raise(matrix, "Constant")
 
+    def _check_size(self, x: Tensor, what: str) -> None:
+        """A :class:`ShapeMismatchError` naming both sizes unless ``x`` has d entries."""
+        n = self.matrix.shape[0]
+        if x.ndim != 1 or x.shape[0] != n:
+            raise ShapeMismatchError(
+                f"Constant.{what}: the metric is {n} × {n}, but the point or vector has shape "
+                f"{tuple(x.shape)}; build Constant with a matrix of the space's dimension"
+            )
+
     def matvec(self, p: Tensor, v: Tensor) -> Tensor:
+        self._check_size(v, "matvec")
         return self.matrix.to(v) @ v
 
     def solve(self, p: Tensor, w: Tensor) -> Tensor:
+        self._check_size(w, "solve")
         return torch.cholesky_solve(w[:, None], self._chol.to(w))[:, 0]
 
     def dense(self, p: Tensor, *, max_dim: int | None = None) -> Tensor:
+        self._check_size(p, "dense")
         return self.matrix.to(p).clone()
 
     def logdet(self, p: Tensor) -> Tensor:
+        self._check_size(p, "logdet")
         return 2 * torch.diagonal(self._chol.to(p)).log().sum()
 
     def closed_form_logdet(self, p: Tensor, pseudo: bool = False) -> Tensor | None:
