@@ -74,7 +74,9 @@ class ArchitectureMismatchError(CovariantError, ValueError):
 
 
 class UnsupportedStructureError(CovariantError, NotImplementedError):
-    """A Laplace structure that covariant does not implement (e.g. ``"kron"``)."""
+    """A structure covariant cannot analyse as given: a Laplace structure it does not implement
+    (e.g. ``"kron"``), or a model whose forward is random or updates state in training mode
+    (dropout, batch norm with running statistics: call ``model.eval()``)."""
 
 
 class NotAModeError(CovariantError, ValueError):
