@@ -34,3 +34,71 @@ def test_print_summary_table(tmp_path, capsys):
     assert "a.b" in out and "0.1235" in out and "True" in out
     assert "[0, 1, 2, 3, 4, 5, 6, 7, …]" in out
     assert out.strip().endswith(f"results in {tmp_path}/: f.png")
+
+
+# --------------------------------------------------------------------------------------------
+# issue 10: reproduce --json is parseable, --out that is a file, help texts
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_experiment(monkeypatch):
+    """``covariant reproduce optimization`` backed by an instant fake experiment."""
+    import sys
+    import types
+
+    module = types.ModuleType("covariant_fake_experiment")
+    calls = []
+
+    def run(out, *, quick, seed, progress):
+        calls.append((out, quick, seed))
+        return {"summary": {"loss": 0.5, "ok": True}, "figures": ["a.png"]}
+
+    module.run = run
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(EXPERIMENTS, "optimization", module.__name__)
+    return calls
+
+
+def test_reproduce_json_alone_on_stdout(fake_experiment, tmp_path, capsys):
+    import json
+
+    assert main(["reproduce", "optimization", "--out", str(tmp_path), "--json",
+                 "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["summary"] == {"loss": 0.5, "ok": True}
+    assert "covariant reproduce optimization: summary" in captured.err
+    assert "loss" in captured.err and "results in" in captured.err
+
+
+def test_reproduce_without_json_prints_the_table_on_stdout(fake_experiment, tmp_path, capsys):
+    assert main(["reproduce", "optimization", "--out", str(tmp_path), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "covariant reproduce optimization: summary" in captured.out and not captured.err
+
+
+@pytest.mark.parametrize("command", [["demo"], ["reproduce", "optimization"]])
+def test_out_that_is_a_file_is_refused_before_running(fake_experiment, tmp_path, capsys,
+                                                      monkeypatch, command):
+    import importlib
+
+    cli_main = importlib.import_module("covariant.cli.main")  # the module, not the function
+    monkeypatch.setattr(cli_main, "run_demo", lambda *a, **k: pytest.fail("demo ran"))
+    existing = tmp_path / "file.txt"
+    existing.write_text("x")
+    assert main([*command, "--out", str(existing), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"covariant {command[0]}: error: --out" in err and "not a directory" in err
+    assert fake_experiment == []
+
+
+@pytest.mark.parametrize(("command", "phrase"), [
+    ("demo", "the naive Hessian trace changes with the chart"),
+    ("reproduce", "Run one experiment of the paper"),
+])
+def test_subcommands_have_a_description(capsys, monkeypatch, command, phrase):
+    monkeypatch.setenv("COLUMNS", "400")
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert phrase in " ".join(capsys.readouterr().out.split())
