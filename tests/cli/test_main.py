@@ -102,3 +102,48 @@ def test_subcommands_have_a_description(capsys, monkeypatch, command, phrase):
         main([command, "--help"])
     assert exit_.value.code == 0
     assert phrase in " ".join(capsys.readouterr().out.split())
+
+
+def _readme_checkpoint_block():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```py\n(.*?)```", readme, re.S) if "save_checkpoint" in b]
+    assert len(blocks) == 1, "README shows how to write the checkpoint of covariant flatness"
+    return readme, blocks[0]
+
+
+def test_readme_checkpoint_lines_make_a_file_that_flatness_reads(tmp_path, monkeypatch, capsys):
+    """The README's lines run as written (training shortened to one epoch), and the file they
+    write is what `covariant flatness` reads; a bare state dict loads with --arch too."""
+    import json
+
+    import torch
+
+    from covariant.zoo import training
+
+    readme, code = _readme_checkpoint_block()
+    assert "covariant flatness model.pt --dataset mnist1d" in readme
+    real = training.train_classifier
+    monkeypatch.setattr(training, "train_classifier",
+                        lambda *a, **k: real(*a, **{**k, "epochs": 1}))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md[checkpoint]", "exec"), namespace)
+    fast = ["--dataset", "mnist1d", "--quick", "--measures", "trace", "--num-probes", "2",
+            "--no-progress", "--json"]
+    assert main(["flatness", "model.pt", *fast]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["arch"] == "mlp" and result["dim"] == 2698 and result["samples"] == 64
+    torch.save(namespace["model"].state_dict(), "sd.pt")
+    assert main(["flatness", "sd.pt", "--arch", "mlp", "--arch-kwargs", "hidden=32,32",
+                 *fast]) == 0
+    assert json.loads(capsys.readouterr().out)["dim"] == 2698
+
+
+def test_gitignore_ignores_demo_output():
+    from pathlib import Path
+
+    lines = (Path(__file__).resolve().parents[2] / ".gitignore").read_text().split()
+    assert "demo-out/" in lines
