@@ -10,7 +10,8 @@ Integrity: :func:`save_checkpoint` stores a SHA-256 of the recipe and the state 
 :func:`load_checkpoint` recomputes it; it also verifies the CRC-32 of every member of the zip
 container that ``torch.save`` writes. A file that is empty, truncated, corrupted, not written
 by ``torch.save``, or that holds a whole pickled module raises :class:`CheckpointError`.
-Checkpoints saved before the hash existed still load, with a warning.
+A missing path or a directory raises ``FileNotFoundError`` / ``IsADirectoryError``.
+Checkpoints saved before the hash existed still load, with a ``UserWarning``.
 
 Example
 -------
@@ -430,16 +431,7 @@ def load_checkpoint(
         If the weights do not fit: the message lists missing / unexpected keys and shape
         mismatches, and what architecture and kwargs the weights look like.
     CheckpointError
-        If the file is empty, truncated, corrupted (SHA-256 or zip CRC mismatch), not
-        written by ``torch.save``, or holds a whole pickled module.
-    FileNotFoundError, IsADirectoryError
-        If ``path`` does not exist or is a directory.
-
-    Warns
-    -----
-    UserWarning
-        For a :func:`save_checkpoint` file without a stored SHA-256 (written before it was
-        recorded).
+        If the file cannot be read or fails its checks (see the module docstring).
 
     Example
     -------
