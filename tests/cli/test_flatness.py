@@ -101,3 +101,184 @@ def test_flatness_cli_dense_ggn(checkpoint, tmp_path):
     evals = torch.linalg.eigvals(torch.linalg.solve(G, Hess)).real
     assert r["invariant"]["trace"]["value"] == pytest.approx(float(evals.sum()), rel=1e-6)
     assert r["invariant"]["max_eig"]["value"] == pytest.approx(float(evals.max()), rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Hardened inputs (issue 10): bad flags, unreadable checkpoints, --out, closed stdout
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A 75-parameter MLP for the synthetic dataset (20 features, 3 classes)."""
+    torch.manual_seed(0)
+    model = build("mlp", 20, 3, hidden=(3,))
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(path, model)
+    return path
+
+
+_FAST = ["--dataset", "synthetic", "--method", "dense", "--measures", "trace", "--no-progress"]
+
+
+@pytest.mark.parametrize(("flag", "value", "says"), [
+    ("--chart", "weightnorm:-1", "S > 0"),
+    ("--chart", "weightnorm:0", "S > 0"),
+    ("--chart", "weightnorm:nan", "finite"),
+    ("--chart", "scale:0", "A != 0"),
+    ("--chart", "polar", "unknown chart"),
+    ("--samples", "-5", "positive integer"),
+    ("--samples", "0", "positive integer"),
+    ("--damping", "-1", ">= 0"),
+    ("--damping", "nan", "finite"),
+    ("--damping", "inf", "finite"),
+    ("--k", "-1", "positive integer"),
+    ("--k", "0", "positive integer"),
+    ("--num-probes", "1", ">= 2"),
+    ("--num-probes", "0", ">= 2"),
+    ("--dataset", "synthetic-regression", "synthetic"),
+    ("--arch-kwargs", "hidden", "key=value"),
+])
+def test_bad_flag_values_exit_2_naming_the_flag(tiny, capsys, flag, value, says):
+    """These used to change the question silently (a negative --samples sliced X[:-5], a
+    negative --damping was ignored, weightnorm:-1 flipped w) or crash with a traceback."""
+    args = ["flatness", str(tiny), *_FAST, f"{flag}={value}"]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"covariant flatness: error: argument {flag}:" in err
+    assert says in err and value in err
+
+
+def test_valid_flag_values_still_parse():
+    from covariant.cli import build_parser
+
+    args = build_parser().parse_args([
+        "flatness", "m.pt", "--chart", "weightnorm:10", "--damping", "0", "--samples", "1",
+        "--k", "1", "--num-probes", "2", "--dataset", "MNIST-1D", "--arch-kwargs", "hidden=4,4"])
+    assert (args.chart, args.damping, args.samples, args.k, args.num_probes, args.dataset) == (
+        "weightnorm:10", 0.0, 1, 1, 2, "mnist1d")
+    for chart in ("none", "weightnorm", "scale:0.1", "scale:-2"):
+        assert build_parser().parse_args(["flatness", "m.pt", "--chart", chart]).chart == chart
+
+
+def _unreadable(tmp_path, tiny, kind):
+    path = tmp_path / f"{kind}.pt"
+    data = tiny.read_bytes()
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "pickled module":
+        torch.save(build("mlp", 20, 3, hidden=(3,)), path)
+    elif kind == "flipped bytes":
+        model_bytes = torch.load(tiny, weights_only=True)["state_dict"]["0.weight"]
+        start = data.find(model_bytes.numpy().tobytes())
+        flipped = bytearray(data)
+        for i in range(start, start + 200):
+            flipped[i] ^= 0xFF
+        path.write_bytes(bytes(flipped))
+    else:
+        path.write_bytes({"empty": b"", "truncated": data[: len(data) // 2],
+                          "text": b"not a checkpoint\n"}[kind])
+    return path
+
+
+@pytest.mark.parametrize(("kind", "says"), [
+    ("empty", "is empty"),
+    ("truncated", "not a readable PyTorch checkpoint"),
+    ("text", "not a readable PyTorch checkpoint"),
+    ("directory", "is a directory"),
+    ("pickled module", "Save model.state_dict() instead, or use covariant.zoo.checkpoints"),
+    ("flipped bytes", "corrupted"),
+])
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path, tiny, capsys, kind, says):
+    path = _unreadable(tmp_path, tiny, kind)
+    assert main(["flatness", str(path), *_FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("covariant flatness: error: ") and says in err
+    assert "Traceback" not in err
+
+
+def test_out_that_is_a_file_is_refused_before_computing(tiny, tmp_path, capsys, monkeypatch):
+    import covariant.cli.flatness as cli_flatness
+
+    def fail(*args, **kwargs):
+        raise AssertionError("analyse must not run")
+
+    monkeypatch.setattr(cli_flatness, "analyse", fail)
+    existing = tmp_path / "existing"
+    existing.write_text("keep me")
+    assert main(["flatness", str(tiny), *_FAST, "--out", str(existing), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "covariant flatness: error: --out" in err and "not a directory" in err
+    assert existing.read_text() == "keep me"
+
+
+def test_quick_uses_fewer_samples_and_synthetic_data_works(tiny, capsys):
+    assert main(["flatness", str(tiny), *_FAST, "--quick", "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["samples"] == 64 and result["dataset"] == "synthetic"
+    assert math.isfinite(result["invariant"]["trace"]["value"])
+    assert "64 synthetic examples" in captured.err
+
+
+def test_singular_metric_error_names_the_damping_flag(tiny, capsys):
+    status = main(["flatness", str(tiny), "--dataset", "synthetic", "--samples", "8",
+                   "--metric", "ggn", "--measures", "trace", "--num-probes", "2",
+                   "--no-progress"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "covariant flatness: error: " in err and "--damping" in err
+    assert "metrics.Damped" not in err
+
+
+def test_table_formats_a_nan_stderr():
+    from covariant.cli.flatness import _fmt
+
+    assert _fmt({"value": 2.0, "stderr": float("nan")}) == "2 ± n/a"
+    assert _fmt({"value": 2.0, "stderr": "nan"}) == "2 ± n/a"
+    assert _fmt({"value": 2.0, "stderr": 0.5}) == "2 ± 0.5"
+
+
+class _ClosedPipe:
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_json_into_a_closed_pipe_exits_quietly(tiny, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdout", _ClosedPipe())
+    assert main(["flatness", str(tiny), *_FAST, "--json"]) == 141
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_json_piped_to_a_closed_reader_has_no_traceback(tiny):
+    """`covariant flatness ... --json | head -c 1` in a real process."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "covariant.cli", "flatness", str(tiny), *_FAST, "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err
+    assert "trace" in err  # the table went to stderr as usual
+
+
+def test_flatness_help_documents_every_flag(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # no line breaks inside the phrases below
+    with pytest.raises(SystemExit) as exit_:
+        main(["flatness", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "exact generalized eigenproblem" in text  # --method
+    assert "random probe vectors" in text  # --num-probes
+    assert "mnist1d, digits, synthetic" in text  # --dataset
+    assert "--samples 64 and --num-probes 30 unless given" in text  # --quick

@@ -34,3 +34,116 @@ def test_print_summary_table(tmp_path, capsys):
     assert "a.b" in out and "0.1235" in out and "True" in out
     assert "[0, 1, 2, 3, 4, 5, 6, 7, …]" in out
     assert out.strip().endswith(f"results in {tmp_path}/: f.png")
+
+
+# --------------------------------------------------------------------------------------------
+# issue 10: reproduce --json is parseable, --out that is a file, help texts
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_experiment(monkeypatch):
+    """``covariant reproduce optimization`` backed by an instant fake experiment."""
+    import sys
+    import types
+
+    module = types.ModuleType("covariant_fake_experiment")
+    calls = []
+
+    def run(out, *, quick, seed, progress):
+        calls.append((out, quick, seed))
+        return {"summary": {"loss": 0.5, "ok": True}, "figures": ["a.png"]}
+
+    module.run = run
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(EXPERIMENTS, "optimization", module.__name__)
+    return calls
+
+
+def test_reproduce_json_alone_on_stdout(fake_experiment, tmp_path, capsys):
+    import json
+
+    assert main(["reproduce", "optimization", "--out", str(tmp_path), "--json",
+                 "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["summary"] == {"loss": 0.5, "ok": True}
+    assert "covariant reproduce optimization: summary" in captured.err
+    assert "loss" in captured.err and "results in" in captured.err
+
+
+def test_reproduce_without_json_prints_the_table_on_stdout(fake_experiment, tmp_path, capsys):
+    assert main(["reproduce", "optimization", "--out", str(tmp_path), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "covariant reproduce optimization: summary" in captured.out and not captured.err
+
+
+@pytest.mark.parametrize("command", [["demo"], ["reproduce", "optimization"]])
+def test_out_that_is_a_file_is_refused_before_running(fake_experiment, tmp_path, capsys,
+                                                      monkeypatch, command):
+    import importlib
+
+    cli_main = importlib.import_module("covariant.cli.main")  # the module, not the function
+    monkeypatch.setattr(cli_main, "run_demo", lambda *a, **k: pytest.fail("demo ran"))
+    existing = tmp_path / "file.txt"
+    existing.write_text("x")
+    assert main([*command, "--out", str(existing), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"covariant {command[0]}: error: --out" in err and "not a directory" in err
+    assert fake_experiment == []
+
+
+@pytest.mark.parametrize(("command", "phrase"), [
+    ("demo", "the naive Hessian trace changes with the chart"),
+    ("reproduce", "Run one experiment of the paper"),
+])
+def test_subcommands_have_a_description(capsys, monkeypatch, command, phrase):
+    monkeypatch.setenv("COLUMNS", "400")
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert phrase in " ".join(capsys.readouterr().out.split())
+
+
+def _readme_checkpoint_block():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```py\n(.*?)```", readme, re.S) if "save_checkpoint" in b]
+    assert len(blocks) == 1, "README shows how to write the checkpoint of covariant flatness"
+    return readme, blocks[0]
+
+
+def test_readme_checkpoint_lines_make_a_file_that_flatness_reads(tmp_path, monkeypatch, capsys):
+    """The README's lines run as written (training shortened to one epoch), and the file they
+    write is what `covariant flatness` reads; a bare state dict loads with --arch too."""
+    import json
+
+    import torch
+
+    from covariant.zoo import training
+
+    readme, code = _readme_checkpoint_block()
+    assert "covariant flatness model.pt --dataset mnist1d" in readme
+    real = training.train_classifier
+    monkeypatch.setattr(training, "train_classifier",
+                        lambda *a, **k: real(*a, **{**k, "epochs": 1}))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md[checkpoint]", "exec"), namespace)
+    fast = ["--dataset", "mnist1d", "--quick", "--measures", "trace", "--num-probes", "2",
+            "--no-progress", "--json"]
+    assert main(["flatness", "model.pt", *fast]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["arch"] == "mlp" and result["dim"] == 2698 and result["samples"] == 64
+    torch.save(namespace["model"].state_dict(), "sd.pt")
+    assert main(["flatness", "sd.pt", "--arch", "mlp", "--arch-kwargs", "hidden=32,32",
+                 *fast]) == 0
+    assert json.loads(capsys.readouterr().out)["dim"] == 2698
+
+
+def test_gitignore_ignores_demo_output():
+    from pathlib import Path
+
+    lines = (Path(__file__).resolve().parents[2] / ".gitignore").read_text().split()
+    assert "demo-out/" in lines

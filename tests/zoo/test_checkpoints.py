@@ -96,3 +96,89 @@ def test_save_validates_recipe(tmp_path):
     assert meta["arch_kwargs"]["hidden"] == [4]
     x = torch.randn(2, 3)
     assert torch.equal(loaded(x), seq(x))
+
+
+# --------------------------------------------------------------------------------------------
+# Integrity: checksums, corrupted and unreadable files (issue 10)
+# --------------------------------------------------------------------------------------------
+
+
+def _small(tmp_path):
+    torch.manual_seed(0)
+    model = arch.build("mlp", 6, 3, hidden=(4,))
+    path = tmp_path / "m.pt"
+    ckpt.save_checkpoint(path, model)
+    return model, path
+
+
+def test_checkpoint_stores_a_sha256_of_its_contents(tmp_path):
+    _, path = _small(tmp_path)
+    raw = torch.load(path, weights_only=True)
+    assert isinstance(raw["sha256"], str) and len(raw["sha256"]) == 64
+
+
+def test_flipped_weight_bytes_are_detected(tmp_path):
+    """Bytes flipped inside a tensor's data used to load silently with other weights."""
+    model, path = _small(tmp_path)
+    data = bytearray(path.read_bytes())
+    start = bytes(data).find(next(model.parameters()).detach().numpy().tobytes())
+    assert start > 0
+    for i in range(start, start + 16):
+        data[i] ^= 0x55
+    path.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="corrupted"):
+        ckpt.load_checkpoint(path)
+
+
+def test_changed_tensors_in_a_valid_container_fail_the_sha256(tmp_path):
+    """The zip CRCs are rewritten by torch.save; the stored SHA-256 still catches the change."""
+    _, path = _small(tmp_path)
+    raw = torch.load(path, weights_only=True)
+    torch.save(raw, path)  # re-saved unchanged: still loads
+    ckpt.load_checkpoint(path)
+    raw["state_dict"]["0.weight"][0, 0] += 1.0
+    torch.save(raw, path)
+    with pytest.raises(ckpt.CheckpointError, match="SHA-256"):
+        ckpt.load_checkpoint(path)
+    raw["state_dict"]["0.weight"][0, 0] -= 1.0
+    raw["metadata"] = {"note": "edited"}  # the recipe and metadata are covered too
+    torch.save(raw, path)
+    with pytest.raises(ckpt.CheckpointError, match="SHA-256"):
+        ckpt.load_checkpoint(path)
+
+
+def test_checkpoint_without_hash_loads_with_a_warning(tmp_path):
+    model, path = _small(tmp_path)
+    raw = torch.load(path, weights_only=True)
+    del raw["sha256"]
+    torch.save(raw, path)
+    with pytest.warns(UserWarning, match="no checksum"):
+        loaded, _ = ckpt.load_checkpoint(path)
+    X = torch.randn(2, 6)
+    assert torch.equal(loaded(X), model(X))
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "text", "random"])
+def test_unreadable_files_raise_checkpoint_error(tmp_path, kind):
+    _, path = _small(tmp_path)
+    data = path.read_bytes()
+    content = {"empty": b"", "truncated": data[: len(data) // 2], "text": b"hello world\n",
+               "random": bytes(range(256)) * 4}[kind]
+    path.write_bytes(content)
+    with pytest.raises(ckpt.CheckpointError, match="empty|not a readable|corrupted"):
+        ckpt.load_checkpoint(path, arch="mlp", in_features=6, num_classes=3, hidden=[4])
+
+
+def test_directory_and_missing_file_are_clear_os_errors(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        ckpt.load_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ckpt.load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_pickled_module_says_to_save_a_state_dict(tmp_path):
+    model, _ = _small(tmp_path)
+    path = tmp_path / "whole.pt"
+    torch.save(model, path)
+    with pytest.raises(ckpt.CheckpointError, match="state_dict.*save_checkpoint"):
+        ckpt.load_checkpoint(path)

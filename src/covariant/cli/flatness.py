@@ -4,6 +4,9 @@ Loads a checkpoint (``torch.load(..., weights_only=True)`` only) into an archite
 :mod:`covariant.zoo.architectures`, takes a slice of a bundled or generated dataset, and reports the
 measures of E = G⁻¹Hess in the chosen chart and metric next to the naive numbers (G = I in that
 chart). With ``--out DIR`` it writes a spectral-density plot; with ``--json`` every number.
+Every numeric flag is checked by argparse (:mod:`covariant.cli.arguments`); a checkpoint that
+cannot be read, or a problem the library reports, ends with ``covariant flatness: error: …``
+and exit status 2, with the fix stated in terms of the flags.
 
 Example (shell)::
 
@@ -12,13 +15,18 @@ Example (shell)::
 
 Example
 -------
->>> _parse_kwargs("hidden=64,64;activation=tanh;scale=0.5")
-{'hidden': [64, 64], 'activation': 'tanh', 'scale': 0.5}
+>>> import argparse
+>>> args = argparse.Namespace(quick=True, samples=None, num_probes=None)
+>>> _resolve_quick(args).samples, args.num_probes
+(64, 30)
+>>> _fmt({"value": 1.5, "stderr": float("nan")})
+'1.5 ± n/a'
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -29,14 +37,23 @@ from torch import nn
 
 from .. import metrics, reparam
 from .._io import atomic_write_json, dumps_json, save_figure
-from ..errors import ArchitectureMismatchError, CovariantError, require
+from ..errors import (
+    ArchitectureMismatchError,
+    CovariantError,
+    NotConvergedError,
+    SingularMetricError,
+    require,
+)
 from ..flatness import flatness, format_value
 from ..linalg import spectral_density
 from ..space import ParameterSpace
 from ..zoo.checkpoints import load_checkpoint
 from ..zoo.data import load_dataset
+from . import arguments as a
 
 DEFAULT_MEASURES = "trace,logdet,max_eig,top_eigs"
+#: (full, --quick) defaults of --samples and --num-probes.
+SAMPLES, PROBES = (512, 64), (100, 30)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,48 +61,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default=None,
                    help="architecture (mlp, cnn1d, resnet1d); read from the checkpoint if saved "
                         "with covariant.zoo.checkpoints.save_checkpoint")
-    p.add_argument("--arch-kwargs", default="",
+    p.add_argument("--arch-kwargs", default="", type=a.arch_kwargs,
                    help="architecture options, e.g. 'hidden=64,64;activation=tanh'")
-    p.add_argument("--dataset", default="mnist1d", help="mnist1d or digits (default mnist1d)")
-    p.add_argument("--samples", type=int, default=512,
-                   help="training examples the loss is averaged over (default 512)")
-    p.add_argument("--chart", default="none",
-                   help="none | weightnorm | weightnorm:S (‖v‖ rescaled by S) | scale:A")
+    p.add_argument("--dataset", default="mnist1d", type=a.dataset_name,
+                   help=f"{', '.join(a.CLI_DATASETS)} (default mnist1d; synthetic: Gaussian "
+                        "blobs with 20 features and 3 classes)")
+    p.add_argument("--samples", type=a.positive_int, default=None,
+                   help=f"training examples the loss is averaged over, >= 1 (default "
+                        f"{SAMPLES[0]}, {SAMPLES[1]} with --quick)")
+    p.add_argument("--chart", default="none", type=a.chart_spec,
+                   help="none | weightnorm | weightnorm:S (‖v‖ rescaled by S > 0) | scale:A "
+                        "(A != 0)")
     p.add_argument("--metric", default="euclidean",
                    help="metric in the original chart: euclidean, ggn, fisher, empirical_fisher")
-    p.add_argument("--damping", type=float, default=0.0,
-                   help="λ of Damped(G, λ, reference=Euclidean in w), pulled back with G")
+    p.add_argument("--damping", type=a.nonnegative_float, default=0.0,
+                   help="λ >= 0 of Damped(G, λ, reference=Euclidean in w), pulled back with G "
+                        "(default 0: no damping)")
     p.add_argument("--measures", default=DEFAULT_MEASURES,
                    help=f"comma-separated (default {DEFAULT_MEASURES}; also min_eig, "
                         "spectral_density; 'spectrum' with --method dense)")
-    p.add_argument("--method", default="stochastic", choices=("stochastic", "dense"))
-    p.add_argument("--num-probes", type=int, default=100)
+    p.add_argument("--method", default="stochastic", choices=("stochastic", "dense"),
+                   help="stochastic: matrix-free estimates with error bars (default); dense: "
+                        "exact generalized eigenproblem, for small models")
+    p.add_argument("--num-probes", type=a.at_least_two, default=None,
+                   help=f"random probe vectors of the stochastic estimators, >= 2 (default "
+                        f"{PROBES[0]}, {PROBES[1]} with --quick; ignored by --method dense)")
     p.add_argument("--in-chart", action="store_true",
                    help="compute the invariant measures with the chart's own Hessian and "
                         "metric products (slower; by default a pulled-back space is computed "
                         "in the original chart, where the tensor rules make it equal)")
-    p.add_argument("--k", type=int, default=5, help="eigenvalues for top_eigs")
+    p.add_argument("--k", type=a.positive_int, default=5,
+                   help="eigenvalues for top_eigs, >= 1 (default 5)")
     p.add_argument("--float32", action="store_true", help="compute in float32 (default float64)")
 
 
-def _parse_kwargs(text: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in text.split(";"))):
-        if "=" not in item:
-            raise ValueError(f"--arch-kwargs: expected key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        parts = [v.strip() for v in value.split(",")]
-        conv = []
-        for v in parts:
-            try:
-                conv.append(int(v))
-            except ValueError:
-                try:
-                    conv.append(float(v))
-                except ValueError:
-                    conv.append(v)
-        out[key.strip()] = conv if len(conv) > 1 or value.endswith(",") else conv[0]
-    return out
+def _resolve_quick(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill ``--samples`` and ``--num-probes`` left unset: the full or the ``--quick``
+    defaults (:data:`SAMPLES`, :data:`PROBES`)."""
+    quick = int(bool(getattr(args, "quick", False)))
+    if args.samples is None:
+        args.samples = SAMPLES[quick]
+    if args.num_probes is None:
+        args.num_probes = PROBES[quick]
+    return args
 
 
 def _chart(space: Any, theta: torch.Tensor, spec: str) -> tuple[Any, torch.Tensor]:
@@ -96,7 +114,7 @@ def _chart(space: Any, theta: torch.Tensor, spec: str) -> tuple[Any, torch.Tenso
     if kind == "weightnorm":
         new = space.reparametrize({"*.weight": reparam.WeightNorm()})
         psi = new.chart.inverse(theta)
-        scale = float(arg) if arg else 1.0
+        scale = float(arg) if arg else 1.0  # > 0, checked by arguments.chart_spec
         if scale != 1.0:
             psi = psi.clone()
             v_slices = new.chart.new_layout.slices
@@ -115,7 +133,8 @@ def analyse(args: argparse.Namespace, *, progress: bool) -> dict[str, Any]:
     """Run the analysis described by parsed CLI arguments; return every number."""
     dtype = torch.float32 if args.float32 else torch.float64
     ds = load_dataset(args.dataset)
-    kwargs = _parse_kwargs(args.arch_kwargs)
+    _resolve_quick(args)
+    kwargs = a.parse_kwargs(args.arch_kwargs)
     kwargs.setdefault("in_features", ds.num_features)
     kwargs.setdefault("num_classes", ds.num_classes)
     model, meta = load_checkpoint(args.checkpoint, arch=args.arch, **kwargs)
@@ -151,8 +170,10 @@ def analyse(args: argparse.Namespace, *, progress: bool) -> dict[str, Any]:
 
 def _fmt(m: dict[str, Any]) -> str:
     text = format_value(m["value"], 5)
-    if m.get("stderr") is not None and not isinstance(m["value"], list):
-        text += f" ± {m['stderr']:.2g}"
+    stderr = m.get("stderr")
+    if stderr is not None and not isinstance(m["value"], list):
+        finite = isinstance(stderr, int | float) and math.isfinite(stderr)
+        text += f" ± {stderr:.2g}" if finite else " ± n/a"
     if not m.get("converged", True):
         text += " (NOT converged)"
     return text
@@ -205,6 +226,25 @@ def _plot_density(result: dict[str, Any], path: Path) -> Path:
     return out
 
 
+def cli_message(err: BaseException) -> str:
+    """The message of ``err`` with its fix stated as flags rather than Python calls.
+
+    >>> cli_message(SingularMetricError("the metric has rank 3 < 5. Damp it (metrics.Damped)"))
+    'the metric has rank 3 < 5; add --damping λ > 0 (e.g. --damping 1e-3) or use --metric euclidean'
+    """
+    text = str(err)
+    if isinstance(err, SingularMetricError):
+        first = text.split(". ")[0].rstrip(".")
+        return (f"{first}; add --damping λ > 0 (e.g. --damping 1e-3) or use "
+                "--metric euclidean")
+    if isinstance(err, NotConvergedError):
+        return f"{text}; raise --num-probes, or use --method dense on a small model"
+    if isinstance(err, ArchitectureMismatchError):
+        text = text.replace("pass arch=... and its kwargs",
+                            "pass --arch NAME and --arch-kwargs 'key=value;...'")
+    return text
+
+
 def run_flatness(args: argparse.Namespace, *, progress: bool) -> int:
     """Entry point of ``covariant flatness``; returns the exit status."""
     if args.out is not None and args.method == "stochastic" and "spectral_density" not in \
@@ -212,8 +252,8 @@ def run_flatness(args: argparse.Namespace, *, progress: bool) -> int:
         args.measures += ",spectral_density"
     try:
         result = analyse(args, progress=progress)
-    except (ArchitectureMismatchError, CovariantError, ValueError, FileNotFoundError) as err:
-        print(f"covariant flatness: error: {err}", file=sys.stderr)
+    except (ArchitectureMismatchError, CovariantError, ValueError, OSError) as err:
+        print(f"covariant flatness: error: {cli_message(err)}", file=sys.stderr)
         return 2
     stream = sys.stderr if (args.json and args.out is None) else sys.stdout
     print_table(result, stream)

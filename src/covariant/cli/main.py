@@ -1,5 +1,10 @@
 """The ``covariant`` argument parser and the dispatch to its subcommands.
 
+Errors a user can fix end with ``covariant <cmd>: error: …`` on stderr and exit status 2:
+bad flag values (argparse), an ``--out`` that is an existing file (checked before any
+computing). A closed stdout (``covariant … --json | head``) ends quietly with status 141, as
+a process killed by SIGPIPE.
+
 Example
 -------
 >>> args = build_parser().parse_args(["reproduce", "density", "--quick"])
@@ -10,6 +15,7 @@ Example
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,12 +28,16 @@ from .reproduce import EXPERIMENTS, run_reproduce
 __all__ = ["build_parser", "main"]
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+#: Exit status after a closed stdout (128 + SIGPIPE, as the shell reports a process it kills).
+BROKEN_PIPE = 141
+
+
+def _add_common(p: argparse.ArgumentParser, quick: str = "a smaller, faster version") -> None:
     p.add_argument("--out", type=Path, default=None, help="folder for figures (and JSON)")
     p.add_argument("--json", action="store_true",
                    help="write every number as JSON (to --out, or to stdout without --out)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--quick", action="store_true", help="a smaller, faster version")
+    p.add_argument("--quick", action="store_true", help=quick)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -40,22 +50,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"covariant {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="naive vs invariant flatness under reparametrization")
-    _add_common(demo)
+    demo = sub.add_parser(
+        "demo", help="naive vs invariant flatness under reparametrization",
+        description="Naive vs invariant flatness on a 2-D problem and on a small trained MLP: "
+                    "the naive Hessian trace changes with the chart, the invariant one does "
+                    "not. Prints the tables; --out writes figures, --json every number.")
+    _add_common(demo, quick="less data, fewer epochs and a smaller MLP")
 
-    flat = sub.add_parser("flatness", help="curvature measures of a saved model")
-    _add_common(flat)
+    flat = sub.add_parser(
+        "flatness", help="curvature measures of a saved model",
+        description="Invariant (G⁻¹Hess) and naive (G = I in the chart) curvature measures of "
+                    "a model saved with covariant.zoo.checkpoints.save_checkpoint (or a "
+                    "state_dict with --arch).")
+    _add_common(flat, quick=f"fewer examples and probes: --samples {_flatness.SAMPLES[1]} and "
+                            f"--num-probes {_flatness.PROBES[1]} unless given")
     _flatness.add_arguments(flat)
 
-    rep = sub.add_parser("reproduce", help="the paper's claims as experiments")
+    rep = sub.add_parser(
+        "reproduce", help="the paper's claims as experiments",
+        description="Run one experiment of the paper (optimization: trajectories, order of "
+                    "invariance, NTK, Adam; density: MAP, Riemannian MAP, Laplace evidence), "
+                    "write its figures to --out (default covariant-<experiment>) and print "
+                    "its summary; with --json every number goes to stdout and the table to "
+                    "stderr. Interrupted runs resume from their checkpoints.")
     rep.add_argument("experiment", choices=sorted(EXPERIMENTS))
-    _add_common(rep)
+    _add_common(rep, quick="smaller problems and fewer steps, for a fast check")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``covariant`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
-    args = build_parser().parse_args(argv)
+def _out_problem(out: Path | None) -> str | None:
+    """Why ``--out`` cannot be used as a folder, or None."""
+    if out is None or out.is_dir() or not out.exists():
+        return None
+    return f"--out {os.fspath(out)!r} exists and is not a directory; pass a folder"
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     if args.command == "demo":
         return run_demo(args, progress=progress)
@@ -64,6 +94,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "reproduce":
         return run_reproduce(args, progress=progress)
     return 2  # pragma: no cover - argparse enforces the choices
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``covariant`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    args = build_parser().parse_args(argv)
+    problem = _out_problem(args.out)
+    if problem is not None:
+        print(f"covariant {args.command}: error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        status = _dispatch(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader closed stdout (``| head``): no traceback, and no second error when
+        # Python flushes stdout at exit
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # stdout without a file descriptor
+            pass
+        return BROKEN_PIPE
+    return status
 
 
 if __name__ == "__main__":  # pragma: no cover

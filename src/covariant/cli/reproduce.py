@@ -47,30 +47,34 @@ def _num(v: Any) -> str:
     return f"{v:.4g}"
 
 
-def print_summary(name: str, result: dict[str, Any], out: Path) -> None:
-    """A readable table of an experiment's summary numbers, and where its files went."""
+def print_summary(name: str, result: dict[str, Any], out: Path, stream: Any = None) -> None:
+    """A readable table of an experiment's summary numbers, and where its files went, on
+    ``stream`` (default stdout)."""
+    stream = sys.stdout if stream is None else stream
     rows: list[tuple[str, str]] = []
     _flatten("", result.get("summary", {k: v for k, v in result.items()
                                         if isinstance(v, int | float | str)}), rows)
     title = f"covariant reproduce {name}: summary"
-    print(title)
-    print("=" * len(title))
+    print(title, file=stream)
+    print("=" * len(title), file=stream)
     width = max((len(k) for k, _ in rows), default=10) + 2
     for key, value in rows:
-        print(f"{key:{width}s}{value}")
+        print(f"{key:{width}s}{value}", file=stream)
     figures = result.get("figures") or result.get("files") or []
     if isinstance(figures, dict):
         figures = list(figures.values())
-    print(f"results in {out}/" + (f": {', '.join(map(str, figures))}" if figures else ""))
+    print(f"results in {out}/" + (f": {', '.join(map(str, figures))}" if figures else ""),
+          file=stream)
 
 
 def run_reproduce(args: argparse.Namespace, *, progress: bool) -> int:
     """Run ``args.experiment`` into ``--out`` (default ``covariant-<name>``), print its
-    summary, and with ``--json`` every number to stdout. Returns the exit status."""
+    summary, and with ``--json`` every number to stdout (the summary then goes to stderr, so
+    that stdout is JSON alone). Returns the exit status."""
     module = importlib.import_module(EXPERIMENTS[args.experiment])
     out = args.out if args.out is not None else Path(f"covariant-{args.experiment}")
     result = module.run(out, quick=args.quick, seed=args.seed, progress=progress)
-    print_summary(args.experiment, result, out)
+    print_summary(args.experiment, result, out, sys.stderr if args.json else sys.stdout)
     if args.json:
         sys.stdout.write(dumps_json(result) + "\n")
     return 0

@@ -6,6 +6,13 @@ with ``torch.load(..., weights_only=True)``. A bare state dict loads too when th
 is named; a mismatch raises :class:`~covariant.errors.ArchitectureMismatchError` with the
 missing / unexpected keys and a guess of what the weights look like.
 
+Integrity: :func:`save_checkpoint` stores a SHA-256 of the recipe and the state tensors, and
+:func:`load_checkpoint` recomputes it; it also verifies the CRC-32 of every member of the zip
+container that ``torch.save`` writes. A file that is empty, truncated, corrupted, not written
+by ``torch.save``, or that holds a whole pickled module raises :class:`CheckpointError`.
+A missing path or a directory raises ``FileNotFoundError`` / ``IsADirectoryError``.
+Checkpoints saved before the hash existed still load, with a ``UserWarning``.
+
 Example
 -------
 >>> import os, tempfile, torch
@@ -21,7 +28,13 @@ Example
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import pickle
+import re
+import warnings
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,10 +42,16 @@ import torch
 from torch import nn
 
 from .._io import atomic_save_torch
-from ..errors import ArchitectureMismatchError
+from ..errors import ArchitectureMismatchError, CovariantError
 from .architectures import ARCHITECTURES, build
 
-__all__ = ["load_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
+
+
+class CheckpointError(CovariantError, ValueError):
+    """A checkpoint file cannot be read: empty, truncated, corrupted (its checksum or a zip
+    CRC does not match), not written by ``torch.save``, or holding objects that
+    ``torch.load(..., weights_only=True)`` refuses (such as a whole pickled module)."""
 
 
 _FORMAT = "covariant.checkpoint/1"
@@ -151,6 +170,19 @@ def _mismatch_message(
     return " ".join(parts)
 
 
+def _digest(arch: str, kwargs: Any, metadata: Any, state_dict: Mapping[str, Any]) -> str:
+    """SHA-256 of the recipe (as canonical JSON) and of every state tensor (name, dtype,
+    shape and bytes), in key order."""
+    h = hashlib.sha256()
+    recipe = {"arch": arch, "arch_kwargs": kwargs, "metadata": metadata}
+    h.update(json.dumps(recipe, sort_keys=True, allow_nan=True).encode())
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().cpu().contiguous().reshape(-1)
+        h.update(f"\0{key}\0{t.dtype}\0{tuple(state_dict[key].shape)}\0".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _strip_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
     """Drop a ``module.`` (DataParallel) or ``_orig_mod.`` (torch.compile) prefix."""
     for prefix in ("module.", "_orig_mod."):
@@ -169,8 +201,10 @@ def save_checkpoint(
 ) -> None:
     """Save ``model`` with the recipe to rebuild it, atomically (temp file + ``os.replace``).
 
-    The file holds a dict ``{"format", "arch", "arch_kwargs", "state_dict", "metadata"}`` of
-    plain data and tensors only, so it loads with ``torch.load(..., weights_only=True)``.
+    The file holds a dict ``{"format", "arch", "arch_kwargs", "state_dict", "metadata",
+    "sha256"}`` of plain data and tensors only, so it loads with
+    ``torch.load(..., weights_only=True)``; ``sha256`` covers the recipe and the tensors and is
+    checked by :func:`load_checkpoint`.
 
     Parameters
     ----------
@@ -233,8 +267,85 @@ def save_checkpoint(
         "arch_kwargs": kwargs,
         "state_dict": state_dict,
         "metadata": meta,
+        "sha256": _digest(arch, kwargs, meta, state_dict),
     }
     atomic_save_torch(path, payload)
+
+
+def _check_container(path: str | os.PathLike[str]) -> None:
+    """Raise a clear error for a missing, directory, empty or zip-corrupted file."""
+    name = os.fspath(path)
+    if os.path.isdir(name):
+        raise IsADirectoryError(f"{name!r} is a directory, not a checkpoint file")
+    if not os.path.exists(name):
+        raise FileNotFoundError(f"checkpoint {name!r} does not exist")
+    if os.path.getsize(name) == 0:
+        raise CheckpointError(f"{name!r} is empty (0 bytes), not a checkpoint")
+    if zipfile.is_zipfile(name):
+        try:
+            with zipfile.ZipFile(name) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError,
+                NotImplementedError) as err:
+            raise CheckpointError(f"{name!r} is a corrupted zip archive: {err}") from err
+        if bad is not None:
+            raise CheckpointError(
+                f"{name!r} is corrupted: the CRC-32 of its member {bad!r} does not match "
+                "(the file changed after it was written)"
+            )
+
+
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _torch_load(path: str | os.PathLike[str], map_location: str | torch.device) -> Any:
+    """``torch.load(path, weights_only=True)`` with every failure as a :class:`CheckpointError`
+    (a missing file or a directory stays an ``OSError``)."""
+    _check_container(path)
+    name = os.fspath(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = _UNSUPPORTED_GLOBAL.search(str(err))
+        if found is None:
+            raise CheckpointError(
+                f"{name!r} is not a readable PyTorch checkpoint (corrupted, or not written by "
+                "torch.save): its pickle cannot be read"
+            ) from err
+        raise CheckpointError(
+            f"{name!r} holds objects that safe loading (torch.load(..., weights_only=True)) "
+            f"refuses (it needs {found.group(1)}), such as a whole model saved with "
+            "torch.save(model). Save model.state_dict() instead, or use "
+            "covariant.zoo.checkpoints.save_checkpoint"
+        ) from err
+    except (RuntimeError, EOFError, KeyError, ValueError, IndexError, UnicodeDecodeError,
+            AttributeError, TypeError) as err:
+        detail = (str(err).splitlines() or [""])[0]
+        raise CheckpointError(
+            f"{name!r} is not a readable PyTorch checkpoint (truncated, corrupted, or not "
+            f"written by torch.save): {type(err).__name__}: {detail}"
+        ) from err
+
+
+def _verify(path: str | os.PathLike[str], obj: Mapping[str, Any],
+            state_dict: Mapping[str, Any]) -> None:
+    """Check the stored SHA-256 of a :func:`save_checkpoint` file; warn if it has none."""
+    name = os.fspath(path)
+    stored = obj.get("sha256")
+    if stored is None:
+        warnings.warn(
+            f"{name!r} has no checksum (saved by an older covariant), so its integrity cannot "
+            "be verified; save it again with save_checkpoint to add one",
+            UserWarning, stacklevel=4,
+        )
+        return
+    digest = _digest(obj.get("arch"), obj.get("arch_kwargs") or {}, obj.get("metadata") or {},
+                     state_dict)
+    if digest != stored:
+        raise CheckpointError(
+            f"{name!r} is corrupted: the SHA-256 of its weights and recipe is {digest[:16]}…, "
+            f"but the file records {str(stored)[:16]}… (the file changed after it was written)"
+        )
 
 
 def _read(
@@ -242,7 +353,7 @@ def _read(
 ) -> tuple[dict[str, Any], str | None, dict[str, Any], dict[str, Any], str]:
     """Read a checkpoint or (wrapped) state dict: ``(state_dict, arch, arch_kwargs, metadata,
     source)``, prefixes stripped; raise if it holds anything but tensors."""
-    obj = torch.load(path, map_location=map_location, weights_only=True)
+    obj = _torch_load(path, map_location)
     if not isinstance(obj, Mapping):
         raise ArchitectureMismatchError(
             f"{os.fspath(path)!r} holds a {type(obj).__name__}, not a checkpoint or state dict"
@@ -255,6 +366,9 @@ def _read(
         stored_kwargs = dict(obj.get("arch_kwargs") or {})
         metadata = dict(obj.get("metadata") or {})
         source = "checkpoint" if stored_arch is not None else "state_dict"
+        if obj.get("format") == _FORMAT and not [
+                k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]:
+            _verify(path, obj, state_dict)
     else:
         state_dict, stored_arch, source = dict(obj), None, "state_dict"
     state_dict = _strip_prefix(state_dict)
@@ -316,6 +430,8 @@ def load_checkpoint(
     ArchitectureMismatchError
         If the weights do not fit: the message lists missing / unexpected keys and shape
         mismatches, and what architecture and kwargs the weights look like.
+    CheckpointError
+        If the file cannot be read or fails its checks (see the module docstring).
 
     Example
     -------
