@@ -18,6 +18,7 @@ from __future__ import annotations
 
 __all__ = [
     "ArchitectureMismatchError",
+    "CheckpointError",
     "CovariantError",
     "DenseTooLargeError",
     "DomainError",
@@ -71,6 +72,12 @@ class NotConvergedError(CovariantError, RuntimeError):
 
 class ArchitectureMismatchError(CovariantError, ValueError):
     """A checkpoint does not fit the architecture it is loaded into."""
+
+
+class CheckpointError(CovariantError, ValueError):
+    """A checkpoint file cannot be read: empty, truncated, corrupted (its checksum or a zip
+    CRC does not match), not written by ``torch.save``, or holding objects that
+    ``torch.load(..., weights_only=True)`` refuses (such as a whole pickled module)."""
 
 
 class UnsupportedStructureError(CovariantError, NotImplementedError):

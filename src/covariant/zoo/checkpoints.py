@@ -42,16 +42,10 @@ import torch
 from torch import nn
 
 from .._io import atomic_save_torch
-from ..errors import ArchitectureMismatchError, CovariantError
+from ..errors import ArchitectureMismatchError, CheckpointError
 from .architectures import ARCHITECTURES, build
 
 __all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
-
-
-class CheckpointError(CovariantError, ValueError):
-    """A checkpoint file cannot be read: empty, truncated, corrupted (its checksum or a zip
-    CRC does not match), not written by ``torch.save``, or holding objects that
-    ``torch.load(..., weights_only=True)`` refuses (such as a whole pickled module)."""
 
 
 _FORMAT = "covariant.checkpoint/1"
