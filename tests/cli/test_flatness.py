@@ -138,6 +138,7 @@ _FAST = ["--dataset", "synthetic", "--method", "dense", "--measures", "trace", "
     ("--num-probes", "0", ">= 2"),
     ("--dataset", "synthetic-regression", "synthetic"),
     ("--arch-kwargs", "hidden", "key=value"),
+    ("--metric", "hessian", "unknown metric"),
 ])
 def test_bad_flag_values_exit_2_naming_the_flag(tiny, capsys, flag, value, says):
     """These used to change the question silently (a negative --samples sliced X[:-5], a
@@ -282,3 +283,18 @@ def test_flatness_help_documents_every_flag(capsys, monkeypatch):
     assert "random probe vectors" in text  # --num-probes
     assert "mnist1d, digits, synthetic" in text  # --dataset
     assert "--samples 64 and --num-probes 30 unless given" in text  # --quick
+
+
+def test_more_samples_than_the_dataset_is_an_error_not_a_silent_cap(tiny, capsys):
+    """--samples 10**6 used to run quietly on the whole (smaller) training set."""
+    assert main(["flatness", str(tiny), *_FAST, "--samples", "1000000"]) == 2
+    err = capsys.readouterr().err
+    assert "covariant flatness: error:" in err and "exceeds" in err and "--samples" in err
+
+
+@pytest.mark.parametrize("value", ["-1", str(2**64)])
+def test_seed_out_of_range_exits_2(capsys, value):
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--quick", f"--seed={value}"])
+    assert exit_.value.code == 2
+    assert "argument --seed:" in capsys.readouterr().err

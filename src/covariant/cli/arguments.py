@@ -26,15 +26,19 @@ import argparse
 import math
 from typing import Any
 
+from ..metrics import METRIC_NAMES
+
 __all__ = [
     "CLI_DATASETS",
     "arch_kwargs",
     "at_least_two",
     "chart_spec",
     "dataset_name",
+    "metric_name",
     "nonnegative_float",
     "parse_kwargs",
     "positive_int",
+    "seed",
 ]
 
 #: Datasets ``covariant flatness`` accepts (classification, for the cross-entropy loss).
@@ -54,6 +58,23 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {text!r}")
     return value
+
+
+def seed(text: str) -> int:
+    """A seed torch accepts: an integer in [0, 2⁶⁴)."""
+    value = _int(text)
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64), got {text!r}")
+    return value
+
+
+def metric_name(text: str) -> str:
+    """One of the metric names of :data:`covariant.metrics.METRIC_NAMES` (case-insensitive)."""
+    key = text.strip().lower().replace("-", "_")
+    if key not in METRIC_NAMES:
+        raise argparse.ArgumentTypeError(
+            f"unknown metric {text!r}; choose from {', '.join(METRIC_NAMES)}")
+    return key
 
 
 def at_least_two(text: str) -> int:

@@ -72,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chart", default="none", type=a.chart_spec,
                    help="none | weightnorm | weightnorm:S (‖v‖ rescaled by S > 0) | scale:A "
                         "(A != 0)")
-    p.add_argument("--metric", default="euclidean",
+    p.add_argument("--metric", default="euclidean", type=a.metric_name,
                    help="metric in the original chart: euclidean, ggn, fisher, empirical_fisher")
     p.add_argument("--damping", type=a.nonnegative_float, default=0.0,
                    help="λ >= 0 of Damped(G, λ, reference=Euclidean in w), pulled back with G "
@@ -139,6 +139,9 @@ def analyse(args: argparse.Namespace, *, progress: bool) -> dict[str, Any]:
     kwargs.setdefault("num_classes", ds.num_classes)
     model, meta = load_checkpoint(args.checkpoint, arch=args.arch, **kwargs)
     model = model.to(dtype)
+    if args.samples > ds.X_train.shape[0]:
+        raise ValueError(f"--samples {args.samples} exceeds the {ds.X_train.shape[0]} training "
+                         f"examples of {args.dataset}; pass at most that many")
     X = ds.X_train[: args.samples].to(dtype)
     y = ds.y_train[: args.samples]
     metric_name = args.metric.lower()

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .. import __version__
+from . import arguments as a
 from . import flatness as _flatness
 from .demo import run_demo
 from .reproduce import EXPERIMENTS, run_reproduce
@@ -36,7 +37,8 @@ def _add_common(p: argparse.ArgumentParser, quick: str = "a smaller, faster vers
     p.add_argument("--out", type=Path, default=None, help="folder for figures (and JSON)")
     p.add_argument("--json", action="store_true",
                    help="write every number as JSON (to --out, or to stdout without --out)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=a.seed, default=0, help="random seed, 0 <= seed < 2**64 "
+                   "(default 0)")
     p.add_argument("--quick", action="store_true", help=quick)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
