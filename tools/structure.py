@@ -155,33 +155,16 @@ def function_sizes() -> list[Sized]:
     return out
 
 
-def _private_names_defined(tree: ast.AST) -> set[str]:
-    """Private names a module defines: functions, classes, class attributes, self._x = ..."""
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-            names.add(node.name)
-        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
-            names.add(node.attr)
-        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
-            names.add(node.id)
-    return {n for n in names if n.startswith("_")}
-
-
 def foreign_private_access() -> list[str]:
-    """``obj._name`` on an object of another module (outside ``covariant._fast``).
-
-    Allowed: ``self._x`` / ``cls._x`` / ``super()._x``, dunders, and ``obj._x`` where ``_x``
-    is defined in the same module (a class reading its own kind's state, e.g. a chart and
-    its linearization written side by side). Everything else reads another module's
-    internals, or torch's private API, which belongs in ``covariant._fast``.
+    """``obj._name`` on any object but ``self`` / ``cls`` / ``super()`` (dunders excluded),
+    outside ``covariant._fast``: another object's internals, or torch's private API, which
+    belongs in ``covariant._fast``.
     """
     hits = []
     for mod, path in modules().items():
         if mod.startswith("covariant._fast"):
             continue
         tree = ast.parse(path.read_text())
-        own = _private_names_defined(tree)
         for node in ast.walk(tree):
             if not isinstance(node, ast.Attribute):
                 continue
@@ -192,8 +175,6 @@ def foreign_private_access() -> list[str]:
             if isinstance(v, ast.Name) and v.id in ("self", "cls"):
                 continue
             if isinstance(v, ast.Call) and isinstance(v.func, ast.Name) and v.func.id == "super":
-                continue
-            if name in own:
                 continue
             hits.append(f"{mod}:{node.lineno}: {ast.unparse(node)}")
     return hits

@@ -41,7 +41,7 @@ from .connection import (
 )
 from .errors import NotABijectionError, ShapeMismatchError
 from .layout import ModelBinding, ParameterLayout
-from .metrics import Euclidean, Metric, Pullback, check_dense_size, metric_from_name
+from .metrics import Euclidean, Metric, Pullback, check_dense_size, resolve_metric
 from .metrics.base import dense_pinv, dense_solve
 from .reparam import (
     Compose,
@@ -53,6 +53,9 @@ from .reparam import (
 __all__ = ["ParameterSpace"]
 
 LossFn = Callable[[Tensor], Tensor]
+
+
+_KEEP = object()  # "carry this field over" in ParameterSpace._derive
 
 
 class ParameterSpace:
@@ -74,6 +77,9 @@ class ParameterSpace:
     binding : ModelBinding, optional
         The model behind the space (``from_module`` sets it). Every space reparametrized from
         this one carries the same binding, in the root coordinates.
+    chart, parent, is_pullback : optional
+        Set by :meth:`reparametrize` and the ``with_*`` methods: the chart θ_parent = h(ψ),
+        the parent space, and whether loss and metric are the parent's pulled through h.
 
     Attributes
     ----------
@@ -96,6 +102,9 @@ class ParameterSpace:
         is_density: bool = False,
         max_dense_dim: int | None = None,
         binding: ModelBinding | None = None,
+        chart: Reparametrization | None = None,
+        parent: ParameterSpace | None = None,
+        is_pullback: bool = False,
     ) -> None:
         if not callable(loss):
             raise TypeError(f"ParameterSpace: loss must be callable, got {type(loss).__name__}")
@@ -110,9 +119,9 @@ class ParameterSpace:
         self.dim = layout.dim if layout is not None else dim
         self.is_density = is_density
         self.max_dense_dim = max_dense_dim
-        self.chart: Reparametrization | None = None
-        self.parent: ParameterSpace | None = None
-        self._scalar_pullback = False  # loss = parent.loss ∘ chart and metric = pullback
+        self.chart: Reparametrization | None = chart
+        self.parent: ParameterSpace | None = parent
+        self._scalar_pullback = is_pullback  # loss = parent.loss ∘ chart, metric = pullback
         if binding is not None and not isinstance(binding, ModelBinding):
             raise TypeError(
                 f"ParameterSpace: binding must be a covariant.layout.ModelBinding, got "
@@ -176,20 +185,13 @@ class ParameterSpace:
             native = w_space.reparametrize(charts)
             assert native.layout is not None
             psi = native.layout.flatten(originals)
-            return native.with_metric(native._resolve_metric(metric, **metric_kwargs)), psi
+            return native.with_metric(resolve_metric(metric, native, **metric_kwargs)), psi
 
         binding, theta = ModelBinding.from_module(model, loss_fn, data)
         space = cls(binding.loss, None, layout=ParameterLayout.from_module(model),
                     binding=binding)
-        space.metric = space._resolve_metric(metric, **metric_kwargs)
+        space.metric = resolve_metric(metric, space, **metric_kwargs)
         return space, theta
-
-    def _resolve_metric(self, metric: Metric | str, **kwargs: Any) -> Metric:
-        if isinstance(metric, Metric):
-            return metric
-        if not isinstance(metric, str):
-            raise TypeError(f"metric must be a Metric or a name, got {type(metric).__name__}")
-        return metric_from_name(metric, self, **kwargs)
 
     # ------------------------------------------------------------------ the model behind it
     @property
@@ -232,7 +234,6 @@ class ParameterSpace:
         if self.chart is not None:
             self.chart.check_psi(p)
 
-    _check = check_point
 
     def unflatten(self, p: Tensor) -> dict[str, Tensor]:
         """The parameter dict of a flat point (module spaces only)."""
@@ -242,39 +243,17 @@ class ParameterSpace:
 
     def loss(self, p: Tensor) -> Tensor:
         """L(p)."""
-        self._check(p, "loss")
+        self.check_point(p, "loss")
         return check_finite(self._loss(p), "loss(p)")
 
     def grad(self, p: Tensor) -> Tensor:
         """∇L(p), a covector."""
-        self._check(p, "grad")
-        return check_finite(self._grad(p), "the gradient")
+        self.check_point(p, "grad")
+        return check_finite(autodiff.gradient(self._loss, p), "the gradient")
 
     def riemannian_grad(self, p: Tensor) -> Tensor:
         """G(p)⁻¹ ∇L(p), a vector (the pseudo-inverse for a submersion chart)."""
         return check_finite(self.metric.solve(p, self.grad(p)), "the Riemannian gradient")
-
-    def _euclidean_hvp(self, p: Tensor, v: Tensor) -> Tensor:
-        return autodiff.hvp(self._loss, p, v)
-
-    def _grad(self, p: Tensor) -> Tensor:
-        return autodiff.gradient(self._loss, p)
-
-    def _riemannian_hvp(self, p: Tensor, v: Tensor, method: str) -> Tensor:
-        if method not in ("auto", "pullback", "general"):
-            raise ValueError(f"hvp: method must be 'auto', 'pullback' or 'general', got {method!r}")
-        if self._scalar_pullback and method in ("auto", "pullback"):
-            h, parent = self.chart, self.parent
-            assert h is not None and parent is not None
-            theta = h.forward(p)
-            return h.vjp(p, parent._riemannian_hvp(theta, h.jvp(p, v), "auto"))
-        if method == "pullback":
-            raise ValueError("hvp: the pullback fast path needs a space made by reparametrize")
-        hv = self._euclidean_hvp(p, v)
-        if self.metric.is_constant:
-            return hv
-        r = self.metric.solve(p, self._grad(p))
-        return hv - connection_correction(self.metric, p, v, r)
 
     def hvp_operator(
         self, p: Tensor, riemannian: bool = True, *, method: str = "auto"
@@ -286,10 +265,10 @@ class ParameterSpace:
         pullback space builds its parent's operator once at h(p). Use it for many products
         at one point (estimators, Lanczos); ``hvp`` is the one-off form.
         """
-        self._check(p, "hvp_operator")
+        self.check_point(p, "hvp_operator")
         if not _plain(p):
-            return lambda v: self._riemannian_hvp(p, v, method) if riemannian \
-                else self._euclidean_hvp(p, v)
+            return lambda v: _riemannian_hvp(self, p, v, method) if riemannian \
+                else autodiff.hvp(self._loss, p, v)
         if riemannian and self._scalar_pullback and method in ("auto", "pullback"):
             h, parent = self.chart, self.parent
             assert h is not None and parent is not None
@@ -299,7 +278,7 @@ class ParameterSpace:
         euclidean = autodiff.hvp_operator(self._loss, p)
         if not riemannian or self.metric.is_constant:
             return euclidean
-        r = self.metric.solve(p, self._grad(p))
+        r = self.metric.solve(p, autodiff.gradient(self._loss, p))
 
         def riemannian_hvp(v: Tensor) -> Tensor:
             return euclidean(v) - connection_correction(self.metric, p, v, r)
@@ -314,10 +293,10 @@ class ParameterSpace:
         ``reparametrize``, ``method="pullback"`` uses Jᵀ Hess_Θ (J v) and ``"general"`` the
         connection formula in this chart; ``"auto"`` picks the pullback when it applies.
         """
-        self._check(p, "hvp")
+        self.check_point(p, "hvp")
         if v.shape != p.shape:
             raise ShapeMismatchError(f"hvp: v has shape {tuple(v.shape)}, p {tuple(p.shape)}")
-        out = self._riemannian_hvp(p, v, method) if riemannian else self._euclidean_hvp(p, v)
+        out = _riemannian_hvp(self, p, v, method) if riemannian else autodiff.hvp(self._loss, p, v)
         return check_finite(out, "the Hessian-vector product")
 
     def hessian(
@@ -337,7 +316,7 @@ class ParameterSpace:
         Hess_Ψ = Jᵀ Hess_Θ J with a dense Jacobian; ``"auto"`` takes the pullback when it
         applies and the matrix-free columns otherwise.
         """
-        self._check(p, "hessian")
+        self.check_point(p, "hessian")
         limit = max_dim or self.max_dense_dim
         check_dense_size(p.shape[0], "hessian", limit)
         if method not in ("auto", "pullback", "general", "matrix_free"):
@@ -418,13 +397,13 @@ class ParameterSpace:
 
     def christoffel(self, p: Tensor, u: Tensor, w: Tensor) -> Tensor:
         """Γ(u, w) = Γ^m_ij u^i w^j, matrix-free."""
-        self._check(p, "christoffel")
+        self.check_point(p, "christoffel")
         return christoffel(self.metric, p, u, w)
 
     def exp(self, p: Tensor, v: Tensor, t: float = 1.0, **kwargs: Any) -> Tensor:
         """Exponential map: the point reached at time t along the geodesic from p with
         velocity v (ẍ + Γ(ẋ, ẋ) = 0, integrated by ``scipy.integrate.solve_ivp``)."""
-        self._check(p, "exp")
+        self.check_point(p, "exp")
         return geodesic(self.metric, p, v, t, **kwargs)
 
     # ------------------------------------------------------------------ charts
@@ -505,7 +484,7 @@ class ParameterSpace:
         chart (module spaces).
         """
         if isinstance(metric, str):
-            metric = self._resolve_metric(metric, **metric_kwargs)
+            metric = resolve_metric(metric, self, **metric_kwargs)
         # the pullback fast path holds only while the metric is the pullback of the parent's
         scalar_pullback = (
             self._scalar_pullback
@@ -531,8 +510,6 @@ class ParameterSpace:
         return self._derive(self._loss, self.metric, binding=binding,
                             scalar_pullback=self._scalar_pullback)
 
-    _KEEP = object()
-
     def _derive(
         self,
         loss: LossFn,
@@ -547,19 +524,18 @@ class ParameterSpace:
     ) -> ParameterSpace:
         """The one constructor path of derived spaces: every field is carried over unless
         given."""
-        keep = ParameterSpace._KEEP
-        new = ParameterSpace(
+        keep = _KEEP
+        return ParameterSpace(
             loss, metric,
             layout=self.layout if layout is keep else layout,
             dim=self.dim if dim is keep else dim,
             is_density=self.is_density,
             max_dense_dim=self.max_dense_dim,
             binding=self._binding if binding is keep else binding,
+            chart=self.chart if chart is keep else chart,
+            parent=self.parent if parent is keep else parent,
+            is_pullback=scalar_pullback,
         )
-        new.chart = self.chart if chart is keep else chart
-        new.parent = self.parent if parent is keep else parent
-        new._scalar_pullback = scalar_pullback
-        return new
 
     # ------------------------------------------------------------------ charts to the root
     def lineage(self) -> list[ParameterSpace]:
@@ -596,3 +572,25 @@ def _psi_dim_or_none(h: Reparametrization, dim: int) -> int | None:
         raise
     except Exception:  # pragma: no cover - charts without shape knowledge
         return None
+
+
+def _riemannian_hvp(space: ParameterSpace, p: Tensor, v: Tensor, method: str) -> Tensor:
+    """Hess·v without input checks (it runs inside ``torch.func`` transforms).
+
+    A pulled-back space uses the tensor rule Jᵀ Hess_Θ (J v) through its parent, recursively;
+    otherwise ∇²L v − Γ(v, ·)∇L with the matrix-free connection term (docs/math.md §3).
+    """
+    if method not in ("auto", "pullback", "general"):
+        raise ValueError(f"hvp: method must be 'auto', 'pullback' or 'general', got {method!r}")
+    if space.is_pullback and method in ("auto", "pullback"):
+        h, parent = space.chart, space.parent
+        assert h is not None and parent is not None
+        theta = h.forward(p)
+        return h.vjp(p, _riemannian_hvp(parent, theta, h.jvp(p, v), "auto"))
+    if method == "pullback":
+        raise ValueError("hvp: the pullback fast path needs a space made by reparametrize")
+    hv = autodiff.hvp(space.loss_function, p, v)
+    if space.metric.is_constant:
+        return hv
+    r = space.metric.solve(p, autodiff.gradient(space.loss_function, p))
+    return hv - connection_correction(space.metric, p, v, r)

@@ -120,7 +120,7 @@ def test_weight_norm_invariant_naive_not_at_three_scales():
     for s in (0.1, 1.0, 10.0):
         psi = base.clone()
         for name, block in wn.chart.blocks.items():
-            sl = wn.chart._psi_slices[name]
+            sl = wn.chart.psi_slices[name]
             psi[sl.start + block.num_slices : sl.stop] *= s
         inv = cv.flatness(wn, psi, measures=("trace", "logdet", "max_eig"), in_chart=True,
                           method="stochastic", num_probes=100, seed=0, slq_probes=10, slq_steps=20)

@@ -27,7 +27,7 @@ def _scale_v(chart, psi, s):
     """Rescale every v by s: the network does not change (the gauge direction)."""
     out = psi.clone()
     for name in chart.blocks:
-        sl = chart._psi_slices[name]
+        sl = chart.psi_slices[name]
         n_g = chart.blocks[name].num_slices
         out[sl.start + n_g : sl.stop] *= s
     return out

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -125,33 +124,6 @@ def root_map(space: ParameterSpace) -> Callable[[Tensor], Tensor]:
     """ψ ↦ θ = h(ψ), the chart to the root coordinates (unchecked, for ``torch.func``)."""
     h = space.root_chart()
     return (lambda q: q) if h is None else h.forward
-
-
-@dataclass
-class _Bayes:
-    """A flat view of a posterior's binding (compatibility; use ``space.binding``)."""
-
-    forward: Callable[[Tensor, Tensor], Tensor]
-    nll: Callable[[Tensor], Tensor]
-    likelihood: str
-    sigma_noise: float
-    X: Tensor
-    y: Tensor
-    model: nn.Module
-
-
-def _bayes_of(space: ParameterSpace) -> _Bayes | None:
-    """The binding of a model posterior as a :class:`_Bayes` view, None for other spaces.
-
-    Kept for compatibility: ``space.binding`` holds the same (``binding.loss`` is ``nll``,
-    ``binding.batches[0]`` is ``(X, y)``).
-    """
-    b = space.binding
-    if b is None or not b.is_bayesian:
-        return None
-    (X, y), = b.batches
-    assert b.likelihood is not None and b.model is not None
-    return _Bayes(b.forward, b.loss, b.likelihood, b.sigma_noise, X, y, b.model)
 
 
 def posterior_space(

@@ -43,7 +43,7 @@ from .base import (
 )
 from .curvature_base import CurvatureMetric
 from .model import GGN, EmpiricalFisher, Fisher
-from .registry import METRIC_NAMES, metric_from_name
+from .registry import METRIC_NAMES, metric_from_name, resolve_metric
 
 __all__ = [
     "GGN",
@@ -62,4 +62,5 @@ __all__ = [
     "Pullback",
     "check_dense_size",
     "metric_from_name",
+    "resolve_metric",
 ]

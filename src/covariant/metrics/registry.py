@@ -17,7 +17,7 @@ from .base import Euclidean, Metric
 from .curvature_base import CurvatureMetric
 from .model import GGN, EmpiricalFisher, Fisher
 
-__all__ = ["METRIC_NAMES", "metric_from_name"]
+__all__ = ["METRIC_NAMES", "metric_from_name", "resolve_metric"]
 
 #: Names understood by :func:`metric_from_name` (and ``ParameterSpace.from_module``).
 METRIC_NAMES = ("euclidean", "ggn", "fisher", "empirical_fisher")
@@ -71,4 +71,18 @@ def metric_from_name(name: str, space: Any, **kwargs: Any) -> Metric:
             "or pass a covariant.metrics.Metric (e.g. AdamMetric(optimizer))"
         )
     return classes[key].from_space(space, **kwargs)
+
+
+def resolve_metric(metric: Metric | str, space: Any, **kwargs: Any) -> Metric:
+    """``metric`` itself if it is a Metric, else the named metric of ``space``
+    (:func:`metric_from_name`); what ``from_module`` and ``with_metric`` accept.
+
+    >>> resolve_metric("euclidean", None)
+    Euclidean()
+    """
+    if isinstance(metric, Metric):
+        return metric
+    if not isinstance(metric, str):
+        raise TypeError(f"metric must be a Metric or a name, got {type(metric).__name__}")
+    return metric_from_name(metric, space, **kwargs)
 

@@ -112,10 +112,10 @@ class _NamedProducts(Linearization):
 class Reparametrization:
     r"""Base class of charts θ = h(ψ).
 
-    Subclasses implement :meth:`forward` (ψ ↦ θ) and :meth:`_inverse` (θ ↦ ψ), and may override
-    the Jacobian products with closed forms. Calling the object (``h(psi)``) and
-    :meth:`inverse` check the input (shape, finiteness, domain); the underscore methods do not,
-    so that they can run inside ``torch.func`` transforms.
+    Subclasses implement :meth:`forward` (ψ ↦ θ) and :meth:`inverse_map` (θ ↦ ψ), and may
+    override the Jacobian products with closed forms. Calling the object (``h(psi)``) and
+    :meth:`inverse` check the input (shape, finiteness, domain); ``forward`` and
+    ``inverse_map`` do not, so that they can run inside ``torch.func`` transforms.
 
     Attributes
     ----------
@@ -133,7 +133,7 @@ class Reparametrization:
         """θ = h(ψ), without input checks."""
         raise NotImplementedError
 
-    def _inverse(self, theta: Tensor) -> Tensor:
+    def inverse_map(self, theta: Tensor) -> Tensor:
         """ψ = h⁻¹(θ) (a right inverse for a submersion), without input checks."""
         raise NotImplementedError
 
@@ -169,7 +169,7 @@ class Reparametrization:
         """ψ with h(ψ) = θ: the inverse, or a right inverse for a submersion."""
         check_flat(theta, f"{type(self).__name__}.inverse", "theta")
         self.check_theta(theta)
-        return self._inverse(theta)
+        return self.inverse_map(theta)
 
     # ----- Jacobian products (torch.func defaults) ----------------------------------------
     def jvp(self, psi: Tensor, v: Tensor) -> Tensor:
@@ -187,13 +187,13 @@ class Reparametrization:
     def inverse_jvp(self, psi: Tensor, u: Tensor) -> Tensor:
         """J⁺ u: map a tangent vector at θ = h(ψ) to Ψ (J⁻¹ u for a bijection)."""
         if self.is_bijection:
-            return jvp(self._inverse, (self.forward(psi),), (u,))[1]
+            return jvp(self.inverse_map, (self.forward(psi),), (u,))[1]
         return self.vjp(psi, _solve_jjt(self, psi, u))
 
     def inverse_vjp(self, psi: Tensor, z: Tensor) -> Tensor:
         """J⁺ᵀ z: map a covector in Ψ to Θ (J⁻ᵀ z for a bijection)."""
         if self.is_bijection:
-            return vjp(self._inverse, self.forward(psi))[1](z)[0]
+            return vjp(self.inverse_map, self.forward(psi))[1](z)[0]
         return _solve_jjt(self, psi, self.jvp(psi, z))
 
     def linearize(self, psi: Tensor) -> Linearization:
@@ -317,7 +317,7 @@ class Identity(Reparametrization):
     def forward(self, psi: Tensor) -> Tensor:
         return psi
 
-    def _inverse(self, theta: Tensor) -> Tensor:
+    def inverse_map(self, theta: Tensor) -> Tensor:
         return theta
 
     def jvp(self, psi: Tensor, v: Tensor) -> Tensor:
@@ -384,9 +384,9 @@ class Compose(Reparametrization):
             theta = r.inverse(theta)
         return theta
 
-    def _inverse(self, theta: Tensor) -> Tensor:
+    def inverse_map(self, theta: Tensor) -> Tensor:
         for r in self.reparams:
-            theta = r._inverse(theta)
+            theta = r.inverse_map(theta)
         return theta
 
     def jvp(self, psi: Tensor, v: Tensor) -> Tensor:

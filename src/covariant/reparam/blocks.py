@@ -69,26 +69,26 @@ class ParameterwiseReparametrization(Reparametrization):
         self.is_bijection = all(r.is_bijection for r in self.blocks.values())
         self.is_affine = all(r.is_affine for r in self.blocks.values())
         # slices of each parameter in θ and in ψ
-        self._theta_slices = layout.slices
-        self._psi_slices: dict[str, slice] = {}
+        self.theta_slices = layout.slices
+        self.psi_slices: dict[str, slice] = {}
         start = 0
         for name, n in zip(layout.names, layout.numels, strict=True):
             k = self.blocks[name].psi_dim(n) if name in self.blocks else n
-            self._psi_slices[name] = slice(start, start + k)
+            self.psi_slices[name] = slice(start, start + k)
             start += k
-        self._psi_dim = start
+        self.new_dim = start
 
     def psi_dim(self, theta_dim: int) -> int:
-        return self._psi_dim
+        return self.new_dim
 
     def check_psi(self, psi: Tensor) -> None:
-        if psi.shape[0] != self._psi_dim:
+        if psi.shape[0] != self.new_dim:
             raise ShapeMismatchError(
-                f"reparametrized point must have {self._psi_dim} coordinates, got {psi.shape[0]}"
+                f"reparametrized point must have {self.new_dim} coordinates, got {psi.shape[0]}"
             )
         for name, r in self.blocks.items():
             try:
-                r.check_psi(psi[self._psi_slices[name]])
+                r.check_psi(psi[self.psi_slices[name]])
             except DomainError as err:
                 raise DomainError(f"parameter {name!r}: {err}") from err
 
@@ -99,7 +99,7 @@ class ParameterwiseReparametrization(Reparametrization):
             )
         for name, r in self.blocks.items():
             try:
-                r.check_theta(theta[self._theta_slices[name]])
+                r.check_theta(theta[self.theta_slices[name]])
             except DomainError as err:
                 raise DomainError(f"parameter {name!r}: {err}") from err
 
@@ -111,44 +111,44 @@ class ParameterwiseReparametrization(Reparametrization):
             if r is None:
                 parts.append(piece)
             else:
-                args = [e[self._psi_slices[name]] for e in extra]
+                args = [e[self.psi_slices[name]] for e in extra]
                 parts.append(getattr(r, fn_name)(*args, piece))
         return torch.cat(parts)
 
     def forward(self, psi: Tensor) -> Tensor:
-        return self._map(psi, self._psi_slices, "forward")
+        return self._map(psi, self.psi_slices, "forward")
 
-    def _inverse(self, theta: Tensor) -> Tensor:
+    def inverse_map(self, theta: Tensor) -> Tensor:
         parts = []
         for name in self.layout.names:
-            piece = theta[self._theta_slices[name]]
+            piece = theta[self.theta_slices[name]]
             r = self.blocks.get(name)
             try:
-                parts.append(piece if r is None else r._inverse(piece))
+                parts.append(piece if r is None else r.inverse_map(piece))
             except NotABijectionError as err:
                 raise NotABijectionError(f"parameter {name!r}: {err}") from err
         return torch.cat(parts)
 
     def jvp(self, psi: Tensor, v: Tensor) -> Tensor:
-        return self._map(v, self._psi_slices, "jvp", psi)
+        return self._map(v, self.psi_slices, "jvp", psi)
 
     def vjp(self, psi: Tensor, w: Tensor) -> Tensor:
-        return self._map(w, self._theta_slices, "vjp", psi)
+        return self._map(w, self.theta_slices, "vjp", psi)
 
     def inverse_jvp(self, psi: Tensor, u: Tensor) -> Tensor:
-        return self._map(u, self._theta_slices, "inverse_jvp", psi)
+        return self._map(u, self.theta_slices, "inverse_jvp", psi)
 
     def inverse_vjp(self, psi: Tensor, z: Tensor) -> Tensor:
-        return self._map(z, self._psi_slices, "inverse_vjp", psi)
+        return self._map(z, self.psi_slices, "inverse_vjp", psi)
 
     def _linearize(self, psi: Tensor) -> Linearization:
         return _BlockLinearization(self, psi)
 
     def jacobian(self, psi: Tensor) -> Tensor:
         """Dense block-diagonal J, block by block (each block may use its own fallback)."""
-        J = psi.new_zeros(self.layout.dim, self._psi_dim)
+        J = psi.new_zeros(self.layout.dim, self.new_dim)
         for name in self.layout.names:
-            ts, ps = self._theta_slices[name], self._psi_slices[name]
+            ts, ps = self.theta_slices[name], self.psi_slices[name]
             r = self.blocks.get(name)
             if r is None:
                 J[ts, ps] = torch.eye(ts.stop - ts.start, dtype=psi.dtype, device=psi.device)
@@ -160,7 +160,7 @@ class ParameterwiseReparametrization(Reparametrization):
         self._require_bijection("log_abs_det_jacobian")
         total = psi.new_zeros(())
         for name, r in self.blocks.items():
-            total = total + r.log_abs_det_jacobian(psi[self._psi_slices[name]])
+            total = total + r.log_abs_det_jacobian(psi[self.psi_slices[name]])
         return total
 
     has_closed_form_jjt_logdet = True
@@ -169,7 +169,7 @@ class ParameterwiseReparametrization(Reparametrization):
         """log det(J Jᵀ), block by block (bijective blocks give 2 log|det J|)."""
         total = psi.new_zeros(())
         for name, r in self.blocks.items():
-            p = psi[self._psi_slices[name]]
+            p = psi[self.psi_slices[name]]
             total = total + (
                 2 * r.log_abs_det_jacobian(p) if r.is_bijection else r.jjt_logdet(p)
             )
@@ -179,7 +179,7 @@ class ParameterwiseReparametrization(Reparametrization):
         out = torch.zeros_like(x)
         parts = []
         for name in self.layout.names:
-            sl = self._psi_slices[name]
+            sl = self.psi_slices[name]
             r = self.blocks.get(name)
             if r is None or r.is_bijection:
                 parts.append(torch.zeros_like(x[sl]))
@@ -190,7 +190,7 @@ class ParameterwiseReparametrization(Reparametrization):
     def gauge_directions(self, psi: Tensor) -> Tensor:
         cols = []
         for name, r in self.blocks.items():
-            sl = self._psi_slices[name]
+            sl = self.psi_slices[name]
             g = r.gauge_directions(psi[sl])
             if g.shape[1]:
                 full = psi.new_zeros(psi.shape[0], g.shape[1])
@@ -217,19 +217,19 @@ class _BlockLinearization(_NamedProducts):
         names = h.layout.names
         self._fast = _is_plain(psi)
         self._dtype, self._device = psi.dtype, psi.device
-        self._dims = {"psi": h._psi_dim, "theta": h.layout.dim}
+        self._dims = {"psi": h.new_dim, "theta": h.layout.dim}
         if self._fast:
             theta = psi.new_empty(h.layout.dim)
-            lins = {n: r.linearize_into(psi[h._psi_slices[n]], theta[h._theta_slices[n]])
+            lins = {n: r.linearize_into(psi[h.psi_slices[n]], theta[h.theta_slices[n]])
                     for n, r in h.blocks.items()}
             for n in names:
                 if n not in lins:
-                    theta[h._theta_slices[n]].copy_(psi[h._psi_slices[n]])
+                    theta[h.theta_slices[n]].copy_(psi[h.psi_slices[n]])
         else:
-            lins = {n: r.linearize(psi[h._psi_slices[n]]) for n, r in h.blocks.items()}
-            theta = torch.cat([lins[n].theta if n in lins else psi[h._psi_slices[n]]
+            lins = {n: r.linearize(psi[h.psi_slices[n]]) for n, r in h.blocks.items()}
+            theta = torch.cat([lins[n].theta if n in lins else psi[h.psi_slices[n]]
                                for n in names])
-        slices = {"psi": h._psi_slices, "theta": h._theta_slices}
+        slices = {"psi": h.psi_slices, "theta": h.theta_slices}
         # per product: [(input slice, output slice, block linearization or None)], with
         # adjacent blocks without a chart merged into one copy
         self._plan: dict[str, list[tuple[slice, slice, Linearization | None]]] = {}

@@ -33,7 +33,7 @@ __all__ = ["Affine", "Cubic", "Elementwise", "Exp", "Log", "Polar", "Scale", "Si
 class Elementwise(Reparametrization):
     """θ_i = f(ψ_i) for a scalar bijection f; J = diag f'(ψ).
 
-    Subclasses implement ``forward``, ``_inverse`` and ``derivative`` (f'(ψ)), which give
+    Subclasses implement ``forward``, ``inverse_map`` and ``derivative`` (f'(ψ)), which give
     closed-form Jacobian products and ``log|det J| = Σ log|f'(ψ_i)|``.
     """
 
@@ -69,7 +69,7 @@ class Exp(Elementwise):
     def forward(self, psi: Tensor) -> Tensor:
         return psi.exp()
 
-    def _inverse(self, theta: Tensor) -> Tensor:
+    def inverse_map(self, theta: Tensor) -> Tensor:
         return theta.log()
 
     def derivative(self, psi: Tensor) -> Tensor:
@@ -93,7 +93,7 @@ class Log(Elementwise):
     def forward(self, psi: Tensor) -> Tensor:
         return psi.log()
 
-    def _inverse(self, theta: Tensor) -> Tensor:
+    def inverse_map(self, theta: Tensor) -> Tensor:
         return theta.exp()
 
     def derivative(self, psi: Tensor) -> Tensor:
@@ -116,7 +116,7 @@ class Softplus(Elementwise):
     def forward(self, psi: Tensor) -> Tensor:
         return torch.nn.functional.softplus(psi)
 
-    def _inverse(self, theta: Tensor) -> Tensor:
+    def inverse_map(self, theta: Tensor) -> Tensor:
         # log(expm1(θ)) = θ + log(1 - exp(-θ)), stable for large θ
         return theta + torch.log(-torch.expm1(-theta))
 
@@ -155,7 +155,7 @@ class Scale(Elementwise):
     def forward(self, psi: Tensor) -> Tensor:
         return self._a(psi) * psi
 
-    def _inverse(self, theta: Tensor) -> Tensor:
+    def inverse_map(self, theta: Tensor) -> Tensor:
         return theta / self._a(theta)
 
     def derivative(self, psi: Tensor) -> Tensor:
@@ -209,7 +209,7 @@ class Affine(Reparametrization):
             out = out + self.shift.to(dtype=psi.dtype, device=psi.device)
         return out
 
-    def _inverse(self, theta: Tensor) -> Tensor:
+    def inverse_map(self, theta: Tensor) -> Tensor:
         if self.shift is not None:
             theta = theta - self.shift.to(dtype=theta.dtype, device=theta.device)
         return torch.linalg.solve(self._A(theta), theta)
@@ -269,7 +269,7 @@ class Polar(Reparametrization):
         r, phi = psi[0], psi[1]
         return torch.stack([r * torch.cos(phi), r * torch.sin(phi)])
 
-    def _inverse(self, theta: Tensor) -> Tensor:
+    def inverse_map(self, theta: Tensor) -> Tensor:
         x, y = theta[0], theta[1]
         return torch.stack([torch.sqrt(x * x + y * y), torch.atan2(y, x)])
 
@@ -331,7 +331,7 @@ class Sinh(Elementwise):
         a, s, c = self._abc(psi)
         return s * torch.sinh(a * psi) / a + c
 
-    def _inverse(self, theta: Tensor) -> Tensor:
+    def inverse_map(self, theta: Tensor) -> Tensor:
         a, s, c = self._abc(theta)
         return torch.asinh(a * (theta - c) / s) / a
 
@@ -368,7 +368,7 @@ class Cubic(Elementwise):
     def derivative(self, psi: Tensor) -> Tensor:
         return 1 + 3 * self.c * psi**2
 
-    def _inverse(self, theta: Tensor) -> Tensor:
+    def inverse_map(self, theta: Tensor) -> Tensor:
         # x³ + P x + Q = 0 with P = 1/c, Q = −θ/c has one real root (P > 0)
         P, Q = 1.0 / self.c, -theta / self.c
         s = torch.sqrt(Q**2 / 4 + P**3 / 27)

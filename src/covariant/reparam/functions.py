@@ -182,7 +182,7 @@ class FromFunctions(Reparametrization):
     def forward(self, psi: Tensor) -> Tensor:
         return self._forward_fn(psi)
 
-    def _inverse(self, theta: Tensor) -> Tensor:
+    def inverse_map(self, theta: Tensor) -> Tensor:
         """The user's inverse refined by Newton; differentiable in θ with derivative J⁺.
 
         On a θ that autograd tracks, the refined ψ* (a constant) is returned as

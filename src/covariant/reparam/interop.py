@@ -83,7 +83,8 @@ class _FromParametrization(Reparametrization):
                 self._NO_FORWARD_AD.add(kind)
         return torch.func.jacrev(self.forward)(psi)
 
-    def _need(self) -> list[torch.Size]:
+    def original_shapes(self) -> list[torch.Size]:
+        """Shapes of the parametrization's original tensors (ψ), once a shape is bound."""
         if self._orig_shapes is None:
             raise ShapeMismatchError(
                 "from_parametrization: pass shape=... or apply the chart to a parameter by name"
@@ -91,16 +92,16 @@ class _FromParametrization(Reparametrization):
         return self._orig_shapes
 
     def psi_dim(self, theta_dim: int) -> int:
-        return sum(math.prod(s) for s in self._need())
+        return sum(math.prod(s) for s in self.original_shapes())
 
     def psi_layout(self, name: str, shape: torch.Size) -> list[tuple[str, torch.Size]]:
-        shapes = self.bind(shape)._need()
+        shapes = self.bind(shape).original_shapes()
         if len(shapes) == 1:
             return [(name, shapes[0])]
         return [(f"{name}.original{i}", s) for i, s in enumerate(shapes)]
 
     def forward(self, psi: Tensor) -> Tensor:
-        shapes = self._need()
+        shapes = self.original_shapes()
         parts, start = [], 0
         for s in shapes:
             n = math.prod(s)
@@ -108,7 +109,7 @@ class _FromParametrization(Reparametrization):
             start += n
         return self.module(*parts).reshape(-1)
 
-    def _inverse(self, theta: Tensor) -> Tensor:
+    def inverse_map(self, theta: Tensor) -> Tensor:
         assert self.shape is not None
         try:
             orig = self.module.right_inverse(theta.reshape(self.shape))
@@ -158,7 +159,7 @@ class _FromTransform(Reparametrization):
     def forward(self, psi: Tensor) -> Tensor:
         return self.transform(psi)
 
-    def _inverse(self, theta: Tensor) -> Tensor:
+    def inverse_map(self, theta: Tensor) -> Tensor:
         return self.transform.inv(theta)
 
     def check_theta(self, theta: Tensor) -> None:

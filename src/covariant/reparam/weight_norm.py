@@ -76,7 +76,7 @@ class WeightNorm(Reparametrization):
         if len(shape) == 0:
             raise ShapeMismatchError("WeightNorm: cannot normalize a scalar parameter")
         if self.dim is None:
-            self._axis = None
+            self.axis = None
             self.num_slices = 1
         else:
             ndim = len(shape)
@@ -85,8 +85,8 @@ class WeightNorm(Reparametrization):
                     f"WeightNorm: dim={self.dim} is out of range for a weight of shape "
                     f"{tuple(shape)}"
                 )
-            self._axis = self.dim % ndim
-            self.num_slices = shape[self._axis]
+            self.axis = self.dim % ndim
+            self.num_slices = shape[self.axis]
         self.n = math.prod(shape)
 
     def bind(self, shape: torch.Size | Sequence[int]) -> WeightNorm:
@@ -118,23 +118,25 @@ class WeightNorm(Reparametrization):
         return [(f"{name}.g", torch.Size([b.num_slices])), (f"{name}.v", torch.Size(shape))]
 
     # rows: one per slice
-    def _rows(self, flat: Tensor) -> Tensor:
+    def rows(self, flat: Tensor) -> Tensor:
+        """The flat weight as (num_slices, slice size) rows, one per normalized slice."""
         assert self.shape is not None
         x = flat.reshape(self.shape)
-        if self._axis is None:
+        if self.axis is None:
             return x.reshape(1, -1)
-        return x.movedim(self._axis, 0).reshape(self.num_slices, -1)
+        return x.movedim(self.axis, 0).reshape(self.num_slices, -1)
 
-    def _unrows(self, rows: Tensor) -> Tensor:
+    def unrows(self, rows: Tensor) -> Tensor:
+        """The inverse of :meth:`rows`: rows back to the flat weight."""
         assert self.shape is not None
-        if self._axis is None:
+        if self.axis is None:
             return rows.reshape(-1)
         moved = list(self.shape)
-        moved.insert(0, moved.pop(self._axis))
-        return rows.reshape(moved).movedim(0, self._axis).reshape(-1)
+        moved.insert(0, moved.pop(self.axis))
+        return rows.reshape(moved).movedim(0, self.axis).reshape(-1)
 
     def _split(self, psi: Tensor) -> tuple[Tensor, Tensor]:
-        return psi[: self.num_slices], self._rows(psi[self.num_slices :])
+        return psi[: self.num_slices], self.rows(psi[self.num_slices :])
 
     def check_psi(self, psi: Tensor) -> None:
         self._need_shape()
@@ -161,7 +163,7 @@ class WeightNorm(Reparametrization):
             raise ShapeMismatchError(
                 f"WeightNorm.inverse: expected {self.n} weights, got {theta.shape[0]}"
             )
-        if bool((self._rows(theta).norm(dim=1) == 0).any()):
+        if bool((self.rows(theta).norm(dim=1) == 0).any()):
             raise DomainError(
                 "WeightNorm.inverse: a slice of w is zero, which gives g = 0 and v = 0, "
                 "outside the chart's domain"
@@ -169,10 +171,10 @@ class WeightNorm(Reparametrization):
 
     def forward(self, psi: Tensor) -> Tensor:
         g, v = self._split(psi)
-        return self._unrows(g[:, None] * v / v.norm(dim=1, keepdim=True))
+        return self.unrows(g[:, None] * v / v.norm(dim=1, keepdim=True))
 
-    def _inverse(self, theta: Tensor) -> Tensor:
-        rows = self._rows(theta)
+    def inverse_map(self, theta: Tensor) -> Tensor:
+        rows = self.rows(theta)
         return torch.cat([rows.norm(dim=1), theta])
 
     def _parts(self, psi: Tensor) -> tuple[Tensor, Tensor]:
@@ -182,16 +184,16 @@ class WeightNorm(Reparametrization):
 
     # The closed forms live in _WeightNormLinearization; a one-off product builds it at ψ.
     def jvp(self, psi: Tensor, v: Tensor) -> Tensor:
-        return _WeightNormLinearization(self, psi)._out_of_place("jvp", v)
+        return _WeightNormLinearization(self, psi).out_of_place("jvp", v)
 
     def vjp(self, psi: Tensor, w: Tensor) -> Tensor:
-        return _WeightNormLinearization(self, psi)._out_of_place("vjp", w)
+        return _WeightNormLinearization(self, psi).out_of_place("vjp", w)
 
     def inverse_jvp(self, psi: Tensor, u: Tensor) -> Tensor:
-        return _WeightNormLinearization(self, psi)._out_of_place("inverse_jvp", u)
+        return _WeightNormLinearization(self, psi).out_of_place("inverse_jvp", u)
 
     def inverse_vjp(self, psi: Tensor, z: Tensor) -> Tensor:
-        return _WeightNormLinearization(self, psi)._out_of_place("inverse_vjp", z)
+        return _WeightNormLinearization(self, psi).out_of_place("inverse_vjp", z)
 
     def _linearize(self, psi: Tensor) -> Linearization:
         return _WeightNormLinearization(self, psi)
@@ -210,9 +212,9 @@ class WeightNorm(Reparametrization):
     def vertical_projection(self, psi: Tensor, x: Tensor) -> Tensor:
         """Per slice, (0, v̂ (v̂·δv)): the projection onto the gauge directions (0, v)."""
         vhat, _ = self._parts(psi)
-        dv = self._rows(x[self.num_slices :])
+        dv = self.rows(x[self.num_slices :])
         return torch.cat([torch.zeros_like(x[: self.num_slices]),
-                          self._unrows(vhat * (vhat * dv).sum(1, keepdim=True))])
+                          self.unrows(vhat * (vhat * dv).sum(1, keepdim=True))])
 
     def gauge_directions(self, psi: Tensor) -> Tensor:
         _, v = self._split(psi)
@@ -221,7 +223,7 @@ class WeightNorm(Reparametrization):
         for s in range(self.num_slices):
             row = torch.zeros_like(v)
             row[s] = v[s]
-            out[self.num_slices :, s] = self._unrows(row)
+            out[self.num_slices :, s] = self.unrows(row)
         return out
 
     def __repr__(self) -> str:
@@ -249,13 +251,13 @@ class _WeightNormLinearization(_NamedProducts):
 
     def __init__(self, h: WeightNorm, psi: Tensor, theta_out: Tensor | None = None) -> None:
         assert h.shape is not None
-        self._h = h
+        self.chart = h
         m = self._m = h.num_slices
         self._n = h.n
         self._shape = (m, h.n // m)
-        self._in_place = _is_plain(psi) and h._axis in (None, 0)  # rows are views
+        self._in_place = _is_plain(psi) and h.axis in (None, 0)  # rows are views
         self._dtype, self._device = psi.dtype, psi.device
-        V = self._V = h._rows(psi[m:])
+        V = self._V = h.rows(psi[m:])
         norm = V.norm(dim=1)
         s = 1.0 / norm
         c = psi[:m] / norm
@@ -273,12 +275,12 @@ class _WeightNormLinearization(_NamedProducts):
             if self._in_place:
                 torch.mul(V, c[:, None], out=theta_out.view(self._shape))
             else:
-                theta_out.copy_(h._unrows(c[:, None] * V))
+                theta_out.copy_(h.unrows(c[:, None] * V))
             self.theta = theta_out
 
     @functools.cached_property
     def theta(self) -> Tensor:  # type: ignore[override]
-        return self._h._unrows(self._c[:, None] * self._V)  # g v̂ = c v
+        return self.chart.unrows(self._c[:, None] * self._V)  # g v̂ = c v
 
     def _product(self, product: str, x: Tensor) -> Tensor:
         if (self._in_place and _is_plain(x) and x.is_contiguous() and x.dtype == self._dtype
@@ -286,15 +288,16 @@ class _WeightNormLinearization(_NamedProducts):
             out = x.new_empty(self._n if _SIDES[product][1] == "theta" else self._m + self._n)
             self._into(product, x, out)
             return out
-        return self._out_of_place(product, x)
+        return self.out_of_place(product, x)
 
-    def _out_of_place(self, product: str, x: Tensor) -> Tensor:
+    def out_of_place(self, product: str, x: Tensor) -> Tensor:
+        """One product ("jvp", "vjp", "inverse_jvp", "inverse_vjp") into a new tensor."""
         alpha, coef, g_in, g_out = self._spec[product]
-        m, h = self._m, self._h
-        xv = h._rows(x[m:] if g_in else x)
+        m, h = self._m, self.chart
+        xv = h.rows(x[m:] if g_in else x)
         a = (self._V * xv).sum(1)
         beta = torch.addcmul(x[:m] * self._s, coef, a) if g_in and not g_out else coef * a
-        v_part = h._unrows(torch.addcmul(xv * alpha, self._V, beta.unsqueeze(1)))
+        v_part = h.unrows(torch.addcmul(xv * alpha, self._V, beta.unsqueeze(1)))
         if not g_out:
             return v_part
         return torch.cat([x[:m] if g_in else self._s * a, v_part])
@@ -321,4 +324,4 @@ class _WeightNormLinearization(_NamedProducts):
         if self._in_place and x.is_contiguous():
             self._into(product, x, out)
         else:
-            out.copy_(self._out_of_place(product, x))
+            out.copy_(self.out_of_place(product, x))

@@ -106,7 +106,7 @@ class ReferenceChart(Reparametrization):
     def forward(self, psi: Tensor) -> Tensor:
         return reference_h(psi)
 
-    def _inverse(self, theta: Tensor) -> Tensor:
+    def inverse_map(self, theta: Tensor) -> Tensor:
         return reference_phi(theta)
 
     def _parts(self, psi: Tensor) -> tuple[Tensor, Tensor]:
