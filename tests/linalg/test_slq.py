@@ -108,3 +108,25 @@ def test_spectral_density_integrates_to_one_and_matches_dense():
     flat = spectral_density(res.nodes, torch.ones_like(res.weights), grid, sigma)
     assert l1 < 0.1
     assert float(torch.trapezoid((flat - dense).abs(), grid)) > 2 * l1
+
+
+@pytest.mark.parametrize("generalized", [False, True])
+def test_residual_bounds_enclose_an_eigenvalue(generalized):
+    """Each Ritz value θ has an eigenvalue of B⁻¹A within its residual bound r; with as many
+    steps as the dimension the Krylov space is exhausted and r is round-off."""
+    gen = torch.Generator().manual_seed(3)
+    M = torch.randn(40, 40, generator=gen, dtype=torch.float64)
+    A = M @ M.T / 40 + torch.diag(torch.linspace(0.1, 3.0, 40, dtype=torch.float64))
+    B = torch.diag(torch.linspace(0.5, 2.0, 40, dtype=torch.float64)) if generalized \
+        else torch.eye(40, dtype=torch.float64)
+    evals = torch.linalg.eigvals(torch.linalg.solve(B, A)).real
+    kwargs = {"inner_matvec": lambda v: B @ v} if generalized else {}
+    res = slq(lambda v: torch.linalg.solve(B, A @ v), 40, num_probes=3, num_steps=12,
+              **kwargs)
+    dist = (res.nodes.reshape(-1, 1) - evals.reshape(1, -1)).abs().min(1).values
+    r = res.residuals.reshape(-1)
+    assert bool((dist <= r * (1 + 1e-8) + 1e-12).all())
+    assert float(r.max()) > 1e-3  # 12 steps do not converge every node: the bound is not 0
+    full = slq(lambda v: torch.linalg.solve(B, A @ v), 40, num_probes=2, num_steps=40,
+               **kwargs)
+    assert float(full.residuals.max()) < 1e-8

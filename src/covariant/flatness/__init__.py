@@ -15,7 +15,9 @@ Parts:
 - :mod:`~covariant.flatness.report`: :class:`Measure` and :class:`FlatnessReport`, the results;
 - :mod:`~covariant.flatness.dense`: the exact generalized eigenproblem (small d);
 - :mod:`~covariant.flatness.stochastic`: matrix-free estimates with error bars;
-- :mod:`~covariant.flatness.options`: :class:`StochasticOptions`, the stochastic settings.
+- :mod:`~covariant.flatness.options`: :class:`StochasticOptions`, the stochastic settings;
+- :mod:`~covariant.flatness.nulls`: numerically null eigenvalues and singular metrics, one
+  definition for both methods.
 
 Example
 -------
@@ -48,6 +50,7 @@ from .._checks import check_k, check_loss_value
 from .._fast import is_plain
 from ..space import ParameterSpace
 from .dense import DENSE_MEASURES, dense_flatness, generalized_eigh
+from .nulls import check_null_rtol
 from .options import StochasticOptions, resolve_options
 from .report import FlatnessReport, Measure, format_value
 from .stochastic import STOCHASTIC_MEASURES, shape_operator_matvecs, stochastic_flatness
@@ -77,6 +80,7 @@ def flatness(
     *,
     k: int = 5,
     options: StochasticOptions | None = None,
+    null_rtol: float | None = None,
     **kwargs: Any,
 ) -> FlatnessReport:
     r"""Spectral curvature measures of E = G⁻¹ Hess at ``p``.
@@ -88,8 +92,9 @@ def flatness(
     p : Tensor
         The point (typically a minimum).
     measures : sequence of str
-        Any of "trace" (tr E), "logdet" (log|det E|, a pseudo-log-determinant on the horizontal
-        space of a submersion; the sign is in ``info``), "det", "max_eig", "min_eig",
+        Any of "trace" (tr E), "logdet" (log|det E| over the eigenvalues that are not
+        numerically null, see ``null_rtol``; a pseudo-log-determinant on the horizontal space
+        of a submersion; the sign is in ``info``), "det", "max_eig", "min_eig",
         "top_eigs" (the ``k`` largest), "spectrum", and, stochastic only, "spectral_density".
     method : {"dense", "stochastic"}
         "dense" solves the generalized eigenproblem exactly (small d); "stochastic" uses
@@ -100,6 +105,14 @@ def flatness(
         metric); the measure's ``info`` then holds ``k_requested`` and the ``k`` used.
     options : StochasticOptions, optional
         Settings of the stochastic method (default ``StochasticOptions()``).
+    null_rtol : float, optional
+        Both methods treat eigenvalues with ``|λ| ≤ null_rtol · max|λ|`` as numerically null
+        (exact symmetries of the loss, such as the softmax's logit shift) and leave them out
+        of "logdet" and "det"; ``info["num_null"]`` counts them (estimates, for SLQ) and
+        ``info["pseudo"]`` says the determinant is a pseudo-determinant. Default
+        ``max(1e-10, 100·eps)`` (:mod:`~covariant.flatness.nulls`). A singular metric is
+        restricted to its range when Hess vanishes on its kernel; otherwise both methods raise
+        ``SingularMetricError``.
     **kwargs
         Fields of :class:`StochasticOptions` as keywords, set on top of ``options``:
         ``num_probes`` (random probe vectors), ``seed``, ``progress`` (a tqdm bar),
@@ -121,6 +134,7 @@ def flatness(
         raise ValueError(f"flatness: method must be 'dense' or 'stochastic', got {method!r}")
     measures = (measures,) if isinstance(measures, str) else tuple(measures)
     k = check_k(k, "flatness")
+    null_rtol = check_null_rtol(null_rtol, "flatness")
     space.check_point(p, "flatness")
     if is_plain(p):  # the value itself: a NaN loss can have finite derivatives
         check_loss_value(space.loss_function, p, "flatness")
@@ -130,7 +144,7 @@ def flatness(
         if unexpected or options is not None:
             raise TypeError(f"flatness: unexpected arguments for method='dense': "
                             f"{unexpected or ['options']}")
-        return FlatnessReport(dense_flatness(space, p, measures, k), info)
+        return FlatnessReport(dense_flatness(space, p, measures, k, null_rtol), info)
     opts = resolve_options(options, kwargs)
-    result = stochastic_flatness(space, p, measures, k=k, options=opts)
+    result = stochastic_flatness(space, p, measures, k=k, options=opts, null_rtol=null_rtol)
     return FlatnessReport(result, {**info, "seed": opts.seed, "num_probes": opts.num_probes})

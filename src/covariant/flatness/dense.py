@@ -35,6 +35,13 @@ from torch import Tensor
 from ..errors import SingularMetricError
 from ..metrics.base import cholesky_or_raise
 from ..space import ParameterSpace
+from .nulls import (
+    check_hess_vanishes_on_kernel,
+    hessian_scale,
+    kernel_is_gauge,
+    pseudo_log_determinant,
+    round_off_floor,
+)
 from .report import Measure
 
 __all__ = ["DENSE_MEASURES", "dense_flatness", "generalized_eigh"]
@@ -62,21 +69,26 @@ def generalized_eigh(H: Tensor, G: Tensor, basis: Tensor | None = None) -> tuple
 
 
 def _determinant_measure(name: str, evals: Tensor, info: dict[str, Any],
-                         pseudo: bool) -> Measure:
-    """"det" (sign · exp log|det E|) or "logdet" (log|det E|, the sign in ``info``).
+                         num_gauge: int, null_rtol: float | None, floor: float) -> Measure:
+    """"det" (sign · exp log|det E|) or "logdet" (log|det E|, the sign in ``info``), both
+    over the eigenvalues that are not numerically null (:mod:`~covariant.flatness.nulls`).
 
-    "det" is formed from the log-determinant, so it never raises: beyond the float range it
-    is ±inf with ``info["overflow"]``, below it 0 with ``info["underflow"]``, and
-    ``info["log_abs_det"]`` keeps the exact value.
+    ``info`` gets ``num_null`` (null eigenvalues dropped), ``null_threshold`` and ``pseudo``
+    (True when gauge directions or null eigenvalues were dropped). "det" is formed from the
+    log-determinant, so it never raises: beyond the float range it is ±inf with
+    ``info["overflow"]``, below it 0 with ``info["underflow"]``, and ``info["log_abs_det"]``
+    keeps the exact value.
     """
-    sign = float(torch.prod(torch.sign(evals)))
-    logabs = float(evals.abs().log().sum())
-    info = {**info, "sign": sign, "pseudo": pseudo, "log_abs_det": logabs}
+    pld = pseudo_log_determinant(evals, null_rtol, floor)
+    logabs = pld.log_abs
+    info = {**info, "sign": pld.sign, "pseudo": num_gauge > 0 or pld.num_null > 0,
+            "num_null": pld.num_null, "null_threshold": pld.threshold, "log_abs_det": logabs,
+            "of": "log|pdet E|" if pld.num_null else "log|det E|"}
     if name == "det":
         try:
-            det = sign * math.exp(logabs)
+            det = pld.sign * math.exp(logabs)
         except OverflowError:
-            det = sign * math.inf
+            det = pld.sign * math.inf
         info.update(overflow=math.isinf(det), underflow=det == 0.0 and math.isfinite(logabs))
         return Measure(name, det, info=info)
     return Measure(name, logabs, info=info)
@@ -103,28 +115,58 @@ def _spectral_measure(name: str, evals: Tensor, evecs: Tensor, k: int,
     raise ValueError(f"flatness: unknown measure {name!r}; dense measures are {DENSE_MEASURES}")
 
 
+def _restriction_basis(space: ParameterSpace, p: Tensor, H: Tensor, G: Tensor,
+                       null_rtol: float | None) -> tuple[Tensor | None, str | None, float]:
+    """The basis of range(G) on which E is solved (None for a nondegenerate metric), what the
+    dropped kernel is, and the round-off floor of the null threshold (0 if none).
+
+    A submersion chart's kernel is its gauge space; any other kernel must be annihilated by
+    Hess too (:func:`~covariant.flatness.nulls.check_hess_vanishes_on_kernel`).
+    """
+    metric = space.metric
+    if not metric.is_degenerate(p):
+        return None, None, 0.0
+    rank = metric.rank(p)
+    lam, evecs = torch.linalg.eigh(G)
+    if kernel_is_gauge(space, p, rank):
+        return evecs[:, -rank:], "gauge directions of the chart", 0.0
+    K = evecs[:, : p.shape[0] - rank]
+    scale = hessian_scale(space, p)
+    check_hess_vanishes_on_kernel(H @ K, scale, "flatness", null_rtol)
+    return (evecs[:, -rank:], "null directions of Hess and G",
+            round_off_floor(scale, lam[p.shape[0] - rank:]))
+
+
 def dense_flatness(
-    space: ParameterSpace, p: Tensor, measures: Sequence[str], k: int
+    space: ParameterSpace, p: Tensor, measures: Sequence[str], k: int,
+    null_rtol: float | None = None,
 ) -> dict[str, Measure]:
     """The measures of E = G⁻¹ Hess at ``p`` from the dense generalized eigenproblem.
 
-    Every measure's ``info`` holds ``dim`` (coordinates of ``p``) and ``rank`` (eigenvalues of
-    the problem: d, or d minus the gauge directions of a submersion chart).
+    Every measure's ``info`` holds ``dim`` (coordinates of ``p``), ``rank`` (eigenvalues of
+    the problem: d, or d minus the kernel of a singular metric) and
+    ``num_gauge_directions`` (that kernel's dimension). "logdet" and "det" drop numerically
+    null eigenvalues (:mod:`~covariant.flatness.nulls`, threshold ``null_rtol``).
     """
     H = space.hessian(p, riemannian=True)
     G = space.metric.dense(p, max_dim=space.max_dense_dim)
-    basis = space.horizontal_basis(p) if space.metric.is_degenerate(p) else None
+    basis, kernel, floor = _restriction_basis(space, p, H, G, null_rtol)
     try:
         evals, evecs = generalized_eigh(H, G, basis)
     except SingularMetricError as err:
         raise SingularMetricError(
             f"flatness: the metric is singular at this point. {err}"
         ) from err
-    info = {"dim": p.shape[0], "rank": int(evals.shape[0])}
+    rank = int(evals.shape[0])
+    info: dict[str, Any] = {"dim": p.shape[0], "rank": rank,
+                            "num_gauge_directions": int(p.shape[0]) - rank}
+    if kernel is not None:
+        info["metric_kernel"] = kernel
     out: dict[str, Measure] = {}
     for name in measures:
         if name in ("logdet", "det"):
-            out[name] = _determinant_measure(name, evals, info, basis is not None)
+            out[name] = _determinant_measure(name, evals, info, int(p.shape[0]) - rank,
+                                             null_rtol, floor)
         else:
             out[name] = _spectral_measure(name, evals, evecs, k, info)
     return out

@@ -94,12 +94,17 @@ class Measure:
         return _to_jsonable(out)
 
     def format(self, digits: int = 5) -> str:
-        """Short text of the value with its error: "± stderr" or "(residual r)"."""
+        """Short text of the value with its error: "± stderr" or "(residual r)", and the
+        number of null eigenvalues a pseudo-determinant leaves out."""
         text = format_value(self.value, digits)
         if self.stderr is not None:
             text += f" ± {self.stderr:.3g}"
         if self.residual is not None:
             text += f" (residual {self.residual:.3g})"
+        num_null = self.info.get("num_null", 0)
+        if num_null >= 0.5:  # a pseudo-determinant: say how many eigenvalues it leaves out
+            count = str(num_null) if isinstance(num_null, int) else f"≈{num_null:.1f}"
+            text += f" ({count} null eigenvalues left out)"
         if not self.converged:
             text += " (NOT converged)"
         return text

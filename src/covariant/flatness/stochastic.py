@@ -47,6 +47,13 @@ from .._fast import is_plain as _plain
 from ..errors import NotConvergedError, SingularMetricError
 from ..metrics import Euclidean, Pullback
 from ..space import ParameterSpace
+from .nulls import (
+    check_hess_vanishes_on_kernel,
+    hessian_scale,
+    kernel_is_gauge,
+    round_off_floor,
+    slq_pseudo_log_determinant,
+)
 from .options import StochasticOptions, resolve_options
 from .report import Measure
 
@@ -68,7 +75,7 @@ class _Counter:
         self.count += 1
         return self.fn(v)
 def shape_operator_matvecs(
-    space: ParameterSpace, p: Tensor
+    space: ParameterSpace, p: Tensor, null_rtol: float | None = None
 ) -> tuple[Matvec, Matvec | None, int, int, Matvec | None]:
     """Matrix-free products for the spectral problem of E = G⁻¹ Hess at p.
 
@@ -77,13 +84,16 @@ def shape_operator_matvecs(
     matvec : u ↦ E u on a space of dimension ``dim``
     inner : u ↦ B u, the inner product in which ``matvec`` is self-adjoint (None: Euclidean)
     dim : the dimension of that space (the rank of G)
-    num_gauge : number of gauge directions removed (dim ker J)
+    num_gauge : number of gauge directions removed (dim ker J, or dim ker G)
     lift : maps a vector of that space back to the chart's coordinates (None: identity)
 
     For a submersion chart the problem is posed on the horizontal space in the coordinates
     of the chart's image, u = J v_h (dimension d = rank J): E_h u = J G⁺Hess J⁺ u with inner
     product J⁺ᵀ G J⁺. Its spectrum is exactly the nonzero spectrum of G⁺Hess, computed from
     the chart's own Hessian and metric products, with no gauge eigenvalues at all.
+
+    Any other singular metric is restricted to its range, as the dense method does
+    (:func:`_range_restricted_matvecs`).
     """
     metric = space.metric
     hvp = space.hvp_operator(p)  # the gradient graph and G⁻¹∇L are shared by all products
@@ -98,14 +108,9 @@ def shape_operator_matvecs(
     if rank == d:
         return e_matvec, lambda v: metric.matvec(p, v), d, 0, None
     h = space.chart
-    if h is None or h.is_bijection or h.forward(p).shape[0] != rank:
-        raise SingularMetricError(
-            f"flatness: the metric has rank {rank} < {d} and its kernel is not the gauge space "
-            "of this space's chart. Damp it in a way that keeps invariance "
-            "(metrics.Damped(G, lam, reference=...)) or use the pulled-back metric of a "
-            "submersion chart (docs/math.md §5)."
-        )
-
+    if not kernel_is_gauge(space, p, rank):
+        return _range_restricted_matvecs(space, p, hvp, rank, null_rtol)
+    assert h is not None
     lin = h.linearize(p)  # the chart's per-point work (θ, weight norms) done once
     if isinstance(metric, Pullback) and metric.reparam is h:
         gmv, solve = metric.products(p, lin)
@@ -124,6 +129,52 @@ def shape_operator_matvecs(
 
     return (horizontal_matvec, horizontal_inner, rank, d - rank,
             lambda u: h.inverse_jvp(p, u))
+
+
+class _RangeRestricted:
+    """u ↦ E_r u = Λ⁻¹ Qᵀ Hess Q u on range(G) = span(Q), with the null threshold's
+    round-off floor of this restricted problem."""
+
+    def __init__(self, hvp: Matvec, Q: Tensor, lam: Tensor, null_floor: float) -> None:
+        self.hvp, self.Q, self.lam, self.null_floor = hvp, Q, lam, null_floor
+
+    def __call__(self, u: Tensor) -> Tensor:
+        return (self.Q.T @ self.hvp(self.Q @ u)) / self.lam
+
+
+def _range_restricted_matvecs(
+    space: ParameterSpace, p: Tensor, hvp: Matvec, rank: int, null_rtol: float | None
+) -> tuple[Matvec, Matvec, int, int, Matvec]:
+    """E on the range of a singular metric that is not a chart's pullback (docs/math.md §4.2).
+
+    G = Q Λ Qᵀ (with Λ > 0 and ker G = span(K)) is found densely, so only up to
+    ``space.max_dense_dim``. E is defined on the quotient by ker G when Hess vanishes there
+    (checked, one product per kernel vector), and in the coordinates u of range(G) it is
+    E_r u = Λ⁻¹ Qᵀ Hess Q u, self-adjoint in the inner product Λ: the dense method's
+    restricted problem, matrix-free in Hess.
+    """
+    d = p.shape[0]
+    try:
+        G = space.metric.dense(p, max_dim=space.max_dense_dim)
+    except Exception as err:
+        raise SingularMetricError(
+            f"flatness: the metric has rank {rank} < {d} and its kernel is not the gauge space "
+            "of this space's chart; finding it needs the dense metric, which failed "
+            f"({err}). Damp the metric in a way that keeps invariance (--damping, or "
+            "metrics.Damped(G, lam, reference=...)) (docs/math.md §4.2)."
+        ) from err
+    lam, evecs = torch.linalg.eigh(G)
+    K, Q, lam = evecs[:, : d - rank], evecs[:, d - rank:], lam[d - rank:]
+    scale = hessian_scale(space, p)
+    if K.shape[1]:
+        HK = torch.stack([hvp(k) for k in K.T], 1)
+        check_hess_vanishes_on_kernel(HK, scale, "flatness", null_rtol)
+    matvec = _RangeRestricted(hvp, Q, lam, round_off_floor(scale, lam))
+
+    def inner(u: Tensor) -> Tensor:
+        return lam * u
+
+    return matvec, inner, rank, d - rank, lambda u: Q @ u
 
 
 def _euclidean_matmat(space: ParameterSpace, p: Tensor, matvec: Matvec
@@ -179,19 +230,21 @@ def _lift(vectors: Tensor, lift: Matvec | None) -> Tensor:
 
 
 def _in_parent_chart(space: ParameterSpace, p: Tensor, measures: Sequence[str], k: int,
-                     options: StochasticOptions) -> dict[str, Measure]:
+                     options: StochasticOptions, null_rtol: float | None
+                     ) -> dict[str, Measure]:
     """The measures of a pulled-back space, computed in its parent's chart at θ = h(ψ)."""
     h, parent = space.chart, space.parent
     assert h is not None and parent is not None
     theta = h.forward(p).detach()
-    out = stochastic_flatness(parent, theta, measures, k=k, options=options)
+    out = stochastic_flatness(parent, theta, measures, k=k, options=options,
+                              null_rtol=null_rtol)
     d = int(p.shape[0])
     for m in out.values():
         rank = int(m.info.get("rank", theta.shape[0]))  # rank of E, found by the parent
         m.info.update(dim=d, rank=rank, num_gauge_directions=d - rank)
         m.info.setdefault("computed_in", "parent chart (pulled-back metric, same spectrum)")
         if "pseudo" in m.info:
-            m.info["pseudo"] = d > rank
+            m.info["pseudo"] = d > rank or m.info.get("num_null", 0) >= 0.5
         if m.vectors is not None:  # horizontal lift of the parent's eigenvectors
             m.vectors = _lift(m.vectors, lambda u: h.inverse_jvp(p, u))
     return out
@@ -302,24 +355,37 @@ def _density_measure(res: Any, num_matvecs: int, opts: StochasticOptions,
 
 
 def _slq_measures(p: Tensor, measures: Sequence[str], ops: Callable[[], tuple[Any, ...]],
-                  opts: StochasticOptions, info: dict[str, Any]) -> dict[str, Measure]:
-    """"logdet" (log|det E| with its standard error) and "spectral_density", by one SLQ run
-    of ``opts.slq_num_probes()`` probes."""
+                  opts: StochasticOptions, info: dict[str, Any],
+                  null_rtol: float | None) -> dict[str, Measure]:
+    """"logdet" (log|det E| over the eigenvalues that are not numerically null, with its
+    standard error) and "spectral_density", by one SLQ run of ``opts.slq_num_probes()``
+    probes.
+
+    The log-determinant follows :mod:`~covariant.flatness.nulls`: null nodes add nothing,
+    their estimated count is ``info["num_null"]``, and ``converged`` is False when quadrature
+    weight sits on nodes that Lanczos has not resolved against the null threshold.
+    """
     if "logdet" not in measures and "spectral_density" not in measures:
         return {}
     e_mv, inner, dim, num_gauge, _ = ops()
+    floor = e_mv.null_floor if isinstance(e_mv, _RangeRestricted) else 0.0
     counter = _Counter(e_mv)
     nprobe = opts.slq_num_probes()
     res = linalg.slq(counter, dim, num_probes=nprobe, num_steps=min(opts.slq_steps, dim),
-                     fn=lambda x: torch.log(torch.abs(x)), seed=opts.seed,
+                     fn=lambda x: x, seed=opts.seed,
                      inner_matvec=inner, dtype=p.dtype, device=p.device,
                      batch_size=opts.batch_size, progress=opts.progress)
     out: dict[str, Measure] = {}
     if "logdet" in measures:
+        pld = slq_pseudo_log_determinant(res.nodes, res.weights, res.residuals, dim, null_rtol,
+                                         floor)
         out["logdet"] = Measure(
-            "logdet", float(res.value), float(res.stderr), counter.count, True,
-            "stochastic", {**info, "probes": nprobe, "steps": opts.slq_steps,
-                           "pseudo": num_gauge > 0, "of": "log|det E|"})
+            "logdet", pld.value, pld.stderr, counter.count, pld.resolved, "stochastic",
+            {**info, "probes": nprobe, "steps": opts.slq_steps,
+             "pseudo": num_gauge > 0 or pld.num_null >= 0.5,
+             "num_null": pld.num_null, "null_threshold": pld.threshold,
+             "unresolved_weight": pld.unresolved_weight,
+             "of": "log|pdet E|" if pld.num_null >= 0.5 else "log|det E|"})
     if "spectral_density" in measures:
         out["spectral_density"] = _density_measure(res, counter.count, opts, info, p.dtype)
     return out
@@ -332,6 +398,7 @@ def stochastic_flatness(
     *,
     k: int = 5,
     options: StochasticOptions | None = None,
+    null_rtol: float | None = None,
     **kwargs: Any,
 ) -> dict[str, Measure]:
     """Stochastic estimates of the spectral measures of E = G⁻¹ Hess (see module docstring).
@@ -344,6 +411,9 @@ def stochastic_flatness(
         Any of :data:`STOCHASTIC_MEASURES`.
     k : int
         Number of eigenvalues for "top_eigs".
+    null_rtol : float, optional
+        Eigenvalues below ``null_rtol · max|λ|`` are numerically null and dropped from
+        "logdet" (:mod:`~covariant.flatness.nulls`).
     options : StochasticOptions, optional
         Every setting (probe counts, trace estimator, Lanczos and SLQ); default
         ``StochasticOptions()``.
@@ -369,8 +439,8 @@ def stochastic_flatness(
         )
     if not opts.in_chart and space.is_pullback and space.chart is not None \
             and space.parent is not None and _plain(p):
-        return _in_parent_chart(space, p, measures, k, opts)
-    ops = functools.cache(lambda: shape_operator_matvecs(space, p))  # built on first use
+        return _in_parent_chart(space, p, measures, k, opts, null_rtol)
+    ops = functools.cache(lambda: shape_operator_matvecs(space, p, null_rtol))  # built on first use
     if isinstance(space.metric, Euclidean):  # a Euclidean trace may need no operator
         dim, num_gauge = int(p.shape[0]), 0
     else:
@@ -380,5 +450,5 @@ def stochastic_flatness(
     if "trace" in measures:
         out["trace"] = _trace_measure(space, p, ops, dim, opts, info)
     out.update(_eig_measures(p, measures, k, ops, opts, info))
-    out.update(_slq_measures(p, measures, ops, opts, info))
+    out.update(_slq_measures(p, measures, ops, opts, info, null_rtol))
     return out

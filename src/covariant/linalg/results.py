@@ -203,6 +203,11 @@ class SLQResult(_ToDict):
         Always True: SLQ runs a fixed number of steps; ``stderr`` is its sampling error.
     info : dict
         Further diagnostics (empty by default).
+    residuals : Tensor or None
+        Residual bound of each Ritz pair, same shape as ``nodes``: ``β_m |Y_{mj}|`` (in the
+        ``B``-norm for a generalized problem), so that an eigenvalue of the operator lies
+        within ``residuals[l, j]`` of ``nodes[l, j]``. Zero where a probe's Krylov space became
+        invariant.
     """
 
     value: float
@@ -214,3 +219,4 @@ class SLQResult(_ToDict):
     num_inner_matvecs: int = 0
     converged: bool = True
     info: dict[str, Any] = field(default_factory=dict)
+    residuals: Tensor | None = None

@@ -156,15 +156,16 @@ def slq(
 
     bs = (batch_size or num_probes) if matmat is not None else 1
     bar = progress_bar(None, enabled=progress, total=num_probes, desc="slq")
-    all_nodes, all_weights = [], []
+    all_nodes, all_weights, all_resid = [], [], []
     for start in range(0, num_probes, bs):
         b = min(bs, num_probes - start)
         Z = _probes(gen, dim, b, distribution, dtype, device)
         alpha, beta, V, znorm, length = _block_lanczos_runs(apply_A, apply_B, Z, m)
-        for nodes, weights in _quadrature_rules(alpha, beta, V, Z, znorm, length, m,
-                                                generalized=apply_B is not None):
+        for nodes, weights, resid in _quadrature_rules(alpha, beta, V, Z, znorm, length, m,
+                                                       generalized=apply_B is not None):
             all_nodes.append(nodes)
             all_weights.append(weights)
+            all_resid.append(resid)
         bar.update(b)
     bar.close()
     nodes = torch.stack(all_nodes)
@@ -178,6 +179,7 @@ def slq(
         weights=(omega / dim).to(dtype=dtype, device=device),
         samples=samples.to(dtype=dtype, device=device),
         num_inner_matvecs=counts["B"],
+        residuals=torch.stack(all_resid).to(dtype=dtype, device=device),
     )
 
 
@@ -190,13 +192,15 @@ def _quadrature_rules(
     length: Tensor,
     m: int,
     generalized: bool,
-) -> list[tuple[Tensor, Tensor]]:
-    """Nodes and weights (float64, CPU, length ``m`` each) of each probe's Lanczos run.
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Nodes, weights and residual bounds (float64, CPU, length ``m`` each) of each probe's
+    Lanczos run.
 
     The nodes are the Ritz values ``θ`` of the run's tridiagonal ``T = Y diag(θ) Yᵀ``; the
     weights are ``‖z‖² Y_{1j}²`` (Gauss quadrature) or, in a ``B``-inner product,
-    ``‖z‖_B (zᵀ V y_j) Y_{1j}``. A run that stopped early at ``L < m`` steps is padded with
-    copies of its last node at zero weight.
+    ``‖z‖_B (zᵀ V y_j) Y_{1j}``; the residual bounds are ``β_L |Y_{Lj}|`` with ``β_L`` the
+    norm of the run's last residual (``beta[L-1]``). A run that stopped early at ``L < m``
+    steps is padded with copies of its last node at zero weight.
     """
     a64 = alpha.to(device="cpu", dtype=torch.float64)
     b64 = beta.to(device="cpu", dtype=torch.float64)
@@ -215,9 +219,11 @@ def _quadrature_rules(
             w = float(znorm[col]) * (u @ Yt) * Yt[0]
         nodes = torch.full((m,), float(theta[-1]), dtype=torch.float64)
         weights = torch.zeros(m, dtype=torch.float64)
+        resid = torch.zeros(m, dtype=torch.float64)
         nodes[:L] = theta
         weights[:L] = w
-        rules.append((nodes, weights))
+        resid[:L] = b64[L - 1, col].abs() * Yt[L - 1].abs()
+        rules.append((nodes, weights, resid))
     return rules
 
 
@@ -257,9 +263,10 @@ def _block_lanczos_runs(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``b`` independent Lanczos runs (one per column of ``Z``), full reorthogonalization.
 
-    Returns ``alpha (m, b)``, ``beta (m, b)`` (``beta[j]`` couples steps ``j`` and ``j+1``),
-    the basis ``V (m, dim, b)``, the ``B``-norms of the start vectors ``(b,)`` and the Krylov
-    dimension reached by each run ``(b,)``.
+    Returns ``alpha (m, b)``, ``beta (m, b)`` (``beta[j]`` couples steps ``j`` and ``j+1``;
+    ``beta[L-1]`` of a run of ``L`` steps is the norm of its final residual, tiny where the
+    Krylov space became invariant), the basis ``V (m, dim, b)``, the ``B``-norms of the start
+    vectors ``(b,)`` and the Krylov dimension reached by each run ``(b,)``.
     """
     dim, b = Z.shape
     dtype, device = Z.dtype, Z.device
@@ -291,21 +298,23 @@ def _block_lanczos_runs(
             w = w - torch.einsum("inb,ib->nb", Vj, cj)
             c = c + cj
         alpha[j] = c[j] * active
-        if j == m - 1:
-            break
         Bw = w if apply_B is None else apply_B(w)
         bj = (w * Bw).sum(0).clamp_min(0).sqrt()
+        if j == m - 1:  # the final residual's norm, for the Ritz residual bounds
+            beta[j] = torch.where(active, bj, beta[j])
+            break
         scale = alpha[: j + 1].abs().amax(0)
         if j > 0:
             scale = scale + beta[:j].abs().amax(0)
         stop = active & (bj <= 100 * eps * scale.clamp_min(1e-300))
         for col in torch.nonzero(stop).flatten().tolist():
             length[col] = j + 1
+        beta[j] = torch.where(stop, bj, beta[j])  # the (tiny) residual of a finished run
         active = active & ~stop
         if not bool(active.any()):
             break
         safe = torch.where(active, bj, torch.ones_like(bj))
-        beta[j] = bj * active
+        beta[j] = torch.where(active, bj, beta[j])
         V[j + 1] = w / safe * active
         if apply_B is not None:
             BV[j + 1] = Bw / safe * active

@@ -505,8 +505,7 @@ class Pullback(Metric):
         return self.base.logdet(h.forward(p)) + h.jjt_logdet(p)
 
     def rank(self, p: Tensor) -> int:
-        if self.reparam.is_bijection:
-            return p.shape[0]
+        """The base metric's rank at h(ψ): J is invertible (bijection) or onto (submersion)."""
         return self.base.rank(self.reparam.forward(p))
 
     def closed_form_logdet(self, p: Tensor, pseudo: bool = False) -> Tensor | None:
