@@ -82,8 +82,8 @@ def test_out_that_is_a_file_is_refused_before_running(fake_experiment, tmp_path,
                                                       monkeypatch, command):
     import importlib
 
-    cli_main = importlib.import_module("covariant.cli.main")  # the module, not the function
-    monkeypatch.setattr(cli_main, "run_demo", lambda *a, **k: pytest.fail("demo ran"))
+    cli_demo = importlib.import_module("covariant.cli.demo")  # main imports it when it runs
+    monkeypatch.setattr(cli_demo, "run_demo", lambda *a, **k: pytest.fail("demo ran"))
     existing = tmp_path / "file.txt"
     existing.write_text("x")
     assert main([*command, "--out", str(existing), "--no-progress"]) == 2
@@ -147,3 +147,58 @@ def test_gitignore_ignores_demo_output():
 
     lines = (Path(__file__).resolve().parents[2] / ".gitignore").read_text().split()
     assert "demo-out/" in lines
+
+
+# --------------------------------------------------------------------------------------------
+# issue 10: --help and --version import no torch (2-4 s before, ~0.1 s after)
+# --------------------------------------------------------------------------------------------
+
+
+def _run_python(*args: str):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import covariant
+
+    src = str(Path(covariant.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+           "COLUMNS": "200"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                          timeout=300, check=False)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--help"], ["flatness", "--help"], ["demo", "--help"], ["reproduce", "--help"],
+    ["--version"],
+])
+@pytest.mark.parametrize("entry", ["covariant", "covariant.cli"])
+def test_help_and_version_import_no_torch_numpy_or_scipy(entry, argv):
+    """``python -X importtime -m covariant …`` lists every module the interpreter imported."""
+    done = _run_python("-X", "importtime", "-m", entry, *argv)
+    assert done.returncode == 0, done.stderr
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "covariant.cli.main" in imported      # the log is read correctly
+    heavy = {m for m in imported if m.split(".")[0] in ("torch", "numpy", "scipy", "matplotlib")}
+    assert heavy == set()
+    assert ("usage: covariant" in done.stdout) != (argv == ["--version"])
+
+
+def test_help_parsed_in_process_leaves_torch_unimported():
+    done = _run_python("-c", "\n".join([
+        "import sys",
+        "import importlib",
+        "m = importlib.import_module('covariant.cli.main')",
+        "try:",
+        "    m.main(['flatness', '--help'])",
+        "except SystemExit as e:",
+        "    assert e.code == 0",
+        "assert 'torch' not in sys.modules, 'torch imported'",
+        "print('ok')",
+    ]))
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    assert text.endswith("ok")
+    assert "--num-probes" in text and "euclidean, ggn, fisher, empirical_fisher" in text
