@@ -202,3 +202,58 @@ def test_help_parsed_in_process_leaves_torch_unimported():
     text = " ".join(done.stdout.split())
     assert text.endswith("ok")
     assert "--num-probes" in text and "euclidean, ggn, fisher, empirical_fisher" in text
+
+
+# --------------------------------------------------------------------------------------------
+# issue 10: --json on stdout is strict JSON (null plus a flag for -inf / NaN)
+# --------------------------------------------------------------------------------------------
+
+
+def _refuse(name):
+    raise AssertionError(f"not strict JSON: {name}")
+
+
+def _flatness_result():
+    inf, nan = float("inf"), float("nan")
+    measure = {"value": -inf, "stderr": nan, "converged": True}
+    return {"checkpoint": "m.pt", "arch": "mlp", "arch_kwargs": {}, "dataset": "synthetic",
+            "samples": 4, "dim": 3, "chart_dim": 3, "chart": "none", "metric": "ggn",
+            "damping": 0.0, "method": "dense", "invariant": {"logdet": dict(measure)},
+            "naive": {"logdet": dict(measure)}, "seconds": {"invariant": inf, "naive": 0.5}}
+
+
+@pytest.mark.parametrize("command", ["demo", "flatness", "reproduce"])
+def test_json_on_stdout_is_strict_with_nonfinite_flagged(command, monkeypatch, capsys, tmp_path):
+    import importlib
+    import json
+    import sys
+    import types
+
+    from covariant._io import loads_json
+
+    inf = float("inf")
+    if command == "demo":
+        cli_demo = importlib.import_module("covariant.cli.demo")
+        monkeypatch.setattr(cli_demo, "run", lambda *a, **k: {"toy": {"trace": [1.0, -inf]}})
+        argv, key = ["demo", "--json"], "/toy/trace/1"
+    elif command == "flatness":
+        cli_flatness = importlib.import_module("covariant.cli.flatness")
+        monkeypatch.setattr(cli_flatness, "analyse", lambda *a, **k: _flatness_result())
+        argv, key = ["flatness", str(tmp_path / "m.pt"), "--method", "dense", "--json"], \
+            "/invariant/logdet/value"
+    else:
+        module = types.ModuleType("covariant_fake_inf_experiment")
+        module.run = lambda out, **k: {"summary": {"evidence": [-inf, -2.0]}, "figures": []}
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+        monkeypatch.setitem(EXPERIMENTS, "density", module.__name__)
+        argv, key = ["reproduce", "density", "--out", str(tmp_path), "--json"], \
+            "/summary/evidence/0"
+    assert main([*argv, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    raw = json.loads(out, parse_constant=_refuse)      # a strict parser accepts it
+    assert raw["nonfinite"][key] in ("-inf", "inf")
+    back = loads_json(out)
+    node = back
+    for token in key.split("/")[1:]:
+        node = node[int(token)] if isinstance(node, list) else node[token]
+    assert node == -inf
