@@ -17,8 +17,19 @@ from covariant._io import (
     atomic_write,
     atomic_write_json,
     dumps_json,
+    loads_json,
+    read_json,
     to_jsonable,
 )
+
+
+def _refuse(name):
+    raise AssertionError(f"not strict JSON: {name}")
+
+
+def strict_loads(text):
+    """A strict JSON parser: NaN, Infinity and -Infinity are refused."""
+    return json.loads(text, parse_constant=_refuse)
 
 
 class _Result:
@@ -42,8 +53,14 @@ def test_non_finite_floats_kept_or_nulled(tmp_path):
     assert to_jsonable(x, nonfinite="null") == {"a": [None, None, None, 1.5], "t": None}
     assert json.loads(dumps_json(x, nonfinite="null")) == {"a": [None, None, None, 1.5],
                                                            "t": None}
-    back = json.loads(atomic_write_json(tmp_path / "k.json", x).read_text())
-    assert back["a"][1] == -math.inf
+    # files are strict JSON: the non-finite numbers are null and flagged, and read back as is
+    text = atomic_write_json(tmp_path / "k.json", x).read_text()
+    back = strict_loads(text)
+    assert back == {"a": [None, None, None, 1.5], "t": None,
+                    "nonfinite": {"/a/0": "inf", "/a/1": "-inf", "/a/2": "nan", "/t": "nan"}}
+    again = read_json(tmp_path / "k.json")
+    assert again["a"][:2] == [math.inf, -math.inf] and math.isnan(again["a"][2])
+    assert again["a"][3] == 1.5 and math.isnan(again["t"]) and set(again) == {"a", "t"}
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
@@ -93,3 +110,52 @@ def test_stale_temporaries_of_a_killed_writer_are_removed(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (target.stat().st_mode & 0o777) == (0o666 & ~umask)
+
+
+# --------------------------------------------------------------------------------------------
+# issue 10: strict JSON everywhere, null plus a flag, read back to the same floats
+# --------------------------------------------------------------------------------------------
+
+
+def test_flagged_nonfinite_round_trip_through_the_strict_writer():
+    doc = {"parts": {"prior": {"log_evidences": [-3.5, -math.inf, 2.0],
+                               "a/b~c": {"x": math.inf}}},
+           "t": torch.tensor([1.0, float("-inf")]), "rows": [{"v": math.nan}], "s": "-inf"}
+    text = dumps_json(doc)
+    raw = strict_loads(text)                        # strict: no -Infinity in the text
+    assert raw["parts"]["prior"]["log_evidences"] == [-3.5, None, 2.0]
+    assert raw["nonfinite"] == {"/parts/prior/log_evidences/1": "-inf",
+                                "/parts/prior/a~1b~0c/x": "inf",    # RFC 6901 escapes
+                                "/t/1": "-inf", "/rows/0/v": "nan"}
+    back = loads_json(text)
+    assert back["parts"] == {"prior": {"log_evidences": [-3.5, -math.inf, 2.0],
+                                       "a/b~c": {"x": math.inf}}}
+    assert back["t"] == [1.0, -math.inf] and math.isnan(back["rows"][0]["v"])
+    assert back["s"] == "-inf" and "nonfinite" not in back   # a string stays a string
+    assert dumps_json(back) == text                   # idempotent
+
+
+def test_the_one_writer_never_writes_nan_or_infinity():
+    x = {"a": [math.inf, 1.0], "b": np.float64("nan")}
+    for policy, expect in (("null", {"a": [None, 1.0], "b": None}),
+                           ("string", {"a": ["inf", 1.0], "b": "nan"})):
+        assert strict_loads(dumps_json(x, nonfinite=policy)) == expect
+    with pytest.raises(ValueError, match="non-finite number inf at /a/0"):
+        dumps_json(x, nonfinite="error")
+    with pytest.raises(ValueError, match="strict JSON"):
+        dumps_json(x, nonfinite="keep")
+    with pytest.raises(ValueError, match="wrap the data in a dict"):
+        dumps_json([1.0, math.inf])
+    with pytest.raises(ValueError, match="reserved"):
+        dumps_json({"nonfinite": 1, "x": math.nan})
+    assert strict_loads(dumps_json([1.0, 2.0])) == [1.0, 2.0]   # nothing to flag: any root
+    assert "nonfinite" not in dumps_json({"x": 1.0})             # the key only when needed
+
+
+def test_the_reader_refuses_the_old_extensions_and_bad_flags():
+    with pytest.raises(ValueError, match="not strict JSON: -Infinity"):
+        loads_json('{"a": -Infinity}')
+    with pytest.raises(ValueError, match="does not point at a null"):
+        loads_json('{"a": 1.0, "nonfinite": {"/a": "inf"}}')
+    with pytest.raises(ValueError, match="bad non-finite flag"):
+        loads_json('{"a": [null], "nonfinite": {"/a/3": "inf"}}')

@@ -58,6 +58,30 @@ def test_public_face_is_small_and_explicit():
     import covariant
 
     assert len(covariant.__all__) <= 60
-    assert not hasattr(covariant, "__getattr__")  # every public name is imported explicitly
     for name in covariant.__all__:
         assert hasattr(covariant, name), name
+
+
+def test_module_getattr_only_for_the_lazy_public_names():
+    # SPEC 1 lazy loading in covariant/__init__.py; nowhere else may names appear at run time
+    assert structure.module_getattr() == list(structure.LAZY_MODULES)
+
+
+def test_module_getattr_detection_finds_a_planted_one(tmp_path, monkeypatch):
+    pkg = tmp_path / "covariant"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("x = 1\n")
+    (pkg / "bad.py").write_text("def __getattr__(name):\n    return name\n")
+    monkeypatch.setattr(structure, "SRC", pkg)
+    assert structure.module_getattr() == ["covariant.bad"]
+
+
+def test_lazy_table_is_explicit_and_matches_the_type_checking_imports():
+    """Every public name has one explicit path: the table of covariant/__init__.py, and the
+    same path in its ``if TYPE_CHECKING:`` imports (what type checkers and IDEs read)."""
+    import covariant
+
+    table = {name: f"covariant.{mod}" for name, mod in covariant._NAMES.items()}
+    table.update({sub: f"covariant.{sub}" for sub in covariant._SUBMODULES})
+    assert structure.type_checking_imports("covariant") == table
+    assert sorted(covariant.__all__) == sorted([*table, "__version__"])

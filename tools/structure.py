@@ -1,8 +1,10 @@
-"""Structure report of the covariant package: import graph, cycles, sizes, private access.
+"""Structure report of the covariant package: import graph, cycles, sizes, private access,
+dynamic module attributes.
 
 Usage: ``python tools/structure.py [--json]``. ``tests/test_structure.py`` asserts on the same
 functions, so the rules of DESIGN.md (no import cycles, files ≤ 600 lines, functions ≤ 80
-lines of code, no reads of another object's private attributes) are checked in CI.
+lines of code, no reads of another object's private attributes, no module-level
+``__getattr__`` except the lazy public names of ``covariant/__init__.py``) are checked in CI.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parent.parent / "src" / "covariant"
 MAX_FILE_LINES = 600
 MAX_FUNCTION_LINES = 80
+#: The only modules allowed a module-level ``__getattr__``: the top-level package, whose
+#: public names load lazily from an explicit table (Scientific Python SPEC 1).
+LAZY_MODULES = ("covariant",)
 
 
 def module_name(path: Path) -> str:
@@ -180,6 +185,33 @@ def foreign_private_access() -> list[str]:
     return hits
 
 
+def module_getattr() -> list[str]:
+    """Modules that define a module-level ``__getattr__`` (names that appear at run time)."""
+    out = []
+    for mod, path in modules().items():
+        tree = ast.parse(path.read_text())
+        if any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in tree.body):
+            out.append(mod)
+    return out
+
+
+def type_checking_imports(mod: str) -> dict[str, str]:
+    """``name → defining module`` of the ``from .x import name`` lines under
+    ``if TYPE_CHECKING:`` in ``mod``; ``from . import sub`` gives ``sub → mod.sub``."""
+    path = modules()[mod]
+    tree = ast.parse(path.read_text())
+    out: dict[str, str] = {}
+    for block in tree.body:
+        if not (isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)):
+            continue
+        for node in block.body:
+            if isinstance(node, ast.ImportFrom):
+                base = _resolve(mod, path.name == "__init__.py", node)
+                for a in node.names:
+                    out[a.asname or a.name] = base if node.module else f"{base}.{a.name}"
+    return out
+
+
 def main() -> None:
     graph = import_graph()
     report = {
@@ -189,13 +221,14 @@ def main() -> None:
         "functions_over_limit": [s.__dict__ for s in function_sizes()
                                  if s.lines > MAX_FUNCTION_LINES],
         "foreign_private_access": foreign_private_access(),
+        "module_getattr": module_getattr(),
         "tree": {s.where: s.lines for s in file_sizes()},
     }
     if "--json" in sys.argv:
         print(json.dumps(report, indent=1))
         return
     for key in ("modules", "cycles", "files_over_limit", "functions_over_limit",
-                "foreign_private_access"):
+                "foreign_private_access", "module_getattr"):
         val = report[key]
         print(f"{key}: {val if not isinstance(val, list) else len(val)}")
         if isinstance(val, list):

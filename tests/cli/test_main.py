@@ -82,8 +82,8 @@ def test_out_that_is_a_file_is_refused_before_running(fake_experiment, tmp_path,
                                                       monkeypatch, command):
     import importlib
 
-    cli_main = importlib.import_module("covariant.cli.main")  # the module, not the function
-    monkeypatch.setattr(cli_main, "run_demo", lambda *a, **k: pytest.fail("demo ran"))
+    cli_demo = importlib.import_module("covariant.cli.demo")  # main imports it when it runs
+    monkeypatch.setattr(cli_demo, "run_demo", lambda *a, **k: pytest.fail("demo ran"))
     existing = tmp_path / "file.txt"
     existing.write_text("x")
     assert main([*command, "--out", str(existing), "--no-progress"]) == 2
@@ -147,3 +147,113 @@ def test_gitignore_ignores_demo_output():
 
     lines = (Path(__file__).resolve().parents[2] / ".gitignore").read_text().split()
     assert "demo-out/" in lines
+
+
+# --------------------------------------------------------------------------------------------
+# issue 10: --help and --version import no torch (2-4 s before, ~0.1 s after)
+# --------------------------------------------------------------------------------------------
+
+
+def _run_python(*args: str):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import covariant
+
+    src = str(Path(covariant.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+           "COLUMNS": "200"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                          timeout=300, check=False)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--help"], ["flatness", "--help"], ["demo", "--help"], ["reproduce", "--help"],
+    ["--version"],
+])
+@pytest.mark.parametrize("entry", ["covariant", "covariant.cli"])
+def test_help_and_version_import_no_torch_numpy_or_scipy(entry, argv):
+    """``python -X importtime -m covariant …`` lists every module the interpreter imported."""
+    done = _run_python("-X", "importtime", "-m", entry, *argv)
+    assert done.returncode == 0, done.stderr
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "covariant.cli.main" in imported      # the log is read correctly
+    heavy = {m for m in imported if m.split(".")[0] in ("torch", "numpy", "scipy", "matplotlib")}
+    assert heavy == set()
+    assert ("usage: covariant" in done.stdout) != (argv == ["--version"])
+
+
+def test_help_parsed_in_process_leaves_torch_unimported():
+    done = _run_python("-c", "\n".join([
+        "import sys",
+        "import importlib",
+        "m = importlib.import_module('covariant.cli.main')",
+        "try:",
+        "    m.main(['flatness', '--help'])",
+        "except SystemExit as e:",
+        "    assert e.code == 0",
+        "assert 'torch' not in sys.modules, 'torch imported'",
+        "print('ok')",
+    ]))
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    assert text.endswith("ok")
+    assert "--num-probes" in text and "euclidean, ggn, fisher, empirical_fisher" in text
+
+
+# --------------------------------------------------------------------------------------------
+# issue 10: --json on stdout is strict JSON (null plus a flag for -inf / NaN)
+# --------------------------------------------------------------------------------------------
+
+
+def _refuse(name):
+    raise AssertionError(f"not strict JSON: {name}")
+
+
+def _flatness_result():
+    inf, nan = float("inf"), float("nan")
+    measure = {"value": -inf, "stderr": nan, "converged": True}
+    return {"checkpoint": "m.pt", "arch": "mlp", "arch_kwargs": {}, "dataset": "synthetic",
+            "samples": 4, "dim": 3, "chart_dim": 3, "chart": "none", "metric": "ggn",
+            "damping": 0.0, "method": "dense", "invariant": {"logdet": dict(measure)},
+            "naive": {"logdet": dict(measure)}, "seconds": {"invariant": inf, "naive": 0.5}}
+
+
+@pytest.mark.parametrize("command", ["demo", "flatness", "reproduce"])
+def test_json_on_stdout_is_strict_with_nonfinite_flagged(command, monkeypatch, capsys, tmp_path):
+    import importlib
+    import json
+    import sys
+    import types
+
+    from covariant._io import loads_json
+
+    inf = float("inf")
+    if command == "demo":
+        cli_demo = importlib.import_module("covariant.cli.demo")
+        monkeypatch.setattr(cli_demo, "run", lambda *a, **k: {"toy": {"trace": [1.0, -inf]}})
+        argv, key = ["demo", "--json"], "/toy/trace/1"
+    elif command == "flatness":
+        cli_flatness = importlib.import_module("covariant.cli.flatness")
+        monkeypatch.setattr(cli_flatness, "analyse", lambda *a, **k: _flatness_result())
+        argv, key = ["flatness", str(tmp_path / "m.pt"), "--method", "dense", "--json"], \
+            "/invariant/logdet/value"
+    else:
+        module = types.ModuleType("covariant_fake_inf_experiment")
+        module.run = lambda out, **k: {"summary": {"evidence": [-inf, -2.0]}, "figures": []}
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+        monkeypatch.setitem(EXPERIMENTS, "density", module.__name__)
+        argv, key = ["reproduce", "density", "--out", str(tmp_path), "--json"], \
+            "/summary/evidence/0"
+    assert main([*argv, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    raw = json.loads(out, parse_constant=_refuse)      # a strict parser accepts it
+    assert raw["nonfinite"][key] in ("-inf", "inf")
+    back = loads_json(out)
+    node = back
+    for token in key.split("/")[1:]:
+        node = node[int(token)] if isinstance(node, list) else node[token]
+    assert node == -inf

@@ -122,3 +122,24 @@ def test_ggn_vs_sgd_figure_gives_each_learning_rate_its_own_colour(monkeypatch, 
     assert len(sgd) == 6 and len(set(sgd)) == 6  # before: six lines, one colour
     assert sum("(best)" in ln.get_label() for ln in lines) == 2
     plt.close("all")
+
+
+def test_results_file_is_strict_json_and_reads_back_nonfinite_losses(tmp_path):
+    """A diverged run's NaN / inf loss: null plus a flag on disk, the same float on resume."""
+    import math
+
+    config = settings.settings(True, 0)
+    path = tmp_path / exp.JSON_NAME
+    curves = {"10.0": [2.0, math.inf, math.nan], "0.1": [2.0, 1.5, 1.0]}
+    settings.write_results(path, {"settings": config, "parts": {"f": {"curves": curves}}})
+
+    def refuse(name):
+        raise AssertionError(f"not strict JSON: {name}")
+
+    raw = json.loads(path.read_text(), parse_constant=refuse)
+    assert raw["parts"]["f"]["curves"]["10.0"] == [2.0, None, None]
+    assert raw["nonfinite"] == {"/parts/f/curves/10.0/1": "inf", "/parts/f/curves/10.0/2": "nan"}
+    back = settings.load_previous(path, config)["parts"]["f"]["curves"]
+    assert back["10.0"][:2] == [2.0, math.inf] and math.isnan(back["10.0"][2])
+    assert back["0.1"] == [2.0, 1.5, 1.0] and "nonfinite" not in settings.load_previous(path,
+                                                                                         config)

@@ -26,7 +26,7 @@ import argparse
 import math
 from typing import Any
 
-from ..metrics import METRIC_NAMES
+from .._constants import METRIC_NAMES
 
 __all__ = [
     "CLI_DATASETS",
@@ -69,7 +69,8 @@ def seed(text: str) -> int:
 
 
 def metric_name(text: str) -> str:
-    """One of the metric names of :data:`covariant.metrics.METRIC_NAMES` (case-insensitive)."""
+    """One of the metric names of :data:`covariant.metrics.METRIC_NAMES` (case-insensitive;
+    the list lives in the torch-free :mod:`covariant._constants`)."""
     key = text.strip().lower().replace("-", "_")
     if key not in METRIC_NAMES:
         raise argparse.ArgumentTypeError(

@@ -15,10 +15,6 @@ Example (shell)::
 
 Example
 -------
->>> import argparse
->>> args = argparse.Namespace(quick=True, samples=None, num_probes=None)
->>> _resolve_quick(args).samples, args.num_probes
-(64, 30)
 >>> _fmt({"value": 1.5, "stderr": float("nan")})
 '1.5 ± n/a'
 """
@@ -50,61 +46,10 @@ from ..space import ParameterSpace
 from ..zoo.checkpoints import load_checkpoint
 from ..zoo.data import load_dataset
 from . import arguments as a
+from .flatness_flags import DEFAULT_MEASURES, PROBES, SAMPLES, add_arguments, resolve_quick
 
-DEFAULT_MEASURES = "trace,logdet,max_eig,top_eigs"
-#: (full, --quick) defaults of --samples and --num-probes.
-SAMPLES, PROBES = (512, 64), (100, 30)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", type=Path, help="saved model (save_checkpoint or a state_dict)")
-    p.add_argument("--arch", default=None,
-                   help="architecture (mlp, cnn1d, resnet1d); read from the checkpoint if saved "
-                        "with covariant.zoo.checkpoints.save_checkpoint")
-    p.add_argument("--arch-kwargs", default="", type=a.arch_kwargs,
-                   help="architecture options, e.g. 'hidden=64,64;activation=tanh'")
-    p.add_argument("--dataset", default="mnist1d", type=a.dataset_name,
-                   help=f"{', '.join(a.CLI_DATASETS)} (default mnist1d; synthetic: Gaussian "
-                        "blobs with 20 features and 3 classes)")
-    p.add_argument("--samples", type=a.positive_int, default=None,
-                   help=f"training examples the loss is averaged over, >= 1 (default "
-                        f"{SAMPLES[0]}, {SAMPLES[1]} with --quick)")
-    p.add_argument("--chart", default="none", type=a.chart_spec,
-                   help="none | weightnorm | weightnorm:S (‖v‖ rescaled by S > 0) | scale:A "
-                        "(A != 0)")
-    p.add_argument("--metric", default="euclidean", type=a.metric_name,
-                   help="metric in the original chart: euclidean, ggn, fisher, empirical_fisher")
-    p.add_argument("--damping", type=a.nonnegative_float, default=0.0,
-                   help="λ >= 0 of Damped(G, λ, reference=Euclidean in w), pulled back with G "
-                        "(default 0: no damping)")
-    p.add_argument("--measures", default=DEFAULT_MEASURES,
-                   help=f"comma-separated (default {DEFAULT_MEASURES}; also min_eig, "
-                        "spectral_density; 'spectrum' with --method dense)")
-    p.add_argument("--method", default="stochastic", choices=("stochastic", "dense"),
-                   help="stochastic: matrix-free estimates with error bars (default); dense: "
-                        "exact generalized eigenproblem, for small models")
-    p.add_argument("--num-probes", type=a.at_least_two, default=None,
-                   help=f"random probe vectors of the stochastic estimators, >= 2 (default "
-                        f"{PROBES[0]}, {PROBES[1]} with --quick; ignored by --method dense)")
-    p.add_argument("--in-chart", action="store_true",
-                   help="compute the invariant measures with the chart's own Hessian and "
-                        "metric products (slower; by default a pulled-back space is computed "
-                        "in the original chart, where the tensor rules make it equal)")
-    p.add_argument("--k", type=a.positive_int, default=5,
-                   help="eigenvalues for top_eigs, >= 1 (default 5)")
-    p.add_argument("--float32", action="store_true", help="compute in float32 (default float64)")
-
-
-def _resolve_quick(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill ``--samples`` and ``--num-probes`` left unset: the full or the ``--quick``
-    defaults (:data:`SAMPLES`, :data:`PROBES`)."""
-    quick = int(bool(getattr(args, "quick", False)))
-    if args.samples is None:
-        args.samples = SAMPLES[quick]
-    if args.num_probes is None:
-        args.num_probes = PROBES[quick]
-    return args
-
+__all__ = ["DEFAULT_MEASURES", "PROBES", "SAMPLES", "add_arguments", "analyse", "cli_message",
+           "print_table", "run_flatness"]
 
 def _chart(space: Any, theta: torch.Tensor, spec: str) -> tuple[Any, torch.Tensor]:
     kind, _, arg = spec.partition(":")
@@ -133,7 +78,7 @@ def analyse(args: argparse.Namespace, *, progress: bool) -> dict[str, Any]:
     """Run the analysis described by parsed CLI arguments; return every number."""
     dtype = torch.float32 if args.float32 else torch.float64
     ds = load_dataset(args.dataset)
-    _resolve_quick(args)
+    resolve_quick(args)
     kwargs = a.parse_kwargs(args.arch_kwargs)
     kwargs.setdefault("in_features", ds.num_features)
     kwargs.setdefault("num_classes", ds.num_classes)

@@ -2,8 +2,9 @@
 
 Errors a user can fix end with ``covariant <cmd>: error: …`` on stderr and exit status 2:
 bad flag values (argparse), an ``--out`` that is an existing file (checked before any
-computing). A closed stdout (``covariant … --json | head``) ends quietly with status 141, as
-a process killed by SIGPIPE.
+computing). Building the parser imports nothing heavy: ``covariant --help`` runs without
+torch, NumPy or SciPy, which the command handlers import when they run. A closed stdout
+(``covariant … --json | head``) ends quietly with status 141, as a process killed by SIGPIPE.
 
 Example
 -------
@@ -22,9 +23,8 @@ from pathlib import Path
 
 from .. import __version__
 from . import arguments as a
-from . import flatness as _flatness
-from .demo import run_demo
-from .reproduce import EXPERIMENTS, run_reproduce
+from . import flatness_flags
+from .reproduce import EXPERIMENTS
 
 __all__ = ["build_parser", "main"]
 
@@ -64,9 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Invariant (G⁻¹Hess) and naive (G = I in the chart) curvature measures of "
                     "a model saved with covariant.zoo.checkpoints.save_checkpoint (or a "
                     "state_dict with --arch).")
-    _add_common(flat, quick=f"fewer examples and probes: --samples {_flatness.SAMPLES[1]} and "
-                            f"--num-probes {_flatness.PROBES[1]} unless given")
-    _flatness.add_arguments(flat)
+    _add_common(flat, quick=f"fewer examples and probes: --samples {flatness_flags.SAMPLES[1]} and "
+                            f"--num-probes {flatness_flags.PROBES[1]} unless given")
+    flatness_flags.add_arguments(flat)
 
     rep = sub.add_parser(
         "reproduce", help="the paper's claims as experiments",
@@ -88,12 +88,19 @@ def _out_problem(out: Path | None) -> str | None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    """Run the command; its module (and torch with it) is imported only now."""
     progress = not args.no_progress
     if args.command == "demo":
+        from .demo import run_demo
+
         return run_demo(args, progress=progress)
     if args.command == "flatness":
-        return _flatness.run_flatness(args, progress=progress)
+        from .flatness import run_flatness
+
+        return run_flatness(args, progress=progress)
     if args.command == "reproduce":
+        from .reproduce import run_reproduce
+
         return run_reproduce(args, progress=progress)
     return 2  # pragma: no cover - argparse enforces the choices
 

@@ -16,8 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .._io import dumps_json
-
 __all__ = ["EXPERIMENTS", "print_summary", "run_reproduce"]
 
 #: Experiment name → module with ``run(out_dir, *, quick, seed, progress)``.
@@ -71,6 +69,8 @@ def run_reproduce(args: argparse.Namespace, *, progress: bool) -> int:
     """Run ``args.experiment`` into ``--out`` (default ``covariant-<name>``), print its
     summary, and with ``--json`` every number to stdout (the summary then goes to stderr, so
     that stdout is JSON alone). Returns the exit status."""
+    from .._io import dumps_json
+
     module = importlib.import_module(EXPERIMENTS[args.experiment])
     out = args.out if args.out is not None else Path(f"covariant-{args.experiment}")
     result = module.run(out, quick=args.quick, seed=args.seed, progress=progress)

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._constants import METRIC_NAMES
 from .base import Euclidean, Metric
 from .curvature_base import CurvatureMetric
 from .model import GGN, EmpiricalFisher, Fisher
 
 __all__ = ["METRIC_NAMES", "metric_from_name", "resolve_metric"]
 
-#: Names understood by :func:`metric_from_name` (and ``ParameterSpace.from_module``).
-METRIC_NAMES = ("euclidean", "ggn", "fisher", "empirical_fisher")
 _ALIASES = {
     "gauss_newton": "ggn",
     "generalized_gauss_newton": "ggn",

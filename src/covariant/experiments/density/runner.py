@@ -2,6 +2,12 @@
 ``density_parts/<part>.json`` (so a killed run resumes where it stopped) and drawn to
 ``density_<part>.png``; the whole lot is written to ``density.json``.
 
+Every file is strict JSON (:func:`covariant._io.dumps_json`): a non-finite number, such as the
+−inf evidence of a λ where the precision is not positive definite, is written as ``null`` and
+flagged under the top-level key ``"nonfinite"``; a resumed run reads the parts back with
+:func:`covariant._io.read_json`, which restores it, so its figures and results are those of an
+uninterrupted run.
+
 Example
 -------
 >>> _summary({"lognormal": {"classic_mode": 0.87, "riemannian_mode": 1.65,
@@ -11,14 +17,13 @@ Example
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..._io import atomic_write_json, to_jsonable
+from ..._io import atomic_write_json, read_json, to_jsonable
 from ..._progress import progress_bar
 from .common import threads
 from .evidence import part_evidence, plot_evidence
@@ -101,11 +106,11 @@ def run(out_dir: str | os.PathLike[str], *, quick: bool = False, seed: int = 0,
         result = None
         if path.exists():
             try:
-                saved = json.loads(path.read_text())
+                saved = read_json(path)
                 if saved.get("config") == config:
                     result = saved["result"]
                     timings[name] = saved.get("time_s", 0.0)
-            except (OSError, ValueError, KeyError):
+            except (OSError, ValueError, KeyError, AttributeError):
                 result = None
         if result is None:
             t0 = time.time()

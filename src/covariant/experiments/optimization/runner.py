@@ -147,7 +147,7 @@ def _run_parts(
         if key in results["parts"]:
             continue
         t0 = time.perf_counter()
-        results["parts"][key] = to_jsonable(fn(), nonfinite="null")
+        results["parts"][key] = to_jsonable(fn())  # NaN / inf kept: flagged when written
         results.setdefault("timing", {})[key] = time.perf_counter() - t0
         results["summary"] = _summary(results["parts"])
         write_results(path, results)

@@ -10,11 +10,10 @@ Example
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from ..._io import atomic_write_json, save_figure, to_jsonable
+from ..._io import atomic_write_json, read_json, save_figure, to_jsonable
 
 __all__ = ["FIGURES", "JSON_NAME", "load_previous", "save_png", "settings", "write_results"]
 
@@ -68,22 +67,24 @@ def settings(quick: bool, seed: int) -> dict[str, Any]:
 
 
 def load_previous(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """The results at ``path`` if they were made with ``settings``, else ``None``."""
+    """The results at ``path`` (strict JSON, non-finite numbers restored) if they were made
+    with ``settings``, else ``None``."""
     if not path.exists():
         return None
     try:
-        with open(path) as f:
-            old = json.load(f)
-    except (OSError, json.JSONDecodeError):
+        old = read_json(path)
+    except (OSError, ValueError):
         return None
-    if old.get("settings") != to_jsonable(settings, nonfinite="null"):
+    if not isinstance(old, dict) or old.get("settings") != to_jsonable(settings, nonfinite="null"):
         return None
     return old
 
 
 def write_results(path: Path, results: dict[str, Any]) -> None:
-    """The results file: strict JSON (non-finite numbers as ``null``), written atomically."""
-    atomic_write_json(path, results, indent=1, nonfinite="null")
+    """The results file, written atomically as strict JSON: a non-finite number (the loss of
+    a diverged run) is ``null``, flagged under the top-level key ``"nonfinite"``, and
+    :func:`load_previous` reads it back as it was."""
+    atomic_write_json(path, results, indent=1)
 
 
 def save_png(fig: Any, path: Path, plt: Any) -> str:
