@@ -9,6 +9,11 @@ Usage::
 
     python benchmarks/bench_ggn_trace.py                 # demo-size MLP (1,268 params in ψ)
     python benchmarks/bench_ggn_trace.py --probes 30 --repeats 3 --out X.json
+    python benchmarks/bench_ggn_trace.py --model mlp-80k --probes 2 --repeats 1
+
+``--model demo`` is the 40-24-10 MLP of the README (d = 1,234 in θ: the dense-factor path);
+``--model mlp-80k`` the zoo preset 40-256-256-10 (d = 78,858: no dense factor, conjugate
+gradients per solve).
 
 Writes ``benchmarks/results/ggn_trace_cpu.json`` (atomically) unless ``--out`` says otherwise.
 """
@@ -25,30 +30,34 @@ from torch import nn
 
 import covariant as cv
 from covariant._io import atomic_write_json
-from covariant.zoo.architectures import build
+from covariant.zoo.architectures import build, preset
 from covariant.zoo.data import load_mnist1d
 
 
-def spaces(samples: int, hidden: int, damping: float):
+def spaces(samples: int, hidden: int, damping: float, model_name: str = "demo"):
     torch.manual_seed(0)
     ds = load_mnist1d(4000)
     X, y = ds.X_train.double()[:samples], ds.y_train[:samples]
-    model = build("mlp", X.shape[1], 10, hidden=(hidden,)).double()
+    if model_name == "demo":
+        model = build("mlp", X.shape[1], 10, hidden=(hidden,)).double()
+    else:
+        model = preset(model_name).double()
     space, theta = cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(), (X, y), "ggn")
     damped = space.with_metric(cv.metrics.Damped(space.metric, damping))
     wn = damped.reparametrize({"*.weight": cv.reparam.WeightNorm()})
     return space.with_metric(cv.metrics.Euclidean()), theta, wn, wn.chart.inverse(theta)
 
 
-def timed_trace(space, p, probes: int) -> tuple[float, float]:
+def timed_trace(space, p, probes: int) -> tuple[float, float, float]:
     t = time.perf_counter()
     r = cv.flatness(space, p, measures=("trace",), method="stochastic", num_probes=probes,
                     seed=0)
-    return time.perf_counter() - t, r["trace"].value
+    return time.perf_counter() - t, r["trace"].value, r["trace"].stderr
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=("demo", "mlp-80k"), default="demo")
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--hidden", type=int, default=24)
     ap.add_argument("--damping", type=float, default=1e-3)
@@ -60,20 +69,24 @@ def main() -> None:
     torch.set_num_threads(1)
     times: dict[str, list[float]] = {"euclidean": [], "ggn_weight_norm": []}
     values: dict[str, float] = {}
+    stderrs: dict[str, float] = {}
     for _ in range(args.repeats):
         # fresh spaces and metrics each round (untimed): every cache is rebuilt, as in a new run
-        eu, theta, wn, psi = spaces(args.samples, args.hidden, args.damping)
+        eu, theta, wn, psi = spaces(args.samples, args.hidden, args.damping, args.model)
         for name, s, p in (("euclidean", eu, theta), ("ggn_weight_norm", wn, psi)):
-            dt, val = timed_trace(s, p, args.probes)
+            dt, val, err = timed_trace(s, p, args.probes)
             times[name].append(dt)
-            values[name] = val
+            values[name], stderrs[name] = val, err
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["ggn_weight_norm"] / med["euclidean"]
-    result = {"dim_theta": int(theta.shape[0]), "dim_psi": int(psi.shape[0]),
+    result = {"model": args.model, "dim_theta": int(theta.shape[0]), "dim_psi": int(psi.shape[0]),
               "samples": args.samples, "probes": args.probes, "repeats": args.repeats,
               "seconds": times, "median_seconds": med, "ratio_ggn_to_euclidean": ratio,
-              "target_ratio": 10.0, "trace_values": values, "torch": torch.__version__}
-    print(f"d(θ)={theta.shape[0]} d(ψ)={psi.shape[0]} probes={args.probes}: euclidean "
+              "target_ratio": 10.0, "trace_values": values,
+              "trace_stderrs": stderrs, "torch": torch.__version__,
+              "threads": 1}
+    print(f"{args.model}: d(θ)={theta.shape[0]} d(ψ)={psi.shape[0]} probes={args.probes}: "
+          f"euclidean "
           f"{med['euclidean']:.2f} s, damped GGN in the weight-norm chart "
           f"{med['ggn_weight_norm']:.2f} s, ratio {ratio:.1f}x (target <= 10x)")
     atomic_write_json(args.out, result)

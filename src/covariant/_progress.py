@@ -9,12 +9,27 @@ Example
 >>> bar = progress_bar(range(3), enabled=False, desc="steps")
 >>> list(bar)
 [0, 1, 2]
+
+Work deep inside a computation (the build of a dense metric, inside a solve, inside an
+estimator) has no ``progress`` argument of its own; it asks :func:`progress_enabled`, which
+is True inside ``with progress_scope(True):``.
+
+>>> with progress_scope(True):
+...     progress_enabled()
+True
+>>> progress_enabled()
+False
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Iterable, Iterator
 from typing import Any
+
+_ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("covariant_progress",
+                                                                default=False)
 
 
 class _NoBar:
@@ -61,3 +76,19 @@ def progress_bar(
     except ImportError:
         return _NoBar(iterable)
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def progress_scope(enabled: bool) -> Iterator[None]:
+    """Within the block, :func:`progress_enabled` returns ``enabled`` (nested work shows its
+    own bars: a dense metric's build inside an estimator's solves)."""
+    token = _ENABLED.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
+def progress_enabled() -> bool:
+    """Whether the innermost :func:`progress_scope` asked for progress bars (default False)."""
+    return _ENABLED.get()

@@ -38,6 +38,7 @@ __all__ = [
     "christoffel_dense",
     "christoffel_lowered_dense",
     "connection_correction",
+    "connection_quadratic",
     "geodesic",
 ]
 
@@ -106,6 +107,20 @@ def connection_correction(metric: Metric, p: Tensor, v: Tensor, r: Tensor) -> Te
         + _grad_of_inner(metric, p, v, r)
         - _directional_derivative(metric, p, r, v)
     )
+
+
+def connection_quadratic(metric: Metric, p: Tensor, u: Tensor, r: Tensor) -> Tensor:
+    """Γ^m_ij u^i u^j (G r)_m = rᵀ G Γ(u, u) = D_u(rᵀ G u) − ½ D_r(uᵀ G u), a scalar.
+
+    With r = G⁻¹∇L this is the connection part of the Riemannian Hessian's quadratic form,
+    uᵀ Hess u = uᵀ∇²L u − rᵀ G Γ(u, u). One-off form of ``metric.connection_form(p, r)``
+    (which shares the per-point work across many u).
+    """
+    form = metric.connection_form(p, r)
+    value = form.remainder(u)
+    if form.potential is not None:
+        value = value + jvp(lambda q: jvp(form.potential, (q,), (u,))[1], (p,), (u,))[1]
+    return value
 
 
 def christoffel_lowered_dense(metric: Metric, p: Tensor, *, max_dim: int | None = None) -> Tensor:

@@ -56,6 +56,7 @@ from .nulls import (
 )
 from .options import StochasticOptions, resolve_options
 from .report import Measure
+from .trace import factored_trace
 
 __all__ = ["STOCHASTIC_MEASURES", "shape_operator_matvecs", "stochastic_flatness"]
 
@@ -273,13 +274,19 @@ def _trace_measure(space: ParameterSpace, p: Tensor, ops: Callable[[], tuple[Any
     """"trace": tr E with its standard error.
 
     Hutchinson's trace of a Euclidean Hessian takes zᵀ∇²L z by Taylor mode when
-    ``opts.quadratic_forms`` allows it (no operator products at all); every other case
-    applies E.
+    ``opts.quadratic_forms`` allows it (no operator products at all); with a full-rank metric
+    whose solve keeps a Cholesky factor G = LLᵀ, Hutchinson takes uᵀHess u with u = L⁻ᵀz
+    (:func:`~covariant.flatness.trace.factored_trace`); every other case applies E.
     """
-    qform, products = None, "hvp"
+    qform, products, est = None, "hvp", None
     if isinstance(space.metric, Euclidean) and opts.trace_method == "hutchinson":
         qform, products = _quadratic_form(space, p, opts.quadratic_forms)
-    if qform is not None:  # zᵀ∇²L z by Taylor mode; the matvec is never called
+    elif opts.trace_method == "hutchinson" and dim == p.shape[0]:
+        est = factored_trace(space, p, num_probes=opts.num_probes, seed=opts.seed,
+                             quadratic_forms=opts.quadratic_forms, progress=opts.progress)
+    if est is not None:  # uᵀHess u with u = L⁻ᵀz by quadratic forms (flatness/trace.py)
+        products = "cholesky + quadratic forms"
+    elif qform is not None:  # zᵀ∇²L z by Taylor mode; the matvec is never called
         est = linalg.hutchinson(lambda v: v, dim, num_probes=opts.num_probes, seed=opts.seed,
                                 dtype=p.dtype, device=p.device, progress=opts.progress,
                                 quadratic_form=qform)

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.func import vmap
+from torch.func import jvp, vmap
 
 from .._fast import is_plain
 from ..errors import (
@@ -41,10 +41,12 @@ from ..errors import (
 )
 from ..linalg import cg
 from ..reparam import Linearization, Reparametrization
+from .forms import ConnectionForm
 
 __all__ = [
     "DENSE_SOLVE_DIM",
     "MAX_DENSE_DIM",
+    "ConnectionForm",
     "Constant",
     "Damped",
     "Dense",
@@ -158,6 +160,14 @@ class Metric:
                 "the metric is singular or badly conditioned. " + _SINGULAR_HINT
             ) from err
 
+    def cholesky_factor(self, p: Tensor) -> Tensor | None:
+        """The lower Cholesky factor L of G(p) = L Lᵀ that :meth:`solve` uses, or None when
+        ``solve`` uses none (a metric with its own solve, d > :data:`DENSE_SOLVE_DIM`, a point
+        inside a transform, or a G(p) that is not positive definite). Cached per point."""
+        if self.has_own_solve:
+            return None
+        return self._dense_factor(p)
+
     def _dense_factor(self, p: Tensor) -> Tensor | None:
         """Cholesky factor of the dense G(p) for small d at a plain point (cached), else None."""
         d = p.shape[0]
@@ -176,6 +186,20 @@ class Metric:
     def inner(self, p: Tensor, u: Tensor, v: Tensor) -> Tensor:
         """⟨u, v⟩_G = uᵀ G(p) v."""
         return torch.dot(u, self.matvec(p, v))
+
+    def connection_form(self, p: Tensor, r: Tensor) -> ConnectionForm:
+        """u ↦ rᵀ G Γ(u, u) at p: by default D_u(rᵀGu) − ½ D_r(uᵀGu), two directional
+        derivatives of :meth:`inner` (forward mode), and no potential."""
+        p, r = p.detach(), r.detach()
+
+        def remainder(u: Tensor) -> Tensor:
+            if self.is_constant:
+                return p.new_zeros(())
+            d1 = jvp(lambda q: self.inner(q, r, u), (p,), (u,))[1]
+            d2 = jvp(lambda q: self.inner(q, u, u), (p,), (r,))[1]
+            return d1 - 0.5 * d2
+
+        return ConnectionForm(None, remainder)
 
     def dense(self, p: Tensor, *, max_dim: int | None = None) -> Tensor:
         """G(p) as a dense (d, d) matrix (small d only)."""
@@ -415,6 +439,17 @@ class Damped(Metric):
 
     def matvec(self, p: Tensor, v: Tensor) -> Tensor:
         return self.metric.matvec(p, v) + self.lam * self.reference.matvec(p, v)
+
+    def inner(self, p: Tensor, u: Tensor, v: Tensor) -> Tensor:
+        """uᵀGv + λ uᵀG_ref v, each part by its own ``inner``."""
+        return self.metric.inner(p, u, v) + self.lam * self.reference.inner(p, u, v)
+
+    def connection_form(self, p: Tensor, r: Tensor) -> ConnectionForm:
+        """The sum of the two parts' forms (a constant reference contributes nothing)."""
+        first = self.metric.connection_form(p, r)
+        if self.reference.is_constant or self.lam == 0:
+            return first
+        return first.plus(self.reference.connection_form(p, r), self.lam)
 
     def dense(self, p: Tensor, *, max_dim: int | None = None) -> Tensor:
         """G + λ G_ref from the two dense matrices (each part builds its own fastest way)."""

@@ -74,11 +74,13 @@ from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
 from .._checks import default_tol
+from .._progress import progress_bar, progress_enabled
 from ..errors import NotConvergedError, ShapeMismatchError, SingularMetricError
 from ..layout import as_batches, batch_weights
 from ..linalg import cg
 from ..linalg import pinv_solve as lanczos_pinv_solve
 from .base import MAX_DENSE_DIM, Metric, check_dense_size
+from .forms import ConnectionForm
 from .losses import cast_input, loss_info
 
 __all__ = ["CurvatureMetric", "model_of"]
@@ -88,6 +90,9 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 Batch = tuple[Tensor, Tensor]
 
 _SOLVE_MODES = ("raise", "pinv")
+
+#: Products per vmapped call when a dense metric is built (:meth:`CurvatureMetric.dense`).
+DENSE_CHUNK = 64
 
 
 def model_of(space: Any, what: str) -> tuple[Forward, LossFn, list[Batch], list[float]]:
@@ -233,15 +238,83 @@ class CurvatureMetric(Metric):
         assert total is not None
         return total
 
+    def inner(self, p: Tensor, u: Tensor, v: Tensor) -> Tensor:
+        """uᵀ G(p) v = Σ_b w_b (J_b u)ᵀ Λ_b (J_b v): two jvps per batch and no vjp, so that
+        its directional derivative in p (the connection terms) is forward-over-forward."""
+        total: Tensor | None = None
+        for b, (w, (X, y)) in enumerate(zip(self.weights, self.batches, strict=True)):
+            Xb = cast_input(X, p)
+            yb = y.to(device=p.device)
+
+            def f(q: Tensor, Xb: Tensor = Xb) -> Tensor:
+                return self.forward(q, Xb)
+
+            out, Ju = jvp(f, (p,), (u,))
+            Jv = jvp(f, (p,), (v,))[1]
+            term = w * torch.sum(Ju * self._output_matvec(b, out, yb, Jv))
+            total = term if total is None else total + term
+        assert total is not None
+        return total
+
+    def connection_form(self, p: Tensor, r: Tensor) -> ConnectionForm:
+        r"""u ↦ rᵀ G Γ(u, u) split as uᵀ∇²ψ(p)u + remainder(u) (see :class:`ConnectionForm`).
+
+        With G = Σ_b w_b J_bᵀ Λ_b(f_b) J_b and ∂²f[u, u] the second derivative of the model,
+
+        rᵀGΓ(u, u) = Σ_b w_b [ (Λ_b J_b r)ᵀ ∂²f_b[u, u] + (J_b r)ᵀ DΛ_b[J_b u] (J_b u)
+                              − ½ (J_b u)ᵀ DΛ_b[J_b r] (J_b u) ],
+
+        the first term being the quadratic form of ψ(q) = Σ_b w_b ⟨Λ_b J_b r, f_b(q)⟩ (fixed
+        weights), the rest one jvp of the model and output-space derivatives of Λ_b.
+        """
+        p, r = p.detach(), r.detach()
+        parts = []
+        for b, (w, (X, y)) in enumerate(zip(self.weights, self.batches, strict=True)):
+            Xb, yb = cast_input(X, p), y.to(device=p.device)
+            out, Jr = jvp(lambda q, Xb=Xb: self.forward(q, Xb), (p,), (r,))
+            parts.append((b, w, Xb, yb, out.detach(), Jr.detach(),
+                          self._output_matvec(b, out, yb, Jr).detach()))
+
+        def potential(q: Tensor) -> Tensor:
+            return sum(w * torch.sum(a * self.forward(q, Xb))  # type: ignore[return-value]
+                       for _, w, Xb, _, _, _, a in parts)
+
+        def remainder(u: Tensor) -> Tensor:
+            total = p.new_zeros(())
+            for b, w, Xb, yb, out, Jr, _ in parts:
+                Ju = jvp(lambda q, Xb=Xb: self.forward(q, Xb), (p,), (u,))[1]
+
+                def lam(o: Tensor, x: Tensor, y: Tensor, b: int = b, yb: Tensor = yb) -> Tensor:
+                    return torch.sum(x * self._output_matvec(b, o, yb, y))
+
+                t1 = jvp(lambda o, a=Jr, e=Ju: lam(o, a, e), (out,), (Ju,))[1]
+                t2 = jvp(lambda o, e=Ju: lam(o, e, e), (out,), (Jr,))[1]
+                total = total + w * (t1 - 0.5 * t2)
+            return total
+
+        return ConnectionForm(potential, remainder)
+
     def dense(self, p: Tensor, *, max_dim: int | None = None) -> Tensor:
-        """G(p) as a dense symmetric (d, d) matrix, from d products (small d only)."""
+        """G(p) as a dense symmetric (d, d) matrix, from d products (small d only).
+
+        The products G e_i are vmapped in chunks of :data:`DENSE_CHUNK` (memory-bound work:
+        small chunks stay in cache) and advance a progress bar inside
+        ``progress_scope(True)`` (:mod:`covariant._progress`).
+        """
         d = p.shape[0]
         check_dense_size(d, f"{self.name}.dense", max_dim)
         eye = torch.eye(d, dtype=p.dtype, device=p.device)
-        try:
-            rows = vmap(lambda e: self.matvec(p, e), chunk_size=min(d, 256))(eye)
-        except (RuntimeError, NotImplementedError):  # models that vmap cannot batch
-            rows = torch.stack([self.matvec(p, e) for e in eye])
+        bar = progress_bar(enabled=progress_enabled(), total=d, desc=f"{self.name} (dense)")
+        parts = []
+        for start in range(0, d, DENSE_CHUNK):
+            E = eye[start:start + DENSE_CHUNK]
+            try:
+                parts.append(vmap(lambda e: self.matvec(p, e))(E))
+            except (RuntimeError, NotImplementedError):  # models that vmap cannot batch
+                parts.append(torch.stack([self.matvec(p, e) for e in E]))
+            bar.update(E.shape[0])
+        bar.close()
+        rows = torch.cat(parts)
         return 0.5 * (rows + rows.T)
 
     # ---------------------------------------------------------------- spectrum and rank
