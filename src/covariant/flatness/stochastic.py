@@ -44,6 +44,7 @@ from torch.func import vmap
 from .. import linalg
 from .._fast import QuadraticForm, TaylorUnsupportedError
 from .._fast import is_plain as _plain
+from .._progress import progress_scope
 from ..errors import NotConvergedError, SingularMetricError
 from ..metrics import Euclidean, Pullback
 from ..space import ParameterSpace
@@ -447,15 +448,16 @@ def stochastic_flatness(
     if not opts.in_chart and space.is_pullback and space.chart is not None \
             and space.parent is not None and _plain(p):
         return _in_parent_chart(space, p, measures, k, opts, null_rtol)
-    ops = functools.cache(lambda: shape_operator_matvecs(space, p, null_rtol))  # built on first use
-    if isinstance(space.metric, Euclidean):  # a Euclidean trace may need no operator
-        dim, num_gauge = int(p.shape[0]), 0
-    else:
-        _, _, dim, num_gauge, _ = ops()
-    info = {"dim": int(p.shape[0]), "rank": dim, "num_gauge_directions": num_gauge}
-    out: dict[str, Measure] = {}
-    if "trace" in measures:
-        out["trace"] = _trace_measure(space, p, ops, dim, opts, info)
-    out.update(_eig_measures(p, measures, k, ops, opts, info))
-    out.update(_slq_measures(p, measures, ops, opts, info, null_rtol))
+    ops = functools.cache(lambda: shape_operator_matvecs(space, p, null_rtol))  # on first use
+    with progress_scope(opts.progress):  # nested work (a dense metric's build) shows bars too
+        if isinstance(space.metric, Euclidean):  # a Euclidean trace may need no operator
+            dim, num_gauge = int(p.shape[0]), 0
+        else:
+            _, _, dim, num_gauge, _ = ops()
+        info = {"dim": int(p.shape[0]), "rank": dim, "num_gauge_directions": num_gauge}
+        out: dict[str, Measure] = {}
+        if "trace" in measures:
+            out["trace"] = _trace_measure(space, p, ops, dim, opts, info)
+        out.update(_eig_measures(p, measures, k, ops, opts, info))
+        out.update(_slq_measures(p, measures, ops, opts, info, null_rtol))
     return out
