@@ -97,3 +97,44 @@ def test_deterministic_train_mode_is_accepted(module):
     want = nn.MSELoss()(model(X3), Y3)
     assert torch.allclose(space.loss(theta), want)
     assert math.isfinite(cv.flatness(space, theta, measures=("trace",))["trace"].value)
+
+
+class _FunctionalDropout(nn.Module):
+    """Dropout called as a function, with training=True hard-wired: no module shows it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(nn.functional.dropout(x, p=0.5, training=True))
+
+
+def test_a_random_forward_without_a_dropout_module_is_detected():
+    from covariant.errors import UnsupportedStructureError
+
+    model = _FunctionalDropout().double().eval()  # eval() cannot switch this dropout off
+    X, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    with pytest.raises(UnsupportedStructureError, match="forward is random"):
+        cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(), (X, y))
+
+
+class _DrawsButIgnores(nn.Module):
+    """Draws random numbers and multiplies them by 0: deterministic, but it uses the RNG."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x + 0.0 * torch.rand_like(x))
+
+
+def test_the_determinism_check_leaves_the_users_random_stream_alone():
+    model = _DrawsButIgnores().double()
+    X, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(), (X, y))
+    assert torch.equal(torch.rand(3), expected)

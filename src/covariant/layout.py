@@ -230,7 +230,8 @@ def check_model_data(model: nn.Module, layout: ParameterLayout, batches: tuple[B
     - floating inputs X of another dtype than the model's parameters, and a target batch
       whose length differs from its input batch (:class:`ShapeMismatchError`);
     - a model that fails on the first input batch, e.g. X of the wrong width
-      (:class:`ShapeMismatchError`, with the model's own message).
+      (:class:`ShapeMismatchError`, with the model's own message);
+    - a random forward that no module's mode shows (:func:`check_deterministic`).
     """
     stochastic = train_mode_modules(model)
     if stochastic:
@@ -256,14 +257,36 @@ def check_model_data(model: nn.Module, layout: ParameterLayout, batches: tuple[B
                 f"{y.shape[0]} targets (y {tuple(y.shape)})"
             )
     X0 = batches[0][0]
+    cuda = [theta.device.index or 0] if theta.device.type == "cuda" else []
     try:
-        with torch.no_grad():
-            forward(theta, X0)
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):  # the user's RNG untouched
+            outputs = [forward(theta, X0), forward(theta, X0)]
     except (RuntimeError, ValueError, IndexError) as err:
         raise ShapeMismatchError(
             f"{owner}: the model fails on the first batch of inputs, X of shape "
             f"{tuple(getattr(X0, 'shape', ()))} (is its width the model's input size?): {err}"
         ) from err
+    check_deterministic(*outputs, owner)
+
+
+def check_deterministic(first: Any, second: Any, owner: str) -> None:
+    """:class:`~covariant.errors.UnsupportedStructureError` if two forward passes at the same
+    point and inputs disagree: the forward is random (``F.dropout(x, training=True)`` called
+    directly in a custom ``forward``, where no module in training mode shows it), so the loss
+    is not one function of θ. Outputs that are not tensors are not compared.
+    """
+    if not (isinstance(first, Tensor) and isinstance(second, Tensor)) \
+            or first.shape != second.shape or not first.is_floating_point():
+        return
+    scale = float(first.abs().max()) if first.numel() else 0.0
+    gap = float((first - second).abs().max()) if first.numel() else 0.0
+    if gap > 1e-6 * scale + 1e-30:  # GPU reductions may differ in the last bits, not more
+        raise UnsupportedStructureError(
+            f"{owner}: two forward passes at the same parameters and inputs differ (by up to "
+            f"{gap:.3g}): the model's forward is random, e.g. it calls F.dropout with "
+            "training=True. Flatness and curvature need one loss function: call model.eval() "
+            "(and pass training=self.training to functional dropout) before from_module"
+        )
 
 
 def functional_forward(model: nn.Module, layout: ParameterLayout) -> Forward:
