@@ -136,6 +136,7 @@ _FAST = ["--dataset", "synthetic", "--method", "dense", "--measures", "trace", "
     ("--k", "0", "positive integer"),
     ("--num-probes", "1", ">= 2"),
     ("--num-probes", "0", ">= 2"),
+    ("--slq-steps", "0", "positive integer"),
     ("--dataset", "synthetic-regression", "synthetic"),
     ("--arch-kwargs", "hidden", "key=value"),
     ("--metric", "hessian", "unknown metric"),
@@ -237,6 +238,26 @@ def test_undamped_ggn_is_one_definition_in_both_methods(tiny, capsys):
     assert dense["info"]["num_gauge_directions"] == st["info"]["num_gauge_directions"] == 59
     assert abs(st["value"] - dense["value"]) <= 3 * st["stderr"]
     assert st["stderr"] < 0.1 * dense["value"]
+
+
+def test_logdet_of_a_softmax_model_drops_its_null_directions(tiny, capsys):
+    """The 3-unit softmax layer has 4 exact null directions. Too few Lanczos steps: the
+    logdet says it is unresolved and names --slq-steps; enough: it matches dense."""
+    args = ["flatness", str(tiny), "--dataset", "synthetic", "--samples", "32", "--measures",
+            "logdet", "--no-progress", "--json"]
+    assert main([*args, "--method", "dense"]) == 0
+    dense = json.loads(capsys.readouterr().out)["invariant"]["logdet"]
+    assert dense["info"]["num_null"] == 4 and dense["info"]["pseudo"]
+    assert main([*args, "--num-probes", "40", "--slq-steps", "4"]) == 0
+    out = capsys.readouterr()
+    assert not json.loads(out.out)["invariant"]["logdet"]["converged"]
+    assert "raise --slq-steps" in out.err
+    assert main([*args, "--num-probes", "40", "--slq-steps", "75"]) == 0
+    out = capsys.readouterr()
+    st = json.loads(out.out)["invariant"]["logdet"]
+    assert st["converged"] and "--slq-steps" not in out.err
+    assert abs(st["value"] - dense["value"]) <= 3 * st["stderr"]
+    assert st["info"]["num_null"] == pytest.approx(4, abs=1.5)
 
 
 def test_singular_metric_error_names_the_damping_flag():

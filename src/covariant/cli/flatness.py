@@ -100,6 +100,8 @@ def analyse(args: argparse.Namespace, *, progress: bool) -> dict[str, Any]:
     opts: dict[str, Any] = {"measures": measures, "method": args.method, "k": args.k}
     if args.method == "stochastic":
         opts.update(num_probes=args.num_probes, seed=args.seed, progress=progress)
+        if args.slq_steps is not None:
+            opts["slq_steps"] = args.slq_steps
     t0 = time.perf_counter()
     invariant = flatness(chart_space, p, **opts, **(
         {"in_chart": True} if args.in_chart and args.method == "stochastic" else {}))
@@ -143,8 +145,14 @@ def print_table(result: dict[str, Any], stream: Any = sys.stdout) -> None:
         print(f"{k:14s}{_fmt(inv[k]):>{w}s}{_fmt(naive[k]):>{w}s}", file=stream)
     unconverged = [k for k in names if not inv[k].get("converged", True)
                    or not naive[k].get("converged", True)]
-    if unconverged:
-        print(f"warning: {', '.join(unconverged)} did not converge; raise --num-probes or use "
+    unresolved = [k for k in unconverged if k == "logdet"]
+    others = [k for k in unconverged if k != "logdet"]
+    if unresolved:
+        print("warning: logdet: Lanczos did not resolve the smallest eigenvalues from the null "
+              "ones, so its error bar does not cover the quadrature error; raise --slq-steps "
+              "or use --method dense on small models", file=stream)
+    if others:
+        print(f"warning: {', '.join(others)} did not converge; raise --num-probes or use "
               "--method dense on small models", file=stream)
 
 

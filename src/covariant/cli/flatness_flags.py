@@ -62,6 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-probes", type=a.at_least_two, default=None,
                    help=f"random probe vectors of the stochastic estimators, >= 2 (default "
                         f"{PROBES[0]}, {PROBES[1]} with --quick; ignored by --method dense)")
+    p.add_argument("--slq-steps", type=a.positive_int, default=None,
+                   help="Lanczos steps per probe of the stochastic logdet and spectral density, "
+                        ">= 1 (default 40); raise it when logdet reports that Lanczos did not "
+                        "resolve the small eigenvalues")
     p.add_argument("--in-chart", action="store_true",
                    help="compute the invariant measures with the chart's own Hessian and "
                         "metric products (slower; by default a pulled-back space is computed "
