@@ -47,8 +47,8 @@ from .reparam import (
     Compose,
     ParameterwiseReparametrization,
     Reparametrization,
-    split_parametrizations,
 )
+from .reparam.interop import metric_in_weights, split_parametrizations
 
 __all__ = ["ParameterSpace"]
 
@@ -155,6 +155,8 @@ class ParameterSpace:
         loss_fn: Callable[[Tensor, Tensor], Tensor],
         data: Any,
         metric: Metric | str = "euclidean",
+        *,
+        metric_chart: str = "weights",
         **metric_kwargs: Any,
     ) -> tuple[ParameterSpace, Tensor]:
         """The space of a model's trainable parameters, and the model's current point.
@@ -168,24 +170,26 @@ class ParameterSpace:
         metric : Metric or str
             A Metric, or "euclidean", "ggn", "fisher", "empirical_fisher" (matrix-free curvature
             metrics of the model; keyword arguments go to their constructor).
-
-        A model that uses ``torch.nn.utils.parametrize`` (e.g. ``weight_norm``) is analysed in
-        its own coordinates: the space is the plain model's (w) space reparametrized by the
-        model's parametrizations (see :func:`covariant.reparam.split_parametrizations`), with
-        ``metric`` given in those coordinates. Its parameters are named ``<tensor>.original0``,
-        ``<tensor>.original1``, …; ``space.parent`` is the w space.
+        metric_chart : {"weights", "native"}
+            A model using ``torch.nn.utils.parametrize`` (e.g. ``weight_norm``) is analysed in
+            its own coordinates: the plain model's (w) space (``space.parent``) reparametrized
+            by :func:`covariant.reparam.split_parametrizations`' charts (``<t>.original0``, …).
+            ``"weights"`` (default): ``metric`` is given in w and pulled back, so the answers are
+            the plain model's (invariant). ``"native"``: in the model's own coordinates (naive).
 
         Returns
         -------
         space, theta : ParameterSpace, Tensor
         """
+        in_w = metric_in_weights(metric_chart)
         if any(parametrize.is_parametrized(m) for m in model.modules()):
             plain, charts, originals = split_parametrizations(model)
-            w_space, _ = cls.from_module(plain, loss_fn, data, "euclidean")
-            native = w_space.reparametrize(charts)
+            w_metric, w_kwargs = (metric, metric_kwargs) if in_w else ("euclidean", {})
+            w_space, _ = cls.from_module(plain, loss_fn, data, w_metric, **w_kwargs)
+            native = w_space.reparametrize(charts)  # the metric of w, pulled back
             assert native.layout is not None
             psi = native.layout.flatten(originals)
-            return native.with_metric(resolve_metric(metric, native, **metric_kwargs)), psi
+            return (native if in_w else native.with_metric(metric, **metric_kwargs)), psi
 
         binding, theta = ModelBinding.from_module(model, loss_fn, data)
         space = cls(binding.loss, None, layout=ParameterLayout.from_module(model),

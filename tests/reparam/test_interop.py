@@ -55,8 +55,9 @@ def test_model_with_torch_weight_norm_in_both_charts():
     gv = w_space.reparametrize(charts)
     psi = gv.layout.flatten(originals)
     assert torch.allclose(gv.chart(psi), theta, atol=1e-13)
-    # the model's own (g, v) coordinates, analysed directly, give the naive chart
-    native, p_native = cv.ParameterSpace.from_module(net, nn.CrossEntropyLoss(), (X, y))
+    # the model's own (g, v) coordinates with the metric given in them: the naive chart
+    native, p_native = cv.ParameterSpace.from_module(net, nn.CrossEntropyLoss(), (X, y),
+                                                     metric_chart="native")
     assert torch.allclose(native.loss(p_native), w_space.loss(theta), atol=1e-13)
     naive_direct = cv.flatness(native, p_native, measures=("trace",))["trace"].value
     naive_ours = cv.flatness(gv.with_metric(cv.metrics.Euclidean()), psi,
@@ -68,6 +69,12 @@ def test_model_with_torch_weight_norm_in_both_charts():
     assert inv["trace"].value == pytest.approx(ref["trace"].value, rel=1e-9)
     assert inv["max_eig"].value == pytest.approx(ref["max_eig"].value, rel=1e-9)
     assert abs(naive_direct - ref["trace"].value) > 0.1 * abs(ref["trace"].value)
+    # analysed directly, by default (metric in w, pulled back), the model gives the w answer
+    direct, p_direct = cv.ParameterSpace.from_module(net, nn.CrossEntropyLoss(), (X, y))
+    assert torch.equal(p_direct, psi)
+    by_default = cv.flatness(direct, p_direct, measures=("trace", "max_eig"))
+    assert by_default["trace"].value == pytest.approx(ref["trace"].value, rel=1e-9)
+    assert by_default["max_eig"].value == pytest.approx(ref["max_eig"].value, rel=1e-9)
 
 
 def test_strip_parametrizations_keeps_values_and_leaves_the_original_alone():

@@ -30,6 +30,11 @@ from .base import Reparametrization
 __all__ = ["from_parametrization", "from_transform", "split_parametrizations",
            "strip_parametrizations"]
 
+#: where ``ParameterSpace.from_module(..., metric_chart=...)`` takes the metric of a model that
+#: uses ``torch.nn.utils.parametrize``: in the plain weights w (pulled back; invariant) or in
+#: the model's own coordinates (naive)
+METRIC_CHARTS = ("weights", "native")
+
 
 class _FromParametrization(Reparametrization):
     def __init__(
@@ -213,6 +218,9 @@ def split_parametrizations(
     >>> psi = gv_space.layout.flatten(originals)
     >>> bool(torch.allclose(gv_space.chart(psi), theta))
     True
+    >>> direct, psi_direct = cv.ParameterSpace.from_module(net, nn.MSELoss(), (X, y))  # the same
+    >>> torch.equal(psi_direct, psi), direct.parent.dim == w_space.dim
+    (True, True)
     """
     plain = copy.deepcopy(model)
     charts: dict[str, Reparametrization] = {}
@@ -278,3 +286,28 @@ def strip_parametrizations(module: nn.Module) -> dict[str, Tensor]:
     for tensor_name, value in values.items():
         module.register_parameter(tensor_name, nn.Parameter(value))
     return values
+
+
+def metric_in_weights(metric_chart: str) -> bool:
+    """Check ``from_module``'s ``metric_chart``: True for ``"weights"`` (the metric is given in
+    the plain weights w and pulled back to a parametrized model's own coordinates, so the
+    answers do not depend on the parametrization), False for ``"native"`` (the metric in the
+    model's own coordinates: the naive view).
+
+    >>> metric_in_weights("weights"), metric_in_weights("native")
+    (True, False)
+    >>> metric_in_weights("w")
+    Traceback (most recent call last):
+    ...
+    ValueError: from_module: metric_chart must be 'weights' (...) or 'native' (...), got 'w'
+    """
+    if not isinstance(metric_chart, str):
+        raise TypeError(f"from_module: metric_chart must be a string, got "
+                        f"{type(metric_chart).__name__}")
+    if metric_chart not in METRIC_CHARTS:
+        raise ValueError(
+            "from_module: metric_chart must be 'weights' (the metric in the plain weights, "
+            "pulled back: invariant) or 'native' (in the model's own coordinates: naive), "
+            f"got {metric_chart!r}"
+        )
+    return metric_chart == "weights"
