@@ -60,9 +60,9 @@ def _plain_forward(model: nn.Sequential, train: bool):
     return forward
 
 
-def _truth(model, train, batches):
+def _truth(model, train, batches, f=None):
     """Loss, gradient, Hessian, GGN and empirical Fisher of Σ_b w_b CE(f(θ, X_b), y_b)."""
-    f = _plain_forward(model, train)
+    f = _plain_forward(model, train) if f is None else f
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     n = sum(len(y) for _, y in batches)
     weights = [len(y) / n for _, y in batches]
@@ -105,6 +105,55 @@ def test_loss_grad_hvp_ggn_match_dense_truth(train, split):
         torch.testing.assert_close(space.metric.matvec(p, v), G @ v, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(ef.metric.matvec(p, v), F @ v, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(space.metric.dense(p), G, rtol=1e-10, atol=1e-12)
+
+
+def _conv_model_and_plain(train: bool):
+    """Conv2d → BatchNorm2d → tanh → Linear, and its forward written out (statistics over the
+    batch and both image axes)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, eps=EPS), nn.Tanh(),
+                          nn.Flatten(), nn.Linear(2 * 2 * 2, 3)).double()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+        model[1].running_mean.uniform_(-0.3, 0.3)
+        model[1].running_var.uniform_(0.5, 2.0)
+    model.train(train)
+    shapes = [p.shape for p in model.parameters()]
+    mean0, var0 = model[1].running_mean.clone(), model[1].running_var.clone()
+
+    def forward(theta, Xb):
+        K, c, g, beta, W, b = (t.view(s) for t, s in zip(
+            torch.split(theta, [s.numel() for s in shapes]), shapes, strict=True))
+        h = nn.functional.conv2d(Xb.view(-1, 1, 4, 4), K, c)
+        if train:
+            mean = h.mean((0, 2, 3), keepdim=True)
+            var = ((h - mean) ** 2).mean((0, 2, 3), keepdim=True)
+        else:
+            mean, var = mean0.view(1, -1, 1, 1), var0.view(1, -1, 1, 1)
+        h = torch.tanh((h - mean) / torch.sqrt(var + EPS) * g.view(1, -1, 1, 1)
+                       + beta.view(1, -1, 1, 1))
+        return h.flatten(1) @ W.T + b
+
+    return model, forward
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_batchnorm2d_matches_dense_truth(train):
+    model, f = _conv_model_and_plain(train)
+    Xi = torch.randn(10, 16, generator=GEN, dtype=torch.float64)
+    Yi = torch.randint(0, 3, (10,), generator=GEN)
+    batches = [(Xi[:6], Yi[:6]), (Xi[6:], Yi[6:])]
+    theta, L, g, H, G, _ = _truth(model, train, batches, f)
+    data = [(X.view(-1, 1, 4, 4), y) for X, y in batches]
+    space, p = cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(), data, "ggn")
+    before = _buffers(model)
+    torch.testing.assert_close(space.loss(p), L, rtol=1e-12, atol=0)
+    torch.testing.assert_close(space.grad(p), g, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(space.hessian(p, riemannian=False), H, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(space.metric.dense(p), G, rtol=1e-10, atol=1e-12)
+    for name, t in model.named_buffers():
+        assert torch.equal(t, before[name]), name
 
 
 def test_the_forward_follows_the_module_mode_at_each_call():
@@ -176,3 +225,32 @@ def test_weight_norm_invariant_trace_naive_changes(train):
                                  measures=("trace",), method="dense")["trace"].value)
     assert max(naive) - min(naive) > abs(ref)
     assert all(abs(n - ref) > 0.2 * abs(ref) for n in naive)
+
+
+def test_instance_norm_with_running_statistics_in_training_mode():
+    """InstanceNorm1d(track_running_stats=True) in training mode: statistics per example and
+    channel, running statistics untouched, dense Hessian exact (against autograd)."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Unflatten(1, (2, 3)), nn.InstanceNorm1d(2, affine=True,
+                                                                     track_running_stats=True),
+                          nn.Tanh(), nn.Flatten(), nn.Linear(6, 3)).double().train()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+    before = _buffers(model)
+    Xi = torch.randn(7, 6, generator=GEN, dtype=torch.float64)
+    Yi = torch.randint(0, 3, (7,), generator=GEN)
+    space, p = cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(), (Xi, Yi))
+
+    def plain(theta):
+        g, b, W, c = torch.split(theta, [2, 2, 18, 3])
+        h = Xi.view(7, 2, 3)
+        h = (h - h.mean(2, keepdim=True)) / torch.sqrt(h.var(2, unbiased=False, keepdim=True)
+                                                       + 1e-5)
+        h = torch.tanh(h * g.view(1, 2, 1) + b.view(1, 2, 1)).flatten(1)
+        return nn.functional.cross_entropy(h @ W.view(3, 6).T + c, Yi)
+
+    torch.testing.assert_close(space.loss(p), plain(p), rtol=1e-12, atol=0)
+    H = torch.autograd.functional.hessian(plain, p)
+    torch.testing.assert_close(space.hessian(p, riemannian=False), H, rtol=1e-10, atol=1e-12)
+    for name, t in model.named_buffers():
+        assert torch.equal(t, before[name]), name

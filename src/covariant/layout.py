@@ -14,7 +14,9 @@ posterior, the likelihood and the prior. The loss it defines is
     L(θ) = \sum_b w_b\, ℓ(f(θ, X_b), y_b).
 
 ``ParameterSpace.from_module`` creates one; every space reparametrized from it carries the
-same binding, reached through ``space.binding``.
+same binding, reached through ``space.binding``. The forward follows the module's train/eval
+mode; batch norm in training mode uses the statistics of each batch and never updates its
+running statistics (:func:`batch_stats_buffers`; docs/api.md, "Batch norm and dropout").
 
 Example
 -------
@@ -35,6 +37,10 @@ torch.Size([1, 2])
 (0.625, 0.375)
 >>> bool(torch.allclose(binding.loss(theta), nn.MSELoss()(model(X), y)))
 True
+>>> bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).train()   # batch statistics
+>>> binding, theta = ModelBinding.from_module(bn, nn.MSELoss(), (X, torch.zeros(8, 4)))
+>>> float(binding.forward(theta, X).mean(0).abs().max()) < 1e-6, int(bn[1].num_batches_tracked)
+(True, 0)
 """
 
 from __future__ import annotations
@@ -47,8 +53,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 
 from .errors import ShapeMismatchError, UnsupportedStructureError
 
@@ -243,6 +251,63 @@ def batch_stats_buffers(model: nn.Module) -> dict[str, None]:
     return out
 
 
+def batch_stats_active(model: nn.Module) -> bool:
+    """True when some batch-norm (or instance-norm) layer of ``model`` normalizes by the
+    statistics of its input now: training mode, or no running statistics."""
+    return any(isinstance(m, TRAIN_MODE_BATCH_STATS)
+               and (m.training or getattr(m, "running_mean", None) is None)
+               for m in model.modules())
+
+
+#: Positional parameters of ``F.batch_norm`` and ``F.instance_norm`` (the 6th is ``training``,
+#: resp. ``use_input_stats``).
+_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "batch_stats",
+              "momentum", "eps")
+
+
+def normalize_by_batch_statistics(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                                  eps: float, dims: list[int]) -> Tensor:
+    """(x − mean) / √(var + eps) · weight + bias, mean and biased variance over ``dims``
+    (channel axis 1), written with plain tensor operations."""
+    mean = x.mean(dims, keepdim=True)
+    xc = x - mean
+    y = xc * torch.rsqrt((xc * xc).mean(dims, keepdim=True) + eps)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    return y
+
+
+class BatchStatisticsMode(TorchFunctionMode):
+    """Inside it, ``F.batch_norm`` and ``F.instance_norm`` that normalize by the statistics
+    of their input without running statistics run as plain tensor operations
+    (:func:`normalize_by_batch_statistics`); every other call is unchanged.
+
+    Why: the fused kernels give wrong second derivatives under some ``torch.func``
+    compositions (``torch.func.hessian``, i.e. jacfwd over jacrev, is off by O(1) in the
+    weight-input block for batch norm in training mode with torch 2.13), while the plain
+    operations are exact under every transform. Momentum and running statistics play no
+    part: nothing is updated.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.batch_norm or func is F.instance_norm:
+            a = dict(zip(_NORM_ARGS, args, strict=False))
+            a.update({("batch_stats" if k in ("training", "use_input_stats") else k): v
+                      for k, v in kwargs.items()})
+            if (a.get("batch_stats", func is F.instance_norm)
+                    and a.get("running_mean") is None and a.get("running_var") is None):
+                x = a["input"]  # batch norm: over the batch and space; instance norm: space
+                dims = [*([0] if func is F.batch_norm else []), *range(2, x.dim())]
+                return normalize_by_batch_statistics(x, a.get("weight"), a.get("bias"),
+                                                     a.get("eps", 1e-5), dims)
+        return func(*args, **kwargs)
+
+
 def check_model_data(model: nn.Module, layout: ParameterLayout, batches: tuple[Batch, ...],
                      theta: Tensor, forward: Forward, owner: str = "from_module") -> None:
     """Typed errors, before any analysis, for a model and data that cannot define one loss.
@@ -309,7 +374,9 @@ def functional_forward(model: nn.Module, layout: ParameterLayout) -> Forward:
 
     Train/eval differences follow the module's mode at each call. Batch norm in training
     mode normalizes by the statistics of the batch X, functionally: its running statistics
-    are passed as None (:func:`batch_stats_buffers`), never read nor updated.
+    are passed as None (:func:`batch_stats_buffers`), never read nor updated, and the
+    normalization runs as plain tensor operations (:class:`BatchStatisticsMode`), whose
+    second derivatives are exact under every ``torch.func`` transform.
     """
     frozen = {n: p.detach() for n, p in model.named_parameters() if n not in layout.names}
     fixed = {**frozen, **dict(model.named_buffers())}
@@ -325,7 +392,10 @@ def functional_forward(model: nn.Module, layout: ParameterLayout) -> Forward:
         if isinstance(X, Tensor) and X.is_floating_point() and X.dtype != p.dtype:
             X = X.to(p.dtype)
         state = {**fixed_as(p.dtype), **batch_stats_buffers(model), **layout.unflatten(p)}
-        return functional_call(model, state, (X,))
+        if not batch_stats_active(model):
+            return functional_call(model, state, (X,))
+        with BatchStatisticsMode():
+            return functional_call(model, state, (X,))
 
     return forward
 
