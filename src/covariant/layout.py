@@ -58,6 +58,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
+from ._fast import is_transformed
 from .errors import ShapeMismatchError, UnsupportedStructureError
 
 __all__ = ["ModelBinding", "ParameterLayout", "as_batches", "match_names"]
@@ -286,10 +287,11 @@ class BatchStatisticsMode(TorchFunctionMode):
     (:func:`normalize_by_batch_statistics`); every other call is unchanged.
 
     Why: the fused kernels give wrong second derivatives under some ``torch.func``
-    compositions (``torch.func.hessian``, i.e. jacfwd over jacrev, is off by O(1) in the
-    weight-input block for batch norm in training mode with torch 2.13), while the plain
-    operations are exact under every transform. Momentum and running statistics play no
-    part: nothing is updated.
+    compositions (``torch.func.hessian``, i.e. jacfwd over jacrev, and jacrev over jacrev
+    are off by O(1) in the weight-input block for batch norm in training mode with torch
+    2.13; ``jacfwd(grad)``, batched ``grad``-of-``grad`` HVPs and plain autograd are
+    right), while the plain operations are exact under every transform. Momentum and
+    running statistics play no part: nothing is updated.
     """
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
@@ -374,9 +376,10 @@ def functional_forward(model: nn.Module, layout: ParameterLayout) -> Forward:
 
     Train/eval differences follow the module's mode at each call. Batch norm in training
     mode normalizes by the statistics of the batch X, functionally: its running statistics
-    are passed as None (:func:`batch_stats_buffers`), never read nor updated, and the
-    normalization runs as plain tensor operations (:class:`BatchStatisticsMode`), whose
-    second derivatives are exact under every ``torch.func`` transform.
+    are passed as None (:func:`batch_stats_buffers`), never read nor updated. Inside a
+    ``torch.func`` transform of θ the normalization runs as plain tensor operations
+    (:class:`BatchStatisticsMode`), whose second derivatives are exact under every
+    composition; plain autograd keeps the fused kernel (exact, and faster).
     """
     frozen = {n: p.detach() for n, p in model.named_parameters() if n not in layout.names}
     fixed = {**frozen, **dict(model.named_buffers())}
@@ -392,7 +395,7 @@ def functional_forward(model: nn.Module, layout: ParameterLayout) -> Forward:
         if isinstance(X, Tensor) and X.is_floating_point() and X.dtype != p.dtype:
             X = X.to(p.dtype)
         state = {**fixed_as(p.dtype), **batch_stats_buffers(model), **layout.unflatten(p)}
-        if not batch_stats_active(model):
+        if not (is_transformed(p) and batch_stats_active(model)):
             return functional_call(model, state, (X,))
         with BatchStatisticsMode():
             return functional_call(model, state, (X,))
