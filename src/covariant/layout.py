@@ -14,7 +14,9 @@ posterior, the likelihood and the prior. The loss it defines is
     L(θ) = \sum_b w_b\, ℓ(f(θ, X_b), y_b).
 
 ``ParameterSpace.from_module`` creates one; every space reparametrized from it carries the
-same binding, reached through ``space.binding``.
+same binding, reached through ``space.binding``. The forward follows the module's train/eval
+mode; batch norm in training mode uses the statistics of each batch and never updates its
+running statistics (:func:`batch_stats_buffers`; docs/api.md, "Batch norm and dropout").
 
 Example
 -------
@@ -35,6 +37,10 @@ torch.Size([1, 2])
 (0.625, 0.375)
 >>> bool(torch.allclose(binding.loss(theta), nn.MSELoss()(model(X), y)))
 True
+>>> bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).train()   # batch statistics
+>>> binding, theta = ModelBinding.from_module(bn, nn.MSELoss(), (X, torch.zeros(8, 4)))
+>>> float(binding.forward(theta, X).mean(0).abs().max()) < 1e-6, int(bn[1].num_batches_tracked)
+(True, 0)
 """
 
 from __future__ import annotations
@@ -47,9 +53,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 
+from ._fast import is_transformed
 from .errors import ShapeMismatchError, UnsupportedStructureError
 
 __all__ = ["ModelBinding", "ParameterLayout", "as_batches", "match_names"]
@@ -196,37 +205,119 @@ def model_dtype(model: nn.Module, layout: ParameterLayout) -> torch.dtype | None
     return dtypes.pop() if len(dtypes) == 1 else None
 
 
-#: Modules whose forward in training mode is random (dropout, RReLU), and batch norms, which
-#: in training mode update their running statistics in place (not possible under torch.func).
+#: Modules whose forward in training mode is random (dropout, RReLU).
 TRAIN_MODE_RANDOM = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                      nn.FeatureAlphaDropout, nn.RReLU)
-TRAIN_MODE_BATCH_STATS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+#: Normalization layers that keep running statistics in buffers: in training mode they
+#: normalize by the statistics of the batch and update the running ones in place.
+TRAIN_MODE_BATCH_STATS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                          nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+#: The buffers of a :data:`TRAIN_MODE_BATCH_STATS` layer that training mode updates.
+RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def train_mode_modules(model: nn.Module) -> list[str]:
-    """Names (and kinds) of the submodules in training mode whose forward is random or
-    mutates the model: dropout with p > 0, RReLU, multi-head attention with dropout, and batch
-    norm that tracks running statistics. (Batch norm with ``track_running_stats=False`` uses
-    batch statistics functionally and is accepted.)
+    """Names (and kinds) of the submodules in training mode whose forward is random: dropout
+    with p > 0, RReLU, and multi-head attention with dropout.
+
+    Batch norm in training mode is not among them: the functional forward
+    (:func:`functional_forward`) normalizes by the batch statistics without updating the
+    running ones (:func:`batch_stats_buffers`), so its loss is a function of the parameters.
     """
     out = []
     for name, m in model.named_modules():
         if not m.training:
             continue
-        random = (isinstance(m, TRAIN_MODE_RANDOM) and getattr(m, "p", 1.0) > 0) or (
-            isinstance(m, nn.MultiheadAttention) and m.dropout > 0)
-        if random or (isinstance(m, TRAIN_MODE_BATCH_STATS) and m.track_running_stats):
+        if (isinstance(m, TRAIN_MODE_RANDOM) and getattr(m, "p", 1.0) > 0) or (
+                isinstance(m, nn.MultiheadAttention) and m.dropout > 0):
             out.append(f"{name or '<model>'} ({type(m).__name__})")
     return out
+
+
+def batch_stats_buffers(model: nn.Module) -> dict[str, None]:
+    """``{buffer name: None}`` for the running statistics of the batch-norm layers that are in
+    training mode now and track running statistics.
+
+    Passed to ``torch.func.functional_call`` with the other tensors, the None values make
+    each such layer normalize by the statistics of its input batch (momentum-free, what
+    ``track_running_stats=False`` does) and leave the module's running statistics and
+    ``num_batches_tracked`` untouched: an analysis never mutates them.
+    """
+    out: dict[str, None] = {}
+    for name, m in model.named_modules():
+        if m.training and isinstance(m, TRAIN_MODE_BATCH_STATS) and m.track_running_stats:
+            for buf in RUNNING_STATS:
+                if getattr(m, buf, None) is not None:
+                    out[f"{name}.{buf}" if name else buf] = None
+    return out
+
+
+def batch_stats_active(model: nn.Module) -> bool:
+    """True when some batch-norm (or instance-norm) layer of ``model`` normalizes by the
+    statistics of its input now: training mode, or no running statistics."""
+    return any(isinstance(m, TRAIN_MODE_BATCH_STATS)
+               and (m.training or getattr(m, "running_mean", None) is None)
+               for m in model.modules())
+
+
+#: Positional parameters of ``F.batch_norm`` and ``F.instance_norm`` (the 6th is ``training``,
+#: resp. ``use_input_stats``).
+_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "batch_stats",
+              "momentum", "eps")
+
+
+def normalize_by_batch_statistics(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                                  eps: float, dims: list[int]) -> Tensor:
+    """(x − mean) / √(var + eps) · weight + bias, mean and biased variance over ``dims``
+    (channel axis 1), written with plain tensor operations."""
+    mean = x.mean(dims, keepdim=True)
+    xc = x - mean
+    y = xc * torch.rsqrt((xc * xc).mean(dims, keepdim=True) + eps)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    return y
+
+
+class BatchStatisticsMode(TorchFunctionMode):
+    """Inside it, ``F.batch_norm`` and ``F.instance_norm`` that normalize by the statistics
+    of their input without running statistics run as plain tensor operations
+    (:func:`normalize_by_batch_statistics`); every other call is unchanged.
+
+    Why: the fused kernels give wrong second derivatives under some ``torch.func``
+    compositions (``torch.func.hessian``, i.e. jacfwd over jacrev, and jacrev over jacrev
+    are off by O(1) in the weight-input block for batch norm in training mode with torch
+    2.13; ``jacfwd(grad)``, batched ``grad``-of-``grad`` HVPs and plain autograd are
+    right), while the plain operations are exact under every transform. Momentum and
+    running statistics play no part: nothing is updated.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.batch_norm or func is F.instance_norm:
+            a = dict(zip(_NORM_ARGS, args, strict=False))
+            a.update({("batch_stats" if k in ("training", "use_input_stats") else k): v
+                      for k, v in kwargs.items()})
+            if (a.get("batch_stats", func is F.instance_norm)
+                    and a.get("running_mean") is None and a.get("running_var") is None):
+                x = a["input"]  # batch norm: over the batch and space; instance norm: space
+                dims = [*([0] if func is F.batch_norm else []), *range(2, x.dim())]
+                return normalize_by_batch_statistics(x, a.get("weight"), a.get("bias"),
+                                                     a.get("eps", 1e-5), dims)
+        return func(*args, **kwargs)
 
 
 def check_model_data(model: nn.Module, layout: ParameterLayout, batches: tuple[Batch, ...],
                      theta: Tensor, forward: Forward, owner: str = "from_module") -> None:
     """Typed errors, before any analysis, for a model and data that cannot define one loss.
 
-    - a module in training mode whose forward is random or updates running statistics
-      (:func:`train_mode_modules`; :class:`~covariant.errors.UnsupportedStructureError`:
-      call ``model.eval()``);
+    - a module in training mode whose forward is random (:func:`train_mode_modules`;
+      :class:`~covariant.errors.UnsupportedStructureError`: call ``model.eval()``);
+    - a batch of one example for a model with batch norm in training mode, whose batch
+      statistics need two (:class:`ShapeMismatchError`);
     - floating inputs X of another dtype than the model's parameters, and a target batch
       whose length differs from its input batch (:class:`ShapeMismatchError`);
     - a model that fails on the first input batch, e.g. X of the wrong width
@@ -237,10 +328,19 @@ def check_model_data(model: nn.Module, layout: ParameterLayout, batches: tuple[B
     if stochastic:
         raise UnsupportedStructureError(
             f"{owner}: the model is in training mode, where {', '.join(stochastic)} make(s) "
-            "its loss random (dropout) or update(s) running statistics in place (batch norm), "
-            "so it has no single loss function to differentiate; call model.eval() before "
-            "from_module"
+            "its loss random (dropout), so it has no single loss function to differentiate; "
+            "call model.eval() before from_module (batch norm may stay in training mode: "
+            "docs/api.md, 'Batch norm and dropout')"
         )
+    if batch_stats_buffers(model):
+        for i, (X, _) in enumerate(batches):
+            if isinstance(X, Tensor) and X.ndim > 0 and X.shape[0] == 1:
+                raise ShapeMismatchError(
+                    f"{owner}: batch {i} has one example, but the model has batch norm in "
+                    "training mode, which normalizes each batch by its own statistics (each "
+                    "batch given is one batch-norm batch); pass batches of two or more "
+                    "examples, or call model.eval() to use the running statistics"
+                )
     dtype = model_dtype(model, layout)
     for i, (X, y) in enumerate(batches):
         if not (isinstance(X, Tensor) and isinstance(y, Tensor)):
@@ -296,6 +396,13 @@ def functional_forward(model: nn.Module, layout: ParameterLayout) -> Forward:
     dtype of θ: floating inputs, frozen parameters and buffers of another dtype are cast to
     it (as the curvature metrics cast their data), so a float64 point of a float32 model is
     evaluated in float64.
+
+    Train/eval differences follow the module's mode at each call. Batch norm in training
+    mode normalizes by the statistics of the batch X, functionally: its running statistics
+    are passed as None (:func:`batch_stats_buffers`), never read nor updated. Inside a
+    ``torch.func`` transform of θ the normalization runs as plain tensor operations
+    (:class:`BatchStatisticsMode`), whose second derivatives are exact under every
+    composition; plain autograd keeps the fused kernel (exact, and faster).
     """
     frozen = {n: p.detach() for n, p in model.named_parameters() if n not in layout.names}
     fixed = {**frozen, **dict(model.named_buffers())}
@@ -310,8 +417,11 @@ def functional_forward(model: nn.Module, layout: ParameterLayout) -> Forward:
     def forward(p: Tensor, X: Tensor) -> Tensor:
         if isinstance(X, Tensor) and X.is_floating_point() and X.dtype != p.dtype:
             X = X.to(p.dtype)
-        state = {**fixed_as(p.dtype), **layout.unflatten(p)}
-        return functional_call(model, state, (X,))
+        state = {**fixed_as(p.dtype), **batch_stats_buffers(model), **layout.unflatten(p)}
+        if not (is_transformed(p) and batch_stats_active(model)):
+            return functional_call(model, state, (X,))
+        with BatchStatisticsMode():
+            return functional_call(model, state, (X,))
 
     return forward
 
@@ -363,10 +473,11 @@ class ModelBinding:
 
         ``data`` is an ``(X, y)`` pair or an iterable of batches; ``fields`` set the optional
         fields (likelihood, prior, ...). The model and data are checked first
-        (:func:`check_model_data`): a module in training mode with dropout or batch norm,
-        inputs of another dtype than the model, targets of another batch size, or inputs the
-        model cannot take raise a typed error. The binding's forward runs in the dtype of
-        the point it is given (see :func:`functional_forward`).
+        (:func:`check_model_data`): a module in training mode with dropout, a batch of one
+        example for batch norm in training mode, inputs of another dtype than the model,
+        targets of another batch size, or inputs the model cannot take raise a typed error.
+        The binding's forward runs in the dtype of the point it is given, and follows the
+        module's train/eval mode (see :func:`functional_forward`).
         """
         layout = ParameterLayout.from_module(model)
         params = dict(model.named_parameters())

@@ -17,6 +17,9 @@ def test_preset_parameter_counts():
         "cnn-small": 2314,
         "cnn-1m": 1005998,
         "resnet1d-small": 31434,
+        "resnet20-bn": 272474,
+        "resnet8-bn": 78042,
+        "vit-small": 207946,
     }
     assert abs(counts["mlp-80k"] / 80_000 - 1) < 0.10
     assert abs(counts["cnn-1m"] / 1_000_000 - 1) < 0.10
@@ -88,7 +91,7 @@ def test_cnn_and_resnet_options():
 
 
 def test_build_registry_and_errors():
-    assert set(arch.ARCHITECTURES) == {"mlp", "cnn1d", "resnet1d"}
+    assert set(arch.ARCHITECTURES) == {"mlp", "cnn1d", "resnet1d", "resnet2d", "vit"}
     m = arch.build("mlp", 40, 10, hidden=[8])
     assert arch.num_parameters(m) == 40 * 8 + 8 + 8 * 10 + 10
     with pytest.raises(ValueError, match=r"cnn1d.*mlp.*resnet1d"):

@@ -1,6 +1,6 @@
-"""Small architectures for 1-D inputs (MNIST-1D, digits, tabular data).
+"""Small architectures for 1-D inputs (MNIST-1D, digits, tabular data), and the registry.
 
-Three families, all taking inputs of shape ``(N, L)`` (or one example of shape ``(L,)``, so
+Three 1-D families, all taking inputs of shape ``(N, L)`` (or one example of shape ``(L,)``, so
 that ``torch.func.vmap`` over examples works) and returning logits ``(N, num_classes)``:
 
 ========== ================================================================================
@@ -12,11 +12,15 @@ that ``torch.func.vmap`` over examples works) and returning logits ``(N, num_cla
            global-average-pool head ``fc``.
 ========== ================================================================================
 
-None uses BatchNorm. BatchNorm makes one example's output depend on the rest of its batch in
-training mode and keeps running statistics in buffers outside the parameters, so the loss
-would not be a function of the parameter vector alone; that breaks the functional view
-(``torch.func.functional_call``, per-example ``vmap``) that the geometry in covariant is built
-on. :class:`ResNet1D` offers GroupNorm (``norm="group"``), which is per-example and stateless.
+The registry :data:`ARCHITECTURES` also holds the image models of :mod:`covariant.zoo.vision`:
+``resnet2d`` (:class:`~covariant.zoo.vision.ResNet2D`, a CIFAR-style ResNet with batch norm)
+and ``vit`` (:class:`~covariant.zoo.vision.ViT`, a small vision transformer).
+
+None of the 1-D families uses BatchNorm: in training mode it makes one example's output
+depend on the rest of its batch, which breaks per-example ``vmap`` over a batch.
+``ParameterSpace.from_module`` handles it (each batch it is given is one batch-norm batch,
+and the running statistics are never updated). :class:`ResNet1D` offers GroupNorm
+(``norm="group"``), which is per-example and stateless.
 
 Named presets (:data:`PRESETS`, :func:`preset`) fix sizes used across the project;
 :mod:`covariant.zoo.checkpoints` stores a model with the recipe to rebuild it.
@@ -44,6 +48,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .vision import ResNet2D, ViT
+
 __all__ = [
     "ACTIVATIONS",
     "ARCHITECTURES",
@@ -51,6 +57,8 @@ __all__ = [
     "MLP",
     "PRESETS",
     "ResNet1D",
+    "ResNet2D",
+    "ViT",
     "build",
     "num_parameters",
     "preset",
@@ -375,8 +383,11 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "mlp": MLP,
     "cnn1d": CNN1D,
     "resnet1d": ResNet1D,
+    "resnet2d": ResNet2D,
+    "vit": ViT,
 }
-"""Architecture name → class. Each class takes ``(in_features, num_classes, **kwargs)``."""
+"""Architecture name → class. Each class takes ``(in_features, num_classes, **kwargs)``; the
+image models take flat images, ``in_features = in_channels·S²``."""
 
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -389,8 +400,13 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         {"channels": (64, 128, 256), "kernel_size": 5, "stride": 2, "hidden": (620,)},
     ),
     "resnet1d-small": ("resnet1d", {"channels": 32, "num_blocks": 3}),  # 31,434
+    # image models, for in_features=3·32·32 (CIFAR-shaped), num_classes=10:
+    "resnet20-bn": ("resnet2d", {"width": 16, "num_blocks": 3}),  # 272,474
+    "resnet8-bn": ("resnet2d", {"width": 16, "num_blocks": 1}),  # 78,042
+    "vit-small": ("vit", {"patch_size": 4, "dim": 64, "depth": 4, "heads": 4}),  # 207,946
 }
-"""Preset name → ``(architecture, kwargs)``; counts in comments are for MNIST-1D sizes."""
+"""Preset name → ``(architecture, kwargs)``; counts in comments are for MNIST-1D sizes (1-D
+models) and CIFAR-10 sizes (image models)."""
 
 
 def build(name: str, in_features: int, num_classes: int, **kwargs: Any) -> nn.Module:
@@ -399,9 +415,9 @@ def build(name: str, in_features: int, num_classes: int, **kwargs: Any) -> nn.Mo
     Parameters
     ----------
     name : str
-        ``"mlp"``, ``"cnn1d"`` or ``"resnet1d"``.
+        ``"mlp"``, ``"cnn1d"``, ``"resnet1d"``, ``"resnet2d"`` or ``"vit"``.
     in_features, num_classes : int
-        Input length and number of outputs.
+        Input length (``in_channels·S²`` for the image models) and number of outputs.
     **kwargs
         Architecture options (see the class docstrings).
 
@@ -430,7 +446,7 @@ def build(name: str, in_features: int, num_classes: int, **kwargs: Any) -> nn.Mo
 
 
 def preset(
-    name: str, in_features: int = 40, num_classes: int = 10, **overrides: Any
+    name: str, in_features: int | None = None, num_classes: int = 10, **overrides: Any
 ) -> nn.Module:
     """Build a named preset from :data:`PRESETS`, optionally overriding some options.
 
@@ -443,9 +459,13 @@ def preset(
     ``cnn-1m``           1,005,998     CNN1D channels (64, 128, 256), k=5, stride 2,
                                        flatten, head 1280-620-10
     ``resnet1d-small``   31,434        ResNet1D 32 channels, 3 blocks, k=5
+    ``resnet20-bn``      272,474†      ResNet2D (ResNet-20), width 16, batch norm
+    ``resnet8-bn``       78,042†       ResNet2D (ResNet-8), width 16, batch norm
+    ``vit-small``        207,946†      ViT patch 4, dim 64, depth 4, 4 heads, MLP 256
     ===================  ============  ==============================================
 
-    \\* for ``in_features=40, num_classes=10``.
+    \\* for ``in_features=40, num_classes=10`` (the default ``in_features`` of the 1-D
+    models); † for ``in_features=3·32·32, num_classes=10`` (the default of the image models).
 
     Example
     -------
@@ -455,4 +475,6 @@ def preset(
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     arch, kwargs = PRESETS[name]
+    if in_features is None:
+        in_features = getattr(ARCHITECTURES[arch], "default_in_features", 40)
     return build(arch, in_features, num_classes, **{**kwargs, **overrides})

@@ -4,7 +4,8 @@
   (``mnist1d.data.make_dataset``) locally. It never calls ``get_dataset(download=True)`` and
   never touches the URL in the generator's arguments.
 * :func:`load_digits` uses the 8×8 digits that ship inside scikit-learn.
-* :func:`make_synthetic_classification` and :func:`make_synthetic_regression` are pure torch.
+* :func:`make_synthetic_classification`, :func:`make_synthetic_regression` and
+  :func:`make_synthetic_images` (CIFAR-shaped, 3 × 32 × 32) are pure torch.
 
 mnist1d and scikit-learn are optional (``pip install 'covariant[data]'``); they are imported
 only when their loader is called. Every loader returns a :class:`Dataset`.
@@ -47,6 +48,7 @@ __all__ = [
     "load_digits",
     "load_mnist1d",
     "make_synthetic_classification",
+    "make_synthetic_images",
     "make_synthetic_regression",
 ]
 
@@ -442,6 +444,39 @@ def make_synthetic_regression(
     return Dataset(X[:n_train], y[:n_train], X[n_train:], y[n_train:], 0, "synthetic-regression")
 
 
+def make_synthetic_images(
+    num_samples: int = 1000, num_classes: int = 10, seed: int = 0, *, channels: int = 3,
+    size: int = 32, noise: float = 1.0, test_fraction: float = 0.2,
+    dtype: torch.dtype = torch.float32,
+) -> Dataset:
+    """CIFAR-shaped images (3 × 32 × 32 by default): a smooth class template plus noise.
+
+    Each class k has a template T_k, a ``channels × 4 × 4`` standard normal grid upsampled
+    bilinearly to ``size × size``; an example is x = T_y + noise · ε with ε ~ N(0, I).
+    Labels are balanced and shuffled. Images are stored flat, ``(n, channels·size²)``, like
+    every :class:`Dataset` (``X.view(-1, channels, size, size)`` gives them back); the image
+    models of :mod:`covariant.zoo.vision` take either form.
+
+    Example
+    -------
+    >>> ds = make_synthetic_images(20, 10, seed=0)
+    >>> ds.X_train.shape, ds.num_features == 3 * 32 * 32, ds.name
+    (torch.Size([16, 3072]), True, 'synthetic-images')
+    """
+    if num_classes < 2 or channels < 1 or size < 1 or num_samples < 1:
+        raise ValueError("num_classes must be at least 2; num_samples, channels, size positive")
+    n_train = _num_train(num_samples, test_fraction)
+    g = torch.Generator().manual_seed(int(seed))
+    grid = torch.randn(num_classes, channels, 4, 4, generator=g, dtype=torch.float64)
+    templates = torch.nn.functional.interpolate(grid, size=(size, size), mode="bilinear",
+                                                align_corners=False).flatten(1)
+    y = (torch.arange(num_samples) % num_classes)[torch.randperm(num_samples, generator=g)]
+    eps = torch.randn(num_samples, templates.shape[1], generator=g, dtype=torch.float64)
+    X = (templates[y] + noise * eps).to(dtype)
+    return Dataset(X[:n_train], y[:n_train], X[n_train:], y[n_train:], num_classes,
+                   "synthetic-images")
+
+
 # --------------------------------------------------------------------------------------------
 # Registry and batching
 # --------------------------------------------------------------------------------------------
@@ -451,13 +486,14 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "digits": load_digits,
     "synthetic": make_synthetic_classification,
     "synthetic-regression": make_synthetic_regression,
+    "synthetic-images": make_synthetic_images,
 }
 """Name → loader. ``load_dataset(name, **kw)`` calls ``DATASETS[name](**kw)``."""
 
 
 def load_dataset(name: str, **kwargs: Any) -> Dataset:
-    """Load a dataset by name: ``"mnist1d"``, ``"digits"``, ``"synthetic"`` or
-    ``"synthetic-regression"``; keyword arguments go to the loader.
+    """Load a dataset by name: ``"mnist1d"``, ``"digits"``, ``"synthetic"``,
+    ``"synthetic-regression"`` or ``"synthetic-images"``; keyword arguments go to the loader.
 
     Raises
     ------
