@@ -318,7 +318,11 @@ def test_flatness_help_documents_every_flag(capsys, monkeypatch):
     text = " ".join(capsys.readouterr().out.split())
     assert "exact generalized eigenproblem" in text  # --method
     assert "random probe vectors" in text  # --num-probes
-    assert "mnist1d, digits, synthetic" in text  # --dataset
+    assert "mnist1d, digits, synthetic, synthetic-images" in text  # --dataset
+    from covariant.zoo.architectures import ARCHITECTURES
+
+    arch_help = text.split("--arch ARCH architecture")[1].split("--arch-kwargs")[0]
+    assert all(name in arch_help for name in ARCHITECTURES)  # --arch lists the registry
     assert "--samples 64 and --num-probes 30 unless given" in text  # --quick
 
 

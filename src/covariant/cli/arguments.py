@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 #: Datasets ``covariant flatness`` accepts (classification, for the cross-entropy loss).
-CLI_DATASETS = ("mnist1d", "digits", "synthetic")
+CLI_DATASETS = ("mnist1d", "digits", "synthetic", "synthetic-images")
 
 
 def _int(text: str) -> int:

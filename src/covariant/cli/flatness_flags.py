@@ -35,13 +35,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The positional argument and the flags of ``covariant flatness``, on ``p``."""
     p.add_argument("checkpoint", type=Path, help="saved model (save_checkpoint or a state_dict)")
     p.add_argument("--arch", default=None,
-                   help="architecture (mlp, cnn1d, resnet1d); read from the checkpoint if saved "
-                        "with covariant.zoo.checkpoints.save_checkpoint")
+                   help="architecture (mlp, cnn1d, resnet1d, resnet2d, vit); read from the "
+                        "checkpoint if saved with covariant.zoo.checkpoints.save_checkpoint")
     p.add_argument("--arch-kwargs", default="", type=a.arch_kwargs,
                    help="architecture options, e.g. 'hidden=64,64;activation=tanh'")
     p.add_argument("--dataset", default="mnist1d", type=a.dataset_name,
                    help=f"{', '.join(a.CLI_DATASETS)} (default mnist1d; synthetic: Gaussian "
-                        "blobs with 20 features and 3 classes)")
+                        "blobs with 20 features and 3 classes; synthetic-images: generated "
+                        "3×32×32 images, 10 classes, for resnet2d and vit)")
     p.add_argument("--samples", type=a.positive_int, default=None,
                    help=f"training examples the loss is averaged over, >= 1 (default "
                         f"{SAMPLES[0]}, {SAMPLES[1]} with --quick)")
