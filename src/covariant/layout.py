@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ._fast import composite_layer_norm, is_transformed, second_order
 from .errors import ShapeMismatchError, UnsupportedStructureError
 
 __all__ = ["ModelBinding", "ParameterLayout", "as_batches", "match_names"]
@@ -272,7 +273,11 @@ def functional_forward(model: nn.Module, layout: ParameterLayout) -> Forward:
     Frozen parameters and buffers keep the values they have now. The forward runs in the
     dtype of θ: floating inputs, frozen parameters and buffers of another dtype are cast to
     it (as the curvature metrics cast their data), so a float64 point of a float32 model is
-    evaluated in float64.
+    evaluated in float64. Inside ``torch.func`` transforms (the GGN/Fisher products, the
+    connection terms, Hessians) it runs under :func:`covariant.autodiff.second_order`:
+    attention takes the math kernel, which has forward-mode AD and a double backward, and layer
+    norm runs as its composite (torch's forward-mode derivative of the layer-norm kernel cannot
+    be differentiated again correctly); on plain tensors it keeps the fused kernels.
     """
     frozen = {n: p.detach() for n, p in model.named_parameters() if n not in layout.names}
     fixed = {**frozen, **dict(model.named_buffers())}
@@ -288,6 +293,9 @@ def functional_forward(model: nn.Module, layout: ParameterLayout) -> Forward:
         if isinstance(X, Tensor) and X.is_floating_point() and X.dtype != p.dtype:
             X = X.to(p.dtype)
         state = {**fixed_as(p.dtype), **layout.unflatten(p)}
+        if is_transformed(p):
+            with second_order(), composite_layer_norm():
+                return functional_call(model, state, (X,))
         return functional_call(model, state, (X,))
 
     return forward
