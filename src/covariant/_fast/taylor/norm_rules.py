@@ -18,8 +18,8 @@ Every rule has the signature ``rule(node, primal, coef) -> (c₁, c₂)``.
 Example
 -------
 >>> import torch
->>> c0, r0 = torch.tensor([[1.0, -1.0]]), torch.tensor([[1.0]])   # s₀ = 1, ε = 0
->>> x1, x2 = _normalized(c0, r0, torch.tensor([[1.0, 1.0]]), None, (-1,))[:2]
+>>> xhat0, r0 = torch.tensor([[1.0, -1.0]]), torch.tensor([[1.0]])   # s₀ = 1, ε = 0
+>>> x1, x2 = _normalized(xhat0, r0, torch.tensor([[1.0, 1.0]]), None, (-1,))[:2]
 >>> x1.tolist(), x2.tolist()       # (1 + t, −1 + t)/√(1 + t²) = x̂₀ + t − ½ x̂₀ t² + …
 ([[1.0, 1.0]], [[-0.5, 0.5]])
 """
@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .coefficients import accumulate as _acc
 from .coefficients import coef_of as _c
 from .coefficients import primal_of as _v
 from .rules import _product_rule
@@ -42,22 +41,29 @@ __all__ = ["group_norm_rule", "layer_norm_rule", "rms_norm_rule"]
 Coefs = tuple[Tensor | None, Tensor | None]
 
 
-def _normalized(c0: Tensor, r0: Tensor, c1: Tensor | None, c2: Tensor | None,
+def _normalized(xhat0: Tensor, r0: Tensor, c1: Tensor | None, c2: Tensor | None,
                 dims: tuple[int, ...]) -> tuple[Tensor | None, Tensor | None,
                                                 Tensor | None, Tensor | None]:
-    """(x̂₁, x̂₂, r₁, r₂) of x̂ = c·r, r = (mean(c²) + ε)^{-1/2} over ``dims`` (kept)."""
-    s1 = s2 = None
-    if c1 is not None:
-        s1 = (c0 * c1).mean(dims, keepdim=True).mul_(2.0)
-        s2 = (c1 * c1).mean(dims, keepdim=True)
-    if c2 is not None:
-        s2 = _acc(s2, (c0 * c2).mean(dims, keepdim=True).mul_(2.0))
-    r3 = r0 * r0 * r0
-    r1 = None if s1 is None else (-0.5 * r3) * s1
-    r2 = None if s2 is None else (-0.5 * r3) * s2
-    if s1 is not None:
-        r2 = _acc(r2, (0.375 * r3 * r0 * r0) * s1 * s1)
-    x1, x2 = _product_rule(torch.mul, c0, c1, c2, r0, r1, r2)
+    """(x̂₁, x̂₂, r₁, r₂) of x̂ = c·r, r = (mean(c²) + ε)^{-1/2} over ``dims`` (kept).
+
+    In units of x̂, with z_k = r₀ c_k, α_k = mean(x̂₀ z_k) and β = mean(z₁²), the formulas of
+    the module docstring become r₁ = −r₀ α₁, r₂ = r₀ κ with κ = −α₂ − ½β + (3/2)α₁², and
+    x̂₁ = z₁ − α₁ x̂₀,  x̂₂ = z₂ − α₁ z₁ + κ x̂₀."""
+    z1 = None if c1 is None else c1 * r0
+    z2 = None if c2 is None else c2 * r0
+    a1 = None if z1 is None else (xhat0 * z1).mean(dims, keepdim=True)
+    kappa = None if z2 is None else (xhat0 * z2).mean(dims, keepdim=True).neg_()
+    if z1 is not None:
+        beta = (z1 * z1).mean(dims, keepdim=True)
+        k1 = a1 * a1 * 1.5 - beta * 0.5
+        kappa = k1 if kappa is None else kappa.add_(k1)
+    x2 = None if kappa is None else xhat0 * kappa if z2 is None else torch.addcmul(
+        z2, xhat0, kappa)
+    if z1 is not None:
+        x2 = x2.sub_(a1 * z1) if x2 is not None else -(a1 * z1)
+    x1 = None if z1 is None else z1.sub_(xhat0 * a1)
+    r1 = None if a1 is None else -(r0 * a1)
+    r2 = None if kappa is None else r0 * kappa
     return x1, x2, r1, r2
 
 
@@ -97,12 +103,11 @@ def layer_norm_rule(node: Any, primal: dict[Any, Any]) -> Callable[..., Any]:
     x, shape, w, b = node.args[:4]
     dims = tuple(range(-len(shape), 0))
     _, mean0, rstd0 = primal[node]
-    c0 = _v(x, primal) - mean0
-    xhat0 = c0 * rstd0
+    xhat0 = (_v(x, primal) - mean0) * rstd0
 
     def rule(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
         cs, mus = _centred(_c(x, coef, 1), _c(x, coef, 2), dims)
-        x1, x2, r1, r2 = _normalized(c0, rstd0, cs[0], cs[1], dims)
+        x1, x2, r1, r2 = _normalized(xhat0, rstd0, cs[0], cs[1], dims)
         y = _affine(xhat0, (x1, x2), w, b, primal, coef, lambda t: t)
         return tuple(None if yk is None else (yk, mk, rk)
                      for yk, mk, rk in zip(y, mus, (r1, r2), strict=True))
@@ -120,7 +125,8 @@ def group_norm_rule(node: Any, primal: dict[Any, Any]) -> Callable[..., Any]:
     stat = (n, groups, 1)
     c0 = x0.reshape(n, groups, -1) - mean0.reshape(stat)
     r0 = rstd0.reshape(stat)
-    xhat0 = (c0 * r0).reshape(shape)
+    xhat0g = c0 * r0
+    xhat0 = xhat0g.reshape(shape)
     chan = (1, ch) + (1,) * (len(shape) - 2)
 
     def grouped(t: Tensor | None) -> Tensor | None:
@@ -128,7 +134,7 @@ def group_norm_rule(node: Any, primal: dict[Any, Any]) -> Callable[..., Any]:
 
     def rule(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
         cs, mus = _centred(grouped(_c(x, coef, 1)), grouped(_c(x, coef, 2)), (-1,))
-        x1, x2, r1, r2 = _normalized(c0, r0, cs[0], cs[1], (-1,))
+        x1, x2, r1, r2 = _normalized(xhat0g, r0, cs[0], cs[1], (-1,))
         xh = tuple(None if t is None else t.reshape(shape) for t in (x1, x2))
         y = _affine(xhat0, xh, w, b, primal, coef, lambda t: t.view(chan))
         return tuple(None if yk is None else
@@ -145,12 +151,11 @@ def rms_norm_rule(node: Any, primal: dict[Any, Any]) -> Callable[..., Any]:
     into operations with rules of their own.)"""
     x, shape, w = node.args[:3]
     dims = tuple(range(-len(shape), 0))
-    x0 = _v(x, primal)
     _, rstd0 = primal[node]
-    xhat0 = x0 * rstd0
+    xhat0 = _v(x, primal) * rstd0
 
     def rule(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
-        x1, x2, r1, r2 = _normalized(x0, rstd0, _c(x, coef, 1), _c(x, coef, 2), dims)
+        x1, x2, r1, r2 = _normalized(xhat0, rstd0, _c(x, coef, 1), _c(x, coef, 2), dims)
         y = _affine(xhat0, (x1, x2), w, None, primal, coef, lambda t: t)
         return tuple(None if yk is None else (yk, rk)
                      for yk, rk in zip(y, (r1, r2), strict=True))
