@@ -103,6 +103,13 @@ def test_ggn_product_and_riemannian_hvp_match_dense_truth(encoder):
                     dtype=torch.float64)
     torch.testing.assert_close(ggn.matvec(theta, v), G @ v, rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(ggn.inner(theta, v, v), v @ G @ v, rtol=1e-10, atol=1e-13)
+    # Fisher (= GGN for cross-entropy) and the empirical Fisher (per-example gradients)
+    torch.testing.assert_close(cv.metrics.Fisher.from_space(space).matvec(theta, v), G @ v,
+                               rtol=1e-10, atol=1e-13)
+    per_example = torch.stack([torch.func.grad(lambda p, i=i: F.cross_entropy(
+        plain_forward(space.unflatten(p), X[i:i + 1]), y[i:i + 1]))(theta) for i in range(N)])
+    emp = cv.metrics.EmpiricalFisher.from_space(space).inner(theta, v, v)
+    assert float(emp) == pytest.approx(float(((per_example @ v) ** 2).mean()), rel=1e-10)
     # the connection term of a Riemannian HVP differentiates G(θ):
     # Hess·v = ∇²L v − ½ [DG[v] r + ∇_θ(vᵀ G r) − DG[r] v], r = G⁻¹∇L (docs/math.md §3),
     # checked along directions z, with the derivatives of G by central differences of the
