@@ -14,6 +14,17 @@ immutable-zero-tensor failure of ``jvp(grad(L))`` through ``mse_loss`` on torch 
 These are the chart-bound (Euclidean) objects; the Riemannian Hessian adds the connection term
 (:mod:`covariant.connection`, ``ParameterSpace.hvp``).
 
+Attention. The fused kernels of ``scaled_dot_product_attention`` (flash, memory-efficient,
+cuDNN; on CPU and CUDA) have neither a double backward nor forward-mode AD, and the inference
+fast path of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` has no derivative at
+all. Every second-order computation therefore runs its forward passes inside
+:func:`second_order`, which selects the math kernel (plain matrix products and a softmax,
+differentiable to any order) and turns the fast path off: :func:`hvp`, :func:`hvp_operator`,
+:func:`dense_hessian`, Taylor-mode quadratic forms (``covariant._fast.QuadraticForm``) and,
+through ``ModelBinding``'s forward, which enters it whenever θ is wrapped by a ``torch.func``
+transform, the GGN/Fisher products and the connection terms. First-order paths on plain
+tensors (the loss, :func:`gradient`, training) keep the fused kernels.
+
 Example
 -------
 >>> import torch
@@ -26,6 +37,9 @@ tensor([4., 2.], dtype=torch.float64)
 >>> bool(torch.equal(dense_hessian(L, p), torch.tensor([[4.0, 2.0], [2.0, 12.0]],
 ...                                                    dtype=torch.float64)))
 True
+>>> with second_order():                             # attention: the math kernel
+...     torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()
+(True, False)
 """
 
 from __future__ import annotations
@@ -34,11 +48,11 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.func import grad, hessian, jacrev, vmap
+from torch.func import grad, jacrev, vmap
 
-from ._fast import is_plain
+from ._fast import is_plain, second_order
 
-__all__ = ["dense_hessian", "gradient", "hvp", "hvp_operator"]
+__all__ = ["dense_hessian", "gradient", "hvp", "hvp_operator", "second_order"]
 
 LossFn = Callable[[Tensor], Tensor]
 
@@ -55,6 +69,11 @@ def gradient(loss: LossFn, p: Tensor) -> Tensor:
 
 def hvp(loss: LossFn, p: Tensor, v: Tensor) -> Tensor:
     """∇²L(p) v by reverse-over-reverse differentiation (double backward on plain tensors)."""
+    with second_order():
+        return _hvp(loss, p, v)
+
+
+def _hvp(loss: LossFn, p: Tensor, v: Tensor) -> Tensor:
     if is_plain(p) and is_plain(v):
         with torch.enable_grad():
             q = p.detach().requires_grad_(True)
@@ -73,7 +92,7 @@ def hvp_operator(loss: LossFn, p: Tensor) -> Callable[[Tensor], Tensor]:
     transformed v fall back to :func:`hvp`.
     """
     q = p.detach().requires_grad_(True)
-    with torch.enable_grad():
+    with torch.enable_grad(), second_order():
         (g,) = torch.autograd.grad(loss(q), q, create_graph=True)
     if not g.requires_grad:  # the loss is at most linear in p
         return lambda v: torch.zeros_like(v)
@@ -88,18 +107,23 @@ def hvp_operator(loss: LossFn, p: Tensor) -> Callable[[Tensor], Tensor]:
 
 
 def dense_hessian(loss: LossFn, p: Tensor) -> Tensor:
-    """∇²L(p) as a dense matrix: ``torch.func.hessian`` for d ≤ 64, else batched HVPs with the
-    identity in chunks of 32 (memory stays bounded); reverse-over-reverse where an op has no
-    forward-mode AD."""
+    """∇²L(p) as a dense matrix, reverse over reverse like the HVPs: ``jacrev(grad(L))`` for
+    d ≤ 64, else batched HVPs with the identity in chunks of 32 (memory stays bounded).
+
+    Not ``torch.func.hessian`` (forward over reverse): on torch 2.13 it gets the layer-norm
+    block ∂²L/∂w∂θ wrong (w the norm's weight, θ upstream of its input: an asymmetric result,
+    ``tests/test_attention.py``) and batch norm with batch statistics too, and forward mode
+    fails through ``mse_loss``; reverse over reverse agrees with finite differences."""
+    with second_order():
+        return _dense_hessian(loss, p)
+
+
+def _dense_hessian(loss: LossFn, p: Tensor) -> Tensor:
     d = p.shape[0]
     if d <= 64:
-        try:
-            return hessian(loss)(p)
-        except NotImplementedError:  # an op without forward-mode AD
-            return jacrev(jacrev(loss))(p)
+        return jacrev(grad(loss))(p)
     eye = torch.eye(d, dtype=p.dtype, device=p.device)
     try:
         return vmap(lambda v: hvp(loss, p, v), chunk_size=32)(eye)
-    except NotImplementedError:
-        return jacrev(jacrev(loss), chunk_size=32)(p)
-
+    except NotImplementedError:  # an op without a batching rule for the products
+        return jacrev(grad(loss), chunk_size=32)(p)

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
-from ._fast import is_transformed
+from ._fast import composite_layer_norm, is_transformed, second_order
 from .errors import ShapeMismatchError, UnsupportedStructureError
 
 __all__ = ["ModelBinding", "ParameterLayout", "as_batches", "match_names"]
@@ -399,10 +399,14 @@ def functional_forward(model: nn.Module, layout: ParameterLayout) -> Forward:
 
     Train/eval differences follow the module's mode at each call. Batch norm in training
     mode normalizes by the statistics of the batch X, functionally: its running statistics
-    are passed as None (:func:`batch_stats_buffers`), never read nor updated. Inside a
-    ``torch.func`` transform of θ the normalization runs as plain tensor operations
-    (:class:`BatchStatisticsMode`), whose second derivatives are exact under every
-    composition; plain autograd keeps the fused kernel (exact, and faster).
+    are passed as None (:func:`batch_stats_buffers`), never read nor updated.
+
+    Inside ``torch.func`` transforms of θ (the GGN/Fisher products, the connection terms,
+    Hessians) torch 2.13's fused kernels are replaced by forms whose second derivatives are
+    exact under every composition: attention takes the math kernel
+    (:func:`covariant.autodiff.second_order`), layer norm runs as its composite, and batch
+    norm in training mode as plain tensor operations (:class:`BatchStatisticsMode`). On plain
+    tensors the fused kernels stay (exact there, and faster).
     """
     frozen = {n: p.detach() for n, p in model.named_parameters() if n not in layout.names}
     fixed = {**frozen, **dict(model.named_buffers())}
@@ -418,10 +422,13 @@ def functional_forward(model: nn.Module, layout: ParameterLayout) -> Forward:
         if isinstance(X, Tensor) and X.is_floating_point() and X.dtype != p.dtype:
             X = X.to(p.dtype)
         state = {**fixed_as(p.dtype), **batch_stats_buffers(model), **layout.unflatten(p)}
-        if not (is_transformed(p) and batch_stats_active(model)):
+        if not is_transformed(p):
             return functional_call(model, state, (X,))
-        with BatchStatisticsMode():
-            return functional_call(model, state, (X,))
+        with second_order(), composite_layer_norm():
+            if not batch_stats_active(model):
+                return functional_call(model, state, (X,))
+            with BatchStatisticsMode():
+                return functional_call(model, state, (X,))
 
     return forward
 

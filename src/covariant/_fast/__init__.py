@@ -6,7 +6,11 @@ against it (``tests/_fast/``):
 - :mod:`covariant._fast.taylor`: :class:`QuadraticForm`, vᵀ∇²L(p)v by second-order Taylor
   mode, against Hessian-vector products (``ParameterSpace.hvp(p, v, riemannian=False)``);
 - :func:`is_plain` / :func:`is_transformed`: which tensors may take the autograd
-  double-backward paths, against the ``torch.func`` paths that work on any tensor.
+  double-backward paths, against the ``torch.func`` paths that work on any tensor;
+- :func:`second_order` (:mod:`covariant._fast.kernels`): the math attention kernel for
+  second-order work, against the fused kernels, which only first-order paths can use;
+  :func:`composite_layer_norm`: layer norm written out, where torch's forward-mode
+  derivative of its kernel is differentiated again.
 
 Nothing outside ``covariant._fast`` touches ``torch._C``, ``torch._ops`` or
 ``torch.utils._python_dispatch``.
@@ -27,13 +31,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .kernels import composite_layer_norm, second_order
 from .taylor import QuadraticForm, TaylorUnsupportedError
 
 __all__ = [
     "QuadraticForm",
     "TaylorUnsupportedError",
+    "composite_layer_norm",
     "is_plain",
     "is_transformed",
+    "second_order",
     "tensor_version",
 ]
 

@@ -24,6 +24,7 @@ import torch
 
 from ...errors import TaylorUnsupportedError
 from . import nonlinear_rules as non
+from . import norm_rules as norm
 from . import rules as lin
 
 __all__ = ["CONSTANT", "ELEMENTWISE", "LINEAR_FIRST", "READS_OWN_SHAPE", "READS_OWN_VALUE",
@@ -52,8 +53,9 @@ ELEMENTWISE = {
 }
 # Rules that read the shape of the operation's own value (a meta tensor stands in for it)
 # or the value itself (log-softmax: its probabilities; a norm: its value).
-READS_OWN_SHAPE = {"add", "sub", "rsub", "addmm", "convolution", "div"}
-READS_OWN_VALUE = {"_log_softmax", "_softmax", "logsumexp", "linalg_vector_norm",
+READS_OWN_SHAPE = {"add", "sub", "rsub", "addmm", "baddbmm", "convolution", "div", "where"}
+READS_OWN_VALUE = {"_log_softmax", "_softmax", "_safe_softmax", "logsumexp",
+                   "linalg_vector_norm",
                    "max_pool1d_with_indices", "max_pool2d_with_indices",
                    "max_pool3d_with_indices"}
 # Outputs that never depend differentiably on their inputs.
@@ -106,7 +108,7 @@ def rule_for(node: Any, depends: set[Any], primal: dict[Any, Any]) -> Callable[.
         return lin.concat
     if packet in ("mm", "bmm", "mv", "dot", "matmul") or full == "mul.Tensor":
         return lin.bilinear
-    if packet == "addmm":
+    if packet in ("addmm", "baddbmm"):
         return lin.addmm
     if packet == "convolution":
         return lin.convolution
@@ -117,7 +119,8 @@ def rule_for(node: Any, depends: set[Any], primal: dict[Any, Any]) -> Callable[.
         if order != 2:
             raise TaylorUnsupportedError(f"QuadraticForm: vector norm of order {order}")
         return lin.vector_norm
-    rule = _loss_or_layer_rule(node, packet, carries)
+    rule = _loss_or_layer_rule(node, packet, carries) or _norm_or_mask_rule(
+        node, packet, carries, primal)
     if rule is not None:
         return rule
     if packet in ELEMENTWISE or full in ELEMENTWISE:
@@ -128,13 +131,30 @@ def rule_for(node: Any, depends: set[Any], primal: dict[Any, Any]) -> Callable[.
         "products instead")
 
 
+def _norm_or_mask_rule(node: Any, packet: str, carries: Callable[[Any], bool],
+                       primal: dict[Any, Any]) -> Callable[..., Any] | None:
+    """The rules of layer, group and RMS norm and of masking (None for other operations)."""
+    if packet == "native_layer_norm":
+        return norm.layer_norm_rule(node, primal)
+    if packet == "native_group_norm":
+        return norm.group_norm_rule(node, primal)
+    if packet == "_fused_rms_norm":
+        return norm.rms_norm_rule(node, primal)
+    if packet in ("masked_fill", "where"):
+        fixed = node.args[1:] if packet == "masked_fill" else node.args[:1]
+        if any(carries(a) for a in fixed):
+            raise TaylorUnsupportedError(f"QuadraticForm: {packet} with a p-dependent mask")
+        return lin.masked_fill if packet == "masked_fill" else lin.where
+    return None
+
+
 def _loss_or_layer_rule(node: Any, packet: str,
                         carries: Callable[[Any], bool]) -> Callable[..., Any] | None:
     """The rules of softmax-type operations, losses, batch norm and max pooling (None for
     other operations)."""
     if packet == "_log_softmax":
         return non.log_softmax
-    if packet == "_softmax":
+    if packet in ("_softmax", "_safe_softmax"):  # safe: rows of −∞ give 0 (attention masks)
         return non.softmax
     if packet == "logsumexp":
         return non.logsumexp

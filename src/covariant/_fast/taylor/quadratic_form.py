@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from ...errors import TaylorUnsupportedError
+from ..kernels import second_order
 from .dispatch import READS_OWN_SHAPE, READS_OWN_VALUE, rule_for
 from .recording import Recorder
 
@@ -100,7 +101,7 @@ class QuadraticForm:
             raise TypeError("QuadraticForm: p must be a 1-D tensor")
         self.p = p.detach()
         recorder = Recorder(self.p)
-        with torch.no_grad(), recorder:
+        with torch.no_grad(), second_order(), recorder:  # attention: the math kernel
             out = loss(self.p)
         self._nodes = recorder.nodes
         self._primal: dict[Any, Any] = recorder.primal

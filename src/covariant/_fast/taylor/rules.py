@@ -39,7 +39,8 @@ from .recording import substitute
 
 __all__ = [
     "add_sub", "addmm", "batch_norm_eval", "bilinear", "concat", "convolution",
-    "getitem_rule", "linear_first", "max_pool", "quotient", "shifted", "vector_norm",
+    "getitem_rule", "linear_first", "masked_fill", "max_pool", "quotient", "shifted",
+    "vector_norm", "where",
 ]
 
 
@@ -51,13 +52,21 @@ def getitem_rule(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, A
     return tuple(None if c is None else c[idx] for c in pair)
 
 
+# Views whose coefficient may not be viewable: a coefficient need not share the memory layout
+# of its primal (an elementwise rule keeps the layout of its inputs), so these reshape.
+_RESHAPED = {"view", "_unsafe_view", "view_copy"}
+
+
 def linear_first(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
     args, kwargs = _resolved(node, primal)
     src = node.args[0]
+    target = node.target
+    if target.overloadpacket.__name__ in _RESHAPED and not isinstance(args[1], torch.dtype):
+        target = torch.reshape
     out = []
     for k in (1, 2):
         c = _c(src, coef, k)
-        out.append(None if c is None else node.target(c, *args[1:], **kwargs))
+        out.append(None if c is None else target(c, *args[1:], **kwargs))
     return tuple(out)
 
 
@@ -126,9 +135,11 @@ def bilinear(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]
 
 
 def addmm(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
+    # addmm and baddbmm: beta·bias + alpha·(m1 @ m2), batched for baddbmm
     bias, m1, m2 = node.args[:3]
     beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
-    c1, c2 = _product(torch.mm, m1, m2, primal, coef)
+    mm = torch.bmm if node.target.overloadpacket.__name__ == "baddbmm" else torch.mm
+    c1, c2 = _product(mm, m1, m2, primal, coef)
     if alpha != 1:
         c1 = None if c1 is None else c1.mul_(alpha)
         c2 = None if c2 is None else c2.mul_(alpha)
@@ -138,6 +149,28 @@ def addmm(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -
         cb = _c(bias, coef, k)
         s = _acc(c, None if cb is None else cb if beta == 1 else beta * cb)
         out.append(None if s is None else s.expand(shape) if s.shape != shape else s)
+    return tuple(out)
+
+
+def masked_fill(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
+    # y = x where the (constant) mask is false, the constant fill value where it is true
+    mask = _v(node.args[1], primal)
+    return tuple(None if c is None else c.masked_fill(mask, 0.0)
+                 for c in coef.get(node.args[0], (None, None)))
+
+
+def where(node: Any, primal: dict[Any, Any], coef: dict[Any, tuple[Any, Any]]) -> Any:
+    # y = a where the (constant) condition holds, b elsewhere
+    cond, a, b = node.args[:3]
+    shape = primal[node].shape
+    out = []
+    for k in (1, 2):
+        ca, cb = _c(a, coef, k), _c(b, coef, k)
+        if ca is None and cb is None:
+            out.append(None)
+            continue
+        t = torch.where(_v(cond, primal), 0.0 if ca is None else ca, 0.0 if cb is None else cb)
+        out.append(t.expand(shape) if t.shape != shape else t)
     return tuple(out)
 
 
