@@ -951,7 +951,8 @@ def format_table(rows: list[dict]) -> str:
         passed = "skip" if r.get("status") else {True: "PASS", False: "FAIL", None: "info"}[
             r["pass"]]
         data.append((r["row"], r["model"], r["metric"], r["unit"] or "-", _fmt(r["ours"]),
-                     _fmt(r["peer"]), f"{_fmt(r['ratio'])}x", r["target"] or "-", passed))
+                     _fmt(r["peer"]), f"{_fmt(r['ratio'])}x" if r["ratio"] is not None else "-",
+                     r["target"] or "-", passed))
     widths = [max(len(str(x[i])) for x in [head, *data]) for i in range(len(head))]
     lines.append("  ".join(str(h).ljust(w) for h, w in zip(head, widths, strict=True)))
     lines.append("  ".join("-" * w for w in widths))
