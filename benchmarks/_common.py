@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import hashlib
 import json
 import os
@@ -228,23 +229,105 @@ def load_data(cache: Path, num_samples: int = 4000):
     return load_mnist1d(num_samples, seed=42, cache_dir=cache)
 
 
+def image_data(num_samples: int = 2000, shape: tuple[int, ...] = (3, 32, 32),
+               num_classes: int = 10, seed: int = 42) -> Any:
+    """CIFAR-shaped generated data (no download): the Gaussian blobs of
+    ``covariant.zoo.data.make_synthetic_classification`` reshaped to ``(N, *shape)``."""
+    from types import SimpleNamespace
+
+    from covariant.zoo.data import make_synthetic_classification
+
+    n_feat = 1
+    for s in shape:
+        n_feat *= s
+    ds = make_synthetic_classification(num_samples, n_feat, num_classes, seed=seed,
+                                       separation=0.05, noise=1.0)
+    return SimpleNamespace(X_train=ds.X_train.reshape(-1, *shape), y_train=ds.y_train,
+                           X_test=ds.X_test.reshape(-1, *shape), y_test=ds.y_test,
+                           name=f"images{'x'.join(map(str, shape))}-{num_samples}-seed{seed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """How the flatness benchmark builds, feeds and trains a model named on ``--models``.
+
+    ``data``: "mnist1d" (inputs (N, 40)) or "images32" (generated (N, 3, 32, 32), see
+    :func:`image_data`). ``build``: a preset of ``covariant.zoo.architectures.PRESETS`` or an
+    architecture of ``ARCHITECTURES`` (built with ``in_features`` and ``build_kwargs``).
+    ``batch``/``probes``: None keeps the script's default (--batch; 50 probes).
+    """
+
+    data: str = "mnist1d"
+    epochs: int = 20
+    probes: int | None = None
+    batch: int | None = None
+    in_features: Any = 40
+    build_kwargs: tuple[tuple[str, Any], ...] = ()
+
+
+# One line per model that needs other data, batch or training than the defaults below. A
+# name not listed here is built as a zoo preset, else as a zoo architecture, on MNIST-1D with
+# the default spec. The BN ResNet and the ViT of issue 11 go here once the zoo has them, e.g.
+#   "resnet-bn": ModelSpec(data="images32", epochs=2, probes=10, batch=128, in_features=3),
+MODEL_SPECS: dict[str, ModelSpec] = {
+    "mlp-80k": ModelSpec(epochs=20, probes=50),
+    "mlp-small": ModelSpec(epochs=100),
+    "cnn-1m": ModelSpec(epochs=3, probes=10),
+}
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The spec of a ``--models`` name; ValueError if the zoo knows no such name."""
+    from covariant.zoo.architectures import ARCHITECTURES, PRESETS
+
+    if name in MODEL_SPECS:
+        return MODEL_SPECS[name]
+    if name in PRESETS or name.lower() in ARCHITECTURES:
+        return ModelSpec(epochs=3 if "cnn" in name else 20)
+    known = sorted({*MODEL_SPECS, *PRESETS, *ARCHITECTURES})
+    raise ValueError(f"unknown model {name!r}: not a benchmark spec, zoo preset or "
+                     f"architecture; choose from {known}")
+
+
+def build_model(name: str) -> nn.Module:
+    from covariant.zoo.architectures import PRESETS, build, preset
+
+    spec = model_spec(name)
+    if name in PRESETS:
+        return preset(name, spec.in_features, 10, **dict(spec.build_kwargs))
+    return build(name, spec.in_features, 10, **dict(spec.build_kwargs))
+
+
+def load_model_data(name: str, cache: Path) -> Any:
+    """The dataset a model is benchmarked on (by its spec's ``data``)."""
+    data = model_spec(name).data
+    if data == "mnist1d":
+        return load_data(cache)
+    if data == "images32":
+        return image_data()
+    raise ValueError(f"unknown data {data!r} for model {name!r}")
+
+
 def trained_model(
     name: str, ds: Any, *, epochs: int, seed: int, cache: Path, device: torch.device
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """A preset trained briefly with Adam (lr 1e-3, batch 128), cached by its recipe.
+    """A preset or zoo architecture trained briefly with Adam (lr 1e-3, batch 128), cached by
+    its recipe.
 
     Returns the model on ``device`` in float32 and a small dict describing it (including the
     path of the cached state dict, which memory-measurement subprocesses load).
     """
-    from covariant.zoo.architectures import num_parameters, preset
+    from covariant.zoo.architectures import num_parameters
     from covariant.zoo.training import accuracy, train_classifier
 
+    data_name = getattr(ds, "name", "mnist1d")
     recipe = {"preset": name, "epochs": epochs, "seed": seed, "lr": 1e-3, "batch": 128,
-              "n_train": int(ds.X_train.shape[0]), "data": "mnist1d-4000-seed42"}
+              "n_train": int(ds.X_train.shape[0]),
+              "data": "mnist1d-4000-seed42" if data_name == "mnist1d" else data_name}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     path = cache / f"{name}-{key}.pt"
     torch.manual_seed(seed)
-    model = preset(name)
+    model = build_model(name)
     trained_now = False
     if path.exists():
         try:

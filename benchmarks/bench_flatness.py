@@ -1,17 +1,22 @@
 #!/usr/bin/env python
-"""Flatness at network scale: covariant side by side with PyHessian (issue 3, part 7).
+"""Flatness at network scale: covariant side by side with PyHessian and curvlinops (issues 3, 11).
 
-Rows (models: ``mlp-80k`` and ``cnn-1m`` presets trained briefly on MNIST-1D, float32, one
-batch shared by every method):
+Rows (models: ``mlp-80k`` and ``cnn-1m`` presets trained briefly on MNIST-1D by default, any
+zoo preset or architecture with ``--models``, float32, one batch shared by every method):
 
-  a   Euclidean Hutchinson trace, ours vs PyHessian ``hessian.trace``: probes per second.
-  b1  top-1 eigenvalue, our Lanczos vs PyHessian power iteration, both at relative accuracy
-      1e-3 against a tight Lanczos reference: time (information, no target).
-  b5  the same for the top-5 eigenvalues.
-  c   invariant trace in the weight-norm chart (every ``*.weight``) vs our Euclidean trace in
-      w: time overhead.
-  d   one per-probe Hessian-vector product (``space.hvp_operator``, as inside ``flatness``)
-      vs one gradient (plain autograd); the one-off ``space.hvp`` is in the extras.
+  a     Euclidean Hutchinson trace, ours vs PyHessian ``hessian.trace``: probes per second.
+  a_cl  the same vs curvlinops ``hutchinson_trace(HessianLinearOperator)`` (same probes).
+  b1    top-1 eigenvalue, our Lanczos vs PyHessian power iteration, both at relative accuracy
+        1e-3 against a tight Lanczos reference: time (information, no target).
+  b5    the same for the top-5 eigenvalues.
+  b5_cl top-5 vs ``scipy.sparse.linalg.eigsh`` on curvlinops' ``HessianLinearOperator``, at
+        the same accuracy (its ``tol`` swept like PyHessian's).
+  c     invariant trace in the weight-norm chart (every ``*.weight`` with >= 2 dims) vs our
+        Euclidean trace in w: time overhead.
+  d     one per-probe quadratic form zᵀ∇²Lz as flatness' Hutchinson computes it (Taylor mode,
+        or a kept-graph HVP where the loss has no Taylor rule) vs one gradient.
+  d_hvp one per-probe Hessian-vector product (``space.hvp_operator``, as inside Lanczos and
+        SLQ) vs one gradient; the one-off ``space.hvp`` is in the extras.
   e   peak memory of the invariant trace vs one gradient.
   f   Hutch++ / XTrace vs Hutchinson: matvecs to reach 1% RMS relative error on a trained
       ``mlp-small`` (2,698 parameters) whose dense float64 Hessian gives the truth.
@@ -27,7 +32,9 @@ Usage::
 A full CPU run writes ``benchmarks/results/flatness_cpu.json`` (``--quick`` and ``--only``
 write ``flatness_<device>_quick.json`` / ``_partial.json`` so that they never overwrite the
 recorded full run; ``--out`` picks any path). Timings are medians over ``--repeats`` rounds
-in which ours and the peer run interleaved, in a shuffled order, in the same process.
+in which ours and the peers run interleaved, in a shuffled order, in the same process. A peer
+that is not installed (``benchmarks/install_peers.sh`` installs both) is skipped: its rows say
+"not installed" in the JSON.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
+import _peers as P
 
 import covariant as cv
 from covariant import linalg
@@ -60,13 +68,17 @@ from covariant.reparam import WeightNorm
 
 ROWS = ("a", "b", "c", "d", "e", "f")
 
-# row id -> (comparison, target, what the ratio is)
+# row id -> (comparison, target, what the ratio is); targets of issue 11 (a, a_cl, b5, b5_cl,
+# c, d), the others of issue 3
 TARGETS: dict[str, tuple[str | None, float | None, str]] = {
-    "a": (">=", 1.2, "throughput ours / PyHessian"),
+    "a": (">=", 1.3, "throughput ours / PyHessian"),
+    "a_cl": (">=", 1.5, "throughput ours / curvlinops hutchinson_trace"),
     "b1": (None, None, "time PyHessian / ours (no target for top-1)"),
-    "b5": (">=", 5.0, "time PyHessian / ours"),
+    "b5": (">=", 4.0, "time PyHessian / ours"),
+    "b5_cl": (">=", 1.5, "time eigsh(curvlinops HessianLinearOperator) / ours"),
     "c": ("<=", 1.3, "time invariant (weight-norm chart) / Euclidean in w"),
-    "d": ("<=", 3.0, "time per-probe HVP / one gradient"),
+    "d": ("<=", 2.5, "time per-probe quadratic form (as Hutchinson) / one gradient"),
+    "d_hvp": ("<=", 3.0, "time per-probe HVP / one gradient"),
     "e": ("<=", 3.0, "peak memory invariant trace / one gradient"),
     "f": (">=", 3.0, "matvecs Hutchinson / best of Hutch++, XTrace"),
 }
@@ -140,6 +152,8 @@ class Config:
     ours_tols: tuple[float, ...] = (0.1, 0.03, 0.01, 3e-3, 1e-3, 1e-4)
     peer_tols: tuple[float, ...] = (1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6)
     peer_max_iter: int = 1000
+    eigsh_tols: tuple[float, ...] = (0.1, 0.03, 0.01, 3e-3, 1e-3, 1e-4, 1e-5, 1e-6)
+    peers: dict[str, str] = field(default_factory=dict)
     f_seeds: int = 30
     f_accuracy: float = 1e-2
     mem_ops: tuple[str, ...] = ("grad", "hvp", "trace_invariant", "trace_invariant_in_chart",
@@ -167,14 +181,30 @@ class Ctx:
 def build_ctx(name: str, cfg: Config, ds: Any) -> Ctx:
     model, desc = C.trained_model(name, ds, epochs=cfg.epochs[name], seed=0, cache=cfg.cache,
                                   device=cfg.device)
-    X = ds.X_train[: cfg.batch].to(cfg.device)
-    y = ds.y_train[: cfg.batch].to(cfg.device)
+    batch = C.model_spec(name).batch or cfg.batch
+    X = ds.X_train[:batch].to(cfg.device)
+    y = ds.y_train[:batch].to(cfg.device)
     crit = nn.CrossEntropyLoss()
     space, theta = cv.ParameterSpace.from_module(model, crit, (X, y))
-    wn_space = space.reparametrize({"*.weight": WeightNorm()})
+    wn_space = space.reparametrize(weight_norm_chart(model))
     psi = wn_space.chart.inverse(theta)
     return Ctx(name, model, desc, X, y, crit, space, theta, wn_space, psi,
                [p for p in model.parameters() if p.requires_grad], cfg.probes[name])
+
+
+def weight_norm_chart(model: nn.Module) -> dict[str, WeightNorm]:
+    """``WeightNorm()`` on every ``*.weight`` with >= 2 dims (Linear, Conv, attention
+    projections; not the 1-D scales of normalization layers, where it would be degenerate)."""
+    return {n: WeightNorm() for n, p in model.named_parameters()
+            if n.endswith("weight") and p.ndim >= 2 and p.requires_grad}
+
+
+def skipped_row(rid: str, model: str, metric: str, peer: str) -> dict:
+    """A row whose peer is not installed: recorded, not measured."""
+    return {"row": rid, "model": model, "metric": metric, "unit": None, "ours": None,
+            "ours_is": "covariant", "peer": None, "peer_is": peer, "ratio": None,
+            "ratio_is": TARGETS[rid][2], "target": None, "pass": None,
+            "status": f"{peer}: {P.NOT_INSTALLED}", "extras": {}}
 
 
 def make_row(rid: str, model: str, metric: str, unit: str, ours: float, peer: float,
@@ -213,9 +243,11 @@ def _keep(store: dict[str, Any], name: str, fn):
 # --------------------------------------------------------------------------------------------
 
 
-def row_a(ctx: Ctx, cfg: Config) -> dict:
+def rows_a(ctx: Ctx, cfg: Config) -> list[dict]:
     N, d = ctx.N, ctx.theta.shape[0]
     got: dict[str, Any] = {}
+    has_ph = P.available(cfg.peers, "pyhessian")
+    has_cl = P.available(cfg.peers, "curvlinops")
 
     def ours(n=N, products="auto"):
         sp, th = cv.ParameterSpace.from_module(ctx.model, ctx.crit, (ctx.X, ctx.y))
@@ -225,14 +257,22 @@ def row_a(ctx: Ctx, cfg: Config) -> dict:
     def peer(n=N):
         return C.pyhessian_trace(ctx.model, ctx.crit, ctx.X, ctx.y, n)
 
+    def curvlinops(n=N):
+        return P.curvlinops_trace(ctx.model, ctx.crit, ctx.X, ctx.y, n, seed=0)
+
     fns = {"ours": _keep(got, "ours", ours),
-           "ours_hvp_products": _keep(got, "hvp", lambda: ours(products="hvp")),
-           "peer": _keep(got, "peer", peer)}
-    warm = {"ours": lambda: ours(2), "ours_hvp_products": lambda: ours(2, "hvp"),
-            "peer": lambda: peer(2)}
+           "ours_hvp_products": _keep(got, "hvp", lambda: ours(products="hvp"))}
+    warm = {"ours": lambda: ours(2), "ours_hvp_products": lambda: ours(2, "hvp")}
+    if has_ph:
+        fns["peer"] = _keep(got, "peer", peer)
+        warm["peer"] = lambda: peer(2)
+    if has_cl:
+        fns["curvlinops"] = _keep(got, "curvlinops", curvlinops)
+        warm["curvlinops"] = lambda: curvlinops(2)
     t = C.interleaved(fns, cfg.repeats, cfg.device, warm)
     med = {k: C.median(v) for k, v in t.items()}
     thr = {k: N / v for k, v in med.items()}
+    nan = float("nan")
     extras = {
         "num_probes": N, "batch": int(ctx.X.shape[0]), "params": d,
         "times_s": t, "median_s": med, "probes_per_s": thr,
@@ -240,17 +280,35 @@ def row_a(ctx: Ctx, cfg: Config) -> dict:
         "products_used": got["ours"].info.get("products"),
         "trace_ours": [got["ours"].value, got["ours"].stderr],
         "trace_ours_hvp_products": [got["hvp"].value, got["hvp"].stderr],
-        "trace_peer": [sum(got["peer"]) / N, _stderr(got["peer"])],
+        "trace_peer": [sum(got["peer"]) / N, _stderr(got["peer"])] if has_ph else None,
+        "trace_curvlinops": got.get("curvlinops"),
         "ours_call": "cv.flatness(from_module(...), p, ('trace',), 'stochastic', num_probes=N) "
                      "(default quadratic_forms='auto': Taylor-mode zᵀ∇²Lz, "
                      "covariant._fast.QuadraticForm)",
         "ours_hvp_products_call": "the same with quadratic_forms='hvp' (one second backward "
                                   "through a kept gradient graph per probe, as PyHessian)",
         "peer_call": "pyhessian.hessian(model, crit, data=(X, y)).trace(maxIter=N, tol=-inf)",
-        "hvp_products_vs_peer_throughput": thr["ours_hvp_products"] / thr["peer"],
+        "curvlinops_call": "hutchinson_trace(HessianLinearOperator(model, crit, params, "
+                           "[(X, y)], check_deterministic=False), num_matvecs=N)",
+        "hvp_products_vs_peer_throughput": thr["ours_hvp_products"] / thr.get("peer", nan),
+        "hvp_products_vs_curvlinops_throughput": (thr["ours_hvp_products"]
+                                                  / thr.get("curvlinops", nan)),
     }
-    return make_row("a", ctx.name, "Hutchinson trace throughput", "probes/s", thr["ours"],
-                    thr["peer"], thr["ours"] / thr["peer"], extras, "covariant", "PyHessian")
+    metric = "Hutchinson trace throughput"
+    rows = []
+    for rid, key, label, peer_name in (("a", "peer", "PyHessian", "pyhessian"),
+                                       ("a_cl", "curvlinops", "curvlinops", "curvlinops")):
+        if key not in thr:
+            rows.append(skipped_row(rid, ctx.name, metric, peer_name))
+            continue
+        rows.append(make_row(rid, ctx.name, metric, "probes/s", thr["ours"], thr[key],
+                             thr["ours"] / thr[key], extras if rid == "a" else
+                             {"same_timings_as_row": "a", "median_s": med,
+                              "trace_ours": extras["trace_ours"],
+                              "trace_curvlinops": got["curvlinops"],
+                              "curvlinops_call": extras["curvlinops_call"]},
+                             "covariant", label))
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,8 +320,8 @@ def _relerr(vals: list[float], ref: list[float]) -> float:
     return max(abs(v - r) / abs(r) for v, r in zip(vals, ref, strict=True))
 
 
-def rows_b(ctx: Ctx, cfg: Config) -> list[dict]:
-    dev = cfg.device
+def _reference(ctx: Ctx, cfg: Config) -> dict[str, Any]:
+    """A tight Lanczos run (other seed, 80-vector basis) and its own error bounds."""
     t0 = time.perf_counter()
     ref = cv.flatness(ctx.space, ctx.theta, measures=("top_eigs",), method="stochastic", k=5,
                       lanczos_tol=cfg.ref_tol, lanczos_steps=80, max_restarts=50,
@@ -273,9 +331,44 @@ def rows_b(ctx: Ctx, cfg: Config) -> list[dict]:
     resid = list(ref.info["residuals"])
     rho = max(abs(v) for v in ref_vals)
     ref_bound = [r * rho / abs(v) for r, v in zip(resid, ref_vals, strict=True)]
-    reference = {"eigenvalues": ref_vals, "residuals": resid, "converged": ref.converged,
-                 "matvecs": ref.num_matvecs, "seconds": ref_time, "tol": cfg.ref_tol,
-                 "error_bound_relative": ref_bound}
+    return {"eigenvalues": ref_vals, "residuals": resid, "converged": ref.converged,
+            "matvecs": ref.num_matvecs, "seconds": ref_time, "tol": cfg.ref_tol,
+            "error_bound_relative": ref_bound}
+
+
+def _sweep(attempt, k: int, tols, accuracy: float, start: int = 0):
+    """Loosest tol in ``tols`` meeting the accuracy, trying ``tols[start:]`` loose to tight;
+    if the first of those already passes, looser ones are tried too."""
+    entries = []
+    chosen = None
+    for tol in tols[start:]:
+        entries.append(attempt(k, tol))
+        if entries[-1]["rel_error"] <= accuracy:
+            chosen = entries[-1]
+            break
+    if chosen is not None and chosen is entries[0]:
+        for tol in reversed(tols[:start]):
+            e = attempt(k, tol)
+            entries.insert(0, e)
+            if e["rel_error"] > accuracy:
+                break
+            chosen = e
+    reached = chosen is not None
+    if chosen is None:
+        chosen = min(entries, key=lambda e: e["rel_error"])
+    return chosen, entries, reached
+
+
+# peer key -> (row id suffix, label, peer module, tol grid attribute of Config)
+B_PEERS = {"peer": ("", "PyHessian power iteration", "pyhessian", "peer_tols"),
+           "eigsh": ("_cl", "scipy eigsh on curvlinops HessianLinearOperator", "curvlinops",
+                     "eigsh_tols")}
+
+
+def rows_b(ctx: Ctx, cfg: Config) -> list[dict]:
+    dev = cfg.device
+    reference = _reference(ctx, cfg)
+    ref_vals = reference["eigenvalues"]
 
     def ours_run(k: int, tol: float):
         sp, th = cv.ParameterSpace.from_module(ctx.model, ctx.crit, (ctx.X, ctx.y))
@@ -290,83 +383,100 @@ def rows_b(ctx: Ctx, cfg: Config) -> list[dict]:
                                    cfg.peer_max_iter, seed=0)
         return vals, n, None
 
-    # warm-up of both code paths (first calls pay one-time costs)
-    ours_run(1, 0.1)
-    peer_run(1, 1e-2)
+    def eigsh_run(k: int, tol: float):
+        vals, n = P.curvlinops_eigsh(ctx.model, ctx.crit, ctx.X, ctx.y, k, tol, seed=0)
+        return vals, n, None
 
-    def attempt(run, k: int, tol: float) -> dict:
-        dt, (vals, nmv, conv) = C.timed(lambda: run(k, tol), dev)
-        return {"tol": tol, "seconds": dt, "matvecs": nmv,
-                "rel_error": _relerr(vals, ref_vals[:k]), "eigenvalues": vals,
-                "converged": conv}
+    runs = {"ours": ours_run}
+    if P.available(cfg.peers, "pyhessian"):
+        runs["peer"] = peer_run
+    if P.available(cfg.peers, "curvlinops"):
+        runs["eigsh"] = eigsh_run
+    # warm-up of every code path (first calls pay one-time costs)
+    warm_tol = {"ours": 0.1, "peer": 1e-2, "eigsh": 0.1}
+    for key, run in runs.items():
+        run(1, warm_tol[key])
 
-    def sweep(run, k: int, tols, start: int = 0):
-        """Loosest tol in ``tols`` meeting the accuracy, trying ``tols[start:]`` loose to
-        tight; if the first of those already passes, looser ones are tried too."""
-        entries = []
-        chosen = None
-        for tol in tols[start:]:
-            entries.append(attempt(run, k, tol))
-            if entries[-1]["rel_error"] <= cfg.accuracy:
-                chosen = entries[-1]
-                break
-        if chosen is not None and chosen is entries[0]:
-            for tol in reversed(tols[:start]):
-                e = attempt(run, k, tol)
-                entries.insert(0, e)
-                if e["rel_error"] > cfg.accuracy:
-                    break
-                chosen = e
-        reached = chosen is not None
-        if chosen is None:
-            chosen = min(entries, key=lambda e: e["rel_error"])
-        return chosen, entries, reached
+    def attempt_with(run):
+        def attempt(k: int, tol: float) -> dict:
+            dt, (vals, nmv, conv) = C.timed(lambda: run(k, tol), dev)
+            return {"tol": tol, "seconds": dt, "matvecs": nmv,
+                    "rel_error": _relerr(vals, ref_vals[:k]), "eigenvalues": vals,
+                    "converged": conv}
+        return attempt
 
     rows = []
     peer_start = 0
     for k in (1, 5):
-        o_ch, o_sweep, o_ok = sweep(ours_run, k, cfg.ours_tols)
-        # With the same seed, PyHessian's top-5 run computes its first eigenpair exactly as
-        # its top-1 run does, so tols too loose for top-1 are (almost surely) too loose for
-        # top-5: start there, and go looser only if the first tol tried already passes.
-        p_ch, p_sweep, p_ok = sweep(peer_run, k, cfg.peer_tols, peer_start)
-        if k == 1 and p_ok:
-            peer_start = cfg.peer_tols.index(p_ch["tol"])
-        times = {"ours": [o_ch["seconds"]], "peer": [p_ch["seconds"]]}
+        # eigsh only for top-5 (the row of issue 11); top-1 is information only
+        keys = [key for key in runs if key != "eigsh" or k == 5]
+        chosen, sweeps, ok = {}, {}, {}
+        for key in keys:
+            tols = cfg.ours_tols if key == "ours" else getattr(cfg, B_PEERS[key][3])
+            # With the same seed, PyHessian's top-5 run computes its first eigenpair exactly
+            # as its top-1 run does, so tols too loose for top-1 are (almost surely) too loose
+            # for top-5: start there, and go looser only if the first tol tried passes.
+            start = peer_start if key == "peer" else 0
+            chosen[key], sweeps[key], ok[key] = _sweep(attempt_with(runs[key]), k, tols,
+                                                       cfg.accuracy, start)
+        if k == 1 and ok.get("peer"):
+            peer_start = cfg.peer_tols.index(chosen["peer"]["tol"])
+        times = {key: [chosen[key]["seconds"]] for key in keys}
         reruns = 0 if cfg.quick else cfg.repeats - 1
         if ctx.theta.shape[0] > 500_000:  # 1M-parameter runs take minutes: one rerun
             reruns = min(reruns, 1)
         if reruns > 0:
             more = C.interleaved(
-                {"ours": lambda k=k, t=o_ch["tol"]: ours_run(k, t),
-                 "peer": lambda k=k, t=p_ch["tol"]: peer_run(k, t)},
+                {key: (lambda key=key, k=k, t=chosen[key]["tol"]: runs[key](k, t)) for key in keys},
                 reruns, dev, warmup=False)
-            for key in times:
+            for key in keys:
                 times[key] += more[key]
         med = {key: C.median(v) for key, v in times.items()}
+        rows += _rows_b_k(ctx, cfg, k, reference, chosen, sweeps, ok, times, med, 1 + reruns)
+    return rows
+
+
+def _rows_b_k(ctx: Ctx, cfg: Config, k: int, reference: dict, chosen: dict, sweeps: dict,
+              ok: dict, times: dict, med: dict, timed_runs: int) -> list[dict]:
+    """The rows of one k: ours against each peer that ran (and a skip for each missing)."""
+    metric = f"top-{k} eigenvalue{'s' if k > 1 else ''} @ rel. acc. {cfg.accuracy:g}"
+    calls = {
+        "ours": f"cv.flatness(space, p, ('{'max_eig' if k == 1 else 'top_eigs'}',), "
+                f"'stochastic', k={k}, lanczos_tol=tol)",
+        "peer": f"pyhessian.hessian(...).eigenvalues(top_n={k}, tol=tol, "
+                f"maxIter={cfg.peer_max_iter})",
+        "eigsh": f"scipy.sparse.linalg.eigsh(HessianLinearOperator(...).to_scipy(), k={k}, "
+                 "which='LA', tol=tol, v0=seeded, return_eigenvectors=False)",
+    }
+    rows = []
+    for key, (suffix, label, peer_name, _) in B_PEERS.items():
+        rid = ("b1" if k == 1 else "b5") + suffix
+        if rid not in TARGETS:
+            continue
+        if key not in chosen:
+            rows.append(skipped_row(rid, ctx.name, metric, peer_name))
+            continue
+        o, p = chosen["ours"], chosen[key]
         extras = {
-            "k": k, "accuracy": cfg.accuracy, "reference": reference, "timed_runs": 1 + reruns,
-            "ours_tol": o_ch["tol"], "peer_tol": p_ch["tol"],
-            "ours_reached_accuracy": o_ok, "peer_reached_accuracy": p_ok,
-            "ours_matvecs": o_ch["matvecs"], "peer_matvecs": p_ch["matvecs"],
-            "ours_rel_error": o_ch["rel_error"], "peer_rel_error": p_ch["rel_error"],
-            "times_s": times, "median_s": med,
-            "ours_per_matvec_ms": 1e3 * med["ours"] / o_ch["matvecs"],
-            "peer_per_matvec_ms": 1e3 * med["peer"] / p_ch["matvecs"],
-            "ours_sweep": o_sweep, "peer_sweep": p_sweep, "peer_max_iter": cfg.peer_max_iter,
-            "ours_call": f"cv.flatness(space, p, ('{'max_eig' if k == 1 else 'top_eigs'}',), "
-                         f"'stochastic', k={k}, lanczos_tol=tol)",
-            "peer_call": f"pyhessian.hessian(...).eigenvalues(top_n={k}, tol=tol, "
-                         f"maxIter={cfg.peer_max_iter})",
+            "k": k, "accuracy": cfg.accuracy, "reference": reference, "timed_runs": timed_runs,
+            "ours_tol": o["tol"], "peer_tol": p["tol"],
+            "ours_reached_accuracy": ok["ours"], "peer_reached_accuracy": ok[key],
+            "ours_matvecs": o["matvecs"], "peer_matvecs": p["matvecs"],
+            "ours_rel_error": o["rel_error"], "peer_rel_error": p["rel_error"],
+            "times_s": {"ours": times["ours"], "peer": times[key]},
+            "median_s": {"ours": med["ours"], "peer": med[key]},
+            "ours_per_matvec_ms": 1e3 * med["ours"] / o["matvecs"],
+            "peer_per_matvec_ms": 1e3 * med[key] / p["matvecs"],
+            "ours_sweep": sweeps["ours"], "peer_sweep": sweeps[key],
+            "ours_call": calls["ours"], "peer_call": calls[key],
         }
-        if not p_ok:
-            extras["note"] = ("PyHessian did not reach the accuracy on the tol grid; its "
+        if key == "peer":
+            extras["peer_max_iter"] = cfg.peer_max_iter
+        if not ok[key]:
+            extras["note"] = (f"{label} did not reach the accuracy on the tol grid; its "
                               "time is for its most accurate run, so the ratio is a lower bound")
-        rid = "b1" if k == 1 else "b5"
-        rows.append(make_row(rid, ctx.name, f"top-{k} eigenvalue{'s' if k > 1 else ''} "
-                             f"@ rel. acc. {cfg.accuracy:g}", "s", med["ours"], med["peer"],
-                             med["peer"] / med["ours"], extras, "covariant Lanczos",
-                             "PyHessian power iteration"))
+        rows.append(make_row(rid, ctx.name, metric, "s", med["ours"], med[key],
+                             med[key] / med["ours"], extras, "covariant Lanczos", label))
     return rows
 
 
@@ -403,7 +513,8 @@ def row_c(ctx: Ctx, cfg: Config) -> dict:
     ratio = med["invariant_weightnorm"] / med["euclidean_w"]
     inv_m, euc_m = got["inv"], got["euc"]
     extras = {
-        "num_probes": N, "chart": "{'*.weight': WeightNorm()} (dim=0)",
+        "num_probes": N,
+        "chart": "WeightNorm() (dim=0) on " + ", ".join(weight_norm_chart(ctx.model)),
         "psi_dim": int(ctx.psi.shape[0]), "rank": inv_m.info.get("rank"),
         "gauge_directions": inv_m.info.get("num_gauge_directions"),
         "computed_in": inv_m.info.get("computed_in", "this chart"),
@@ -435,14 +546,24 @@ def row_c(ctx: Ctx, cfg: Config) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def row_d(ctx: Ctx, cfg: Config) -> dict:
+def _probe_quadratic_form(ctx: Ctx, op) -> tuple[Any, str]:
+    """zᵀ∇²Lz as flatness' Hutchinson gets it with quadratic_forms="auto": Taylor mode, or
+    the kept-graph HVP dotted with z where the loss has no Taylor rule or cannot be traced."""
+    try:
+        qform = QuadraticForm(ctx.space.loss_function, ctx.theta)
+        return qform, "taylor"
+    except Exception as err:  # the same fallback as flatness' "auto"
+        return (lambda v: torch.dot(v, op(v))), f"hvp ({type(err).__name__}: {err})"[:200]
+
+
+def rows_d(ctx: Ctx, cfg: Config) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(ctx.theta.shape[0], generator=gen).to(ctx.theta)
     vs = list(ctx.space.unflatten(v).values())
     C.zero_grads(ctx.model)
     gH = torch.autograd.grad(ctx.crit(ctx.model(ctx.X), ctx.y), ctx.params, create_graph=True)
     op = ctx.space.hvp_operator(ctx.theta, riemannian=False)  # Lanczos' per-product operator
-    qform = QuadraticForm(ctx.space.loss_function, ctx.theta)  # what Hutchinson uses per probe
+    qform, qform_is = _probe_quadratic_form(ctx, op)  # what Hutchinson uses per probe
 
     def double_backward():
         g = torch.autograd.grad(ctx.crit(ctx.model(ctx.X), ctx.y), ctx.params, create_graph=True)
@@ -456,7 +577,7 @@ def row_d(ctx: Ctx, cfg: Config) -> dict:
         "double_backward_fresh": double_backward,
         "pyhessian_hvp_retained_graph": lambda: torch.autograd.grad(
             gH, ctx.params, grad_outputs=vs, retain_graph=True),
-        "taylor_quadratic_form": lambda: qform(v),
+        "probe_quadratic_form": lambda: qform(v),
     }
     reps = max(5, 3 * cfg.repeats)
     t = C.interleaved(fns, reps, cfg.device)
@@ -469,16 +590,21 @@ def row_d(ctx: Ctx, cfg: Config) -> dict:
         "per_probe_call": "space.hvp_operator(p, riemannian=False)(v): the per-product "
                           "operator of flatness' Lanczos, SLQ and in-chart estimates "
                           "(gradient graph built once per point)",
-        "taylor_quadratic_form_call": "covariant._fast.QuadraticForm(space.loss_function, p)(v): "
-                                      "vᵀ∇²Lv by Taylor mode, what Hutchinson's Euclidean "
-                                      "trace uses per probe (not a product, so not row d)",
+        "probe_quadratic_form_call": "covariant._fast.QuadraticForm(space.loss_function, p)(v)"
+                                     ": vᵀ∇²Lv by Taylor mode, what Hutchinson's Euclidean "
+                                     "trace uses per probe (row d); where the loss has no "
+                                     "Taylor rule, v·hvp_operator(v), as flatness' 'auto'",
+        "probe_quadratic_form_is": qform_is,
         "hvp_call": "space.hvp(p, v, riemannian=False): a one-off product from scratch "
                     "(forward pass and first backward recomputed)",
         "grad_call": "torch.autograd.grad(crit(model(X), y), params)",
     }
-    return make_row("d", ctx.name, "per-probe HVP / one gradient", "ms",
-                    1e3 * med["per_probe_hvp"], 1e3 * g, med["per_probe_hvp"] / g, extras,
-                    "space.hvp_operator", "autograd gradient")
+    return [make_row("d", ctx.name, "per-probe quadratic form / one gradient", "ms",
+                     1e3 * med["probe_quadratic_form"], 1e3 * g, med["probe_quadratic_form"] / g,
+                     extras, f"quadratic form ({qform_is.split(' ')[0]})", "autograd gradient"),
+            make_row("d_hvp", ctx.name, "per-probe HVP / one gradient", "ms",
+                     1e3 * med["per_probe_hvp"], 1e3 * g, med["per_probe_hvp"] / g,
+                     {"same_timings_as_row": "d"}, "space.hvp_operator", "autograd gradient")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,7 +632,7 @@ def mem_child(spec: dict[str, Any]) -> None:
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     cache = Path(spec["cache"])
-    ds = C.load_data(cache)
+    ds = C.load_model_data(spec["model"], cache)
     cfg_epochs = {spec["model"]: spec["epochs"]}
     cfg = Config(quick=False, repeats=1, device=device, only=set(), batch=spec["batch"],
                  threads=spec["threads"], models=[spec["model"]],
@@ -822,9 +948,11 @@ def format_table(rows: list[dict]) -> str:
     lines = []
     data = []
     for r in rows:
-        passed = {True: "PASS", False: "FAIL", None: "info"}[r["pass"]]
-        data.append((r["row"], r["model"], r["metric"], r["unit"], _fmt(r["ours"]),
-                     _fmt(r["peer"]), f"{_fmt(r['ratio'])}x", r["target"] or "-", passed))
+        passed = "skip" if r.get("status") else {True: "PASS", False: "FAIL", None: "info"}[
+            r["pass"]]
+        data.append((r["row"], r["model"], r["metric"], r["unit"] or "-", _fmt(r["ours"]),
+                     _fmt(r["peer"]), f"{_fmt(r['ratio'])}x" if r["ratio"] is not None else "-",
+                     r["target"] or "-", passed))
     widths = [max(len(str(x[i])) for x in [head, *data]) for i in range(len(head))]
     lines.append("  ".join(str(h).ljust(w) for h, w in zip(head, widths, strict=True)))
     lines.append("  ".join("-" * w for w in widths))
@@ -835,12 +963,13 @@ def format_table(rows: list[dict]) -> str:
 
 def markdown_table(record: dict) -> str:
     """The rows of a results JSON as a Markdown table (for docs/benchmarks.md)."""
-    out = ["| row | model | measure | ours | PyHessian / baseline | ratio | target | |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| row | model | measure | ours | peer / baseline | | ratio | target | |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
-        mark = {True: "pass", False: "**miss**", None: "info"}[r["pass"]]
-        out.append(f"| {r['row']} | {r['model']} | {r['metric']} ({r['unit']}) | "
-                   f"{_fmt(r['ours'])} | {_fmt(r['peer'])} | {_fmt(r['ratio'])}× | "
+        mark = r.get("status") or {True: "pass", False: "**miss**", None: "info"}[r["pass"]]
+        out.append(f"| {r['row']} | {r['model']} | {r['metric']} ({r['unit'] or '-'}) | "
+                   f"{_fmt(r['ours'])} | {_fmt(r['peer'])} | {r['peer_is']} | "
+                   f"{_fmt(r['ratio'])}× | "
                    f"{(r['target'] or '-').replace('>=', '≥').replace('<=', '≤')} | {mark} |")
     m = record["machine"]
     out.append("")
@@ -862,7 +991,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--only", default=None,
                     help="comma-separated subset of a,b,c,d,e,f,profile (default a-f)")
     ap.add_argument("--models", default=None,
-                    help="comma-separated presets (default mlp-80k,cnn-1m; quick mlp-80k)")
+                    help="comma-separated zoo presets or architectures (default "
+                         "mlp-80k,cnn-1m; quick mlp-80k); data, batch, probes and training "
+                         "per name: _common.MODEL_SPECS")
     ap.add_argument("--batch", type=int, default=512, help="examples in the batch (default 512)")
     ap.add_argument("--probes", type=int, default=None,
                     help="probes for a, c, e (default mlp 50, cnn 10; quick 10)")
@@ -901,15 +1032,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--only: unknown row(s) {sorted(bad)}; choose from {(*ROWS, 'profile')}",
               file=sys.stderr)
         return 2
-    models = (args.models.split(",") if args.models else
+    models = ([m.strip() for m in args.models.split(",") if m.strip()] if args.models else
               (["mlp-80k"] if args.quick else ["mlp-80k", "cnn-1m"]))
-    probes = {m: (args.probes or (10 if args.quick else (10 if m.startswith("cnn") else 50)))
+    try:
+        specs = {m: C.model_spec(m) for m in models}
+    except ValueError as err:
+        print(f"--models: {err}", file=sys.stderr)
+        return 2
+    probes = {m: (args.probes or (10 if args.quick else (specs[m].probes or 50)))
               for m in models}
-    epochs = {m: (5 if args.quick else (3 if m.startswith("cnn") else 20)) for m in models}
+    epochs = {m: (5 if args.quick else specs[m].epochs) for m in models}
     cfg = Config(
         quick=args.quick, repeats=args.repeats or (2 if args.quick else 3), device=device,
         only=only, batch=args.batch, threads=threads, models=models, probes=probes,
         epochs=epochs, cache=Path(args.cache_dir) if args.cache_dir else C.default_cache_dir(),
+        peers=P.peer_versions(),
     )
     if args.quick:
         cfg.f_seeds = 5
@@ -921,7 +1058,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# covariant flatness benchmark on {machine['cpu_model']} "
           f"({machine['cpu_affinity']} cores, torch {machine['torch']}, {threads or 'default'} "
           f"thread(s), device {device}, load {machine['loadavg_at_start']})", flush=True)
-    ds = C.load_data(cfg.cache)
+    print(f"# peers: {cfg.peers}", flush=True)
     rows: list[dict] = []
     model_info: dict[str, Any] = {}
     profiles: dict[str, Any] = {}
@@ -939,20 +1076,22 @@ def main(argv: list[str] | None = None) -> int:
     for name in models:
         if not (only & {"a", "b", "c", "d", "e", "profile"}):
             break
-        ctx = build_ctx(name, cfg, ds)
+        ctx = build_ctx(name, cfg, C.load_model_data(name, cfg.cache))
         clock["t"] = time.perf_counter()
         model_info[name] = ctx.desc
         print(f"## {name}: {ctx.desc['params']:,} params, test acc {ctx.desc['test_accuracy']},"
               f" batch {cfg.batch}, probes {ctx.N}", flush=True)
         if "a" in only:
-            done(row_a(ctx, cfg))
+            for r in rows_a(ctx, cfg):
+                done(r)
         if "b" in only:
             for r in rows_b(ctx, cfg):
                 done(r)
         if "c" in only:
             done(row_c(ctx, cfg))
         if "d" in only:
-            done(row_d(ctx, cfg))
+            for r in rows_d(ctx, cfg):
+                done(r)
         if "e" in only:
             done(row_e(ctx, cfg))
         if "profile" in only:
@@ -961,7 +1100,7 @@ def main(argv: list[str] | None = None) -> int:
             profile_text.append(text)
         del ctx
     if "f" in only:
-        done(row_f(cfg, ds))
+        done(row_f(cfg, C.load_data(cfg.cache)))
 
     elapsed = time.perf_counter() - t0
     print()
@@ -982,13 +1121,16 @@ def main(argv: list[str] | None = None) -> int:
                      "train_epochs": epochs, "dtype": "float32 (row f: float64 truth)",
                      "accuracy_b": cfg.accuracy, "reference_tol_b": cfg.ref_tol,
                      "ours_tols_b": cfg.ours_tols, "peer_tols_b": cfg.peer_tols,
-                     "peer_max_iter_b": cfg.peer_max_iter, "seeds_f": cfg.f_seeds,
+                     "peer_max_iter_b": cfg.peer_max_iter, "eigsh_tols_b": cfg.eigsh_tols,
+                     "seeds_f": cfg.f_seeds,
                      "memory_measurements_per_op": cfg.mem_repeats,
                      "rows": sorted(only)},
         "methods": METHODS,
         "targets": {k: {"op": v[0], "target": v[1], "ratio": v[2]} for k, v in TARGETS.items()},
         "models": model_info,
+        "peers": cfg.peers,
         "pyhessian_notes": C.PYHESSIAN_NOTES,
+        "curvlinops_notes": P.CURVLINOPS_NOTES,
         "rows": rows,
         "elapsed_s": elapsed,
     }
