@@ -267,12 +267,17 @@ class ModelSpec:
 
 # One line per model that needs other data, batch or training than the defaults below. A
 # name not listed here is built as a zoo preset, else as a zoo architecture, on MNIST-1D with
-# the default spec. The BN ResNet and the ViT of issue 11 go here once the zoo has them, e.g.
-#   "resnet-bn": ModelSpec(data="images32", epochs=2, probes=10, batch=128, in_features=3),
+# the default spec. The BN ResNet and the ViT of issue 11 train briefly on generated
+# CIFAR-shaped images (in_features 3·32·32) and are benchmarked in eval mode (see
+# bench_flatness.build_ctx).
 MODEL_SPECS: dict[str, ModelSpec] = {
     "mlp-80k": ModelSpec(epochs=20, probes=50),
     "mlp-small": ModelSpec(epochs=100),
     "cnn-1m": ModelSpec(epochs=3, probes=10),
+    "resnet20-bn": ModelSpec(data="images32", epochs=2, probes=10, batch=128,
+                             in_features=3 * 32 * 32),
+    "vit-small": ModelSpec(data="images32", epochs=2, probes=10, batch=128,
+                           in_features=3 * 32 * 32),
 }
 
 

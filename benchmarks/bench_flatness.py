@@ -92,6 +92,16 @@ METHODS = {
         "(from_module) where PyHessian's time includes its hessian() constructor (a forward "
         "and a create_graph backward)."
     ),
+    "mode": (
+        "Every model is measured in eval mode (build_ctx calls model.eval()): batch norm "
+        "normalises with its running statistics and the forward is deterministic. PyHessian's "
+        "hessian() calls model.eval() itself, and curvlinops' HessianLinearOperator and "
+        "torch.autograd.grad use the model as it is, so ours, both peers and the gradient "
+        "baseline differentiate the same loss (mean cross-entropy, eval-mode forward) on the "
+        "same batch. (covariant also supports batch norm in train mode, with batch "
+        "statistics; PyHessian cannot be run that way, and curvlinops would update the "
+        "running statistics on every product.)"
+    ),
     "accuracy_b": (
         "Reference: our Lanczos (flatness top_eigs, k=5, lanczos_tol=ref_tol, 80-vector "
         "basis, other seed). Its recomputed residuals bound its own error (|λ-θ| <= ||Ax-θx|| "
@@ -111,7 +121,8 @@ METHODS = {
         "number is VmHWM - VmRSS (peak resident-set increase). tracemalloc cannot see torch's "
         "allocations. Without clear_refs it falls back to resource.getrusage ru_maxrss. "
         "CUDA: torch.cuda.max_memory_allocated - memory_allocated before, in process. Each "
-        "operation is measured mem_repeats times (3; 1 with --quick) and the median is kept. "
+        "operation is measured mem_repeats times (3; 1 with --quick; --mem-repeats) and the "
+        "median is kept. "
         "On CPU each child also runs the operation a second time under torch.profiler "
         "(profile_memory=True) and sums its allocator events in time order: the tensor-level "
         "peak (extras tensor_peak_*), the CPU analogue of max_memory_allocated. RSS is about "
@@ -178,10 +189,15 @@ class Ctx:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def build_ctx(name: str, cfg: Config, ds: Any) -> Ctx:
+def build_ctx(name: str, cfg: Config, ds: Any, batch: int | None = None) -> Ctx:
+    """The model in eval mode (PyHessian's ``hessian()`` calls ``model.eval()`` itself, so
+    every method sees the same loss: batch norm with its running statistics, a deterministic
+    forward) and its first ``batch`` examples (default: the spec's batch, else ``--batch``)."""
     model, desc = C.trained_model(name, ds, epochs=cfg.epochs[name], seed=0, cache=cfg.cache,
                                   device=cfg.device)
-    batch = C.model_spec(name).batch or cfg.batch
+    model.eval()
+    batch = batch or C.model_spec(name).batch or cfg.batch
+    desc.update(mode="eval", batch=batch)
     X = ds.X_train[:batch].to(cfg.device)
     y = ds.y_train[:batch].to(cfg.device)
     crit = nn.CrossEntropyLoss()
@@ -642,9 +658,7 @@ def mem_child(spec: dict[str, Any]) -> None:
     # oneDNN primitive caches, autograd engine threads) are paid by running the same
     # operation on a 2-example batch with 2 probes first; what stays resident is then part of
     # the baseline, not of the operation.
-    small_cfg = copy.copy(cfg)
-    small_cfg.batch = 2
-    small = build_ctx(spec["model"], small_cfg, ds)
+    small = build_ctx(spec["model"], cfg, ds, batch=2)
     _mem_ops(small, 2)[spec["op"]]()
     del small, ds
     op = _mem_ops(ctx, spec["probes"])[spec["op"]]
@@ -981,6 +995,86 @@ def markdown_table(record: dict) -> str:
     return "\n".join(out)
 
 
+@dataclass
+class Run:
+    """One benchmark run: its settings, machine, rows so far, and where they are written."""
+
+    args: argparse.Namespace
+    cfg: Config
+    device: torch.device
+    threads: int
+    machine: dict[str, Any]
+    started: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    t0: float = field(default_factory=time.perf_counter)
+    rows: list[dict] = field(default_factory=list)
+    model_info: dict[str, Any] = field(default_factory=dict)
+    profiles: dict[str, Any] = field(default_factory=dict)
+    profile_text: list[str] = field(default_factory=list)
+
+    @property
+    def out(self) -> Path:
+        a = self.args
+        suffix = "" if not (a.quick or a.only) else ("_quick" if a.quick else "_partial")
+        return Path(a.out) if a.out else C.RESULTS_DIR / f"flatness_{self.device.type}{suffix}.json"
+
+    def record(self, final: bool) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "schema": "covariant.bench.flatness/1",
+            "started": self.started,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z") if final else None,
+            "complete": final,
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "machine": {**self.machine, "loadavg_at_end": list(os.getloadavg()),
+                        "mem_available_gib_at_end": C.mem_available_gib(),
+                        "covariant_source_sha256_at_end": C.source_fingerprint()},
+            "settings": {"quick": cfg.quick, "repeats": cfg.repeats, "batch": cfg.batch,
+                         "threads": self.threads, "models": cfg.models, "probes": cfg.probes,
+                         "train_epochs": cfg.epochs, "dtype": "float32 (row f: float64 truth)",
+                         "accuracy_b": cfg.accuracy, "reference_tol_b": cfg.ref_tol,
+                         "ours_tols_b": cfg.ours_tols, "peer_tols_b": cfg.peer_tols,
+                         "peer_max_iter_b": cfg.peer_max_iter, "eigsh_tols_b": cfg.eigsh_tols,
+                         "seeds_f": cfg.f_seeds,
+                         "memory_measurements_per_op": cfg.mem_repeats,
+                         "rows": sorted(cfg.only)},
+            "methods": METHODS,
+            "targets": {k: {"op": v[0], "target": v[1], "ratio": v[2]}
+                        for k, v in TARGETS.items()},
+            "models": self.model_info,
+            "peers": cfg.peers,
+            "pyhessian_notes": C.PYHESSIAN_NOTES,
+            "curvlinops_notes": P.CURVLINOPS_NOTES,
+            "rows": self.rows,
+            "elapsed_s": time.perf_counter() - self.t0,
+        }
+
+    def save(self, final: bool) -> None:
+        """Write the JSON (atomically); also after every row, with ``complete: false``."""
+        record = self.record(final)
+        out = self.out
+        if final:
+            print(f"\n# elapsed {record['elapsed_s']:.0f} s")
+        if self.profiles:
+            record["profile"] = self.profiles
+            ptxt = out.with_name(f"profile_{self.device.type}.txt")
+            ptxt.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ptxt.with_name(ptxt.name + ".tmp")
+            tmp.write_text("\n\n".join(self.profile_text))
+            os.replace(tmp, ptxt)
+            print(f"# profile written to {ptxt}")
+        end_files = C.source_hashes()
+        start_files = self.machine["covariant_source_files"]
+        changed = sorted(f for f in set(end_files) | set(start_files)
+                         if end_files.get(f) != start_files.get(f))
+        record["machine"]["covariant_source_changed_during_run"] = changed
+        if changed and final:
+            print(f"# WARNING: covariant sources changed during this run ({', '.join(changed)});"
+                  " memory subprocesses started after the change import the new code")
+        C.save_json_atomic(out, record)
+        if final:
+            print(f"# results written to {out}")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1002,6 +1096,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "0 keeps torch's default)")
     ap.add_argument("--cache-dir", default=None,
                     help="where data and trained weights are cached (~/.cache/covariant-bench)")
+    ap.add_argument("--mem-repeats", type=int, default=None,
+                    help="fresh-process measurements per operation in row e (default 3)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     ap.add_argument("--markdown", default=None, metavar="JSON",
                     help="print the table of a results JSON as Markdown and exit")
@@ -1052,105 +1148,51 @@ def main(argv: list[str] | None = None) -> int:
         cfg.f_seeds = 5
         cfg.mem_ops = ("grad", "trace_invariant")
         cfg.mem_repeats = 1
-    t0 = time.perf_counter()
-    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    machine = C.machine_info(device)
-    print(f"# covariant flatness benchmark on {machine['cpu_model']} "
-          f"({machine['cpu_affinity']} cores, torch {machine['torch']}, {threads or 'default'} "
-          f"thread(s), device {device}, load {machine['loadavg_at_start']})", flush=True)
+    if args.mem_repeats:
+        cfg.mem_repeats = args.mem_repeats
+    state = Run(args=args, cfg=cfg, device=device, threads=threads,
+                machine=C.machine_info(device))
+    print(f"# covariant flatness benchmark on {state.machine['cpu_model']} "
+          f"({state.machine['cpu_affinity']} cores, torch {state.machine['torch']}, "
+          f"{threads or 'default'} thread(s), device {device}, "
+          f"load {state.machine['loadavg_at_start']})", flush=True)
     print(f"# peers: {cfg.peers}", flush=True)
-    rows: list[dict] = []
-    model_info: dict[str, Any] = {}
-    profiles: dict[str, Any] = {}
-    profile_text: list[str] = []
-
+    print(f"# results (rewritten after every row) go to {state.out}", flush=True)
     clock = {"t": time.perf_counter()}
 
     def done(r: dict) -> None:
         now = time.perf_counter()
         r["seconds"] = now - clock["t"]
         clock["t"] = now
-        rows.append(r)
+        state.rows.append(r)
         print(format_table([r]).splitlines()[-1], flush=True)
+        state.save(final=False)
 
     for name in models:
         if not (only & {"a", "b", "c", "d", "e", "profile"}):
             break
         ctx = build_ctx(name, cfg, C.load_model_data(name, cfg.cache))
         clock["t"] = time.perf_counter()
-        model_info[name] = ctx.desc
+        state.model_info[name] = ctx.desc
         print(f"## {name}: {ctx.desc['params']:,} params, test acc {ctx.desc['test_accuracy']},"
-              f" batch {cfg.batch}, probes {ctx.N}", flush=True)
-        if "a" in only:
-            for r in rows_a(ctx, cfg):
-                done(r)
-        if "b" in only:
-            for r in rows_b(ctx, cfg):
-                done(r)
-        if "c" in only:
-            done(row_c(ctx, cfg))
-        if "d" in only:
-            for r in rows_d(ctx, cfg):
-                done(r)
-        if "e" in only:
-            done(row_e(ctx, cfg))
+              f" batch {ctx.X.shape[0]}, probes {ctx.N}, mode {ctx.desc['mode']}", flush=True)
+        # cheap rows first, the eigenvalue sweeps (b) last: a cut-off run keeps the others
+        for rid, fn in (("a", rows_a), ("c", row_c), ("d", rows_d), ("e", row_e),
+                        ("b", rows_b)):
+            if rid in only:
+                out = fn(ctx, cfg)
+                for r in (out if isinstance(out, list) else [out]):
+                    done(r)
         if "profile" in only:
             summary, text = profile_ctx(ctx, cfg)
-            profiles[name] = summary
-            profile_text.append(text)
+            state.profiles[name] = summary
+            state.profile_text.append(text)
         del ctx
     if "f" in only:
         done(row_f(cfg, C.load_data(cfg.cache)))
-
-    elapsed = time.perf_counter() - t0
     print()
-    print(format_table(rows))
-    print(f"\n# elapsed {elapsed:.0f} s")
-    suffix = "" if not (args.quick or args.only) else ("_quick" if args.quick else "_partial")
-    out = Path(args.out) if args.out else C.RESULTS_DIR / f"flatness_{device.type}{suffix}.json"
-    record = {
-        "schema": "covariant.bench.flatness/1",
-        "started": started,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {**machine, "loadavg_at_end": list(os.getloadavg()),
-                    "mem_available_gib_at_end": C.mem_available_gib(),
-                    "covariant_source_sha256_at_end": C.source_fingerprint()},
-        "settings": {"quick": cfg.quick, "repeats": cfg.repeats, "batch": cfg.batch,
-                     "threads": threads, "models": models, "probes": probes,
-                     "train_epochs": epochs, "dtype": "float32 (row f: float64 truth)",
-                     "accuracy_b": cfg.accuracy, "reference_tol_b": cfg.ref_tol,
-                     "ours_tols_b": cfg.ours_tols, "peer_tols_b": cfg.peer_tols,
-                     "peer_max_iter_b": cfg.peer_max_iter, "eigsh_tols_b": cfg.eigsh_tols,
-                     "seeds_f": cfg.f_seeds,
-                     "memory_measurements_per_op": cfg.mem_repeats,
-                     "rows": sorted(only)},
-        "methods": METHODS,
-        "targets": {k: {"op": v[0], "target": v[1], "ratio": v[2]} for k, v in TARGETS.items()},
-        "models": model_info,
-        "peers": cfg.peers,
-        "pyhessian_notes": C.PYHESSIAN_NOTES,
-        "curvlinops_notes": P.CURVLINOPS_NOTES,
-        "rows": rows,
-        "elapsed_s": elapsed,
-    }
-    if profiles:
-        record["profile"] = profiles
-        ptxt = out.with_name(f"profile_{device.type}.txt")
-        ptxt.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ptxt.with_name(ptxt.name + ".tmp")
-        tmp.write_text("\n\n".join(profile_text))
-        os.replace(tmp, ptxt)
-        print(f"# profile written to {ptxt}")
-    end_files = C.source_hashes()
-    changed = sorted(f for f in set(end_files) | set(machine["covariant_source_files"])
-                     if end_files.get(f) != machine["covariant_source_files"].get(f))
-    record["machine"]["covariant_source_changed_during_run"] = changed
-    if changed:
-        print(f"# WARNING: covariant sources changed during this run ({', '.join(changed)}); "
-              "memory subprocesses started after the change import the new code")
-    C.save_json_atomic(out, record)
-    print(f"# results written to {out}")
+    print(format_table(state.rows))
+    state.save(final=True)
     return 0
 
 
