@@ -84,8 +84,8 @@ class PriorPrecisionResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields, the point as a list. A λ where the precision is not positive
-        definite keeps its evidence −inf (``json.dumps`` writes ``-Infinity``), so that the
-        curve stays a list of floats."""
+        definite keeps its evidence −inf, so that the curve stays a list of floats; the one
+        JSON writer (``covariant._io.dumps_json``) stores it as ``null`` with a flag."""
         return {
             "prior_precision": self.prior_precision, "log_evidence": self.log_evidence,
             "grid": self.grid, "log_evidences": self.log_evidences,
