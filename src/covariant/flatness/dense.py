@@ -35,13 +35,7 @@ from torch import Tensor
 from ..errors import SingularMetricError
 from ..metrics.base import cholesky_or_raise
 from ..space import ParameterSpace
-from .nulls import (
-    check_hess_vanishes_on_kernel,
-    hessian_scale,
-    kernel_is_gauge,
-    pseudo_log_determinant,
-    round_off_floor,
-)
+from .nulls import kernel_is_gauge, pseudo_log_determinant, restrict_to_range
 from .report import Measure
 
 __all__ = ["DENSE_MEASURES", "dense_flatness", "generalized_eigh"]
@@ -127,14 +121,10 @@ def _restriction_basis(space: ParameterSpace, p: Tensor, H: Tensor, G: Tensor,
     if not metric.is_degenerate(p):
         return None, None, 0.0
     rank = metric.rank(p)
-    lam, evecs = torch.linalg.eigh(G)
     if kernel_is_gauge(space, p, rank):
-        return evecs[:, -rank:], "gauge directions of the chart", 0.0
-    K = evecs[:, : p.shape[0] - rank]
-    scale = hessian_scale(space, p)
-    check_hess_vanishes_on_kernel(H @ K, scale, "flatness", null_rtol)
-    return (evecs[:, -rank:], "null directions of Hess and G",
-            round_off_floor(scale, lam[p.shape[0] - rank:]))
+        return torch.linalg.eigh(G)[1][:, -rank:], "gauge directions of the chart", 0.0
+    rng = restrict_to_range(space, p, G, rank, lambda K: H @ K, null_rtol)
+    return rng.basis, "null directions of Hess and G", rng.null_floor
 
 
 def dense_flatness(

@@ -54,6 +54,7 @@ Example
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -63,9 +64,11 @@ from .._checks import default_tol
 from ..errors import SingularMetricError
 from ..space import ParameterSpace
 
-__all__ = ["NULL_RTOL", "PseudoLogDet", "SLQPseudoLogDet", "check_hess_vanishes_on_kernel",
-           "check_null_rtol", "hessian_scale", "kernel_is_gauge", "null_threshold",
-           "pseudo_log_determinant", "round_off_floor", "slq_pseudo_log_determinant"]
+__all__ = ["NULL_RTOL", "MetricRange", "PseudoLogDet", "SLQPseudoLogDet",
+           "check_hess_vanishes_on_kernel", "check_null_rtol", "hessian_scale",
+           "kernel_is_gauge", "null_threshold",
+           "pseudo_log_determinant", "restrict_to_range", "round_off_floor",
+           "slq_pseudo_log_determinant"]
 
 NULL_RTOL = 1e-10
 """Default ``null_rtol`` (floored at 100·eps of the dtype): far above the round-off of a null
@@ -194,6 +197,36 @@ def hessian_scale(space: ParameterSpace, p: Tensor, steps: int = 20) -> float:
             v = w / norm
         scale = max(scale, norm)
     return scale
+
+
+@dataclass(frozen=True)
+class MetricRange:
+    """range(G) of a singular metric whose kernel Hess annihilates: G = Q diag(lam) Qᵀ."""
+
+    basis: Tensor
+    """Q, (d, rank), orthonormal."""
+    eigenvalues: Tensor
+    """lam, the positive eigenvalues of G (rank,)."""
+    null_floor: float
+    """The round-off floor of the null threshold on this range (:func:`round_off_floor`)."""
+
+
+def restrict_to_range(space: ParameterSpace, p: Tensor, G: Tensor, rank: int,
+                      hess_times: Callable[[Tensor], Tensor],
+                      null_rtol: float | None = None) -> MetricRange:
+    """range(G) from the dense G, after checking that Hess vanishes on ker G.
+
+    ``hess_times(K)`` returns Hess K for a (d, d − rank) block (a dense product, or one
+    Hessian-vector product per column); :class:`SingularMetricError` if it is not ≈ 0.
+    """
+    d = p.shape[0]
+    lam, evecs = torch.linalg.eigh(G)
+    K = evecs[:, : d - rank]
+    scale = hessian_scale(space, p)
+    if K.shape[1]:
+        check_hess_vanishes_on_kernel(hess_times(K), scale, "flatness", null_rtol)
+    return MetricRange(evecs[:, d - rank:], lam[d - rank:],
+                       round_off_floor(scale, lam[d - rank:]))
 
 
 def check_hess_vanishes_on_kernel(hess_kernel: Tensor, hess_scale: float, where: str,

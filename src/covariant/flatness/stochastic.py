@@ -48,13 +48,7 @@ from .._progress import progress_scope
 from ..errors import NotConvergedError, SingularMetricError
 from ..metrics import Euclidean, Pullback
 from ..space import ParameterSpace
-from .nulls import (
-    check_hess_vanishes_on_kernel,
-    hessian_scale,
-    kernel_is_gauge,
-    round_off_floor,
-    slq_pseudo_log_determinant,
-)
+from .nulls import kernel_is_gauge, restrict_to_range, slq_pseudo_log_determinant
 from .options import StochasticOptions, resolve_options
 from .report import Measure
 from .trace import factored_trace
@@ -165,13 +159,10 @@ def _range_restricted_matvecs(
             f"({err}). Damp the metric in a way that keeps invariance (--damping, or "
             "metrics.Damped(G, lam, reference=...)) (docs/math.md §4.2)."
         ) from err
-    lam, evecs = torch.linalg.eigh(G)
-    K, Q, lam = evecs[:, : d - rank], evecs[:, d - rank:], lam[d - rank:]
-    scale = hessian_scale(space, p)
-    if K.shape[1]:
-        HK = torch.stack([hvp(k) for k in K.T], 1)
-        check_hess_vanishes_on_kernel(HK, scale, "flatness", null_rtol)
-    matvec = _RangeRestricted(hvp, Q, lam, round_off_floor(scale, lam))
+    rng = restrict_to_range(space, p, G, rank,
+                            lambda K: torch.stack([hvp(k) for k in K.T], 1), null_rtol)
+    Q, lam = rng.basis, rng.eigenvalues
+    matvec = _RangeRestricted(hvp, Q, lam, rng.null_floor)
 
     def inner(u: Tensor) -> Tensor:
         return lam * u

@@ -88,6 +88,7 @@ __all__ = ["CurvatureMetric", "model_of"]
 Forward = Callable[[Tensor, Tensor], Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Batch = tuple[Tensor, Tensor]
+Model = Callable[[Tensor], Tensor]  # q ↦ f(q, X_b) for one batch
 
 _SOLVE_MODES = ("raise", "pinv")
 
@@ -218,19 +219,25 @@ class CurvatureMetric(Metric):
         """An upper bound on rank Λ_b (used in messages and for large d)."""
         return out.numel()
 
+    def _batch_models(self, p: Tensor) -> list[tuple[int, Tensor | float, Model, Tensor]]:
+        """(b, w_b, q ↦ f(q, X_b), y_b) for each batch, inputs cast to the point's dtype."""
+        out = []
+        for b, (w, (X, y)) in enumerate(zip(self.weights, self.batches, strict=True)):
+            Xb = cast_input(X, p)
+
+            def f(q: Tensor, Xb: Tensor = Xb) -> Tensor:
+                return self.forward(q, Xb)
+
+            out.append((b, w, f, y.to(device=p.device)))
+        return out
+
     def matvec(self, p: Tensor, v: Tensor) -> Tensor:
         """G(p) v = Σ_b w_b J_bᵀ Λ_b(f_b) J_b v: one jvp and one vjp per batch.
 
         Differentiable in ``p`` (and composable with ``torch.func`` transforms).
         """
         total: Tensor | None = None
-        for b, (w, (X, y)) in enumerate(zip(self.weights, self.batches, strict=True)):
-            Xb = cast_input(X, p)
-            yb = y.to(device=p.device)
-
-            def f(q: Tensor, Xb: Tensor = Xb) -> Tensor:
-                return self.forward(q, Xb)
-
+        for b, w, f, yb in self._batch_models(p):
             out, Jv = jvp(f, (p,), (v,))
             u = self._output_matvec(b, out, yb, Jv)
             term = w * vjp(f, p)[1](u)[0]
@@ -242,13 +249,7 @@ class CurvatureMetric(Metric):
         """uᵀ G(p) v = Σ_b w_b (J_b u)ᵀ Λ_b (J_b v): two jvps per batch and no vjp, so that
         its directional derivative in p (the connection terms) is forward-over-forward."""
         total: Tensor | None = None
-        for b, (w, (X, y)) in enumerate(zip(self.weights, self.batches, strict=True)):
-            Xb = cast_input(X, p)
-            yb = y.to(device=p.device)
-
-            def f(q: Tensor, Xb: Tensor = Xb) -> Tensor:
-                return self.forward(q, Xb)
-
+        for b, w, f, yb in self._batch_models(p):
             out, Ju = jvp(f, (p,), (u,))
             Jv = jvp(f, (p,), (v,))[1]
             term = w * torch.sum(Ju * self._output_matvec(b, out, yb, Jv))
@@ -269,20 +270,19 @@ class CurvatureMetric(Metric):
         """
         p, r = p.detach(), r.detach()
         parts = []
-        for b, (w, (X, y)) in enumerate(zip(self.weights, self.batches, strict=True)):
-            Xb, yb = cast_input(X, p), y.to(device=p.device)
-            out, Jr = jvp(lambda q, Xb=Xb: self.forward(q, Xb), (p,), (r,))
-            parts.append((b, w, Xb, yb, out.detach(), Jr.detach(),
+        for b, w, f, yb in self._batch_models(p):
+            out, Jr = jvp(f, (p,), (r,))
+            parts.append((b, w, f, yb, out.detach(), Jr.detach(),
                           self._output_matvec(b, out, yb, Jr).detach()))
 
         def potential(q: Tensor) -> Tensor:
-            return sum(w * torch.sum(a * self.forward(q, Xb))  # type: ignore[return-value]
-                       for _, w, Xb, _, _, _, a in parts)
+            return sum(w * torch.sum(a * f(q))  # type: ignore[return-value]
+                       for _, w, f, _, _, _, a in parts)
 
         def remainder(u: Tensor) -> Tensor:
             total = p.new_zeros(())
-            for b, w, Xb, yb, out, Jr, _ in parts:
-                Ju = jvp(lambda q, Xb=Xb: self.forward(q, Xb), (p,), (u,))[1]
+            for b, w, f, yb, out, Jr, _ in parts:
+                Ju = jvp(f, (p,), (u,))[1]
 
                 def lam(o: Tensor, x: Tensor, y: Tensor, b: int = b, yb: Tensor = yb) -> Tensor:
                     return torch.sum(x * self._output_matvec(b, o, yb, y))
