@@ -1,0 +1,378 @@
+r"""Block-diagonal Kronecker-factored operators: the linear algebra of K-FAC and EK-FAC.
+
+An operator on ℝ^d made of blocks, one per layer, plus a diagonal for the rest, plus damping:
+
+.. math::
+
+    K_λ = \Big(\bigoplus_l B_l ⊗ A_l\Big) ⊕ \operatorname{diag}(r) + λ I.
+
+A block acts on the entries of one parameter matrix W (out × in, read row-major from the flat
+vector at ``index``): (B ⊗ A) vec(W) = vec(B W A) for symmetric A, B. With the eigenbasis
+A = Q_A diag(a) Q_Aᵀ, B = Q_B diag(b) Q_Bᵀ, the block is Q (diag vec Λ) Qᵀ with Q = Q_B ⊗ Q_A
+and Λ = b aᵀ (K-FAC) or a corrected matrix of eigenvalues (EK-FAC). Every function of the
+operator is therefore closed-form, one layer at a time:
+
+.. math::
+
+    f(K_λ)\,\mathrm{vec}(W) = \mathrm{vec}\big(Q_B\,[f(Λ + λ) ∘ (Q_Bᵀ W Q_A)]\,Q_Aᵀ\big),
+
+which gives ``solve`` (f = 1/x), ``inv_sqrt`` (f = x^{-1/2}), ``sqrt`` and ``logdet`` (Σ log)
+at the cost of the factors' eigendecompositions, computed once per operator. The damping is
+exact: λ is added to the eigenvalues, not to the factors. An eigenvalue is numerically null
+when it is at most ``null_rtol`` times the largest one (docs/math.md §4.1); ``solve`` and
+``logdet`` refuse a singular operator unless asked for the pseudo-inverse / pseudo-log-det.
+
+Example
+-------
+>>> import torch
+>>> A = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+>>> B = torch.tensor([[3.0]], dtype=torch.float64)
+>>> blk = KroneckerBlock("w", torch.tensor([1, 0]), A, B)      # W = [[p1, p0]]
+>>> K = KroneckerFactored([blk], dim=3, rest_index=torch.tensor([2]),
+...                       rest_diagonal=torch.tensor([5.0], dtype=torch.float64), damping=1.0)
+>>> K.dense()
+tensor([[7., 3., 0.],
+        [3., 7., 0.],
+        [0., 0., 6.]], dtype=torch.float64)
+>>> v = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
+>>> bool(torch.allclose(K.matvec(K.solve(v)), v))
+True
+>>> round(float(K.logdet()), 6) == round(float(torch.logdet(K.dense())), 6)
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from .._checks import default_tol
+from ..errors import ShapeMismatchError, SingularMetricError
+from .base import check_dense_size
+
+__all__ = ["KroneckerBlock", "KroneckerFactored"]
+
+#: Relative threshold below which an eigenvalue counts as numerically null (floored at
+#: 100·eps of the dtype), the same default as the curvature metrics' numerical rank.
+NULL_RTOL = 1e-10
+
+_DAMPING_HINT = (
+    "Damp it (KFAC(..., damping=lam) adds lam·I exactly in the chart of the weights, and a "
+    "reparametrized space pulls the damped metric back as a whole, docs/math.md §5), or ask "
+    "for the pseudo-inverse (solve_mode='pinv')."
+)
+
+
+@dataclass(frozen=True)
+class KroneckerBlock:
+    """One layer's block B ⊗ A, acting on the matrix W = p[index].reshape(out, in).
+
+    Parameters
+    ----------
+    name : str
+        What the block covers, e.g. ``"0.weight"`` or ``"0.weight+0.bias"``.
+    index : LongTensor, shape (out·in,)
+        Flat positions of W's entries in the point, row-major.
+    A : Tensor, shape (in, in)
+        Input factor (symmetric positive semi-definite).
+    B : Tensor, shape (out, out)
+        Output-gradient factor (symmetric positive semi-definite).
+    eigenvalues : Tensor, shape (out, in), optional
+        EK-FAC's eigenvalues in the basis Q_B ⊗ Q_A of ``eigh(B)``, ``eigh(A)``; None for K-FAC
+        (Λ = b aᵀ).
+    """
+
+    name: str
+    index: Tensor
+    A: Tensor
+    B: Tensor
+    eigenvalues: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n_in, n_out = self.A.shape[-1], self.B.shape[-1]
+        if self.A.shape != (n_in, n_in) or self.B.shape != (n_out, n_out):
+            raise ShapeMismatchError(
+                f"KroneckerBlock {self.name!r}: A and B must be square, got "
+                f"{tuple(self.A.shape)} and {tuple(self.B.shape)}")
+        if self.index.shape != (n_out * n_in,):
+            raise ShapeMismatchError(
+                f"KroneckerBlock {self.name!r}: index must have out·in = {n_out * n_in} "
+                f"entries, got shape {tuple(self.index.shape)}")
+        if self.eigenvalues is not None and self.eigenvalues.shape != (n_out, n_in):
+            raise ShapeMismatchError(
+                f"KroneckerBlock {self.name!r}: eigenvalues must have shape ({n_out}, {n_in}), "
+                f"got {tuple(self.eigenvalues.shape)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in): the shape of the block's parameter matrix."""
+        return self.B.shape[0], self.A.shape[0]
+
+
+@dataclass
+class _Eigen:
+    """Eigenbasis of one block: Q_B, Q_A and the matrix of eigenvalues Λ (without damping)."""
+
+    QB: Tensor
+    QA: Tensor
+    lam: Tensor
+
+
+@dataclass
+class KroneckerFactored:
+    """K_λ = (⊕_l B_l ⊗ A_l) ⊕ diag(r) + λ I on ℝ^d (see the module docstring).
+
+    Parameters
+    ----------
+    blocks : sequence of KroneckerBlock
+    dim : int
+        d; the blocks' indices and ``rest_index`` must partition range(d).
+    rest_index : LongTensor, optional
+        Positions that no block covers.
+    rest_diagonal : Tensor, optional
+        Their diagonal r (same length as ``rest_index``).
+    damping : float or Tensor
+        λ ≥ 0: a number, or a (d,) tensor that is constant on each block (e.g. a per-layer
+        prior precision); it is added to the eigenvalues exactly.
+    """
+
+    blocks: Sequence[KroneckerBlock]
+    dim: int
+    rest_index: Tensor | None = None
+    rest_diagonal: Tensor | None = None
+    damping: float | Tensor = 0.0
+    _eigen: list[_Eigen] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.blocks = tuple(self.blocks)
+        ref = self.blocks[0].A if self.blocks else self.rest_diagonal
+        if ref is None:
+            raise ShapeMismatchError("KroneckerFactored: needs at least one block or a rest")
+        if (self.rest_index is None) != (self.rest_diagonal is None):
+            raise ShapeMismatchError(
+                "KroneckerFactored: rest_index and rest_diagonal go together")
+        if self.rest_index is None:
+            self.rest_index = torch.zeros(0, dtype=torch.long, device=ref.device)
+            self.rest_diagonal = ref.new_zeros(0)
+        assert self.rest_diagonal is not None
+        if self.rest_diagonal.shape != self.rest_index.shape:
+            raise ShapeMismatchError(
+                f"KroneckerFactored: rest_diagonal has shape {tuple(self.rest_diagonal.shape)}, "
+                f"rest_index {tuple(self.rest_index.shape)}")
+        counts = torch.bincount(
+            torch.cat([b.index.reshape(-1).cpu() for b in self.blocks]
+                      + [self.rest_index.cpu()]), minlength=self.dim)
+        if counts.numel() != self.dim or not bool((counts == 1).all()):
+            raise ShapeMismatchError(
+                f"KroneckerFactored: the blocks and the rest must cover each of the {self.dim} "
+                "coordinates exactly once")
+        self._check_damping()
+
+    # ------------------------------------------------------------------ damping
+    def _check_damping(self) -> None:
+        lam = self.damping
+        if isinstance(lam, Tensor):
+            if lam.shape != (self.dim,):
+                raise ShapeMismatchError(
+                    f"KroneckerFactored: a damping tensor must have shape ({self.dim},), got "
+                    f"{tuple(lam.shape)}")
+            if bool((lam < 0).any()):
+                raise ValueError("KroneckerFactored: damping must be >= 0")
+            for b in self.blocks:
+                vals = lam[b.index]
+                if not bool((vals == vals[0]).all()):
+                    raise ValueError(
+                        f"KroneckerFactored: the damping must be constant on block {b.name!r}; "
+                        "a Kronecker block has a closed form only for λ·I on it")
+        elif not float(lam) >= 0.0:
+            raise ValueError(f"KroneckerFactored: damping must be >= 0, got {lam!r}")
+
+    def _block_damping(self, b: KroneckerBlock) -> Tensor | float:
+        lam = self.damping
+        return lam[b.index[0]] if isinstance(lam, Tensor) else float(lam)
+
+    def _rest_damping(self) -> Tensor | float:
+        lam = self.damping
+        assert self.rest_index is not None
+        return lam[self.rest_index] if isinstance(lam, Tensor) else float(lam)
+
+    # ------------------------------------------------------------------ new operators
+    def with_damping(self, damping: float | Tensor) -> KroneckerFactored:
+        """The same factors with another damping λ (eigendecompositions are shared)."""
+        return replace(self, damping=damping, _eigen=self._eigs())
+
+    def scaled(self, c: float) -> KroneckerFactored:
+        """c·K_λ (the B factors, EK-FAC eigenvalues, rest and damping scaled by c > 0)."""
+        if not float(c) > 0.0:
+            raise ValueError(f"KroneckerFactored.scaled: c must be > 0, got {c!r}")
+        blocks = [replace(b, B=c * b.B,
+                          eigenvalues=None if b.eigenvalues is None else c * b.eigenvalues)
+                  for b in self.blocks]
+        assert self.rest_diagonal is not None
+        return KroneckerFactored(blocks, self.dim, self.rest_index, c * self.rest_diagonal,
+                                 c * self.damping)
+
+    def averaged(self, other: KroneckerFactored, decay: float) -> KroneckerFactored:
+        """The running average decay·self + (1 − decay)·other, factor by factor (A, B, the
+        EK-FAC eigenvalues and the rest); the damping is ``other``'s. Both must have the same
+        blocks (names and indices)."""
+        if not 0.0 <= float(decay) <= 1.0:
+            raise ValueError(f"KroneckerFactored.averaged: decay must be in [0, 1], got {decay}")
+        if [b.name for b in self.blocks] != [b.name for b in other.blocks] \
+                or self.dim != other.dim:
+            raise ShapeMismatchError("KroneckerFactored.averaged: the operators have "
+                                     "different blocks")
+
+        def mix(x: Tensor | None, y: Tensor | None) -> Tensor | None:
+            if x is None or y is None:
+                return None
+            return decay * x + (1.0 - decay) * y
+
+        blocks = []
+        for a, b in zip(self.blocks, other.blocks, strict=True):
+            eig = mix(a.eigenvalues, b.eigenvalues)
+            blocks.append(replace(b, A=mix(a.A, b.A), B=mix(a.B, b.B), eigenvalues=eig))
+        return KroneckerFactored(blocks, self.dim, other.rest_index,
+                                 mix(self.rest_diagonal, other.rest_diagonal), other.damping)
+
+    # ------------------------------------------------------------------ eigenbasis
+    def _eigs(self) -> list[_Eigen]:
+        if self._eigen is None:
+            eig = []
+            for b in self.blocks:
+                a, QA = torch.linalg.eigh(0.5 * (b.A + b.A.T))
+                bb, QB = torch.linalg.eigh(0.5 * (b.B + b.B.T))
+                if b.eigenvalues is not None:
+                    lam = b.eigenvalues
+                else:  # PSD factors: round-off below zero is zero
+                    lam = torch.outer(bb.clamp_min(0.0), a.clamp_min(0.0))
+                eig.append(_Eigen(QB, QA, lam))
+            self._eigen = eig
+        return self._eigen
+
+    def eigenvalues(self) -> Tensor:
+        """All d eigenvalues of K_λ (unsorted: block by block, then the rest)."""
+        parts = [(e.lam + self._block_damping(b)).reshape(-1)
+                 for b, e in zip(self.blocks, self._eigs(), strict=True)]
+        assert self.rest_diagonal is not None
+        parts.append(self.rest_diagonal + self._rest_damping())
+        return torch.cat(parts)
+
+    def null_threshold(self, null_rtol: float | None = None) -> float:
+        """τ = null_rtol · max |eigenvalue|: eigenvalues at or below τ are numerically null."""
+        ev = self.eigenvalues()
+        rtol = default_tol(null_rtol, ev.dtype, NULL_RTOL)
+        return rtol * float(ev.abs().max()) if ev.numel() else 0.0
+
+    def rank(self, null_rtol: float | None = None) -> int:
+        """The number of eigenvalues above the null threshold."""
+        return int((self.eigenvalues() > self.null_threshold(null_rtol)).sum())
+
+    # ------------------------------------------------------------------ functions of K
+    def _apply(self, v: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """f(K_λ) v for v of shape (d,) or (d, k), f applied to the eigenvalues."""
+        if v.shape[0] != self.dim or v.ndim not in (1, 2):
+            raise ShapeMismatchError(
+                f"KroneckerFactored: expected a vector ({self.dim},) or a matrix ({self.dim}, k), "
+                f"got {tuple(v.shape)}")
+        V = v.reshape(self.dim, -1)
+        out = torch.empty_like(V)
+        for b, e in zip(self.blocks, self._eigs(), strict=True):
+            n_out, n_in = b.shape
+            M = V[b.index].reshape(n_out, n_in, -1).to(e.QA.dtype)
+            M = torch.einsum("ji,jlk,lm->imk", e.QB, M, e.QA)        # Q_Bᵀ M Q_A
+            M = M * fn(e.lam + self._block_damping(b)).unsqueeze(-1)
+            M = torch.einsum("ij,jlk,ml->imk", e.QB, M, e.QA)        # Q_B M Q_Aᵀ
+            out[b.index] = M.reshape(n_out * n_in, -1).to(out.dtype)
+        assert self.rest_index is not None and self.rest_diagonal is not None
+        rest = fn(self.rest_diagonal + self._rest_damping())
+        out[self.rest_index] = V[self.rest_index] * rest.unsqueeze(-1).to(V.dtype)
+        return out.reshape(v.shape)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """K_λ v: B W A per K-FAC block (two small matrix products), the eigenbasis for
+        EK-FAC."""
+        if v.shape[0] != self.dim or v.ndim not in (1, 2):
+            return self._apply(v, lambda x: x)  # raises the shape error
+        V = v.reshape(self.dim, -1)
+        out = torch.empty_like(V)
+        lam_all = self.damping
+        for i, b in enumerate(self.blocks):
+            if b.eigenvalues is not None:
+                e = self._eigs()[i]
+                M = V[b.index].reshape(*b.shape, -1)
+                M = torch.einsum("ji,jlk,lm->imk", e.QB, M, e.QA) * e.lam.unsqueeze(-1)
+                M = torch.einsum("ij,jlk,ml->imk", e.QB, M, e.QA)
+            else:
+                M = torch.einsum("ij,jlk,lm->imk", b.B, V[b.index].reshape(*b.shape, -1), b.A)
+            out[b.index] = M.reshape(-1, V.shape[1])
+        assert self.rest_index is not None and self.rest_diagonal is not None
+        out[self.rest_index] = V[self.rest_index] * self.rest_diagonal.unsqueeze(-1)
+        lam = lam_all.unsqueeze(-1) if isinstance(lam_all, Tensor) else float(lam_all)
+        return (out + lam * V).reshape(v.shape)
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """K_λ V for the columns of V (d, k)."""
+        return self.matvec(V)
+
+    def _check_invertible(self, what: str, null_rtol: float | None) -> float:
+        tau = self.null_threshold(null_rtol)
+        ev = self.eigenvalues()
+        if bool((ev <= tau).any()):
+            num = int((ev <= tau).sum())
+            raise SingularMetricError(
+                f"{what}: the Kronecker-factored metric is singular ({num} of {self.dim} "
+                f"eigenvalues at or below {tau:.3g}). " + _DAMPING_HINT)
+        return tau
+
+    def solve(self, w: Tensor, *, pinv: bool = False, null_rtol: float | None = None) -> Tensor:
+        """K_λ⁻¹ w (w of shape (d,) or (d, k)), or the pseudo-inverse K_λ⁺ w with ``pinv``."""
+        if pinv:
+            tau = self.null_threshold(null_rtol)
+            return self._apply(w, lambda x: torch.where(x > tau, 1.0 / x, x.new_zeros(())))
+        self._check_invertible("KroneckerFactored.solve", null_rtol)
+        return self._apply(w, lambda x: 1.0 / x)
+
+    def inv_sqrt(self, Z: Tensor, *, null_rtol: float | None = None) -> Tensor:
+        """S Z with the symmetric S = K_λ^{-1/2} (S Sᵀ = K_λ⁻¹): N(0, I) draws to N(0, K_λ⁻¹)."""
+        self._check_invertible("KroneckerFactored.inv_sqrt", null_rtol)
+        return self._apply(Z, torch.rsqrt)
+
+    def sqrt(self, Z: Tensor) -> Tensor:
+        """K_λ^{1/2} Z (symmetric square root)."""
+        return self._apply(Z, lambda x: x.clamp_min(0.0).sqrt())
+
+    def logdet(self, *, pseudo: bool = False, null_rtol: float | None = None) -> Tensor:
+        """log det K_λ = Σ log(eigenvalues); with ``pseudo`` the sum over the eigenvalues
+        above the null threshold (the pseudo-log-determinant)."""
+        ev = self.eigenvalues()
+        if pseudo:
+            return ev[ev > self.null_threshold(null_rtol)].log().sum()
+        self._check_invertible("KroneckerFactored.logdet", null_rtol)
+        return ev.log().sum()
+
+    def trace(self) -> Tensor:
+        """tr K_λ = Σ_l tr Λ_l + Σ r + Σ λ."""
+        return self.eigenvalues().sum()
+
+    def dense(self, max_dim: int | None = None) -> Tensor:
+        """K_λ as a dense (d, d) matrix (small d only: ground truth for tests)."""
+        check_dense_size(self.dim, "KroneckerFactored.dense", max_dim)
+        ref = self.blocks[0].A if self.blocks else self.rest_diagonal
+        assert ref is not None and self.rest_index is not None
+        K = ref.new_zeros(self.dim, self.dim)
+        for b, e in zip(self.blocks, self._eigs(), strict=True):
+            if b.eigenvalues is None:
+                blk = torch.kron(b.B, b.A)
+            else:
+                Q = torch.kron(e.QB, e.QA)
+                blk = (Q * e.lam.reshape(-1)) @ Q.T
+            K[b.index.unsqueeze(1), b.index.unsqueeze(0)] = blk
+        assert self.rest_diagonal is not None
+        K[self.rest_index, self.rest_index] = self.rest_diagonal
+        lam = self.damping
+        return K + (torch.diag(lam) if isinstance(lam, Tensor) else float(lam) * torch.eye(
+            self.dim, dtype=K.dtype, device=K.device))
