@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._fast import is_plain
+from .._fast import is_transformed
 from ..errors import ShapeMismatchError
 from ..layout import ParameterLayout, as_batches, batch_weights, functional_forward
 from .base import Metric, Pullback
@@ -163,7 +163,7 @@ class KFAC(Metric):
     # ---------------------------------------------------------------- factors
     def factor_set(self, p: Tensor, *, differentiable: bool = False) -> FactorSet:
         """The raw factors at ``p`` (no damping); differentiable in ``p`` on request."""
-        if not is_plain(p):
+        if is_transformed(p):
             raise NotImplementedError(
                 f"{self.name}: the factors are computed with hooks and reverse-mode autograd; "
                 "they cannot be traced by forward-mode / vmap transforms of the point "

@@ -12,10 +12,11 @@ row-major vec(W) (docs/math.md, "K-FAC and EK-FAC metrics"):
   S_b S_bᵀ = w_b ∇²_f ℓ_b (``"type2"``), or the seeded Monte-Carlo gradients of the Fisher
   (``"mc"``, the same draws as ``covariant.metrics.Fisher(mc_samples=M, seed=...)``).
 
-The layer outputs are reached by forward hooks that fire inside the space's functional
-forward; the backprop columns are vector-Jacobian products to those outputs. With a point
-that requires grad and ``differentiable=True`` everything is built with ``create_graph``, so
-the factors (and the metric) can be differentiated in the point by reverse mode.
+The layer inputs and outputs are reached by forward hooks that fire inside the space's
+functional forward; the backprop columns are ``torch.func`` vector-Jacobian products with
+respect to zero perturbations added to the layer outputs (all columns at once, vmapped).
+With a point that requires grad and ``differentiable=True`` the graph is kept, so the
+factors (and the metric) can be differentiated in the point by reverse mode.
 
 Parameters of any other module ("uncovered") get the exact diagonal of the same curvature,
 Σ_b Σ_n Σ_k (∂⟨f_n, S_b[n, k]⟩/∂θ_i)², from per-sample vector-Jacobian products (vmapped).
@@ -45,7 +46,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -292,25 +292,28 @@ def _block_index(layer: _Layer, joint: bool, out_dim: int) -> list[tuple[str, Te
 # ---------------------------------------------------------------------- one batch
 @dataclass
 class _Signals:
-    """One batch: per covered layer its input rows (N, T, in) and, per column, the output
-    gradient rows (N, T, out)."""
+    """One batch: per covered layer its input rows (N, T, in) and the output-gradient rows
+    (K, N, T, out) of the K backprop columns."""
 
     xs: dict[str, Tensor]
-    gs: dict[str, list[Tensor]]
+    gs: dict[str, Tensor]
     out: Tensor
     cols: Tensor
 
 
-def _batch_signals(layers: list[_Layer], forward: Forward, q: Tensor, X: Tensor, y: Tensor,
-                   w: float, info: LossInfo, opts: FactorOptions, noise: Tensor | None,
-                   create_graph: bool) -> _Signals:
+def _run_hooked(layers: list[_Layer], forward: Forward, q: Tensor, X: Tensor,
+                eps: dict[str, Tensor] | None) -> tuple[Tensor, dict[str, Tensor]]:
+    """forward(q, X) with hooks: record each layer's input and add ``eps[name]`` (a zero
+    perturbation, the handle of the layer's output gradient) to its output."""
     for layer in layers:
         layer.calls = []
 
     def make_hook(layer: _Layer) -> Callable[..., Tensor]:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
             layer.calls.append((inputs[0], output))
-            return output.clone()  # later in-place ops act on the copy, not on `output`
+            if eps is None or layer.name not in eps:
+                return output
+            return output + eps[layer.name]
         return hook
 
     handles = [layer.module.register_forward_hook(make_hook(layer)) for layer in layers]
@@ -319,24 +322,37 @@ def _batch_signals(layers: list[_Layer], forward: Forward, q: Tensor, X: Tensor,
     finally:
         for h in handles:
             h.remove()
-    yb = y.to(device=q.device)
-    cols = output_columns(info, out, yb, w, opts.fisher_type, noise)
-    if not create_graph:
-        cols = cols.detach()
+    xs = {la.name: la.calls[0][0].clone() for la in layers if len(la.calls) == 1}
+    return out, xs
+
+
+def _batch_signals(layers: list[_Layer], forward: Forward, q: Tensor, X: Tensor, y: Tensor,
+                   w: float, info: LossInfo, opts: FactorOptions, noise: Tensor | None
+                   ) -> _Signals:
+    """Layer inputs and output gradients of one batch, by ``torch.func``: the gradients are
+    vector-Jacobian products with respect to zero perturbations of the layer outputs, so
+    this composes with outer autograd (reverse mode in the point) and ``vmap``."""
+    with torch.no_grad():  # which layers run once, and their output shapes
+        _run_hooked(layers, forward, q.detach(), X, None)
     live = [la for la in layers if len(la.calls) == 1]
-    targets = [la.calls[0][1] for la in live]
-    gs: dict[str, list[Tensor]] = {la.name: [] for la in live}
-    for k in range(cols.shape[0]):
-        grads = torch.autograd.grad(out, targets, grad_outputs=cols[k], retain_graph=True,
-                                    create_graph=create_graph, allow_unused=True)
-        for la, t, g in zip(live, targets, grads, strict=True):
-            g = torch.zeros_like(t) if g is None else g
-            gs[la.name].append(grad_rows(la.module, g if create_graph else g.detach()))
-    xs = {}
-    for la in live:
-        x = la.calls[0][0]
-        xs[la.name] = input_rows(la.module, x if create_graph else x.detach())
-    return _Signals(xs, gs, out, cols)
+    eps = {la.name: torch.zeros_like(la.calls[0][1]) for la in live}
+    for la in layers:
+        la.calls = []
+
+    def f(e: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        return _run_hooked(live, forward, q, X, e)
+
+    out, pull, xs = vjp(f, eps, has_aux=True)
+    cols = output_columns(info, out, y.to(device=q.device), w, opts.fisher_type, noise)
+    try:
+        grads = vmap(pull)(cols)[0]
+    except (RuntimeError, NotImplementedError):  # ops without batching rules
+        per = [pull(c)[0] for c in cols]
+        grads = {n: torch.stack([g[n] for g in per]) for n in eps}
+    gs = {la.name: torch.stack([grad_rows(la.module, g) for g in grads[la.name]])
+          for la in live}
+    return _Signals({la.name: input_rows(la.module, xs[la.name]) for la in live}, gs, out,
+                    cols)
 
 
 def _is_bias(block_name: str) -> bool:
@@ -355,21 +371,17 @@ def _input_factor(x: Tensor, approx: str, n_data: int) -> Tensor:
     return xb.T @ xb / n_data
 
 
-def _grad_factor(gs: list[Tensor], approx: str) -> Tensor:
-    total = None
-    for g in gs:
-        r = g.reshape(-1, g.shape[-1]) if approx == "expand" else g.sum(1)
-        term = r.T @ r
-        total = term if total is None else total + term
-    assert total is not None
-    return total
+def _grad_factor(g: Tensor, approx: str) -> Tensor:
+    """Σ_k Σ_{n,t} g gᵀ (expand) or Σ_k Σ_n (Σ_t g)(Σ_t g)ᵀ (reduce), g of shape (K, N, T, out)."""
+    r = g.reshape(-1, g.shape[-1]) if approx == "expand" else g.sum(2).reshape(-1, g.shape[-1])
+    return r.T @ r
 
 
 def _add(acc: dict[str, Tensor], key: str, val: Tensor) -> None:
     acc[key] = val if key not in acc else acc[key] + val
 
 
-def _ekfac_correction(x: Tensor, gs: list[Tensor], QA: Tensor | None, QB: Tensor) -> Tensor:
+def _ekfac_correction(x: Tensor, gs: Tensor, QA: Tensor | None, QB: Tensor) -> Tensor:
     """Σ_n Σ_k (Q_Bᵀ Ĝ_nk Q_A)² with Ĝ_nk = Σ_t g_ntk x_ntᵀ (Q_A None: a bias, x = 1)."""
     total = None
     for g in gs:
@@ -418,7 +430,7 @@ def compute_factors(model: nn.Module, layout: ParameterLayout, forward: Forward,
     diagonal of the rest; differentiable in ``p`` (reverse mode) with ``differentiable``."""
     info = kfac_loss_info(loss_fn, "K-FAC")
     create = bool(differentiable and p.requires_grad)
-    q = p if create else p.detach().requires_grad_(True)
+    q = p if create else p.detach()
     layers = candidate_layers(model, layout)
     n_data = sum(int(X.shape[0]) for X, _ in batches)
     joint = not opts.separate_bias
@@ -431,10 +443,10 @@ def compute_factors(model: nn.Module, layout: ParameterLayout, forward: Forward,
     def noise_of(b: int) -> Tensor | None:
         return None if opts.noise is None else opts.noise[b]
 
-    with torch.enable_grad():
+    with torch.enable_grad() if create else torch.no_grad():
         for b, ((X, y), w) in enumerate(zip(batches, weights, strict=True)):
             sig = _batch_signals(layers if covered is None else covered, forward, q, X, y,
-                                 float(w), info, opts, noise_of(b), create)
+                                 float(w), info, opts, noise_of(b))
             if covered is None:
                 covered = [la for la in layers if la.name in sig.xs]
                 for la in covered:
@@ -446,19 +458,13 @@ def compute_factors(model: nn.Module, layout: ParameterLayout, forward: Forward,
             _accumulate(covered, sig, A, B, opts, n_data)
             if rest_idx.numel():
                 ri = rest_idx.to(q.device)
-                d = _uncovered_diagonal(forward, q if create else q.detach(), ri, X, sig.cols)
+                d = _uncovered_diagonal(forward, q, ri, X, sig.cols)
                 diag = diag.index_add(0, ri, d)
         assert covered is not None
         blocks = _blocks(covered, A, B, joint, q)
         if opts.ekfac:
             _eigenvalue_corrections(covered, blocks, forward, q, batches, weights, info, opts,
-                                    create, joint)
-    if not create:
-        for blk in blocks:
-            blk.A, blk.B = blk.A.detach(), blk.B.detach()
-            if blk.eigenvalues is not None:
-                blk.eigenvalues = blk.eigenvalues.detach()
-        diag = diag.detach()
+                                    joint)
     rest_idx = rest_idx.to(q.device)
     uncovered = tuple(n for n, s in layout.slices.items() if bool(rest_mask[s].any()))
     return FactorSet(blocks, rest_idx, diag[rest_idx], uncovered)
@@ -489,7 +495,7 @@ def _blocks(covered: list[_Layer], A: dict[str, Tensor], B: dict[str, Tensor], j
 def _eigenvalue_corrections(covered: list[_Layer], blocks: list[Block], forward: Forward,
                             q: Tensor, batches: Sequence[tuple[Tensor, Tensor]],
                             weights: Sequence[float], info: LossInfo, opts: FactorOptions,
-                            create: bool, joint: bool) -> None:
+                            joint: bool) -> None:
     """EK-FAC: replace each block's eigenvalues b_i a_j by Σ_n Σ_k (Q_Bᵀ Ĝ_nk Q_A)²_ij
     (George et al. 2018), a second pass over the data in the factors' eigenbasis."""
     by_layer: dict[str, list[Block]] = {}
@@ -501,7 +507,7 @@ def _eigenvalue_corrections(covered: list[_Layer], blocks: list[Block], forward:
     corr: dict[str, Tensor] = {}
     for b, ((X, y), w) in enumerate(zip(batches, weights, strict=True)):
         noise = None if opts.noise is None else opts.noise[b]
-        sig = _batch_signals(covered, forward, q, X, y, float(w), info, opts, noise, create)
+        sig = _batch_signals(covered, forward, q, X, y, float(w), info, opts, noise)
         for la in covered:
             x = sig.xs[la.name]
             for blk in by_layer[la.name]:
@@ -511,8 +517,3 @@ def _eigenvalue_corrections(covered: list[_Layer], blocks: list[Block], forward:
     for blk in blocks:
         blk.eigenvalues = corr[blk.name]
 
-
-def describe(fs: FactorSet) -> dict[str, Any]:
-    """A summary: covered blocks and their shapes, and the uncovered parameters."""
-    return {"blocks": {b.name: (b.B.shape[0], b.A.shape[0]) for b in fs.blocks},
-            "uncovered": list(fs.uncovered)}
