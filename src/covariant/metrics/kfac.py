@@ -11,7 +11,7 @@ operation is closed-form per block (:class:`~covariant.metrics.kronecker.Kroneck
 
 Both are metrics of the *weights* w. On a reparametrized space (a weight-norm chart, a
 ``torch.nn.utils.parametrize`` model) ``from_space`` returns the pullback Jᵀ K_λ J, so K-FAC
-is a tensor like every other metric here (docs/math.md, "K-FAC and EK-FAC metrics").
+is a tensor like every other metric here (docs/math.md §9).
 
 Example
 -------

@@ -2,7 +2,7 @@ r"""The Kronecker factors of K-FAC and EK-FAC at a point, from one pass of hooks
 
 For a layer ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (groups 1, zero padding) with weight
 matrix W (out × in; a convolution's W.reshape(out, -1)) the curvature block is B ⊗ A on the
-row-major vec(W) (docs/math.md, "K-FAC and EK-FAC metrics"):
+row-major vec(W) (docs/math.md §9):
 
 - A = Σ_{n,t} x_nt x_ntᵀ / (N·T) (``"expand"``) or Σ_n x̄_n x̄_nᵀ / N (``"reduce"``), with
   x_nt the layer input at sample n and weight-sharing position t (a convolution's unfolded
