@@ -352,3 +352,25 @@ def test_registry_and_errors():
         KFAC.from_space(cv.ParameterSpace(lambda p: (p**2).sum()))
     with pytest.raises(ShapeMismatchError):
         space.metric.matvec(theta[:-1], theta[:-1])
+
+
+@pytest.mark.parametrize("fisher_type", ["type2", "mc"])
+def test_ekfac_block_traces_equal_the_exact_ones_for_per_position_targets(fisher_type):
+    """EK-FAC's eigenvalues are the exact block's diagonal in its eigenbasis, so each block
+    has the exact trace: this checks the backprop columns of a cross-entropy over (N, C, L)
+    outputs (one root per sample and position, ignored positions dropped) and the MC draws."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv1d(4, 3, 1)).double()
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(5, 2, 6, generator=g, dtype=D)
+    y = torch.randint(0, 3, (5, 6), generator=g)
+    y[1, 2] = y[3, 0] = -100
+    space, theta = _space(net, nn.CrossEntropyLoss(), (X, y), "ekfac", fisher_type=fisher_type,
+                          mc_samples=2)
+    K = space.metric.dense(theta)
+    exact = (GGN.from_space(space) if fisher_type == "type2"
+             else Fisher.from_space(space, mc_samples=2)).dense(theta)
+    for b in space.metric.factors(theta).blocks:
+        i = b.index
+        t_k, t_g = K[i, i].sum(), exact[i, i].sum()
+        assert float(t_k) == pytest.approx(float(t_g), rel=1e-11)

@@ -20,6 +20,8 @@ factors (and the metric) can be differentiated in the point by reverse mode.
 
 Parameters of any other module ("uncovered") get the exact diagonal of the same curvature,
 Σ_b Σ_n Σ_k (∂⟨f_n, S_b[n, k]⟩/∂θ_i)², from per-sample vector-Jacobian products (vmapped).
+Like K-FAC itself this assumes that the samples of a batch do not interact (no batch norm in
+training mode).
 
 Example
 -------
