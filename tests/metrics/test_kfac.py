@@ -374,3 +374,33 @@ def test_ekfac_block_traces_equal_the_exact_ones_for_per_position_targets(fisher
         i = b.index
         t_k, t_g = K[i, i].sum(), exact[i, i].sum()
         assert float(t_k) == pytest.approx(float(t_g), rel=1e-11)
+
+
+@pytest.mark.parametrize("separate", [True, False])
+def test_frozen_weight_and_missing_bias(separate):
+    """A layer with a frozen weight keeps a block for its bias (A = [1]); a layer without
+    bias has a weight block only; one data point makes every block exact."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2, bias=False)).double()
+    net[0].weight.requires_grad_(False)
+    space, theta = _space(net, nn.CrossEntropyLoss(), (torch.randn(1, 3, dtype=D),
+                                                       torch.tensor([1])),
+                          separate_bias=separate)
+    K = space.metric
+    assert [b.name for b in K.factors(theta).blocks] == ["0.bias", "2.weight"]
+    G = GGN.from_space(space).dense(theta)
+    assert torch.allclose(K.dense(theta), _blockdiag(G, K, theta), rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("which", ["kfac", "ekfac"])
+@pytest.mark.parametrize("loss", [nn.CrossEntropyLoss(), nn.MSELoss()])
+def test_batches_add_up_to_the_full_data_set(which, loss):
+    net = _mlp()
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(10, 4, generator=g, dtype=D)
+    y = (torch.randint(0, 3, (10,), generator=g) if isinstance(loss, nn.CrossEntropyLoss)
+         else torch.randn(10, 3, generator=g, dtype=D))
+    one, theta = _space(net, loss, (X, y), which)
+    split, _ = _space(net, loss, [(X[:3], y[:3]), (X[3:7], y[3:7]), (X[7:], y[7:])], which)
+    assert torch.allclose(split.metric.dense(theta), one.metric.dense(theta), rtol=1e-11,
+                          atol=1e-14)
