@@ -404,3 +404,23 @@ def test_batches_add_up_to_the_full_data_set(which, loss):
     split, _ = _space(net, loss, [(X[:3], y[:3]), (X[3:7], y[3:7]), (X[7:], y[7:])], which)
     assert torch.allclose(split.metric.dense(theta), one.metric.dense(theta), rtol=1e-11,
                           atol=1e-14)
+
+
+def test_riemannian_hessian_with_kfac_against_finite_differences_of_the_metric():
+    """space.hessian in w (the connection terms by reverse mode through the factors) against
+    ∇²L − Γ_lij r_l with Γ from central differences of the dense K-FAC matrix."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    data = (torch.randn(6, 2, dtype=D), torch.randn(6, 2, dtype=D))
+    space, theta = _space(net, nn.MSELoss(), data, damping=0.1)
+    K = space.metric
+    d, eps = theta.shape[0], 1e-5
+    eye = torch.eye(d, dtype=D)
+    dG = torch.stack([(K.dense(theta + eps * e) - K.dense(theta - eps * e)) / (2 * eps)
+                      for e in eye], -1)  # dG[j, l, i] = ∂_i G_jl
+    lowered = 0.5 * (dG.permute(1, 0, 2) + dG.permute(1, 2, 0) - dG.permute(2, 0, 1))  # Γ_lij
+    r = torch.linalg.solve(K.dense(theta), space.grad(theta))
+    truth = space.hessian(theta, riemannian=False) - torch.einsum("lij,l->ij", lowered, r)
+    H = space.hessian(theta)
+    assert _rel(H, truth) < 1e-7
+    assert _rel(space.hessian(theta, riemannian=False), truth) > 1e-3  # the connection matters

@@ -180,7 +180,7 @@ def _ce_columns(info: LossInfo, out: Tensor, y: Tensor, w: float, fisher_type: s
         cols = (scale[:, None, None] * root).permute(2, 0, 1)  # (K=C, R, C)
     else:
         assert noise is not None
-        g = ce.mc_grads(noise.to(out.dtype))  # (R, M, C)
+        g = ce.mc_grads(noise.to(dtype=out.dtype, device=out.device))  # (R, M, C)
         scale = (w * ce.c * ce.weight / g.shape[1]).sqrt()
         cols = (scale[:, None, None] * g).permute(1, 0, 2)  # (K=M, R, C)
     if L > 1:  # a sample's positions share its weights: one column per (k, position)
