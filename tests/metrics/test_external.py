@@ -105,6 +105,13 @@ def test_wrapped_ekfac_solve_is_the_inverse(cl):
     assert _rel(G.dense(theta), damped) < 1e-12
     v = torch.randn(d, dtype=F64, generator=torch.Generator().manual_seed(6))
     assert _rel(G.solve(theta, v), torch.linalg.solve(damped, v)) < 1e-8
+    # undamped: EK-FAC's closed-form log det (corrected eigenvalues) equals the dense one
+    G0 = from_curvlinops(op, list(model.parameters()))
+    sign, logabsdet = torch.linalg.slogdet(G0.dense(theta))
+    assert float(sign) == 1.0
+    closed = G0.closed_form_logdet(theta)
+    assert closed is not None and abs(float(closed) - float(logabsdet)) < 1e-9 * abs(
+        float(logabsdet))
 
 
 def test_cg_solve_of_a_wrapped_ggn(cl):
@@ -171,6 +178,11 @@ def test_invariant_trace_with_a_wrapped_kfac_metric(cl):
         cv.flatness(psi_space.with_metric(G), psi, measures=("trace",))
 
 
+def test_not_an_operator_is_refused(cl):
+    with pytest.raises(TypeError, match="curvlinops linear operator"):
+        from_curvlinops(torch.eye(3), [torch.zeros(3)])
+
+
 def test_missing_curvlinops_names_the_install_script(monkeypatch):
     monkeypatch.setitem(sys.modules, "curvlinops", None)  # import curvlinops now fails
     with pytest.raises(ImportError, match="bash benchmarks/install_peers.sh") as info:
@@ -206,6 +218,10 @@ def test_operator_metric_against_a_dense_matrix():
     assert _rel(G.solve(p, v), torch.linalg.solve(Ml, v)) < 1e-12
     assert G.closed_form_logdet(p) is None
     assert abs(float(G.logdet(p)) - float(torch.logdet(Ml))) < 1e-12
+    # a float32 copy of θ₀ is the same point; a float32 point 1e-3 away is not
+    assert _rel(G.matvec(p.float(), v.float()).double(), Ml @ v) < 1e-6
+    with pytest.raises(DomainError, match="asked at a point 0.001 away"):
+        G.matvec(p.float() + 1e-3, v.float())
     loose = OperatorMetric(lambda X: M @ X, p, point_check="ignore")
     assert _rel(loose.matvec(p + 1, v), M @ v) < 1e-15  # G(θ₀) on purpose
     assert repr(G) == "OperatorMetric(operator, d=4, damping=0.5)"

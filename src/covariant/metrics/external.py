@@ -181,7 +181,8 @@ class OperatorMetric(Metric):
                                      f"{tuple(x.shape)}")
         gap = float((x.detach().to(ref.dtype) - ref).abs().max()) if x.numel() else 0.0
         scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
-        return gap if gap > 500 * torch.finfo(ref.dtype).eps * scale else None
+        eps = max(torch.finfo(ref.dtype).eps, torch.finfo(x.dtype).eps)  # the coarser one
+        return gap if gap > 500 * eps * scale else None
 
     def check_point(self, p: Tensor) -> None:
         """Apply ``point_check`` to p (skipped inside ``torch.func`` transforms)."""
@@ -208,6 +209,7 @@ class OperatorMetric(Metric):
 
     # ----------------------------------------------------------------- products
     def _damped(self, X: Tensor) -> Tensor:
+        X = X.to(self.point.dtype)  # the operator's precision; results go back to the caller's
         out = self._matmat(X)
         return out + self.damping * X if self.damping else out
 
@@ -226,7 +228,7 @@ class OperatorMetric(Metric):
         self.check_point(p)
         if self.has_closed_form_solve:
             assert self._solve_matmat is not None
-            return _Product.apply(w, self._solve_matmat)
+            return _Product.apply(w.to(self.point.dtype), self._solve_matmat).to(w.dtype)
         if self.solve_mode == "auto":
             return super().solve(p, w)
         try:
@@ -351,7 +353,8 @@ def from_curvlinops(op: Any, params: Mapping[str, Tensor] | Sequence[Tensor], *,
         not installed.
     """
     cl = _import_curvlinops()
-    if not (hasattr(op, "shape") and hasattr(op, "dtype") and hasattr(op, "__matmul__")):
+    if not any(c.__name__ == "PyTorchLinearOperator" and c.__module__.startswith("curvlinops")
+               for c in type(op).__mro__):  # curvlinops' base class, not exported by name
         raise TypeError(f"from_curvlinops: expected a curvlinops linear operator, got "
                         f"{type(op).__name__}")
     names, tensors = _named(params)
