@@ -17,6 +17,7 @@ module                     what
 :mod:`.kfac`               ``KFAC``, ``EKFAC``: Kronecker-factored GGN / Fisher metrics
 :mod:`.adam`               ``AdamMetric``: the geometry of an Adam/RMSprop/Adagrad state
 :mod:`.registry`           metrics by name (``METRIC_NAMES``, ``metric_from_name``)
+:mod:`.external`           ``from_curvlinops``: a curvlinops operator as G(θ₀), pinned to θ₀
 ========================== =================================================================
 
 Example
@@ -45,6 +46,7 @@ from .base import (
     check_dense_size,
 )
 from .curvature_base import CurvatureMetric
+from .external import OperatorMetric, from_curvlinops
 from .kfac import EKFAC, KFAC
 from .model import GGN, EmpiricalFisher, Fisher
 from .registry import METRIC_NAMES, metric_from_name, resolve_metric
@@ -65,8 +67,10 @@ __all__ = [
     "Euclidean",
     "Fisher",
     "Metric",
+    "OperatorMetric",
     "Pullback",
     "check_dense_size",
+    "from_curvlinops",
     "metric_from_name",
     "resolve_metric",
 ]
