@@ -1,0 +1,195 @@
+"""K-FAC: covariant vs curvlinops and vs exact-GGN conjugate gradients (issue 12's table).
+
+Rows (one model, one batch, side by side in one run, medians over ``--repeats`` interleaved
+rounds; CPU, ``--threads`` threads, 1 by default):
+
+  factors   K-FAC factor construction (type-2 GGN, K-FAC-expand): ``KFAC.factors(θ)`` vs
+            curvlinops ``KFACLinearOperator.compute_kronecker_factors()`` on the same model,
+            loss, batch; ratio = curvlinops seconds / ours (target ≥ 1). The two operators
+            are compared on random vectors in the same run (``rel_diff``).
+  solve     a damped K-FAC solve (K + λI)⁻¹g, closed form (factors + eigendecompositions +
+            solve, and the solve alone with the factors cached), vs an exact damped-GGN
+            conjugate-gradient solve of (G + λI)x = g to relative residual ``--cg-rtol``
+            (1e-3); ratio = CG seconds / K-FAC seconds (target ≥ 20).
+  laplace   ``laplace(..., structure="kron")`` log evidence + ``--samples`` (1000) posterior
+            draws on the same model (``--laplace-threads``, 2 by default; target < 30 s).
+
+Usage::
+
+    python benchmarks/bench_kfac.py                        # cnn-1m, batch 512
+    python benchmarks/bench_kfac.py --model mlp-80k --repeats 5
+    python benchmarks/bench_kfac.py --rows factors,solve --quick
+
+curvlinops is optional (``bash benchmarks/install_peers.sh``); without it the ``factors``
+row reports ours alone. Writes ``benchmarks/results/kfac_cpu.json`` atomically unless ``--out``
+says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import _common as C  # noqa: E402
+
+import covariant as cv  # noqa: E402
+from covariant._io import atomic_write_json  # noqa: E402
+
+ROWS = ("factors", "solve", "laplace")
+
+
+def _model_and_batch(name: str, batch: int, seed: int) -> tuple[nn.Module, torch.Tensor,
+                                                                  torch.Tensor]:
+    torch.manual_seed(seed)
+    model = C.build_model(name).eval()
+    ds = C.load_model_data(name, C.default_cache_dir())
+    return model, ds.X_train[:batch].float(), ds.y_train[:batch]
+
+
+def _curvlinops_factors(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> Any:
+    from curvlinops import KFACLinearOperator
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    op = KFACLinearOperator(model, nn.CrossEntropyLoss(), params, [(X, y)],
+                            fisher_type="type-2", check_deterministic=False,
+                            num_data=X.shape[0], num_per_example_loss_terms=1)
+    op.compute_kronecker_factors()
+    return op
+
+
+def row_factors(model: nn.Module, X: torch.Tensor, y: torch.Tensor, repeats: int,
+                device: torch.device) -> dict[str, Any]:
+    space, theta = cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(), (X, y))
+
+    def ours() -> Any:
+        return cv.metrics.KFAC.from_space(space).factors(theta)
+
+    fns = {"covariant": ours}
+    have_peer = importlib.util.find_spec("curvlinops") is not None
+    if have_peer:
+        fns["curvlinops"] = lambda: _curvlinops_factors(model, X, y)
+    times = C.interleaved(fns, repeats, device)
+    med = {k: C.median(v) for k, v in times.items()}
+    out: dict[str, Any] = {"seconds": times, "median_seconds": med}
+    if have_peer:
+        out["speed_ratio"] = med["curvlinops"] / med["covariant"]
+        K, op = ours(), _curvlinops_factors(model, X, y)
+        V = torch.randn(theta.shape[0], 3, generator=torch.Generator().manual_seed(0))
+        ours_mv = K.matmat(V)
+        peer_mv = op @ V  # a flat (d, k) tensor, in the order of model.parameters()
+        out["rel_diff"] = float((ours_mv - peer_mv).norm() / peer_mv.norm())
+    return out
+
+
+def row_solve(model: nn.Module, X: torch.Tensor, y: torch.Tensor, damping: float,
+              cg_rtol: float, repeats: int, device: torch.device) -> dict[str, Any]:
+    space, theta = cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(), (X, y), "ggn")
+    g = space.grad(theta).detach()
+    ggn = space.metric
+    cached = cv.metrics.KFAC.from_space(space, damping=damping).factors(theta)
+    cached.solve(g)  # eigendecompositions once, outside the timing of the cached row
+    iters: list[int] = []
+
+    def kfac_total() -> torch.Tensor:
+        return cv.metrics.KFAC.from_space(space, damping=damping).factors(theta).solve(g)
+
+    def exact_cg() -> torch.Tensor:
+        res = cv.linalg.cg(lambda v: ggn.matvec(theta, v) + damping * v, g, rtol=cg_rtol,
+                           maxiter=2000, raise_on_failure=False)
+        iters.append(int(res.num_matvecs))
+        return res.x
+
+    fns = {"kfac_total": kfac_total, "kfac_solve_cached": lambda: cached.solve(g),
+           "exact_ggn_cg": exact_cg}
+    times = C.interleaved(fns, repeats, device, warmup={"exact_ggn_cg": lambda: None})
+    med = {k: C.median(v) for k, v in times.items()}
+    return {"damping": damping, "cg_rtol": cg_rtol, "cg_matvecs": iters, "seconds": times,
+            "median_seconds": med,
+            "speedup_total": med["exact_ggn_cg"] / med["kfac_total"],
+            "speedup_solve_cached": med["exact_ggn_cg"] / med["kfac_solve_cached"]}
+
+
+def row_laplace(model: nn.Module, X: torch.Tensor, y: torch.Tensor, samples: int,
+                threads: int, prior_precision: float) -> dict[str, Any]:
+    from covariant.laplace import laplace, posterior_space
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    space, theta = posterior_space(model, (X, y), likelihood="classification",
+                                   prior_precision=prior_precision)
+    res = laplace(space, theta, riemannian=False, structure="kron")
+    t1 = time.perf_counter()
+    draws = res.sample(samples)
+    t2 = time.perf_counter()
+    return {"threads": threads, "samples": samples, "prior_precision": prior_precision,
+            "seconds_evidence": t1 - t0, "seconds_samples": t2 - t1, "seconds_total": t2 - t0,
+            "log_evidence": res.log_evidence, "draws_shape": list(draws.shape),
+            "target_seconds": 30.0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="cnn-1m")
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--damping", type=float, default=1e-3)
+    ap.add_argument("--cg-rtol", type=float, default=1e-3)
+    ap.add_argument("--samples", type=int, default=1000)
+    ap.add_argument("--laplace-threads", type=int, default=2)
+    ap.add_argument("--prior-precision", type=float, default=1.0)
+    ap.add_argument("--quick", action="store_true", help="mlp-80k, batch 128, 1 repeat")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "kfac_cpu.json")
+    args = ap.parse_args()
+    if args.quick:
+        args.model, args.batch, args.repeats = "mlp-80k", 128, 1
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        ap.error(f"unknown rows {unknown}; choose from {ROWS}")
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    model, X, y = _model_and_batch(args.model, args.batch, seed=0)
+    d = sum(p.numel() for p in model.parameters())
+    result: dict[str, Any] = {"model": args.model, "dim": d, "batch": args.batch,
+                              "repeats": args.repeats, "threads": args.threads,
+                              "machine": C.machine_info(device), "rows": {}}
+    print(f"# {args.model}: d = {d:,}, batch {args.batch}, {args.threads} thread(s), "
+          f"medians of {args.repeats}")
+    if "factors" in rows:
+        r = row_factors(model, X, y, args.repeats, device)
+        result["rows"]["factors"] = r
+        med = r["median_seconds"]
+        peer = (f", curvlinops {med['curvlinops']:.3f} s, ratio {r['speed_ratio']:.2f}x "
+                f"(target >= 1), rel. diff {r['rel_diff']:.1e}") if "curvlinops" in med else ""
+        print(f"factors: covariant {med['covariant']:.3f} s{peer}")
+    if "solve" in rows:
+        r = row_solve(model, X, y, args.damping, args.cg_rtol, args.repeats, device)
+        result["rows"]["solve"] = r
+        med = r["median_seconds"]
+        print(f"solve (λ={args.damping:g}): K-FAC {med['kfac_total']:.3f} s with factors, "
+              f"{med['kfac_solve_cached']:.4f} s cached; exact-GGN CG to {args.cg_rtol:g} "
+              f"{med['exact_ggn_cg']:.2f} s ({r['cg_matvecs'][-1]} products): "
+              f"{r['speedup_total']:.0f}x / {r['speedup_solve_cached']:.0f}x (target >= 20x)")
+    if "laplace" in rows:
+        r = row_laplace(model, X, y, args.samples, args.laplace_threads, args.prior_precision)
+        result["rows"]["laplace"] = r
+        print(f"laplace kron: evidence {r['seconds_evidence']:.2f} s + {args.samples} samples "
+              f"{r['seconds_samples']:.2f} s = {r['seconds_total']:.2f} s on "
+              f"{args.laplace_threads} threads (target < 30 s)")
+    atomic_write_json(args.out, result)
+    print(f"# results written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
