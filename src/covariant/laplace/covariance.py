@@ -7,7 +7,9 @@ matrix):
 - :class:`DenseCovariance`: Σ = P⁻¹ from the Cholesky factor P = L Lᵀ (``structure="full"``);
 - :class:`DiagonalCovariance`: Σ = diag(1/h) (``structure="diag"``);
 - :class:`LowRankCovariance`: Σ = λ₀⁻¹ G⁻¹ + U diag(1/λ − 1/λ₀) Uᵀ, the inverse of the
-  precision λ₀G + Σ_i (λ_i − λ₀) G u_i u_iᵀ G (``structure="lowrank"``).
+  precision λ₀G + Σ_i (λ_i − λ₀) G u_i u_iᵀ G (``structure="lowrank"``);
+- :class:`KroneckerCovariance`: Σ = J⁻¹ P⁻¹ J⁻ᵀ for a Kronecker-factored precision P in the
+  weights' chart (``structure="kron"``), closed-form per layer.
 
 Σ is a (2,0) tensor: Σ_Ψ = J⁻¹ Σ_Θ J⁻ᵀ under θ = h(ψ).
 
@@ -34,9 +36,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..metrics import Metric
+from ..metrics import MAX_DENSE_DIM, Metric
+from ..metrics.base import check_dense_size
+from ..metrics.kronecker import KroneckerFactored
+from ..reparam.base import Linearization
 
-__all__ = ["DenseCovariance", "DiagonalCovariance", "LowRankCovariance"]
+__all__ = ["DenseCovariance", "DiagonalCovariance", "KroneckerCovariance", "LowRankCovariance"]
 
 
 def _variance_summary(kind: str, diag: Tensor) -> dict[str, Any]:
@@ -182,3 +187,95 @@ class LowRankCovariance:
 
     def __repr__(self) -> str:
         return f"LowRankCovariance(dim={self.point.shape[0]}, rank={self.U.shape[1]})"
+
+
+class KroneckerCovariance:
+    r"""Σ = J⁻¹ P⁻¹ J⁻ᵀ: a Kronecker-factored precision P = K + δ of the weights' chart,
+    transported as a (2,0) tensor to the chart w = h(ψ) of ``chart`` (None: the weights').
+
+    Per layer P = Q diag(Λ + δ) Qᵀ with Q = Q_B ⊗ Q_A, so every product is closed-form
+    (:class:`~covariant.metrics.kronecker.KroneckerFactored`): ``matvec`` / ``matmat`` solve
+    with P, ``sqrt_matmat`` is J⁻¹ P^{-1/2} Z and in the weights' chart ``diagonal`` is, per
+    block, (Q_B ∘ Q_B) (Λ + δ)^{-1} (Q_A ∘ Q_A)ᵀ (no d × d matrix). In another chart the
+    variances need d products (``diagonal``, ``summary`` up to ``MAX_DENSE_DIM``).
+
+    Example
+    -------
+    >>> import torch
+    >>> from covariant.metrics.kronecker import KroneckerBlock, KroneckerFactored
+    >>> A = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    >>> B = torch.tensor([[3.0]], dtype=torch.float64)
+    >>> P = KroneckerFactored([KroneckerBlock("w", torch.arange(2), A, B)], dim=2, damping=1.0)
+    >>> cov = KroneckerCovariance(P)
+    >>> bool(torch.allclose(cov.dense(), torch.linalg.inv(P.dense())))
+    True
+    >>> bool(torch.allclose(cov.diagonal(), torch.diagonal(cov.dense())))
+    True
+    """
+
+    def __init__(self, precision: KroneckerFactored, chart: Linearization | None = None) -> None:
+        self.precision = precision
+        self.chart = chart
+        self._bases: list[tuple[Tensor, Tensor]] | None = None
+
+    @property
+    def dim(self) -> int:
+        return self.precision.dim
+
+    def _columns(self, fn: Any, V: Tensor) -> Tensor:
+        return torch.stack([fn(c) for c in V.T], 1) if V.shape[1] else V
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.matmat(v[:, None])[:, 0]
+
+    def matmat(self, M: Tensor) -> Tensor:
+        lin = self.chart
+        if lin is None:
+            return self.precision.solve(M, null_rtol=0.0)
+        W = self.precision.solve(self._columns(lin.inverse_vjp, M), null_rtol=0.0)
+        return self._columns(lin.inverse_jvp, W)
+
+    def sqrt_matmat(self, Z: Tensor) -> Tensor:
+        """S Z with S Sᵀ = Σ: J⁻¹ P^{-1/2} Z."""
+        V = self.precision.inv_sqrt(Z, null_rtol=0.0)
+        return V if self.chart is None else self._columns(self.chart.inverse_jvp, V)
+
+    def dense(self) -> Tensor:
+        check_dense_size(self.dim, "KroneckerCovariance.dense")
+        ref = self.precision.eigenvalues()
+        return self.matmat(torch.eye(self.dim, dtype=ref.dtype, device=ref.device))
+
+    def _weights_diagonal(self) -> Tensor:
+        """diag P⁻¹ in the weights' chart, closed form per block."""
+        P = self.precision
+        ev = 1.0 / P.eigenvalues()
+        out = torch.empty_like(ev)
+        if self._bases is None:  # the factors' eigenbases, as KroneckerFactored takes them
+            self._bases = [(torch.linalg.eigh(0.5 * (b.B + b.B.T))[1],
+                            torch.linalg.eigh(0.5 * (b.A + b.A.T))[1]) for b in P.blocks]
+        start = 0
+        for b, (QB, QA) in zip(P.blocks, self._bases, strict=True):
+            n_out, n_in = b.shape
+            F = ev[start:start + n_out * n_in].reshape(n_out, n_in)
+            out[b.index] = ((QB * QB) @ F @ (QA * QA).T).reshape(-1)
+            start += n_out * n_in
+        assert P.rest_index is not None
+        out[P.rest_index] = ev[start:]
+        return out
+
+    def diagonal(self) -> Tensor:
+        if self.chart is None:
+            return self._weights_diagonal()
+        return torch.diagonal(self.dense())
+
+    def summary(self) -> dict[str, Any]:
+        """kind "kron", dim, the number of blocks and, where affordable (the weights' chart,
+        or d <= MAX_DENSE_DIM), trace and the range of the marginal variances."""
+        extra = {"blocks": len(self.precision.blocks), "chart": self.chart is not None}
+        if self.chart is not None and self.dim > MAX_DENSE_DIM:
+            return {"kind": "kron", "dim": self.dim, **extra}
+        return {**_variance_summary("kron", self.diagonal()), **extra}
+
+    def __repr__(self) -> str:
+        return (f"KroneckerCovariance(dim={self.dim}, blocks={len(self.precision.blocks)}, "
+                f"chart={self.chart is not None})")
