@@ -15,4 +15,4 @@ from __future__ import annotations
 __all__ = ["METRIC_NAMES"]
 
 #: Metrics that :func:`covariant.metrics.metric_from_name` builds by name.
-METRIC_NAMES = ("euclidean", "ggn", "fisher", "empirical_fisher")
+METRIC_NAMES = ("euclidean", "ggn", "fisher", "empirical_fisher", "kfac", "ekfac")

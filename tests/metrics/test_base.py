@@ -73,7 +73,8 @@ def test_jjt_logdet_default_is_dense_and_closed_forms_agree():
 
 
 def test_metric_names_are_one_list():
-    assert metrics.METRIC_NAMES == ("euclidean", "ggn", "fisher", "empirical_fisher")
+    assert metrics.METRIC_NAMES == (
+        "euclidean", "ggn", "fisher", "empirical_fisher", "kfac", "ekfac")
     with pytest.raises(ValueError, match="unknown metric"):
         metrics.metric_from_name("hessian", None)
 

@@ -12,6 +12,9 @@ module                     what
 :mod:`.losses`             output-space curvature of the common losses
 :mod:`.curvature_base`     ``CurvatureMetric``: G = Σ_b w_b J_bᵀ Λ_b J_b of a model space
 :mod:`.model`              ``GGN``, ``Fisher``, ``EmpiricalFisher``
+:mod:`.kronecker`          ``KroneckerFactored``: block-diagonal Kronecker-factored operators
+:mod:`.kfac_factors`       K-FAC factors of a model at a point (hooks on Linear / Conv layers)
+:mod:`.kfac`               ``KFAC``, ``EKFAC``: Kronecker-factored GGN / Fisher metrics
 :mod:`.adam`               ``AdamMetric``: the geometry of an Adam/RMSprop/Adagrad state
 :mod:`.registry`           metrics by name (``METRIC_NAMES``, ``metric_from_name``)
 ========================== =================================================================
@@ -42,11 +45,14 @@ from .base import (
     check_dense_size,
 )
 from .curvature_base import CurvatureMetric
+from .kfac import EKFAC, KFAC
 from .model import GGN, EmpiricalFisher, Fisher
 from .registry import METRIC_NAMES, metric_from_name, resolve_metric
 
 __all__ = [
+    "EKFAC",
     "GGN",
+    "KFAC",
     "MAX_DENSE_DIM",
     "METRIC_NAMES",
     "AdamMetric",

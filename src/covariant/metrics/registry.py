@@ -6,7 +6,7 @@ Example
 >>> metric_from_name("Euclidean", None)       # needs no model
 Euclidean()
 >>> METRIC_NAMES
-('euclidean', 'ggn', 'fisher', 'empirical_fisher')
+('euclidean', 'ggn', 'fisher', 'empirical_fisher', 'kfac', 'ekfac')
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from .._constants import METRIC_NAMES
 from .base import Euclidean, Metric
-from .curvature_base import CurvatureMetric
+from .kfac import EKFAC, KFAC
 from .model import GGN, EmpiricalFisher, Fisher
 
 __all__ = ["METRIC_NAMES", "metric_from_name", "resolve_metric"]
@@ -25,6 +25,8 @@ _ALIASES = {
     "generalized_gauss_newton": "ggn",
     "ef": "empirical_fisher",
     "empiricalfisher": "empirical_fisher",
+    "k_fac": "kfac",
+    "ek_fac": "ekfac",
 }
 
 
@@ -33,13 +35,16 @@ def metric_from_name(name: str, space: Any, **kwargs: Any) -> Metric:
 
     Parameters
     ----------
-    name : {"ggn", "fisher", "empirical_fisher", "euclidean"}
-        Also accepted: "gauss_newton", "ef"; case and ``-``/``_`` do not matter.
+    name : {"ggn", "fisher", "empirical_fisher", "kfac", "ekfac", "euclidean"}
+        Also accepted: "gauss_newton", "ef", "k_fac", "ek_fac"; case and ``-``/``_`` do not
+        matter. "kfac" / "ekfac" are metrics of the weights: on a reparametrized space they
+        are pulled back (:meth:`covariant.metrics.KFAC.from_space`).
     space : ParameterSpace
         A model space (``from_module``) or any reparametrization of one; for the latter the
         metric is that of ψ ↦ f(h(ψ)), to compare with the pulled-back metric.
     **kwargs
-        Passed to the constructor (``solve_mode``, ``mc_samples``, ``seed``, ...).
+        Passed to the constructor (``solve_mode``, ``mc_samples``, ``seed``; for K-FAC also
+        ``fisher_type``, ``kfac_approx``, ``separate_bias``, ``damping``, ...).
 
     Example
     -------
@@ -59,10 +64,12 @@ def metric_from_name(name: str, space: Any, **kwargs: Any) -> Metric:
         if kwargs:
             raise TypeError(f"metric 'euclidean' takes no options, got {sorted(kwargs)}")
         return Euclidean()
-    classes: dict[str, type[CurvatureMetric]] = {
+    classes: dict[str, Any] = {
         "ggn": GGN,
         "fisher": Fisher,
         "empirical_fisher": EmpiricalFisher,
+        "kfac": KFAC,
+        "ekfac": EKFAC,
     }
     if key not in classes:
         raise ValueError(
