@@ -50,14 +50,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import NotAModeError, UnsupportedStructureError
-from ..metrics import Euclidean, Pullback
+from ..metrics import KFAC, Euclidean, Pullback
 from ..metrics.kronecker import KroneckerFactored
 from ..space import ParameterSpace
 from .covariance import KroneckerCovariance
-from .posterior import LOG_2PI, gaussian_prior_nll, prior_precision_of
+from .posterior import LOG_2PI, GaussianNLL, gaussian_prior_nll, prior_precision_of
 from .precision import Precision
 
 __all__ = ["KronEvidence", "KronFactors", "check_kron_space", "kron_logdet", "kron_precision",
@@ -112,9 +112,13 @@ def likelihood_kfac(space: ParameterSpace, theta: Tensor, kfac: KronFactors = No
                     ) -> KroneckerFactored:
     """K: the K-FAC of the likelihood's GGN at θ (weights' coordinates), undamped.
 
-    ``kfac`` a KroneckerFactored: used as given (it must be undamped, of dimension d);
-    a mapping: options of ``covariant.metrics.KFAC.from_space`` (e.g. ``fisher_type``,
-    ``kfac_approx``); None: its defaults.
+    ``kfac`` a KroneckerFactored: used as given (it must be undamped, of dimension d; e.g.
+    ``EKFAC(...).factors(theta)``); a mapping: options of :class:`covariant.metrics.KFAC`
+    (``fisher_type``, ``mc_samples``, ``kfac_approx``, ``separate_bias``); None: its defaults
+    (type-2 GGN, expand, separate biases). K-FAC is built on the binding of the posterior
+    (model, data, the summed negative log-likelihood); a Gaussian likelihood
+    (:class:`GaussianNLL`, output Hessian I/σ²) as ``MSELoss(reduction="sum")`` (2I) scaled
+    by 1/(2σ²).
     """
     d = theta.shape[0]
     if isinstance(kfac, KroneckerFactored):
@@ -126,15 +130,20 @@ def likelihood_kfac(space: ParameterSpace, theta: Tensor, kfac: KronFactors = No
                 f"{d} weights (the prior precision is added as its damping); got dimension "
                 f"{kfac.dim} and damping {damp if not isinstance(damp, Tensor) else 'tensor'}")
         return kfac
-    try:
-        from ..metrics import KFAC  # type: ignore[attr-defined]
-    except ImportError:
-        raise _unsupported(
-            "needs covariant.metrics.KFAC, which this build does not have; pass the factors "
-            "(kfac=KroneckerFactored(...))") from None
-    root = space.lineage()[-1]
-    metric = KFAC.from_space(root, **dict(kfac or {}))
-    return metric.factors(theta)
+    options = dict(kfac or {})
+    if "damping" in options:
+        raise ValueError("laplace: kfac options must not damp K: the prior precision is the "
+                         "damping of the kron precision (prior_precision=...)")
+    binding = space.binding
+    assert binding is not None
+    loss_fn, scale = binding.loss_fn, 1.0
+    if isinstance(loss_fn, GaussianNLL):
+        # −log N(y; f, σ²) has the output Hessian I/σ²; MSELoss(sum) = Σ‖f − y‖² has 2I
+        loss_fn, scale = nn.MSELoss(reduction="sum"), 0.5 / loss_fn.sigma2
+    metric = KFAC(binding.model, loss_fn, list(binding.batches), list(binding.weights),
+                  forward=binding.forward, **options)
+    K = metric.factors(theta)
+    return K if scale == 1.0 else K.scaled(scale)
 
 
 def _prior_damping(space: ParameterSpace, d: int, like: Tensor) -> float | Tensor:
