@@ -121,6 +121,8 @@ def test_evidence_covariance_and_samples_match_dense_truth(mlp):
     assert abs(res.logdet_precision - float(torch.logdet(P))) < 1e-10
     Sigma = torch.linalg.inv(P)
     cov = res.covariance_operator
+    # its own eigendecomposition is the one KroneckerFactored takes (same order, same values)
+    assert float((cov.eigenvalues() - cov.precision.eigenvalues()).abs().max()) < 1e-12
     assert float((cov.dense() - Sigma).abs().max()) < 1e-12
     assert float((cov.diagonal() - torch.diagonal(Sigma)).abs().max()) < 1e-13  # closed form
     d = theta.shape[0]

@@ -189,15 +189,28 @@ class LowRankCovariance:
         return f"LowRankCovariance(dim={self.point.shape[0]}, rank={self.U.shape[1]})"
 
 
+def _rotate(QB: Tensor, QA: Tensor, M: Tensor, into: bool) -> Tensor:
+    """Q_Bᵀ M Q_A (``into`` the eigenbasis) or Q_B M Q_Aᵀ (back) for M of shape (out, in, k),
+    as two large matrix products (no per-column loop)."""
+    n_out, n_in, k = M.shape
+    X = M.permute(0, 2, 1).reshape(n_out * k, n_in) @ (QA if into else QA.T)
+    Y = (QB.T if into else QB) @ X.reshape(n_out, k * n_in)
+    return Y.reshape(n_out, k, n_in).permute(0, 2, 1)
+
+
 class KroneckerCovariance:
     r"""Σ = J⁻¹ P⁻¹ J⁻ᵀ: a Kronecker-factored precision P = K + δ of the weights' chart,
     transported as a (2,0) tensor to the chart w = h(ψ) of ``chart`` (None: the weights').
 
-    Per layer P = Q diag(Λ + δ) Qᵀ with Q = Q_B ⊗ Q_A, so every product is closed-form
-    (:class:`~covariant.metrics.kronecker.KroneckerFactored`): ``matvec`` / ``matmat`` solve
-    with P, ``sqrt_matmat`` is J⁻¹ P^{-1/2} Z and in the weights' chart ``diagonal`` is, per
-    block, (Q_B ∘ Q_B) (Λ + δ)^{-1} (Q_A ∘ Q_A)ᵀ (no d × d matrix). In another chart the
-    variances need d products (``diagonal``, ``summary`` up to ``MAX_DENSE_DIM``).
+    Per block P = Q diag(Λ + δ) Qᵀ with Q = Q_B ⊗ Q_A the eigenbases of the factors (as
+    :class:`~covariant.metrics.kronecker.KroneckerFactored` takes them: Λ = b aᵀ, or EK-FAC's
+    eigenvalues), computed once here, so every product is closed-form and runs as large
+    matrix products, ``chunk`` columns at a time: ``matvec`` / ``matmat`` are J⁻¹ P⁻¹ J⁻ᵀ M,
+    ``sqrt_matmat`` is J⁻¹ Q (Λ + δ)^{-1/2} Z (S Sᵀ = Σ with one rotation instead of two),
+    and in the weights' chart ``diagonal`` is, per block, (Q_B ∘ Q_B) (Λ + δ)^{-1}
+    (Q_A ∘ Q_A)ᵀ (no d × d matrix). In another chart the variances need d products
+    (``diagonal``; ``summary`` includes them up to ``MAX_DENSE_DIM``). ``eigenvalues`` and
+    ``logdet`` give the spectrum of K + δ for this or another damping δ.
 
     Example
     -------
@@ -211,16 +224,69 @@ class KroneckerCovariance:
     True
     >>> bool(torch.allclose(cov.diagonal(), torch.diagonal(cov.dense())))
     True
+    >>> sorted(cov.eigenvalues().tolist())              # 3·{1, 3} + 1
+    [4.0, 10.0]
     """
 
-    def __init__(self, precision: KroneckerFactored, chart: Linearization | None = None) -> None:
+    def __init__(self, precision: KroneckerFactored, chart: Linearization | None = None,
+                 chunk: int = 64) -> None:
         self.precision = precision
         self.chart = chart
-        self._bases: list[tuple[Tensor, Tensor]] | None = None
+        self.chunk = int(chunk)
+        self._spectra: list[tuple[Tensor, Tensor, Tensor]] | None = None
 
     @property
     def dim(self) -> int:
         return self.precision.dim
+
+    # ------------------------------------------------------------------ spectrum
+    def spectra(self) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per block (Q_B, Q_A, Λ) with Λ (out, in) the undamped eigenvalues (computed once)."""
+        if self._spectra is None:
+            out = []
+            for b in self.precision.blocks:
+                a, QA = torch.linalg.eigh(0.5 * (b.A + b.A.T))
+                bb, QB = torch.linalg.eigh(0.5 * (b.B + b.B.T))
+                lam = (b.eigenvalues if b.eigenvalues is not None
+                       else torch.outer(bb.clamp_min(0.0), a.clamp_min(0.0)))
+                out.append((QB, QA, lam))
+            self._spectra = out
+        return self._spectra
+
+    def eigenvalues(self, damping: float | Tensor | None = None) -> Tensor:
+        """All d eigenvalues of K + δ, block by block then the rest (the order of
+        ``KroneckerFactored.eigenvalues``); δ is the precision's damping unless given."""
+        P = self.precision
+        lam_all = P.damping if damping is None else damping
+        parts = []
+        for b, (_, _, lam) in zip(P.blocks, self.spectra(), strict=True):
+            delta = lam_all[b.index[0]] if isinstance(lam_all, Tensor) else float(lam_all)
+            parts.append((lam + delta).reshape(-1))
+        assert P.rest_index is not None and P.rest_diagonal is not None
+        rest = lam_all[P.rest_index] if isinstance(lam_all, Tensor) else float(lam_all)
+        parts.append(P.rest_diagonal + rest)
+        return torch.cat(parts)
+
+    # ------------------------------------------------------------------ products
+    def _weights_apply(self, V: Tensor, fn: Any, symmetric: bool) -> Tensor:
+        """Q f(Λ + δ) Qᵀ V (``symmetric``) or Q f(Λ + δ) V, V of shape (d, k)."""
+        P = self.precision
+        ev = fn(self.eigenvalues())
+        out = torch.empty_like(V)
+        start = 0
+        for b, (QB, QA, _) in zip(P.blocks, self.spectra(), strict=True):
+            n_out, n_in = b.shape
+            F = ev[start:start + n_out * n_in].reshape(n_out, n_in, 1).to(V.dtype)
+            start += n_out * n_in
+            for c in range(0, V.shape[1], self.chunk):
+                M = V[b.index, c:c + self.chunk].reshape(n_out, n_in, -1)
+                if symmetric:
+                    M = _rotate(QB, QA, M, into=True)
+                out[b.index, c:c + self.chunk] = _rotate(QB, QA, F * M, into=False).reshape(
+                    n_out * n_in, -1)
+        assert P.rest_index is not None
+        out[P.rest_index] = V[P.rest_index] * ev[start:, None].to(V.dtype)
+        return out
 
     def _columns(self, fn: Any, V: Tensor) -> Tensor:
         return torch.stack([fn(c) for c in V.T], 1) if V.shape[1] else V
@@ -230,31 +296,28 @@ class KroneckerCovariance:
 
     def matmat(self, M: Tensor) -> Tensor:
         lin = self.chart
-        if lin is None:
-            return self.precision.solve(M, null_rtol=0.0)
-        W = self.precision.solve(self._columns(lin.inverse_vjp, M), null_rtol=0.0)
-        return self._columns(lin.inverse_jvp, W)
+        if lin is not None:
+            M = self._columns(lin.inverse_vjp, M)
+        W = self._weights_apply(M, torch.reciprocal, symmetric=True)
+        return W if lin is None else self._columns(lin.inverse_jvp, W)
 
     def sqrt_matmat(self, Z: Tensor) -> Tensor:
-        """S Z with S Sᵀ = Σ: J⁻¹ P^{-1/2} Z."""
-        V = self.precision.inv_sqrt(Z, null_rtol=0.0)
+        """S Z with S Sᵀ = Σ: J⁻¹ Q (Λ + δ)^{-1/2} Z."""
+        V = self._weights_apply(Z, torch.rsqrt, symmetric=False)
         return V if self.chart is None else self._columns(self.chart.inverse_jvp, V)
 
     def dense(self) -> Tensor:
         check_dense_size(self.dim, "KroneckerCovariance.dense")
-        ref = self.precision.eigenvalues()
+        ref = self.eigenvalues()
         return self.matmat(torch.eye(self.dim, dtype=ref.dtype, device=ref.device))
 
     def _weights_diagonal(self) -> Tensor:
         """diag P⁻¹ in the weights' chart, closed form per block."""
         P = self.precision
-        ev = 1.0 / P.eigenvalues()
+        ev = 1.0 / self.eigenvalues()
         out = torch.empty_like(ev)
-        if self._bases is None:  # the factors' eigenbases, as KroneckerFactored takes them
-            self._bases = [(torch.linalg.eigh(0.5 * (b.B + b.B.T))[1],
-                            torch.linalg.eigh(0.5 * (b.A + b.A.T))[1]) for b in P.blocks]
         start = 0
-        for b, (QB, QA) in zip(P.blocks, self._bases, strict=True):
+        for b, (QB, QA, _) in zip(P.blocks, self.spectra(), strict=True):
             n_out, n_in = b.shape
             F = ev[start:start + n_out * n_in].reshape(n_out, n_in)
             out[b.index] = ((QB * QB) @ F @ (QA * QA).T).reshape(-1)

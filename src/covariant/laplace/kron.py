@@ -36,9 +36,10 @@ Example
 -------
 >>> import math, torch
 >>> from covariant.metrics.kronecker import KroneckerBlock, KroneckerFactored
+>>> from covariant.laplace import KroneckerCovariance
 >>> A, B = torch.eye(2, dtype=torch.float64), torch.tensor([[3.0]], dtype=torch.float64)
 >>> K = KroneckerFactored([KroneckerBlock("w", torch.arange(2), A, B)], dim=2)   # K = 3 I
->>> ev = KronEvidence(K, torch.zeros(2, dtype=torch.float64), log_likelihood=0.0)
+>>> ev = KronEvidence(KroneckerCovariance(K), torch.zeros(2, dtype=torch.float64), 0.0)
 >>> abs(ev(1.0) - (math.log(1.0) - math.log(3.0 + 1.0))) < 1e-12   # d/2 (log δ − log(3 + δ))
 True
 """
@@ -52,9 +53,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import default_tol
 from ..errors import NotAModeError, UnsupportedStructureError
 from ..metrics import KFAC, Euclidean, Pullback
-from ..metrics.kronecker import KroneckerFactored
+from ..metrics.kronecker import NULL_RTOL, KroneckerFactored
 from ..space import ParameterSpace
 from .covariance import KroneckerCovariance
 from .posterior import LOG_2PI, GaussianNLL, gaussian_prior_nll, prior_precision_of
@@ -155,6 +157,36 @@ def _prior_damping(space: ParameterSpace, d: int, like: Tensor) -> float | Tenso
     return delta_t.to(like).reshape(d)
 
 
+def _with_prior(K: KroneckerFactored, delta: float | Tensor) -> KroneckerFactored:
+    """K + δ as a new operator (checks δ; no eigendecomposition here)."""
+    try:
+        return KroneckerFactored(K.blocks, K.dim, K.rest_index, K.rest_diagonal, delta)
+    except ValueError as err:
+        raise ValueError(
+            "laplace: structure='kron' needs a prior precision that is one number, or constant "
+            f"on every Kronecker block (each layer's weight matrix): {err}") from None
+
+
+def kron_logdet(cov: KroneckerCovariance, damping: float | Tensor | None = None) -> float:
+    """log det(K + δ) from the eigenvalues (accumulated in float64), δ the precision's
+    damping unless given; NotAModeError where it is singular. K is PSD by construction, so a
+    positive prior δ makes an eigenvalue positive however small δ is relative to K (no
+    relative threshold applies there); where δ = 0 an eigenvalue of K at or below K's null
+    threshold (docs/math.md §4.1) is singular."""
+    if isinstance(damping, Tensor):
+        _with_prior(cov.precision, damping)
+    ev = cov.eigenvalues(damping)
+    ev0 = cov.eigenvalues(0.0)
+    tau = default_tol(None, ev0.dtype, NULL_RTOL) * float(ev0.abs().max())
+    bad = (ev <= 0) | ((ev - ev0 <= 0) & (ev0 <= tau))
+    if bool(bad.any()):
+        raise NotAModeError(
+            f"laplace: the K-FAC precision K + prior is singular ({int(bad.sum())} null "
+            "eigenvalues: a zero prior precision on directions the likelihood does not see); "
+            "use a positive prior precision.")
+    return float(ev.detach().double().log().sum())
+
+
 def kron_precision(space: ParameterSpace, p: Tensor, riemannian: bool,
                    kfac: KronFactors = None) -> Precision:
     """P = K + δ at θ* = h(p) and its covariance operator in the space's chart.
@@ -165,58 +197,34 @@ def kron_precision(space: ParameterSpace, p: Tensor, riemannian: bool,
     """
     theta = space.to_root(p).detach()
     K = likelihood_kfac(space, theta, kfac)
-    delta = _prior_damping(space, theta.shape[0], theta)
-    try:
-        P = K.with_damping(delta)
-    except ValueError as err:
-        raise ValueError(
-            "laplace: structure='kron' needs a prior precision that is one number, or constant "
-            f"on every Kronecker block (each layer's weight matrix): {err}") from None
-    logdet = kron_logdet(P)
+    P = _with_prior(K, _prior_damping(space, theta.shape[0], theta))
     h = space.root_chart()
+    cov = KroneckerCovariance(P, None if h is None else h.linearize(p.detach()))
+    logdet = kron_logdet(cov)
     if h is not None and not riemannian:
         logdet += 2.0 * float(h.log_abs_det_jacobian(p.detach()))
-    cov = KroneckerCovariance(P, None if h is None else h.linearize(p.detach()))
     info = {"kfac_blocks": len(P.blocks), "kfac_uncovered": int(P.rest_index.numel())}
-    return Precision(None, cov, cov, float(logdet), relative=True, info=info)
-
-
-def kron_logdet(P: KroneckerFactored) -> float:
-    """log det(K + δ) from the eigenvalues (accumulated in float64); NotAModeError where it
-    is singular. K is PSD by construction, so a positive prior δ makes an eigenvalue positive
-    however small δ is relative to K (no relative threshold applies there); where δ = 0 an
-    eigenvalue of K at or below K's null threshold (docs/math.md §4.1) is singular."""
-    ev = P.eigenvalues()
-    K = P.with_damping(0.0)
-    ev0 = K.eigenvalues()
-    bad = (ev <= 0) | ((ev - ev0 <= 0) & (ev0 <= K.null_threshold()))
-    if bool(bad.any()):
-        raise NotAModeError(
-            f"laplace: the K-FAC precision K + prior is singular ({int(bad.sum())} null "
-            "eigenvalues: a zero prior precision on directions the likelihood does not see); "
-            "use a positive prior precision.")
-    return float(ev.detach().double().log().sum())
+    return Precision(None, cov, cov, logdet, relative=True, info=info)
 
 
 @dataclass
 class KronEvidence:
     r"""log Z(δ) = L(δ) + d/2 log 2π − ½ log det(K + δ) at a fixed point, closed form in δ.
 
+    ``covariance`` holds K's eigendecomposition (its own damping is replaced by δ);
     ``log_likelihood`` is the part of the log joint that does not depend on the prior
     (log p(D | w*), plus the chart's terms, which cancel for the invariant version):
     L(δ) = log_likelihood − (−log N(w*; 0, δ⁻¹ I)).
     """
 
-    factors: KroneckerFactored
+    covariance: KroneckerCovariance
     theta: Tensor
     log_likelihood: float
 
     def log_joint(self, delta: float | Tensor) -> float:
         return self.log_likelihood - float(gaussian_prior_nll(self.theta, delta))
 
-    def logdet(self, delta: float | Tensor) -> float:
-        return kron_logdet(self.factors.with_damping(delta))
-
     def __call__(self, delta: float | Tensor) -> float:
         d = self.theta.shape[0]
-        return self.log_joint(delta) + 0.5 * d * LOG_2PI - 0.5 * self.logdet(delta)
+        return (self.log_joint(delta) + 0.5 * d * LOG_2PI
+                - 0.5 * kron_logdet(self.covariance, delta))

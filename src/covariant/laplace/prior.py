@@ -150,7 +150,7 @@ class _KronCurve:
         lam0 = prior_precision_of(space)
         assert lam0 is not None
         log_lik = res.log_joint + float(gaussian_prior_nll(theta, lam0))
-        self.evidence = KronEvidence(res.covariance_operator.precision, theta, log_lik)
+        self.evidence = KronEvidence(res.covariance_operator, theta, log_lik)
         self.cache: dict[float, tuple[float, Tensor]] = {}
 
     def __call__(self, lam: float) -> tuple[float, Tensor]:
