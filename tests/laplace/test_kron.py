@@ -17,7 +17,7 @@ from torch.func import jacrev
 from covariant import density as cvd
 from covariant import laplace as cvl
 from covariant.errors import NotAModeError, UnsupportedStructureError
-from covariant.metrics import GGN
+from covariant.metrics import EKFAC, GGN
 from covariant.metrics.kronecker import KroneckerFactored
 from covariant.reparam import Scale, Sinh
 
@@ -133,6 +133,21 @@ def test_evidence_covariance_and_samples_match_dense_truth(mlp):
     assert torch.allclose(draws, theta[None] + (S @ Z).T, rtol=0, atol=1e-12)
     summ = res.to_dict()["covariance"]
     assert summ["kind"] == "kron" and abs(summ["trace"] - float(Sigma.trace())) < 1e-12
+
+
+def test_ekfac_factors_match_dense_truth(mlp):
+    """EK-FAC factors (corrected eigenvalues in the K-FAC eigenbasis) passed as ``kfac``."""
+    space, theta, _, _ = mlp
+    b = space.binding
+    E = EKFAC(b.model, b.loss_fn, list(b.batches), list(b.weights), forward=b.forward)
+    K = E.factors(theta)
+    assert any(blk.eigenvalues is not None for blk in K.blocks)
+    res = cvl.laplace(space, theta, structure="kron", kfac=K)
+    truth, P = _dense_truth(space, theta, K, 0.7)
+    assert abs(res.log_evidence - truth) < 1e-10
+    assert float((res.covariance_operator.dense() - torch.linalg.inv(P)).abs().max()) < 1e-12
+    assert float((res.covariance_operator.diagonal() - torch.linalg.inv(P).diagonal())
+                 .abs().max()) < 1e-13
 
 
 def test_invariant_equals_classic_in_the_weights_chart(mlp):
