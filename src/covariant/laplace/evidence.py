@@ -92,9 +92,9 @@ class LaplaceResult:
     precision : Tensor or None
         The dense precision (structure "full"), else ``None``.
     covariance : Tensor or operator
-        Σ: a dense tensor (full), :class:`DiagonalCovariance` or :class:`LowRankCovariance`
-        (each with ``.dense()``). A (2,0) tensor: Σ_Ψ = J⁻¹ Σ_Θ J⁻ᵀ (exactly so for the
-        invariant full approximation).
+        Σ: a dense tensor (full), :class:`DiagonalCovariance`, :class:`LowRankCovariance` or
+        :class:`KroneckerCovariance` (kron) (each with ``.dense()``). A (2,0) tensor:
+        Σ_Ψ = J⁻¹ Σ_Θ J⁻ᵀ (exactly so for the invariant full and kron approximations).
     log_joint : float
         log p(D, p*) (classic) or log q(D, p*) = log p − ½ log det G (invariant).
     logdet_precision : float
@@ -108,7 +108,8 @@ class LaplaceResult:
     info : dict
         Diagnostics: the objective's gradient norm at p* (``grad_norm``, 0 at an exact
         mode), ``logdet_metric`` (invariant), ``lanczos_converged`` and ``lowrank_floor``
-        (lowrank).
+        (lowrank), ``kfac_blocks`` and ``kfac_uncovered`` (kron: the number of Kronecker
+        blocks and of coordinates with K's exact diagonal instead).
     """
 
     log_evidence: float
