@@ -29,12 +29,14 @@ The posterior covariance Σ = Hess⁻¹ is a (2,0) tensor: Σ_Ψ = J⁻¹ Σ_Θ 
 
 Structures: ``"full"`` (dense, d <= :data:`FULL_MAX_DIM`), ``"diag"`` (the diagonal of the
 Hessian or GGN), ``"lowrank"`` (the top-k generalized eigenpairs of (Hess, G) by Lanczos,
-plus a floor). Kronecker-factored (``"kron"``, KFAC) is not implemented: it raises
-:class:`UnsupportedStructureError`.
+plus a floor), ``"kron"`` (K-FAC of the likelihood's GGN plus the exact prior, in the
+weights' chart: closed-form evidence, samples, GLM predictive and prior selection; the
+invariant version works in any bijective chart of the Euclidean weights).
 
 Modules: :mod:`~covariant.laplace.posterior` (model posteriors), :mod:`~.precision` (the
 precision in the chart), :mod:`~.covariance` (covariance operators), :mod:`~.predictive`,
-:mod:`~.evidence` (:func:`laplace`, :class:`LaplaceResult`), :mod:`~.prior` (prior selection).
+:mod:`~.evidence` (:func:`laplace`, :class:`LaplaceResult`), :mod:`~.kron` (K-FAC),
+:mod:`~.prior` (prior selection).
 
 Example
 -------
@@ -54,7 +56,12 @@ Example
 from __future__ import annotations
 
 from ..errors import NotAModeError, UnsupportedStructureError
-from .covariance import DenseCovariance, DiagonalCovariance, LowRankCovariance
+from .covariance import (
+    DenseCovariance,
+    DiagonalCovariance,
+    KroneckerCovariance,
+    LowRankCovariance,
+)
 from .evidence import FULL_MAX_DIM, HESSIANS, STRUCTURES, LaplaceResult, laplace
 from .posterior import (
     GaussianNLL,
@@ -71,6 +78,7 @@ __all__ = [
     "DenseCovariance",
     "DiagonalCovariance",
     "GaussianNLL",
+    "KroneckerCovariance",
     "LaplaceResult",
     "LowRankCovariance",
     "NotAModeError",

@@ -7,7 +7,9 @@ matrix):
 - :class:`DenseCovariance`: Σ = P⁻¹ from the Cholesky factor P = L Lᵀ (``structure="full"``);
 - :class:`DiagonalCovariance`: Σ = diag(1/h) (``structure="diag"``);
 - :class:`LowRankCovariance`: Σ = λ₀⁻¹ G⁻¹ + U diag(1/λ − 1/λ₀) Uᵀ, the inverse of the
-  precision λ₀G + Σ_i (λ_i − λ₀) G u_i u_iᵀ G (``structure="lowrank"``).
+  precision λ₀G + Σ_i (λ_i − λ₀) G u_i u_iᵀ G (``structure="lowrank"``);
+- :class:`KroneckerCovariance`: Σ = J⁻¹ P⁻¹ J⁻ᵀ for a Kronecker-factored precision P in the
+  weights' chart (``structure="kron"``), closed-form per layer.
 
 Σ is a (2,0) tensor: Σ_Ψ = J⁻¹ Σ_Θ J⁻ᵀ under θ = h(ψ).
 
@@ -34,9 +36,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..metrics import Metric
+from ..metrics import MAX_DENSE_DIM, Metric
+from ..metrics.base import check_dense_size
+from ..metrics.kronecker import KroneckerFactored
+from ..reparam.base import Linearization
 
-__all__ = ["DenseCovariance", "DiagonalCovariance", "LowRankCovariance"]
+__all__ = ["DenseCovariance", "DiagonalCovariance", "KroneckerCovariance", "LowRankCovariance"]
 
 
 def _variance_summary(kind: str, diag: Tensor) -> dict[str, Any]:
@@ -182,3 +187,158 @@ class LowRankCovariance:
 
     def __repr__(self) -> str:
         return f"LowRankCovariance(dim={self.point.shape[0]}, rank={self.U.shape[1]})"
+
+
+def _rotate(QB: Tensor, QA: Tensor, M: Tensor, into: bool) -> Tensor:
+    """Q_Bᵀ M Q_A (``into`` the eigenbasis) or Q_B M Q_Aᵀ (back) for M of shape (out, in, k),
+    as two large matrix products (no per-column loop)."""
+    n_out, n_in, k = M.shape
+    X = M.permute(0, 2, 1).reshape(n_out * k, n_in) @ (QA if into else QA.T)
+    Y = (QB.T if into else QB) @ X.reshape(n_out, k * n_in)
+    return Y.reshape(n_out, k, n_in).permute(0, 2, 1)
+
+
+class KroneckerCovariance:
+    r"""Σ = J⁻¹ P⁻¹ J⁻ᵀ: a Kronecker-factored precision P = K + δ of the weights' chart,
+    transported as a (2,0) tensor to the chart w = h(ψ) of ``chart`` (None: the weights').
+
+    Per block P = Q diag(Λ + δ) Qᵀ with Q = Q_B ⊗ Q_A the eigenbases of the factors (as
+    :class:`~covariant.metrics.kronecker.KroneckerFactored` takes them: Λ = b aᵀ, or EK-FAC's
+    eigenvalues), computed once here, so every product is closed-form and runs as large
+    matrix products, ``chunk`` columns at a time: ``matvec`` / ``matmat`` are J⁻¹ P⁻¹ J⁻ᵀ M,
+    ``sqrt_matmat`` is J⁻¹ Q (Λ + δ)^{-1/2} Z (S Sᵀ = Σ with one rotation instead of two),
+    and in the weights' chart ``diagonal`` is, per block, (Q_B ∘ Q_B) (Λ + δ)^{-1}
+    (Q_A ∘ Q_A)ᵀ (no d × d matrix). In another chart the variances need d products
+    (``diagonal``; ``summary`` includes them up to ``MAX_DENSE_DIM``). ``eigenvalues`` and
+    ``logdet`` give the spectrum of K + δ for this or another damping δ.
+
+    Example
+    -------
+    >>> import torch
+    >>> from covariant.metrics.kronecker import KroneckerBlock, KroneckerFactored
+    >>> A = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    >>> B = torch.tensor([[3.0]], dtype=torch.float64)
+    >>> P = KroneckerFactored([KroneckerBlock("w", torch.arange(2), A, B)], dim=2, damping=1.0)
+    >>> cov = KroneckerCovariance(P)
+    >>> bool(torch.allclose(cov.dense(), torch.linalg.inv(P.dense())))
+    True
+    >>> bool(torch.allclose(cov.diagonal(), torch.diagonal(cov.dense())))
+    True
+    >>> sorted(cov.eigenvalues().tolist())              # 3·{1, 3} + 1
+    [4.0, 10.0]
+    """
+
+    def __init__(self, precision: KroneckerFactored, chart: Linearization | None = None,
+                 chunk: int = 64) -> None:
+        self.precision = precision
+        self.chart = chart
+        self.chunk = int(chunk)
+        self._spectra: list[tuple[Tensor, Tensor, Tensor]] | None = None
+
+    @property
+    def dim(self) -> int:
+        return self.precision.dim
+
+    # ------------------------------------------------------------------ spectrum
+    def spectra(self) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per block (Q_B, Q_A, Λ) with Λ (out, in) the undamped eigenvalues (computed once)."""
+        if self._spectra is None:
+            out = []
+            for b in self.precision.blocks:
+                a, QA = torch.linalg.eigh(0.5 * (b.A + b.A.T))
+                bb, QB = torch.linalg.eigh(0.5 * (b.B + b.B.T))
+                lam = (b.eigenvalues if b.eigenvalues is not None
+                       else torch.outer(bb.clamp_min(0.0), a.clamp_min(0.0)))
+                out.append((QB, QA, lam))
+            self._spectra = out
+        return self._spectra
+
+    def eigenvalues(self, damping: float | Tensor | None = None) -> Tensor:
+        """All d eigenvalues of K + δ, block by block then the rest (the order of
+        ``KroneckerFactored.eigenvalues``); δ is the precision's damping unless given."""
+        P = self.precision
+        lam_all = P.damping if damping is None else damping
+        parts = []
+        for b, (_, _, lam) in zip(P.blocks, self.spectra(), strict=True):
+            delta = lam_all[b.index[0]] if isinstance(lam_all, Tensor) else float(lam_all)
+            parts.append((lam + delta).reshape(-1))
+        assert P.rest_index is not None and P.rest_diagonal is not None
+        rest = lam_all[P.rest_index] if isinstance(lam_all, Tensor) else float(lam_all)
+        parts.append(P.rest_diagonal + rest)
+        return torch.cat(parts)
+
+    # ------------------------------------------------------------------ products
+    def _weights_apply(self, V: Tensor, fn: Any, symmetric: bool) -> Tensor:
+        """Q f(Λ + δ) Qᵀ V (``symmetric``) or Q f(Λ + δ) V, V of shape (d, k)."""
+        P = self.precision
+        ev = fn(self.eigenvalues())
+        out = torch.empty_like(V)
+        start = 0
+        for b, (QB, QA, _) in zip(P.blocks, self.spectra(), strict=True):
+            n_out, n_in = b.shape
+            F = ev[start:start + n_out * n_in].reshape(n_out, n_in, 1).to(V.dtype)
+            start += n_out * n_in
+            for c in range(0, V.shape[1], self.chunk):
+                M = V[b.index, c:c + self.chunk].reshape(n_out, n_in, -1)
+                if symmetric:
+                    M = _rotate(QB, QA, M, into=True)
+                out[b.index, c:c + self.chunk] = _rotate(QB, QA, F * M, into=False).reshape(
+                    n_out * n_in, -1)
+        assert P.rest_index is not None
+        out[P.rest_index] = V[P.rest_index] * ev[start:, None].to(V.dtype)
+        return out
+
+    def _columns(self, fn: Any, V: Tensor) -> Tensor:
+        return torch.stack([fn(c) for c in V.T], 1) if V.shape[1] else V
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.matmat(v[:, None])[:, 0]
+
+    def matmat(self, M: Tensor) -> Tensor:
+        lin = self.chart
+        if lin is not None:
+            M = self._columns(lin.inverse_vjp, M)
+        W = self._weights_apply(M, torch.reciprocal, symmetric=True)
+        return W if lin is None else self._columns(lin.inverse_jvp, W)
+
+    def sqrt_matmat(self, Z: Tensor) -> Tensor:
+        """S Z with S Sᵀ = Σ: J⁻¹ Q (Λ + δ)^{-1/2} Z."""
+        V = self._weights_apply(Z, torch.rsqrt, symmetric=False)
+        return V if self.chart is None else self._columns(self.chart.inverse_jvp, V)
+
+    def dense(self) -> Tensor:
+        check_dense_size(self.dim, "KroneckerCovariance.dense")
+        ref = self.eigenvalues()
+        return self.matmat(torch.eye(self.dim, dtype=ref.dtype, device=ref.device))
+
+    def _weights_diagonal(self) -> Tensor:
+        """diag P⁻¹ in the weights' chart, closed form per block."""
+        P = self.precision
+        ev = 1.0 / self.eigenvalues()
+        out = torch.empty_like(ev)
+        start = 0
+        for b, (QB, QA, _) in zip(P.blocks, self.spectra(), strict=True):
+            n_out, n_in = b.shape
+            F = ev[start:start + n_out * n_in].reshape(n_out, n_in)
+            out[b.index] = ((QB * QB) @ F @ (QA * QA).T).reshape(-1)
+            start += n_out * n_in
+        assert P.rest_index is not None
+        out[P.rest_index] = ev[start:]
+        return out
+
+    def diagonal(self) -> Tensor:
+        if self.chart is None:
+            return self._weights_diagonal()
+        return torch.diagonal(self.dense())
+
+    def summary(self) -> dict[str, Any]:
+        """kind "kron", dim, the number of blocks and, where affordable (the weights' chart,
+        or d <= MAX_DENSE_DIM), trace and the range of the marginal variances."""
+        extra = {"blocks": len(self.precision.blocks), "chart": self.chart is not None}
+        if self.chart is not None and self.dim > MAX_DENSE_DIM:
+            return {"kind": "kron", "dim": self.dim, **extra}
+        return {**_variance_summary("kron", self.diagonal()), **extra}
+
+    def __repr__(self) -> str:
+        return (f"KroneckerCovariance(dim={self.dim}, blocks={len(self.precision.blocks)}, "
+                f"chart={self.chart is not None})")

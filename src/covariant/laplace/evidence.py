@@ -9,8 +9,9 @@ On a density space (the log joint log p(D, θ); ``ParameterSpace.from_log_prob``
   log Z ≈ log q(D, p*) + d/2 log 2π − ½ log det(G⁻¹ Hess(−log q)), the same in every chart.
 
 The precision is built by :mod:`covariant.laplace.precision` (structures "full", "diag",
-"lowrank"); the covariance operators live in :mod:`covariant.laplace.covariance` and the
-predictives in :mod:`covariant.laplace.predictive`.
+"lowrank") and :mod:`covariant.laplace.kron` ("kron", K-FAC); the covariance operators live
+in :mod:`covariant.laplace.covariance` and the predictives in
+:mod:`covariant.laplace.predictive`.
 
 Example
 -------
@@ -43,6 +44,7 @@ from ..errors import (
 )
 from ..metrics import MAX_DENSE_DIM
 from ..space import ParameterSpace
+from .kron import KronFactors, check_kron_space, kron_precision
 from .posterior import LOG_2PI, with_prior_precision
 from .precision import (
     Curvature,
@@ -73,7 +75,7 @@ def _jsonable(x: Any) -> Any:
 #: it and an O(d³) Cholesky factorization.
 FULL_MAX_DIM = MAX_DENSE_DIM
 
-STRUCTURES = ("full", "diag", "lowrank")
+STRUCTURES = ("full", "diag", "lowrank", "kron")
 HESSIANS = ("exact", "ggn")
 
 
@@ -90,9 +92,9 @@ class LaplaceResult:
     precision : Tensor or None
         The dense precision (structure "full"), else ``None``.
     covariance : Tensor or operator
-        Σ: a dense tensor (full), :class:`DiagonalCovariance` or :class:`LowRankCovariance`
-        (each with ``.dense()``). A (2,0) tensor: Σ_Ψ = J⁻¹ Σ_Θ J⁻ᵀ (exactly so for the
-        invariant full approximation).
+        Σ: a dense tensor (full), :class:`DiagonalCovariance`, :class:`LowRankCovariance` or
+        :class:`KroneckerCovariance` (kron) (each with ``.dense()``). A (2,0) tensor:
+        Σ_Ψ = J⁻¹ Σ_Θ J⁻ᵀ (exactly so for the invariant full and kron approximations).
     log_joint : float
         log p(D, p*) (classic) or log q(D, p*) = log p − ½ log det G (invariant).
     logdet_precision : float
@@ -106,7 +108,8 @@ class LaplaceResult:
     info : dict
         Diagnostics: the objective's gradient norm at p* (``grad_norm``, 0 at an exact
         mode), ``logdet_metric`` (invariant), ``lanczos_converged`` and ``lowrank_floor``
-        (lowrank).
+        (lowrank), ``kfac_blocks`` and ``kfac_uncovered`` (kron: the number of Kronecker
+        blocks and of coordinates with K's exact diagonal instead).
     """
 
     log_evidence: float
@@ -188,19 +191,21 @@ class LaplaceResult:
         }
 
 
-def _check_structure(structure: str, hessian: str) -> None:
-    if structure == "kron":
-        raise UnsupportedStructureError(
-            "laplace: structure='kron' (KFAC) is not implemented in covariant. Supported "
-            f"structures: {STRUCTURES}. For networks use 'diag' or 'lowrank' (matrix-free), "
-            "or 'full' up to d = FULL_MAX_DIM."
-        )
+def _check_structure(structure: str, hessian: str | None) -> str:
+    """The Hessian to use (None: "ggn" for "kron", else "exact"), after checking both."""
     if structure not in STRUCTURES:
         raise ValueError(
             f"laplace: unknown structure {structure!r}; supported structures are {STRUCTURES}"
         )
+    if hessian is None:
+        return "ggn" if structure == "kron" else "exact"
     if hessian not in HESSIANS:
         raise ValueError(f"laplace: hessian must be one of {HESSIANS}, got {hessian!r}")
+    if structure == "kron" and hessian != "ggn":
+        raise ValueError(
+            "laplace: structure='kron' is the K-FAC of the likelihood's GGN: hessian must be "
+            "'ggn' (or left out)")
+    return hessian
 
 
 def _prepared(space: ParameterSpace, p_map: Tensor,
@@ -236,9 +241,12 @@ def _check_space(space: ParameterSpace, p: Tensor, structure: str, riemannian: b
         )
 
 
-def _structured(structure: str, curv: Curvature, space: ParameterSpace, p: Tensor, *,
+def _structured(structure: str, hessian: str, fn: Any, space: ParameterSpace, p: Tensor, *,
                 riemannian: bool, limit: int, rank: int, lowrank_floor: float | None,
-                seed: int) -> Precision:
+                seed: int, kfac: KronFactors) -> Precision:
+    if structure == "kron":
+        return kron_precision(space, p, riemannian, kfac)
+    curv = Curvature(space, fn, riemannian, hessian)
     if structure == "full":
         return full_precision(curv, p, riemannian=riemannian, max_dim=limit)
     if structure == "diag":
@@ -250,10 +258,11 @@ def laplace(
     space: ParameterSpace,
     p_map: Tensor,
     riemannian: bool = True,
-    hessian: str = "exact",
+    hessian: str | None = None,
     structure: str = "full",
     prior_precision: float | Tensor | None = None,
     *,
+    kfac: KronFactors = None,
     rank: int = 20,
     lowrank_floor: float | None = None,
     logdet_method: str = "auto",
@@ -272,21 +281,28 @@ def laplace(
         stationary it is.
     riemannian : bool
         The invariant approximation (True) or the classic one (False).
-    hessian : {"exact", "ggn"}
+    hessian : {"exact", "ggn"}, optional
         The exact Hessian, or the GGN Σ_n J_nᵀ H_ℓ J_n of the likelihood (spaces from
         :func:`posterior_space`; computed in the space's chart, a tensor) plus the exact
-        Hessian of the rest (prior, Jacobian terms, ½ log det G).
-    structure : {"full", "diag", "lowrank"}
+        Hessian of the rest (prior, Jacobian terms, ½ log det G). Default: "exact", and
+        "ggn" for "kron" (the only one it takes).
+    structure : {"full", "diag", "lowrank", "kron"}
         "full": dense, d <= :data:`FULL_MAX_DIM` (raise with ``max_dim``). "diag": the
         diagonal of the precision (d products); log det(G⁻¹B) = Σ log B_ii − log det G
         (invariant only under elementwise charts). "lowrank": the top ``rank`` generalized
         eigenpairs (λ_i, u_i) of Hess u = λ G u by Lanczos, and λ₀G elsewhere: log det ≈
         Σ log λ_i + (d − k) log λ₀, with λ₀ = ``lowrank_floor``, else the scalar prior
-        precision, else the mean remaining eigenvalue (Hutchinson). "kron" raises
-        :class:`UnsupportedStructureError`.
+        precision, else the mean remaining eigenvalue (Hutchinson). "kron" (model
+        posteriors): K + δ with K the K-FAC of the likelihood's GGN in the weights' chart
+        and the prior δ exact (:mod:`covariant.laplace.kron`); invariant in any bijective
+        chart of the Euclidean weights, classic only in the weights' chart (else
+        :class:`UnsupportedStructureError`).
     prior_precision : float or Tensor, optional
         For model posteriors: evaluate with this prior N(0, λ⁻¹I) on θ instead of the space's
         (:func:`with_prior_precision`), at the given ``p_map`` (post hoc).
+    kfac : KroneckerFactored or dict, optional
+        "kron" only: the undamped K-FAC of the likelihood's GGN at the weights w* (used as
+        given), or options of ``covariant.metrics.KFAC.from_space`` (default: type-2 GGN).
     rank, lowrank_floor : int, float
         k and λ₀ for "lowrank".
     logdet_method : str
@@ -303,19 +319,20 @@ def laplace(
     positive definite at ``p_map``), NotABijectionError (a degenerate metric: compute the
     invariant evidence in any bijective chart, it is the same number).
     """
-    _check_structure(structure, hessian)
+    hessian = _check_structure(structure, hessian)
+    if structure == "kron":
+        check_kron_space(space, riemannian)
     space = _prepared(space, p_map, prior_precision)
     p, limit = p_map.detach(), max_dim or FULL_MAX_DIM
     _check_space(space, p, structure, riemannian, limit)
     fn = objective(space, riemannian, logdet_method, p)
-    curv = Curvature(space, fn, riemannian, hessian)
     info: dict[str, Any] = {"grad_norm": float(grad(fn)(p).norm())}
     log_joint = -float(fn(p))
     logdet_G = float(fn(p) - space.loss_function(p)) * 2 if riemannian else 0.0
     if riemannian:
         info["logdet_metric"] = logdet_G
-    prec = _structured(structure, curv, space, p, riemannian=riemannian, limit=limit,
-                       rank=rank, lowrank_floor=lowrank_floor, seed=seed)
+    prec = _structured(structure, hessian, fn, space, p, riemannian=riemannian, limit=limit,
+                       rank=rank, lowrank_floor=lowrank_floor, seed=seed, kfac=kfac)
     info.update(prec.info)
     logdet_prec = prec.logdet if prec.relative else prec.logdet - logdet_G
     d = p.shape[0]

@@ -37,9 +37,16 @@ from torch import Tensor
 from .._progress import progress_bar
 from ..density import map_estimate
 from ..errors import NotAModeError
+from ..metrics.kronecker import KroneckerFactored
 from ..space import ParameterSpace
 from .evidence import laplace
-from .posterior import posterior_binding, with_prior_precision
+from .kron import KronEvidence
+from .posterior import (
+    gaussian_prior_nll,
+    posterior_binding,
+    prior_precision_of,
+    with_prior_precision,
+)
 
 __all__ = ["PriorPrecisionResult", "optimize_prior_precision"]
 
@@ -130,8 +137,49 @@ class _EvidenceCurve:
         return self.cache[lam]
 
 
-def _refine(curve: _EvidenceCurve, grid: list[float], i: int, best: tuple[float, float],
-            xatol: float) -> tuple[float, float]:
+class _KronCurve:
+    """The post hoc evidence of ``structure="kron"``: one K-FAC at ``p0``, then λ ↦ log Z in
+    closed form from its eigenvalues (:class:`~covariant.laplace.kron.KronEvidence`); the same
+    numbers as :func:`laplace` at each λ (up to round-off)."""
+
+    def __init__(self, space: ParameterSpace, p0: Tensor, riemannian: bool,
+                 laplace_kwargs: dict[str, Any]) -> None:
+        self.p0 = p0.detach()
+        res = laplace(space, self.p0, riemannian=riemannian, **laplace_kwargs)
+        theta = space.to_root(self.p0).detach()
+        lam0 = prior_precision_of(space)
+        assert lam0 is not None
+        log_lik = res.log_joint + float(gaussian_prior_nll(theta, lam0))
+        self.evidence = KronEvidence(res.covariance_operator, theta, log_lik)
+        self.cache: dict[float, tuple[float, Tensor]] = {}
+
+    def __call__(self, lam: float) -> tuple[float, Tensor]:
+        if lam not in self.cache:
+            try:
+                ev = self.evidence(lam)
+            except NotAModeError:
+                ev = -math.inf
+            self.cache[lam] = (ev, self.p0)
+        return self.cache[lam]
+
+
+def _curve(space: ParameterSpace, p0: Tensor, riemannian: bool, method: str, map_method: str,
+           map_kwargs: dict[str, Any] | None, laplace_kwargs: dict[str, Any]
+           ) -> _EvidenceCurve | _KronCurve:
+    if laplace_kwargs.get("structure") == "kron":
+        if method == "posthoc":
+            return _KronCurve(space, p0, riemannian, laplace_kwargs)
+        if isinstance(laplace_kwargs.get("kfac"), KroneckerFactored):
+            raise ValueError(
+                "optimize_prior_precision: method='refit' moves the mode, so K-FAC factors "
+                "computed at one point (kfac=KroneckerFactored) do not apply; pass KFAC "
+                "options (a dict) or None, or use method='posthoc'")
+    return _EvidenceCurve(space, p0, riemannian, method, map_method, dict(map_kwargs or {}),
+                          laplace_kwargs)
+
+
+def _refine(curve: _EvidenceCurve | _KronCurve, grid: list[float], i: int,
+            best: tuple[float, float], xatol: float) -> tuple[float, float]:
     """A bounded scalar search in log λ over the grid cell around index i."""
     from scipy.optimize import minimize_scalar
 
@@ -177,7 +225,9 @@ def optimize_prior_precision(
     nearest λ already done, starting from ``p0`` (a mode at the current λ): a continuation,
     so that every chart follows the same branch of modes of a multimodal posterior.
     ``method="posthoc"`` keeps ``p0`` fixed and varies only λ, as laplace-torch does after
-    training. ``laplace_kwargs`` go to :func:`~covariant.laplace.laplace`.
+    training. ``laplace_kwargs`` go to :func:`~covariant.laplace.laplace`. With
+    ``structure="kron"`` and ``"posthoc"`` the K-FAC is computed once and the evidence is a
+    closed-form function of λ (:class:`~covariant.laplace.kron.KronEvidence`).
 
     The evidence curve is evaluated on ``grid`` (default 10^-3 … 10^3, 25 points); with
     ``refine`` the best grid cell is refined by a bounded scalar search in log λ (to
@@ -202,8 +252,7 @@ def optimize_prior_precision(
                          f"{method!r}")
     lam_now = posterior_binding(space, "optimize_prior_precision").prior_precision
     grid_ = _grid(grid)
-    curve = _EvidenceCurve(space, p0, riemannian, method, map_method, dict(map_kwargs or {}),
-                           laplace_kwargs)
+    curve = _curve(space, p0, riemannian, method, map_method, map_kwargs, laplace_kwargs)
     log0 = math.log(float(lam_now)) if torch.as_tensor(lam_now).ndim == 0 else 0.0  # type: ignore[arg-type]
     # walk the grid outwards from the space's own λ, so that every refit starts at a neighbour
     order = sorted(grid_, key=lambda lam: abs(math.log(lam) - log0))
