@@ -4,9 +4,11 @@ Rows (one model, one batch, side by side in one run, medians over ``--repeats`` 
 rounds; CPU, ``--threads`` threads, 1 by default):
 
   factors   K-FAC factor construction (type-2 GGN, K-FAC-expand): ``KFAC.factors(θ)`` vs
-            curvlinops ``KFACLinearOperator.compute_kronecker_factors()`` on the same model,
-            loss, batch; ratio = curvlinops seconds / ours (target ≥ 1). The two operators
-            are compared on random vectors in the same run (``rel_diff``).
+            curvlinops ``KFACLinearOperator.compute_kronecker_factors()`` on the same loss
+            and batch; ratio = curvlinops seconds / ours (target ≥ 1). curvlinops 3.0.1 has
+            no Conv1d, so it runs on the Conv2d twin of a 1-D CNN (``conv2d_twin``: the same
+            function, weights and factors). The two operators are compared on random vectors
+            in the same run (``rel_diff``).
   solve     a damped K-FAC solve (K + λI)⁻¹g, closed form (factors + eigendecompositions +
             solve, and the solve alone with the factors cached), vs an exact damped-GGN
             conjugate-gradient solve of (G + λI)x = g to relative residual ``--cg-rtol``
@@ -47,12 +49,47 @@ from covariant._io import atomic_write_json  # noqa: E402
 ROWS = ("factors", "solve", "laplace")
 
 
-def _model_and_batch(name: str, batch: int, seed: int) -> tuple[nn.Module, torch.Tensor,
-                                                                  torch.Tensor]:
-    torch.manual_seed(seed)
-    model = C.build_model(name).eval()
-    ds = C.load_model_data(name, C.default_cache_dir())
-    return model, ds.X_train[:batch].float(), ds.y_train[:batch]
+def _model_and_batch(name: str, batch: int, seed: int, trained: bool
+                     ) -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """The model (trained briefly with Adam as in bench_flatness.py, cached, unless
+    ``trained`` is False: then at its seeded initialization), in eval mode, and a batch."""
+    cache = C.default_cache_dir()
+    ds = C.load_model_data(name, cache)
+    if trained:
+        model, desc = C.trained_model(name, ds, epochs=C.model_spec(name).epochs, seed=seed,
+                                      cache=cache, device=torch.device("cpu"))
+    else:
+        torch.manual_seed(seed)
+        model, desc = C.build_model(name), {"preset": name, "trained": False}
+    return model.eval(), ds.X_train[:batch].float(), ds.y_train[:batch], desc
+
+
+def conv2d_twin(model: nn.Module) -> nn.Module:
+    """The same network with every ``nn.Conv1d`` written as an ``nn.Conv2d`` of height 1
+    (curvlinops 3.0.1's K-FAC knows Linear and Conv2d only): inputs (N, L) → (N, 1, 1, L),
+    kernels (1, k), the same weights, the same flattening order, hence the same function and
+    the same K-FAC factors. Any other module is shared, not copied."""
+    import copy
+
+    feats: list[nn.Module] = [nn.Unflatten(1, (1, 1, -1))]
+    for m in model.features:
+        if isinstance(m, nn.Conv1d):
+            c = nn.Conv2d(m.in_channels, m.out_channels, (1, m.kernel_size[0]),
+                          stride=(1, m.stride[0]), padding=(0, m.padding[0]),
+                          bias=m.bias is not None)
+            with torch.no_grad():
+                c.weight.copy_(m.weight.unsqueeze(2))
+                if m.bias is not None:
+                    c.bias.copy_(m.bias)
+            feats.append(c)
+        else:
+            feats.append(m)
+    return nn.Sequential(*feats, nn.Flatten(1), copy.deepcopy(model.head))
+
+
+def _peer_model(model: nn.Module) -> nn.Module:
+    has_conv1d = any(isinstance(m, nn.Conv1d) for m in model.modules())
+    return conv2d_twin(model) if has_conv1d else model
 
 
 def _curvlinops_factors(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> Any:
@@ -75,14 +112,19 @@ def row_factors(model: nn.Module, X: torch.Tensor, y: torch.Tensor, repeats: int
 
     fns = {"covariant": ours}
     have_peer = importlib.util.find_spec("curvlinops") is not None
+    peer_model = _peer_model(model)
     if have_peer:
-        fns["curvlinops"] = lambda: _curvlinops_factors(model, X, y)
+        fns["curvlinops"] = lambda: _curvlinops_factors(peer_model, X, y)
     times = C.interleaved(fns, repeats, device)
     med = {k: C.median(v) for k, v in times.items()}
     out: dict[str, Any] = {"seconds": times, "median_seconds": med}
     if have_peer:
         out["speed_ratio"] = med["curvlinops"] / med["covariant"]
-        K, op = ours(), _curvlinops_factors(model, X, y)
+        with torch.no_grad():
+            same = float((peer_model(X) - model(X)).abs().max())
+        out["peer_model"] = ("the Conv2d twin (Conv1d as height-1 Conv2d; outputs differ by "
+                             f"{same:.1e})") if peer_model is not model else "the same model"
+        K, op = ours(), _curvlinops_factors(peer_model, X, y)
         V = torch.randn(theta.shape[0], 3, generator=torch.Generator().manual_seed(0))
         ours_mv = K.matmat(V)
         peer_mv = op @ V  # a flat (d, k) tensor, in the order of model.parameters()
@@ -148,6 +190,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--laplace-threads", type=int, default=2)
     ap.add_argument("--prior-precision", type=float, default=1.0)
+    ap.add_argument("--untrained", action="store_true",
+                    help="the model at initialization instead of briefly trained")
     ap.add_argument("--quick", action="store_true", help="mlp-80k, batch 128, 1 repeat")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "kfac_cpu.json")
     args = ap.parse_args()
@@ -159,9 +203,11 @@ def main() -> None:
         ap.error(f"unknown rows {unknown}; choose from {ROWS}")
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    model, X, y = _model_and_batch(args.model, args.batch, seed=0)
+    model, X, y, desc = _model_and_batch(args.model, args.batch, seed=0,
+                                         trained=not args.untrained)
     d = sum(p.numel() for p in model.parameters())
-    result: dict[str, Any] = {"model": args.model, "dim": d, "batch": args.batch,
+    result: dict[str, Any] = {"model": args.model, "model_info": desc, "dim": d,
+                              "batch": args.batch,
                               "repeats": args.repeats, "threads": args.threads,
                               "machine": C.machine_info(device), "rows": {}}
     print(f"# {args.model}: d = {d:,}, batch {args.batch}, {args.threads} thread(s), "

@@ -138,3 +138,17 @@ def test_bad_layouts_raise() -> None:
         K.solve(torch.ones(5, dtype=D))
     with pytest.raises(ValueError, match="damping"):
         K.with_damping(-1.0)
+
+
+@pytest.mark.parametrize("ekfac", [False, True])
+def test_diagonal_and_one_sided_root(ekfac: bool) -> None:
+    K = _operator(ekfac, 0.3)
+    G = _dense_truth(K)
+    Ginv = torch.linalg.inv(G)
+    assert torch.allclose(K.diagonal(), torch.diagonal(G), atol=1e-13)
+    assert torch.allclose(K.diagonal(torch.reciprocal), torch.diagonal(Ginv), atol=1e-12)
+    S = K.apply(torch.eye(17, dtype=D), torch.rsqrt, symmetric=False, chunk=5)
+    assert torch.allclose(S @ S.T, Ginv, atol=1e-12)          # S Sᵀ = K⁻¹ ...
+    assert not torch.allclose(S, S.T, atol=1e-6)              # ... though S is not symmetric
+    F = K.apply(torch.eye(17, dtype=D), torch.exp, chunk=3)   # any function of K
+    assert torch.allclose(F, torch.linalg.matrix_exp(G), rtol=1e-10, atol=1e-10)

@@ -189,22 +189,13 @@ class LowRankCovariance:
         return f"LowRankCovariance(dim={self.point.shape[0]}, rank={self.U.shape[1]})"
 
 
-def _rotate(QB: Tensor, QA: Tensor, M: Tensor, into: bool) -> Tensor:
-    """Q_Bᵀ M Q_A (``into`` the eigenbasis) or Q_B M Q_Aᵀ (back) for M of shape (out, in, k),
-    as two large matrix products (no per-column loop)."""
-    n_out, n_in, k = M.shape
-    X = M.permute(0, 2, 1).reshape(n_out * k, n_in) @ (QA if into else QA.T)
-    Y = (QB.T if into else QB) @ X.reshape(n_out, k * n_in)
-    return Y.reshape(n_out, k, n_in).permute(0, 2, 1)
-
-
 class KroneckerCovariance:
     r"""Σ = J⁻¹ P⁻¹ J⁻ᵀ: a Kronecker-factored precision P = K + δ of the weights' chart,
     transported as a (2,0) tensor to the chart w = h(ψ) of ``chart`` (None: the weights').
 
     Per block P = Q diag(Λ + δ) Qᵀ with Q = Q_B ⊗ Q_A the eigenbases of the factors (as
     :class:`~covariant.metrics.kronecker.KroneckerFactored` takes them: Λ = b aᵀ, or EK-FAC's
-    eigenvalues), computed once here, so every product is closed-form and runs as large
+    eigenvalues), computed once by the precision, so every product is closed-form and runs as large
     matrix products, ``chunk`` columns at a time: ``matvec`` / ``matmat`` are J⁻¹ P⁻¹ J⁻ᵀ M,
     ``sqrt_matmat`` is J⁻¹ Q (Λ + δ)^{-1/2} Z (S Sᵀ = Σ with one rotation instead of two),
     and in the weights' chart ``diagonal`` is, per block, (Q_B ∘ Q_B) (Λ + δ)^{-1}
@@ -233,7 +224,6 @@ class KroneckerCovariance:
         self.precision = precision
         self.chart = chart
         self.chunk = int(chunk)
-        self._spectra: list[tuple[Tensor, Tensor, Tensor]] | None = None
 
     @property
     def dim(self) -> int:
@@ -241,52 +231,20 @@ class KroneckerCovariance:
 
     # ------------------------------------------------------------------ spectrum
     def spectra(self) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """Per block (Q_B, Q_A, Λ) with Λ (out, in) the undamped eigenvalues (computed once)."""
-        if self._spectra is None:
-            out = []
-            for b in self.precision.blocks:
-                a, QA = torch.linalg.eigh(0.5 * (b.A + b.A.T))
-                bb, QB = torch.linalg.eigh(0.5 * (b.B + b.B.T))
-                lam = (b.eigenvalues if b.eigenvalues is not None
-                       else torch.outer(bb.clamp_min(0.0), a.clamp_min(0.0)))
-                out.append((QB, QA, lam))
-            self._spectra = out
-        return self._spectra
+        """Per block (Q_B, Q_A, Λ) with Λ (out, in) the undamped eigenvalues (computed once,
+        by the precision: :meth:`KroneckerFactored.spectra`)."""
+        return self.precision.spectra()
 
     def eigenvalues(self, damping: float | Tensor | None = None) -> Tensor:
         """All d eigenvalues of K + δ, block by block then the rest (the order of
         ``KroneckerFactored.eigenvalues``); δ is the precision's damping unless given."""
         P = self.precision
-        lam_all = P.damping if damping is None else damping
-        parts = []
-        for b, (_, _, lam) in zip(P.blocks, self.spectra(), strict=True):
-            delta = lam_all[b.index[0]] if isinstance(lam_all, Tensor) else float(lam_all)
-            parts.append((lam + delta).reshape(-1))
-        assert P.rest_index is not None and P.rest_diagonal is not None
-        rest = lam_all[P.rest_index] if isinstance(lam_all, Tensor) else float(lam_all)
-        parts.append(P.rest_diagonal + rest)
-        return torch.cat(parts)
+        return (P if damping is None else P.with_damping(damping)).eigenvalues()
 
     # ------------------------------------------------------------------ products
     def _weights_apply(self, V: Tensor, fn: Any, symmetric: bool) -> Tensor:
         """Q f(Λ + δ) Qᵀ V (``symmetric``) or Q f(Λ + δ) V, V of shape (d, k)."""
-        P = self.precision
-        ev = fn(self.eigenvalues())
-        out = torch.empty_like(V)
-        start = 0
-        for b, (QB, QA, _) in zip(P.blocks, self.spectra(), strict=True):
-            n_out, n_in = b.shape
-            F = ev[start:start + n_out * n_in].reshape(n_out, n_in, 1).to(V.dtype)
-            start += n_out * n_in
-            for c in range(0, V.shape[1], self.chunk):
-                M = V[b.index, c:c + self.chunk].reshape(n_out, n_in, -1)
-                if symmetric:
-                    M = _rotate(QB, QA, M, into=True)
-                out[b.index, c:c + self.chunk] = _rotate(QB, QA, F * M, into=False).reshape(
-                    n_out * n_in, -1)
-        assert P.rest_index is not None
-        out[P.rest_index] = V[P.rest_index] * ev[start:, None].to(V.dtype)
-        return out
+        return self.precision.apply(V, fn, symmetric=symmetric, chunk=self.chunk)
 
     def _columns(self, fn: Any, V: Tensor) -> Tensor:
         return torch.stack([fn(c) for c in V.T], 1) if V.shape[1] else V
@@ -313,18 +271,7 @@ class KroneckerCovariance:
 
     def _weights_diagonal(self) -> Tensor:
         """diag P⁻¹ in the weights' chart, closed form per block."""
-        P = self.precision
-        ev = 1.0 / self.eigenvalues()
-        out = torch.empty_like(ev)
-        start = 0
-        for b, (QB, QA, _) in zip(P.blocks, self.spectra(), strict=True):
-            n_out, n_in = b.shape
-            F = ev[start:start + n_out * n_in].reshape(n_out, n_in)
-            out[b.index] = ((QB * QB) @ F @ (QA * QA).T).reshape(-1)
-            start += n_out * n_in
-        assert P.rest_index is not None
-        out[P.rest_index] = ev[start:]
-        return out
+        return self.precision.diagonal(torch.reciprocal)
 
     def diagonal(self) -> Tensor:
         if self.chart is None:

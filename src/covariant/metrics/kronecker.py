@@ -112,6 +112,14 @@ class KroneckerBlock:
         return self.B.shape[0], self.A.shape[0]
 
 
+def _sandwich(L: Tensor, M: Tensor, R: Tensor) -> Tensor:
+    """L M_j R for every column j of M (shape (out, in, k)), as two large matrix products."""
+    n_out, n_in, k = M.shape
+    X = M.permute(0, 2, 1).reshape(n_out * k, n_in) @ R.to(M.dtype)
+    Y = L.to(M.dtype) @ X.reshape(n_out, k * R.shape[1])
+    return Y.reshape(L.shape[0], k, R.shape[1]).permute(0, 2, 1)
+
+
 @dataclass
 class _Eigen:
     """Eigenbasis of one block: Q_B, Q_A and the matrix of eigenvalues Λ (without damping)."""
@@ -202,7 +210,8 @@ class KroneckerFactored:
     # ------------------------------------------------------------------ new operators
     def with_damping(self, damping: float | Tensor) -> KroneckerFactored:
         """The same factors with another damping λ (eigendecompositions are shared)."""
-        return replace(self, damping=damping, _eigen=self._eigs())
+        self.spectra()  # once, shared with the copy
+        return replace(self, damping=damping, _eigen=self._eigen)
 
     def scaled(self, c: float) -> KroneckerFactored:
         """c·K_λ (the B factors, EK-FAC eigenvalues, rest and damping scaled by c > 0)."""
@@ -239,7 +248,9 @@ class KroneckerFactored:
                                  mix(self.rest_diagonal, other.rest_diagonal), other.damping)
 
     # ------------------------------------------------------------------ eigenbasis
-    def _eigs(self) -> list[_Eigen]:
+    def spectra(self) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per block (Q_B, Q_A, Λ): the factors' eigenvectors and the (out, in) matrix of the
+        block's eigenvalues without damping (b aᵀ, or EK-FAC's), computed once."""
         if self._eigen is None:
             eig = []
             for b in self.blocks:
@@ -251,12 +262,12 @@ class KroneckerFactored:
                     lam = torch.outer(bb.clamp_min(0.0), a.clamp_min(0.0))
                 eig.append(_Eigen(QB, QA, lam))
             self._eigen = eig
-        return self._eigen
+        return [(e.QB, e.QA, e.lam) for e in self._eigen]
 
     def eigenvalues(self) -> Tensor:
         """All d eigenvalues of K_λ (unsorted: block by block, then the rest)."""
-        parts = [(e.lam + self._block_damping(b)).reshape(-1)
-                 for b, e in zip(self.blocks, self._eigs(), strict=True)]
+        parts = [(lam + self._block_damping(b)).reshape(-1)
+                 for b, (_, _, lam) in zip(self.blocks, self.spectra(), strict=True)]
         assert self.rest_diagonal is not None
         parts.append(self.rest_diagonal + self._rest_damping())
         return torch.cat(parts)
@@ -272,47 +283,62 @@ class KroneckerFactored:
         return int((self.eigenvalues() > self.null_threshold(null_rtol)).sum())
 
     # ------------------------------------------------------------------ functions of K
-    def _apply(self, v: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
-        """f(K_λ) v for v of shape (d,) or (d, k), f applied to the eigenvalues."""
+    def _columns(self, v: Tensor) -> Tensor:
         if v.shape[0] != self.dim or v.ndim not in (1, 2):
             raise ShapeMismatchError(
                 f"KroneckerFactored: expected a vector ({self.dim},) or a matrix ({self.dim}, k), "
                 f"got {tuple(v.shape)}")
-        V = v.reshape(self.dim, -1)
+        return v.reshape(self.dim, -1)
+
+    def apply(self, v: Tensor, fn: Callable[[Tensor], Tensor], *, symmetric: bool = True,
+              chunk: int = 64) -> Tensor:
+        """f(K_λ) v = Q f(Λ + λ) Qᵀ v, or with ``symmetric=False`` the one-sided Q f(Λ + λ) v
+        (e.g. f = x^{-1/2}: a square root S of K_λ⁻¹ with S Sᵀ = K_λ⁻¹ at half the cost), for
+        v of shape (d,) or (d, k); ``chunk`` columns at a time per block."""
+        V = self._columns(v)
         out = torch.empty_like(V)
-        for b, e in zip(self.blocks, self._eigs(), strict=True):
-            n_out, n_in = b.shape
-            M = V[b.index].reshape(n_out, n_in, -1).to(e.QA.dtype)
-            M = torch.einsum("ji,jlk,lm->imk", e.QB, M, e.QA)        # Q_Bᵀ M Q_A
-            M = M * fn(e.lam + self._block_damping(b)).unsqueeze(-1)
-            M = torch.einsum("ij,jlk,ml->imk", e.QB, M, e.QA)        # Q_B M Q_Aᵀ
-            out[b.index] = M.reshape(n_out * n_in, -1).to(out.dtype)
+        for b, (QB, QA, lam) in zip(self.blocks, self.spectra(), strict=True):
+            F = fn(lam + self._block_damping(b)).unsqueeze(-1).to(V.dtype)
+            for c in range(0, V.shape[1], chunk):
+                M = V[b.index, c:c + chunk].reshape(*b.shape, -1)
+                if symmetric:
+                    M = _sandwich(QB.T, M, QA)                # Q_Bᵀ M Q_A
+                out[b.index, c:c + chunk] = _sandwich(QB, F * M, QA.T).reshape(
+                    b.index.numel(), -1)
         assert self.rest_index is not None and self.rest_diagonal is not None
         rest = fn(self.rest_diagonal + self._rest_damping())
         out[self.rest_index] = V[self.rest_index] * rest.unsqueeze(-1).to(V.dtype)
         return out.reshape(v.shape)
 
+    def diagonal(self, fn: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """diag f(K_λ) without a d×d matrix: per block (Q_B ∘ Q_B) f(Λ + λ) (Q_A ∘ Q_A)ᵀ
+        (f = identity by default)."""
+        f = (lambda x: x) if fn is None else fn
+        ev = self.eigenvalues()
+        out = torch.empty_like(ev)
+        for b, (QB, QA, lam) in zip(self.blocks, self.spectra(), strict=True):
+            out[b.index] = ((QB * QB) @ f(lam + self._block_damping(b)) @ (QA * QA).T
+                            ).reshape(-1)
+        assert self.rest_index is not None and self.rest_diagonal is not None
+        out[self.rest_index] = f(self.rest_diagonal + self._rest_damping())
+        return out
+
     def matvec(self, v: Tensor) -> Tensor:
-        """K_λ v: B W A per K-FAC block (two small matrix products), the eigenbasis for
-        EK-FAC."""
-        if v.shape[0] != self.dim or v.ndim not in (1, 2):
-            return self._apply(v, lambda x: x)  # raises the shape error
-        V = v.reshape(self.dim, -1)
+        """K_λ v: B W A per K-FAC block (two matrix products), the eigenbasis for EK-FAC."""
+        V = self._columns(v)
         out = torch.empty_like(V)
-        lam_all = self.damping
-        for i, b in enumerate(self.blocks):
+        for b, (QB, QA, lam) in zip(self.blocks, self.spectra(), strict=True):
+            M = V[b.index].reshape(*b.shape, -1)
             if b.eigenvalues is not None:
-                e = self._eigs()[i]
-                M = V[b.index].reshape(*b.shape, -1)
-                M = torch.einsum("ji,jlk,lm->imk", e.QB, M, e.QA) * e.lam.unsqueeze(-1)
-                M = torch.einsum("ij,jlk,ml->imk", e.QB, M, e.QA)
+                M = _sandwich(QB, lam.unsqueeze(-1) * _sandwich(QB.T, M, QA), QA.T)
             else:
-                M = torch.einsum("ij,jlk,lm->imk", b.B, V[b.index].reshape(*b.shape, -1), b.A)
+                M = _sandwich(b.B, M, b.A)
             out[b.index] = M.reshape(-1, V.shape[1])
         assert self.rest_index is not None and self.rest_diagonal is not None
         out[self.rest_index] = V[self.rest_index] * self.rest_diagonal.unsqueeze(-1)
-        lam = lam_all.unsqueeze(-1) if isinstance(lam_all, Tensor) else float(lam_all)
-        return (out + lam * V).reshape(v.shape)
+        lam_all = self.damping
+        lam_v = lam_all.unsqueeze(-1) if isinstance(lam_all, Tensor) else float(lam_all)
+        return (out + lam_v * V).reshape(v.shape)
 
     def matmat(self, V: Tensor) -> Tensor:
         """K_λ V for the columns of V (d, k)."""
@@ -332,18 +358,18 @@ class KroneckerFactored:
         """K_λ⁻¹ w (w of shape (d,) or (d, k)), or the pseudo-inverse K_λ⁺ w with ``pinv``."""
         if pinv:
             tau = self.null_threshold(null_rtol)
-            return self._apply(w, lambda x: torch.where(x > tau, 1.0 / x, x.new_zeros(())))
+            return self.apply(w, lambda x: torch.where(x > tau, 1.0 / x, x.new_zeros(())))
         self._check_invertible("KroneckerFactored.solve", null_rtol)
-        return self._apply(w, lambda x: 1.0 / x)
+        return self.apply(w, torch.reciprocal)
 
     def inv_sqrt(self, Z: Tensor, *, null_rtol: float | None = None) -> Tensor:
         """S Z with the symmetric S = K_λ^{-1/2} (S Sᵀ = K_λ⁻¹): N(0, I) draws to N(0, K_λ⁻¹)."""
         self._check_invertible("KroneckerFactored.inv_sqrt", null_rtol)
-        return self._apply(Z, torch.rsqrt)
+        return self.apply(Z, torch.rsqrt)
 
     def sqrt(self, Z: Tensor) -> Tensor:
         """K_λ^{1/2} Z (symmetric square root)."""
-        return self._apply(Z, lambda x: x.clamp_min(0.0).sqrt())
+        return self.apply(Z, lambda x: x.clamp_min(0.0).sqrt())
 
     def logdet(self, *, pseudo: bool = False, null_rtol: float | None = None) -> Tensor:
         """log det K_λ = Σ log(eigenvalues); with ``pseudo`` the sum over the eigenvalues
@@ -364,12 +390,12 @@ class KroneckerFactored:
         ref = self.blocks[0].A if self.blocks else self.rest_diagonal
         assert ref is not None and self.rest_index is not None
         K = ref.new_zeros(self.dim, self.dim)
-        for b, e in zip(self.blocks, self._eigs(), strict=True):
+        for b, (QB, QA, lam) in zip(self.blocks, self.spectra(), strict=True):
             if b.eigenvalues is None:
                 blk = torch.kron(b.B, b.A)
             else:
-                Q = torch.kron(e.QB, e.QA)
-                blk = (Q * e.lam.reshape(-1)) @ Q.T
+                Q = torch.kron(QB, QA)
+                blk = (Q * lam.reshape(-1)) @ Q.T
             K[b.index.unsqueeze(1), b.index.unsqueeze(0)] = blk
         assert self.rest_diagonal is not None
         K[self.rest_index, self.rest_index] = self.rest_diagonal
