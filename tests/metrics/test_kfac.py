@@ -4,6 +4,8 @@ breaks."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -424,3 +426,18 @@ def test_riemannian_hessian_with_kfac_against_finite_differences_of_the_metric()
     H = space.hessian(theta)
     assert _rel(H, truth) < 1e-7
     assert _rel(space.hessian(theta, riemannian=False), truth) > 1e-3  # the connection matters
+
+
+def test_batch_norm_in_training_mode_warns() -> None:
+    """Batch statistics couple the samples, which K-FAC treats as independent: say so."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double()
+    data = (torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,)))
+    model.train()
+    space, _ = cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(), data)
+    with pytest.warns(UserWarning, match="batch statistics"):
+        cv.metrics.KFAC.from_space(space)
+    model.eval()
+    space, _ = cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(), data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cv.metrics.KFAC.from_space(space)

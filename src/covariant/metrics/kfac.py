@@ -33,6 +33,7 @@ True
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,7 +42,13 @@ from torch import Tensor, nn
 
 from .._fast import is_transformed
 from ..errors import ShapeMismatchError
-from ..layout import ParameterLayout, as_batches, batch_weights, functional_forward
+from ..layout import (
+    ParameterLayout,
+    as_batches,
+    batch_stats_active,
+    batch_weights,
+    functional_forward,
+)
 from .base import Metric, Pullback
 from .forms import ConnectionForm
 from .kfac_factors import (
@@ -121,6 +128,12 @@ class KFAC(Metric):
                              f"{mc_samples!r}")
         if not float(damping) >= 0.0:
             raise ValueError(f"{self.name}: damping must be >= 0, got {damping!r}")
+        if batch_stats_active(model):
+            warnings.warn(
+                f"{self.name}: a batch-norm layer normalizes by batch statistics (training "
+                "mode), which couples the samples of a batch; K-FAC treats them as independent, "
+                "an approximation on top of K-FAC's own. Call model.eval() for a net whose "
+                "samples do not interact (docs/math.md §9).", stacklevel=2)
         self.model = model
         self.loss_fn = loss_fn
         self.layout = ParameterLayout.from_module(model) if layout is None else layout
