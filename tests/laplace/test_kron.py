@@ -129,8 +129,10 @@ def test_evidence_covariance_and_samples_match_dense_truth(mlp):
     S = cov.sqrt_matmat(torch.eye(d, dtype=torch.float64))
     assert float((S @ S.T - Sigma).abs().max()) < 1e-12                          # S Sᵀ = Σ
     draws = res.sample(5, seed=3)
-    Z = torch.randn(d, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)     # z_i drawn one after the other (sample's rule)
+    Z = torch.stack([torch.randn(d, generator=gen, dtype=torch.float64) for _ in range(5)], 1)
     assert torch.allclose(draws, theta[None] + (S @ Z).T, rtol=0, atol=1e-12)
+    assert torch.allclose(res.sample(2, seed=3), draws[:2], rtol=0, atol=1e-13)  # i: any n
     summ = res.to_dict()["covariance"]
     assert summ["kind"] == "kron" and abs(summ["trace"] - float(Sigma.trace())) < 1e-12
 

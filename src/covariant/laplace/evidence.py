@@ -75,6 +75,9 @@ def _jsonable(x: Any) -> Any:
 #: it and an O(d³) Cholesky factorization.
 FULL_MAX_DIM = MAX_DENSE_DIM
 
+#: Numbers (draws × d) that :meth:`LaplaceResult.sample` draws and transforms at a time.
+SAMPLE_CHUNK = 2**25
+
 STRUCTURES = ("full", "diag", "lowrank", "kron")
 HESSIANS = ("exact", "ggn")
 
@@ -129,20 +132,32 @@ class LaplaceResult:
     def sample(self, n: int, seed: int = 0, *, retraction: str = "linear") -> Tensor:
         """n draws from the approximation, shape (n, d), in the space's chart.
 
-        Tangent vectors v ~ N(0, Σ) are drawn with a CPU generator seeded by ``seed``.
-        ``retraction="linear"`` returns p* + v (the chart's straight line);
+        Tangent vectors v_i = S z_i ~ N(0, Σ) (S Sᵀ = Σ, ``covariance_operator.sqrt_matmat``)
+        from z_i ~ N(0, I) drawn one after the other with a CPU generator seeded by ``seed``,
+        in the point's dtype: draw i is the same for every n. They are transformed
+        :data:`SAMPLE_CHUNK` numbers at a time, so the memory beyond the (n, d) result stays
+        bounded. ``retraction="linear"`` returns p* + v (the chart's straight line);
         ``retraction="exp"`` follows the geodesic of the space's metric, exp_{p*}(v), which is
         chart-independent (with a pulled-back Euclidean metric the samples in every chart
         map to the same θ-distribution exactly); it integrates one ODE per draw.
         """
         if retraction not in ("linear", "exp"):
             raise ValueError(f"sample: retraction must be 'linear' or 'exp', got {retraction!r}")
+        if isinstance(n, bool) or int(n) != n or n < 0:
+            raise ValueError(f"sample: n must be a non-negative integer, got {n!r}")
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
-        Z = torch.randn(self.dim, int(n), generator=gen, dtype=torch.float64).to(self.point)
-        V = self.covariance_operator.sqrt_matmat(Z).T
+        d, p = self.dim, self.point
+        draw_dtype = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float64
+        out = p.new_empty(int(n), d)
+        rows = max(1, SAMPLE_CHUNK // max(d, 1))
+        for start in range(0, int(n), rows):
+            m = min(rows, int(n) - start)
+            Z = torch.stack([torch.randn(d, generator=gen, dtype=draw_dtype)
+                             for _ in range(m)], 1).to(p)
+            out[start:start + m] = p[None, :] + self.covariance_operator.sqrt_matmat(Z).T
         if retraction == "linear" or self.space.metric.is_constant:
-            return self.point[None, :] + V
-        return torch.stack([self.space.exp(self.point, v) for v in V])
+            return out
+        return torch.stack([self.space.exp(p, v - p) for v in out])
 
     def predictive(
         self,
