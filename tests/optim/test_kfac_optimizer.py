@@ -324,3 +324,17 @@ def test_undamped_singular_kfac_raises_and_bad_options():
         RiemannianGD(model.parameters(), 0.1, "kfac", metric_kwargs={"damping": 1.0}, **kw)
     with pytest.raises(ValueError, match="needs model, loss_fn, data"):
         RiemannianGD(model.parameters(), 0.1, "kfac", model=model)
+
+
+def test_undamped_singular_kfac_with_solve_mode_pinv_takes_the_pseudo_inverse_step():
+    X, y = _data(n=1)
+    model = _mlp()
+    p0, g = _flat(model), _grad(model, CE, X, y)
+    K = KFAC(model, CE, [(X, y)]).dense(p0)
+    expected = p0 - 0.1 * torch.linalg.pinv(K, hermitian=True, rtol=1e-10) @ g
+    opt = RiemannianGD(model.parameters(), 0.1, "kfac", model=model, loss_fn=CE, data=(X, y),
+                       metric_kwargs={"solve_mode": "pinv"})
+    _train(model, opt, [(X, y)], 1)
+    assert torch.linalg.matrix_rank(K, hermitian=True, rtol=1e-10) < len(p0)
+    assert (_flat(model) - expected).abs().max() < 1e-8 * expected.abs().max()
+    assert (_flat(model) - p0).abs().max() > 1e-3

@@ -68,19 +68,21 @@ class KroneckerMetric(Metric):
 
     Products, the solve, ``inv_sqrt`` and ``dense`` are the operator's closed forms; the point
     is ignored (the factors were taken at a point of their own and are refreshed by the
-    optimizer, not by moving p).
+    optimizer, not by moving p). With ``pinv=True`` the solve is the pseudo-inverse (a
+    singular K is otherwise a :class:`~covariant.errors.SingularMetricError`).
     """
 
     is_constant = True
 
-    def __init__(self, factors: KroneckerFactored) -> None:
+    def __init__(self, factors: KroneckerFactored, pinv: bool = False) -> None:
         self.factors = factors
+        self.pinv = pinv
 
     def matvec(self, p: Tensor, v: Tensor) -> Tensor:
         return self.factors.matvec(v)
 
     def solve(self, p: Tensor, w: Tensor) -> Tensor:
-        return self.factors.solve(w)
+        return self.factors.solve(w, pinv=self.pinv)
 
     def inv_sqrt(self, p: Tensor, Z: Tensor) -> Tensor:
         return self.factors.inv_sqrt(Z)
@@ -126,7 +128,8 @@ class _KFACState:
         Weight of the old average at a refresh (see the module docstring).
     metric_kwargs : dict, optional
         Options of ``KFAC.from_space`` (``fisher_type``, ``kfac_approx``, ``separate_bias``,
-        ``mc_samples``, ``seed``, ...), without ``damping``.
+        ``mc_samples``, ``seed``, ...), without ``damping``. ``solve_mode="pinv"`` makes the
+        optimizer's solve the pseudo-inverse (:attr:`pinv`).
     """
 
     def __init__(self, kind: str, update_every: int = DEFAULT_UPDATE_EVERY,
@@ -137,6 +140,8 @@ class _KFACState:
         self.decay = float(decay)
         self.metric_kwargs = dict(metric_kwargs or {})
         check_kfac_options(self.update_every, self.decay, self.metric_kwargs)
+        #: solve with the pseudo-inverse of a singular K (``solve_mode="pinv"``)
+        self.pinv = self.metric_kwargs.get("solve_mode", "raise") == "pinv"
         self.steps = 0
         self.refreshes = 0
         self.factors: KroneckerFactored | None = None  # undamped, on the module's weights

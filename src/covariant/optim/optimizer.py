@@ -372,7 +372,8 @@ class RiemannianGD(torch.optim.Optimizer):
         self.info = {"refreshed": refreshed}
         lam = self.damping
         by_weights = self._damping_reference == "weights"
-        K: Metric = KroneckerMetric(self._kfac.damped(lam if by_weights else 0.0))
+        K: Metric = KroneckerMetric(self._kfac.damped(lam if by_weights else 0.0),
+                                    pinv=self._kfac.pinv)
         if E is not None:
             K = Pullback(K, E)
         if not by_weights and lam > 0:
