@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from ..errors import NonFiniteError, NotConvergedError, SingularMetricError
 from ..linalg import cg
 from ..metrics import Damped, Euclidean, Metric, Pullback
+from ..metrics.kronecker import KroneckerFactored
 from ..reparam import Reparametrization
 from ..space import ParameterSpace
 from ._data import _BatchStream, _check_data
@@ -259,7 +260,7 @@ class RiemannianGD(torch.optim.Optimizer):
         return self.info
 
     @property
-    def kfac_factors(self) -> Any:
+    def kfac_factors(self) -> KroneckerFactored | None:
         """The current K-FAC factors of the weights (``KroneckerFactored``, undamped running
         average), or None before the first step and for the other metrics."""
         return None if self._kfac is None else self._kfac.factors
@@ -431,7 +432,8 @@ class RiemannianGD(torch.optim.Optimizer):
         return self._cg(G, p, g, precond)
 
     def _own_solve(self, G: Metric, p: Tensor, g: Tensor) -> Tensor:
-        catch = (NotConvergedError, SingularMetricError) if self._kfac else NotConvergedError
+        catch = (NotConvergedError, SingularMetricError) if self._kfac is not None \
+            else NotConvergedError
         try:
             return G.solve(p, g)
         except catch as err:
