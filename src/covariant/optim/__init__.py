@@ -16,7 +16,8 @@ Modules
   ``torch.optim.Optimizer`` (the keyword arguments of ``torch.optim.SGD``) with a metric: any
   :class:`~covariant.metrics.Metric`, or the natural gradient of a model ("ggn", "fisher",
   "empirical_fisher") pulled back through the model's ``parametrize`` charts, solved
-  matrix-free by conjugate gradients.
+  matrix-free by conjugate gradients, or K-FAC natural gradient ("kfac", "ekfac"): the
+  Kronecker-factored metric, refreshed every T steps and averaged, solved in closed form.
 
 Example
 -------

@@ -16,7 +16,8 @@ covariant's charts and nothing else:
 A metric G_w of the weights reaches p as ``metrics.Pullback(G_w, E)``, Eᵀ G_w E (docs/math.md §2),
 and the weights' Euclidean metric as ``Pullback(Euclidean(), E)``: every product rule lives in
 :mod:`covariant.metrics` and :mod:`covariant.reparam`. The embedding is used for products
-only (the optimizer solves with conjugate gradients), never for ``Pullback.solve``.
+only (the optimizer solves with conjugate gradients), never for ``Pullback.solve``; the
+K-FAC metrics solve through E in closed form when it is the charts alone (:meth:`moves_all`).
 
 Example
 -------
@@ -42,7 +43,9 @@ tensor([1., 2., 2.])
 from __future__ import annotations
 
 import copy
+import math
 import re
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -155,6 +158,33 @@ class _ModelView:
         names = [n for n in self.names if _ORIGINAL.match(n) is None] + list(self._blocks)
         return torch.cat([torch.arange(slices[n].start, slices[n].stop) for n in names])
 
+    def jacobi_preconditioner(
+        self, p: Tensor, module: nn.Module, E: Reparametrization
+    ) -> Callable[[Tensor], Tensor]:
+        """Block-scalar Jacobi preconditioner from the reference metric J_Eᵀ J_E.
+
+        Per parameter tensor b, s_b = ‖J_E z_b‖² / n_b with a fixed Rademacher probe z_b on
+        that block: the mean diagonal of J_Eᵀ J_E there (exact when the chart scales the block
+        uniformly, e.g. NTK or per-layer rescaling). Conjugate gradients preconditioned by
+        M = diag(s) then runs the same iterations in every chart that rescales tensors, so
+        even a truncated solve stays invariant, and the chart does not worsen conditioning.
+        """
+        moved = self.moved_weights(module).to(p.device)
+        scales, start = [], 0
+        gen = torch.Generator().manual_seed(0)
+        for shape in self.layout.shapes:
+            n = math.prod(shape)
+            z = p.new_zeros(p.shape[0])
+            probe = torch.randint(0, 2, (n,), generator=gen).to(p) * 2 - 1
+            z[start : start + n] = probe
+            with torch.enable_grad():
+                jz = E.jvp(p, z).detach()[moved]  # J_E z_b on the weights p moves
+            s = float(torch.dot(jz, jz)) / n
+            scales.append(p.new_full((n,), s if s > 0 and math.isfinite(s) else 1.0))
+            start += n
+        inv = torch.cat(scales).reciprocal()
+        return lambda r: inv * r
+
     # ------------------------------------------------------------- the chart p ↦ w
     def chart(self, module: nn.Module) -> Reparametrization | None:
         """E: p ↦ w onto the trainable weights of ``module`` (from :meth:`weight_module`);
@@ -179,6 +209,14 @@ class _ModelView:
 
         embedding = FromFunctions(embed, lambda psi: psi[index])
         return embedding if native is None else Compose(native, embedding)
+
+    def moves_all(self, module: nn.Module) -> bool:
+        """True when p is all of the coordinates ψ in their order, so that E: p ↦ w is the
+        charts alone (invertible, or a submersion) and ``Pullback.solve`` applies; False when
+        E embeds p into more coordinates (the optimizer moves only some of them)."""
+        self.chart(module)
+        assert self._native is not None
+        return self._native[4]
 
     def _build_native(
         self, w_layout: ParameterLayout

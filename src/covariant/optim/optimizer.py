@@ -9,6 +9,9 @@ by conjugate gradients and moves p ← p − α r, with the momentum, Nesterov, 
   w on one batch (:func:`covariant.metrics.metric_from_name` on
   ``ParameterSpace.from_module``), pulled back to p through the chart E: p ↦ w of the module's
   ``torch.nn.utils.parametrize`` charts, ``metrics.Pullback(G_w, E)``;
+- ``"kfac"``, ``"ekfac"``: the Kronecker-factored metric K of the weights
+  (:class:`covariant.metrics.KFAC`, ``EKFAC``), refreshed every ``kfac_update_every`` steps,
+  averaged, damped exactly (K + λI in w), pulled back through E and solved in closed form;
 - ``"weights"``: the weights' Euclidean metric pulled back, ``Pullback(Euclidean(), E)``.
 
 Damping by the ``"weights"`` reference is added in w, ``Pullback(Damped(G_w, λ), E)``, so that it
@@ -33,7 +36,6 @@ True
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -44,17 +46,29 @@ from torch import Tensor, nn
 from ..errors import NonFiniteError, NotConvergedError, SingularMetricError
 from ..linalg import cg
 from ..metrics import Damped, Euclidean, Metric, Pullback
+from ..metrics.kronecker import KroneckerFactored
 from ..reparam import Reparametrization
 from ..space import ParameterSpace
 from ._data import _BatchStream, _check_data
+from ._kfac import (
+    DEFAULT_DECAY,
+    DEFAULT_UPDATE_EVERY,
+    KFAC_METRICS,
+    KroneckerMetric,
+    _KFACState,
+)
 from ._model_view import _ModelView
+from ._options import _check_options
 
 __all__ = ["METRIC_NAMES", "RiemannianGD"]
 
 #: Metric names accepted by :class:`RiemannianGD`.
-METRIC_NAMES = ("euclidean", "weights", "ggn", "fisher", "empirical_fisher")
+METRIC_NAMES = ("euclidean", "weights", "ggn", "fisher", "empirical_fisher", "kfac", "ekfac")
 
 _MODEL_METRICS = ("ggn", "fisher", "empirical_fisher")
+
+#: The metrics taken on the model's batches (the exact ones per step, K-FAC's every T steps).
+_CURVATURE_METRICS = _MODEL_METRICS + KFAC_METRICS
 
 
 class RiemannianGD(torch.optim.Optimizer):
@@ -89,7 +103,16 @@ class RiemannianGD(torch.optim.Optimizer):
           Needs ``model``;
         - ``"ggn"``, ``"fisher"``, ``"empirical_fisher"``: natural gradient with the model's
           curvature metric (:mod:`covariant.metrics`) on one batch per step. Need ``model``,
-          ``loss_fn`` and ``data``.
+          ``loss_fn`` and ``data``;
+        - ``"kfac"``, ``"ekfac"``: K-FAC (EK-FAC) natural gradient: the Kronecker-factored
+          metric K of the weights (:class:`covariant.metrics.KFAC`; type-2 GGN factors by
+          default, ``metric_kwargs`` choose e.g. ``fisher_type="mc"``), taken on the step's
+          batch every ``kfac_update_every`` steps and averaged. The damping is λI added
+          exactly in w (K + λI; the ``"weights"`` reference) and pulled back through the
+          ``parametrize`` charts; the solve is closed form, (K + λI)⁻¹ per Kronecker block
+          through J⁻¹ (J⁺ for a submersion such as weight norm), no CG (``info["method"] ==
+          "kfac"``), except when only some of the model's parameters are optimized
+          (``"kfac+cg"``). Need ``model``, ``loss_fn`` and ``data``.
     model : nn.Module, optional
         The module the parameters belong to.
     loss_fn : callable, optional
@@ -124,7 +147,18 @@ class RiemannianGD(torch.optim.Optimizer):
         neither the conditioning nor the CG iterates. ``"none"``: plain CG.
     metric_kwargs : dict, optional
         Options of the named curvature metric (e.g. ``{"mc_samples": 1}`` for a Monte-Carlo
-        Fisher), passed to :func:`covariant.metrics.metric_from_name`.
+        Fisher), passed to :func:`covariant.metrics.metric_from_name` (``KFAC.from_space``).
+    kfac_update_every : int
+        T >= 1 (default 10): K-FAC's factors are refreshed at steps 0, T, 2T, … Each refresh
+        costs a forward pass and one backward pass per output-Hessian column (about C
+        gradient evaluations for C classes), so T = 10 keeps it at most about as costly as
+        the gradients themselves; in between the stored factors are reused.
+    kfac_decay : float
+        d in [0, 1) (default 0.95): at the j-th refresh the factors become
+        min(1 − 1/j, d)·old + (1 − min(1 − 1/j, d))·new, a plain mean over the first
+        refreshes and then an exponential average over about 1/(1 − d) = 20 refreshes
+        (Martens & Grosse 2015), smoothing mini-batch noise in the curvature; 0 keeps only
+        the newest. The factors and counters are in ``state_dict()``.
 
     Raises
     ------
@@ -182,6 +216,8 @@ class RiemannianGD(torch.optim.Optimizer):
         cg_maxiter: int = 200,
         cg_preconditioner: str = "auto",
         metric_kwargs: dict[str, Any] | None = None,
+        kfac_update_every: int = DEFAULT_UPDATE_EVERY,
+        kfac_decay: float = DEFAULT_DECAY,
     ) -> None:
         lr = float(lr) if isinstance(lr, Tensor) else lr
         _check_options(lr, momentum, dampening, weight_decay, nesterov, damping, cg_tol,
@@ -200,6 +236,9 @@ class RiemannianGD(torch.optim.Optimizer):
         self.metric_kwargs = dict(metric_kwargs or {})
         self.cg_preconditioner = cg_preconditioner
         self.metric_name, self.metric = self._resolve_metric(metric)
+        self._kfac = (_KFACState(self.metric_name, kfac_update_every, kfac_decay,
+                                 self.metric_kwargs)
+                      if self.metric_name in KFAC_METRICS else None)
         self._view = _ModelView(model, self._params()) if model is not None else None
         self._damping_reference = damping_reference
         self._warned_truncated = False
@@ -219,6 +258,12 @@ class RiemannianGD(torch.optim.Optimizer):
     def last_solve(self) -> dict[str, Any]:
         """Alias of :attr:`info`: how the latest step solved for its direction."""
         return self.info
+
+    @property
+    def kfac_factors(self) -> KroneckerFactored | None:
+        """The current K-FAC factors of the weights (``KroneckerFactored``, undamped running
+        average), or None before the first step and for the other metrics."""
+        return None if self._kfac is None else self._kfac.factors
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.add_param_group``; the metric then covers it too."""
@@ -241,7 +286,7 @@ class RiemannianGD(torch.optim.Optimizer):
         if name not in METRIC_NAMES:
             raise ValueError(f"RiemannianGD: unknown metric {metric!r}; choose from {METRIC_NAMES}")
         need = {"weights": ("model",)}.get(name, ("model", "loss_fn", "data"))
-        if name in _MODEL_METRICS or name == "weights":
+        if name in _CURVATURE_METRICS or name == "weights":
             given = {"model": self.model, "loss_fn": self.loss_fn, "data": self.data}
             missing = [k for k in need if given[k] is None]
             if missing:
@@ -251,7 +296,7 @@ class RiemannianGD(torch.optim.Optimizer):
                     f"metric={name!r}, model=model, loss_fn=nn.CrossEntropyLoss(), "
                     "data=(X, y))."
                 )
-        if name in _MODEL_METRICS:
+        if name in _CURVATURE_METRICS:
             _check_data(self.data)
         return name, None
 
@@ -260,6 +305,8 @@ class RiemannianGD(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["covariant"] = {"batches_drawn": self._stream.drawn, "metric": self.metric_name,
                            "damping": self.damping}
+        if self._kfac is not None:
+            sd["covariant"]["kfac"] = self._kfac.state_dict()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -267,16 +314,18 @@ class RiemannianGD(torch.optim.Optimizer):
         extra = state_dict.pop("covariant", None)
         super().load_state_dict(state_dict)
         if extra is not None:
-            if self.metric_name in _MODEL_METRICS:
+            if self.metric_name in _CURVATURE_METRICS:
                 self._stream.skip(int(extra.get("batches_drawn", 0)))
             else:
                 self._stream.drawn = int(extra.get("batches_drawn", 0))
+            if self._kfac is not None and "kfac" in extra:
+                self._kfac.load_state_dict(extra["kfac"])
 
     # ----------------------------------------------------------------- the metric
     def _chart(self) -> tuple[nn.Module | None, Reparametrization | None]:
         """The module on the weights and the chart E: p ↦ w, where this step needs them."""
         view = self._view
-        if view is None or not (view.has_chart or self.metric_name in _MODEL_METRICS):
+        if view is None or not (view.has_chart or self.metric_name in _CURVATURE_METRICS):
             return None, None
         module = view.weight_module()
         return module, view.chart(module)
@@ -309,6 +358,30 @@ class RiemannianGD(torch.optim.Optimizer):
         G = G_w if E is None else Pullback(G_w, E)
         return Damped(G, lam, self._reference_metric(E)) if lam > 0 else G
 
+    def _kfac_metric(
+        self, module: nn.Module, E: Reparametrization | None
+    ) -> tuple[Metric, bool]:
+        """(The K-FAC metric on p, whether its closed-form solve applies), after refreshing
+        the factors on this step's batch when due.
+
+        With the ``"weights"`` reference: Eᵀ (K + λI) E, solved in closed form through the
+        chart (``Pullback.solve``: J⁻¹ or, for a submersion, J⁺), unless E embeds p into
+        more weights (only some parameters are optimized): then by conjugate gradients.
+        """
+        assert self._kfac is not None
+        refreshed = self._kfac.advance(module, self.loss_fn, self._stream.next())
+        self.info = {"refreshed": refreshed}
+        lam = self.damping
+        by_weights = self._damping_reference == "weights"
+        K: Metric = KroneckerMetric(self._kfac.damped(lam if by_weights else 0.0),
+                                    pinv=self._kfac.pinv)
+        if E is not None:
+            K = Pullback(K, E)
+        if not by_weights and lam > 0:
+            return Damped(K, lam, self._reference_metric(E)), False
+        assert self._view is not None
+        return K, self._view.moves_all(module)
+
     def _metric_at_step(
         self,
     ) -> tuple[Metric, bool, nn.Module | None, Reparametrization | None]:
@@ -332,23 +405,42 @@ class RiemannianGD(torch.optim.Optimizer):
     # ----------------------------------------------------------------- the solve
     def _solve(self, p: Tensor, g: Tensor) -> Tensor:
         """r = (G + λ G_ref)⁻¹ g at p; records how in :attr:`info`."""
+        if self._kfac is not None:
+            module, E = self._chart()
+            assert module is not None
+            G, closed = self._kfac_metric(module, E)
+            refreshed = self.info["refreshed"]
+            if closed:
+                r = self._own_solve(G, p, g)
+                self.info = {"method": "kfac", "refreshed": refreshed}
+                return r
+            precond = (self._preconditioner(p, module, E) if self.cg_preconditioner == "auto"
+                       else None)
+            r = self._cg(G, p, g, precond)
+            self.info.update(method="kfac+cg", refreshed=refreshed)
+            return r
         G, own_solve, module, E = self._metric_at_step()
         if isinstance(G, Euclidean):
             self.info = {"method": "identity"}
             return g
         if own_solve:
-            try:
-                r = G.solve(p, g)
-            except NotConvergedError as err:
-                raise SingularMetricError(
-                    f"RiemannianGD: solving with the metric {self.metric_name} failed ({err}); "
-                    "it is singular or badly conditioned. Pass damping=... > 0."
-                ) from err
+            r = self._own_solve(G, p, g)
             self.info = {"method": "solve"}
             return r
         precond = (self._preconditioner(p, module, E) if self.cg_preconditioner == "auto"
                    else None)
         return self._cg(G, p, g, precond)
+
+    def _own_solve(self, G: Metric, p: Tensor, g: Tensor) -> Tensor:
+        catch = (NotConvergedError, SingularMetricError) if self._kfac is not None \
+            else NotConvergedError
+        try:
+            return G.solve(p, g)
+        except catch as err:
+            raise SingularMetricError(
+                f"RiemannianGD: solving with the metric {self.metric_name} failed ({err}); "
+                "it is singular or badly conditioned. Pass damping=... > 0."
+            ) from err
 
     def _cg(
         self, G: Metric, p: Tensor, g: Tensor, precond: Callable[[Tensor], Tensor] | None
@@ -397,34 +489,14 @@ class RiemannianGD(torch.optim.Optimizer):
     def _preconditioner(
         self, p: Tensor, module: nn.Module | None, E: Reparametrization | None
     ) -> Callable[[Tensor], Tensor] | None:
-        """Block-scalar Jacobi preconditioner from the reference metric J_Eᵀ J_E.
-
-        Per parameter tensor b, s_b = ‖J_E z_b‖² / n_b with a fixed Rademacher probe z_b on
-        that block: the mean diagonal of J_Eᵀ J_E there (exact when the chart scales the block
-        uniformly, e.g. NTK or per-layer rescaling). Conjugate gradients preconditioned by
-        M = diag(s) then runs the same iterations in every chart that rescales tensors, so
-        even a truncated solve stays invariant, and the chart does not worsen conditioning.
-        None when the module has no ``parametrize`` charts (M = I).
-        """
+        """Block-scalar Jacobi preconditioner from the reference metric J_Eᵀ J_E
+        (``_ModelView.jacobi_preconditioner``); None when the module has no ``parametrize``
+        charts (M = I) or the damping reference is not ``"weights"``."""
         view = self._view
         if (view is None or not view.has_chart or module is None or E is None
                 or self._damping_reference != "weights"):
             return None
-        moved = view.moved_weights(module).to(p.device)
-        scales, start = [], 0
-        gen = torch.Generator().manual_seed(0)
-        for shape in view.layout.shapes:
-            n = math.prod(shape)
-            z = p.new_zeros(p.shape[0])
-            probe = torch.randint(0, 2, (n,), generator=gen).to(p) * 2 - 1
-            z[start : start + n] = probe
-            with torch.enable_grad():
-                jz = E.jvp(p, z).detach()[moved]  # J_E z_b on the weights p moves
-            s = float(torch.dot(jz, jz)) / n
-            scales.append(p.new_full((n,), s if s > 0 and math.isfinite(s) else 1.0))
-            start += n
-        inv = torch.cat(scales).reciprocal()
-        return lambda r: inv * r
+        return view.jacobi_preconditioner(p, module, E)
 
     # ----------------------------------------------------------------- step
     def _name(self, i: int, p: Tensor) -> str:
@@ -519,36 +591,3 @@ class RiemannianGD(torch.optim.Optimizer):
 #: ``stacklevel`` of the truncated-CG warning that points at the line calling ``opt.step()``:
 #: _not_converged, _cg, _solve, _directions, step, torch's no_grad and step-hook wrappers.
 _CALLER_OF_STEP = 8
-
-
-def _check_options(
-    lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
-    damping: float, cg_tol: float, cg_maxiter: int, cg_preconditioner: str,
-    damping_reference: str | Metric,
-) -> None:
-    """Raise ValueError for an invalid hyperparameter of :class:`RiemannianGD`."""
-    if not lr >= 0.0:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if momentum < 0.0:
-        raise ValueError(f"Invalid momentum value: {momentum}")
-    if weight_decay < 0.0:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-    if not (math.isfinite(damping) and damping >= 0):
-        raise ValueError(f"RiemannianGD: damping must be a finite number >= 0, got {damping}")
-    if not (cg_tol > 0):
-        raise ValueError(f"RiemannianGD: cg_tol must be > 0, got {cg_tol}")
-    if int(cg_maxiter) < 1:
-        raise ValueError(f"RiemannianGD: cg_maxiter must be >= 1, got {cg_maxiter}")
-    if cg_preconditioner not in ("auto", "none"):
-        raise ValueError(
-            f"RiemannianGD: cg_preconditioner must be 'auto' or 'none', got "
-            f"{cg_preconditioner!r}"
-        )
-    if not (isinstance(damping_reference, Metric) or damping_reference in ("weights",
-                                                                             "identity")):
-        raise ValueError(
-            f"RiemannianGD: damping_reference must be 'weights', 'identity' or a Metric, "
-            f"got {damping_reference!r}"
-        )

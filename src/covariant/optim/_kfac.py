@@ -1,0 +1,200 @@
+r"""K-FAC natural gradient inside :class:`~covariant.optim.RiemannianGD`: the Kronecker
+factors of the module's weights w, refreshed every T steps and averaged, and the closed-form
+solve with them.
+
+At step k (counting from 0) with ``k % T == 0`` the factors of
+:class:`covariant.metrics.KFAC` (or ``EKFAC``) are taken on that step's batch at the current
+weights (undamped) and folded into a running average, factor-wise
+(``KroneckerFactored.averaged``):
+
+.. math::
+
+    F_j = d_j\, F_{j-1} + (1 - d_j)\, F^{new}_j, \qquad d_j = \min(1 - 1/j,\ decay)
+
+for the j-th refresh (j = 1, 2, …): the first refreshes are the plain mean of all factors so
+far (no bias towards an initial value), later ones an exponential average with weight
+``decay`` (Martens & Grosse 2015, §5). ``decay = 0`` keeps only the newest factors. Damping
+is added exactly afterwards, K + λI in w (``with_damping``), and the solve is closed form
+(per block through the eigendecompositions of A and B).
+
+The factors, the step counter and the refresh counter are the optimizer's state
+(:meth:`_KFACState.state_dict`), so a resumed run takes the identical steps.
+
+Example
+-------
+>>> import torch
+>>> from torch import nn
+>>> _ = torch.manual_seed(0)
+>>> model = nn.Linear(3, 2, bias=False).double()
+>>> batch = (torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64))
+>>> state = _KFACState("kfac", update_every=2, decay=0.9)
+>>> [state.advance(model, nn.MSELoss(), batch) for _ in range(4)]    # refreshed at 0 and 2
+[True, False, True, False]
+>>> state.refreshes, state.steps
+(2, 4)
+>>> F = state.factors                     # mean of two identical factors: the factors
+>>> K = metrics.KFAC(model, nn.MSELoss(), [batch]).dense(model.weight.detach().reshape(-1))
+>>> bool(torch.allclose(F.dense(), K))
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import metrics
+from ..metrics import Metric
+from ..metrics.kronecker import KroneckerBlock, KroneckerFactored
+from ..space import ParameterSpace
+
+__all__: list[str] = []
+
+#: Metric names of :class:`~covariant.optim.RiemannianGD` solved with Kronecker factors.
+KFAC_METRICS = ("kfac", "ekfac")
+
+#: Default refresh period T of the factors (steps); see :class:`RiemannianGD`.
+DEFAULT_UPDATE_EVERY = 10
+
+#: Default weight of the running average of the factors.
+DEFAULT_DECAY = 0.95
+
+
+class KroneckerMetric(Metric):
+    """A fixed ``KroneckerFactored`` operator K as a constant metric on the weights.
+
+    Products, the solve, ``inv_sqrt`` and ``dense`` are the operator's closed forms; the point
+    is ignored (the factors were taken at a point of their own and are refreshed by the
+    optimizer, not by moving p). With ``pinv=True`` the solve is the pseudo-inverse (a
+    singular K is otherwise a :class:`~covariant.errors.SingularMetricError`).
+    """
+
+    is_constant = True
+
+    def __init__(self, factors: KroneckerFactored, pinv: bool = False) -> None:
+        self.factors = factors
+        self.pinv = pinv
+
+    def matvec(self, p: Tensor, v: Tensor) -> Tensor:
+        return self.factors.matvec(v)
+
+    def solve(self, p: Tensor, w: Tensor) -> Tensor:
+        return self.factors.solve(w, pinv=self.pinv)
+
+    def inv_sqrt(self, p: Tensor, Z: Tensor) -> Tensor:
+        return self.factors.inv_sqrt(Z)
+
+    def dense(self, p: Tensor, *, max_dim: int | None = None) -> Tensor:
+        return self.factors.dense(max_dim=max_dim)
+
+    def logdet(self, p: Tensor) -> Tensor:
+        return self.factors.logdet()
+
+    def closed_form_logdet(self, p: Tensor, pseudo: bool = False) -> Tensor | None:
+        return self.factors.logdet(pseudo=pseudo)
+
+    def rank(self, p: Tensor) -> int:
+        return int(self.factors.rank())
+
+    def __repr__(self) -> str:
+        return f"KroneckerMetric(dim={self.factors.dim})"
+
+
+def check_kfac_options(update_every: int, decay: float, metric_kwargs: dict[str, Any]) -> None:
+    """Raise ValueError for invalid K-FAC options of :class:`RiemannianGD`."""
+    if isinstance(update_every, bool) or int(update_every) != update_every or update_every < 1:
+        raise ValueError(f"RiemannianGD: kfac_update_every must be an integer >= 1, got "
+                         f"{update_every!r}")
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"RiemannianGD: kfac_decay must be in [0, 1), got {decay!r}")
+    if "damping" in metric_kwargs:
+        raise ValueError("RiemannianGD: pass the K-FAC damping as damping=..., not in "
+                         "metric_kwargs (the factors are stored undamped and λI is added "
+                         "exactly at each solve)")
+
+
+class _KFACState:
+    """The running-average factors of one optimizer, its step and refresh counters.
+
+    Parameters
+    ----------
+    kind : {"kfac", "ekfac"}
+    update_every : int
+        T: the factors are refreshed at steps 0, T, 2T, …
+    decay : float
+        Weight of the old average at a refresh (see the module docstring).
+    metric_kwargs : dict, optional
+        Options of ``KFAC.from_space`` (``fisher_type``, ``kfac_approx``, ``separate_bias``,
+        ``mc_samples``, ``seed``, ...), without ``damping``. ``solve_mode="pinv"`` makes the
+        optimizer's solve the pseudo-inverse (:attr:`pinv`).
+    """
+
+    def __init__(self, kind: str, update_every: int = DEFAULT_UPDATE_EVERY,
+                 decay: float = DEFAULT_DECAY, metric_kwargs: dict[str, Any] | None = None,
+                 ) -> None:
+        self.kind = kind
+        self.update_every = int(update_every)
+        self.decay = float(decay)
+        self.metric_kwargs = dict(metric_kwargs or {})
+        check_kfac_options(self.update_every, self.decay, self.metric_kwargs)
+        #: solve with the pseudo-inverse of a singular K (``solve_mode="pinv"``)
+        self.pinv = self.metric_kwargs.get("solve_mode", "raise") == "pinv"
+        self.steps = 0
+        self.refreshes = 0
+        self.factors: KroneckerFactored | None = None  # undamped, on the module's weights
+
+    def due(self) -> bool:
+        """True when the step about to be taken refreshes the factors."""
+        return self.factors is None or self.steps % self.update_every == 0
+
+    def advance(self, module: nn.Module, loss_fn: Any, batch: tuple[Tensor, Tensor]) -> bool:
+        """Count one step; refresh the factors on ``batch`` first when due. True if refreshed."""
+        refresh = self.due()
+        if refresh:
+            self.refresh(module, loss_fn, batch)
+        self.steps += 1
+        return refresh
+
+    def refresh(self, module: nn.Module, loss_fn: Any, batch: tuple[Tensor, Tensor]) -> None:
+        """Fold the factors of ``module`` at its current weights on ``batch`` into the average."""
+        space, w = ParameterSpace.from_module(module, loss_fn, batch)
+        cls = metrics.EKFAC if self.kind == "ekfac" else metrics.KFAC
+        with torch.enable_grad():
+            new = cls.from_space(space, damping=0.0, **self.metric_kwargs).factors(w.detach())
+        j = self.refreshes + 1
+        d = min(1.0 - 1.0 / j, self.decay)
+        self.factors = new if self.factors is None or d == 0.0 else self.factors.averaged(new, d)
+        self.refreshes = j
+
+    def damped(self, lam: float) -> KroneckerFactored:
+        """K + λI (a new ``KroneckerFactored``; the stored factors stay undamped)."""
+        assert self.factors is not None
+        return self.factors.with_damping(lam) if lam > 0 else self.factors
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and factors as plain data and tensors (``torch.save``-able)."""
+        return {"steps": self.steps, "refreshes": self.refreshes,
+                "factors": None if self.factors is None else _factors_to_dict(self.factors)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        self.refreshes = int(state["refreshes"])
+        raw = state["factors"]
+        self.factors = None if raw is None else _factors_from_dict(raw)
+
+
+def _factors_to_dict(F: KroneckerFactored) -> dict[str, Any]:
+    blocks = [{f.name: getattr(b, f.name) for f in fields(b)} for b in F.blocks]
+    return {"dim": int(F.dim), "blocks": blocks, "rest_index": F.rest_index,
+            "rest_diagonal": F.rest_diagonal, "damping": F.damping}
+
+
+def _factors_from_dict(raw: dict[str, Any]) -> KroneckerFactored:
+    blocks = [KroneckerBlock(**b) for b in raw["blocks"]]
+    return KroneckerFactored(blocks, int(raw["dim"]), rest_index=raw["rest_index"],
+                                     rest_diagonal=raw["rest_diagonal"],
+                                     damping=raw["damping"])
