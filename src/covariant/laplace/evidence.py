@@ -150,11 +150,13 @@ class LaplaceResult:
         draw_dtype = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float64
         out = p.new_empty(int(n), d)
         rows = max(1, SAMPLE_CHUNK // max(d, 1))
+        Z = torch.empty(min(rows, int(n)), d, dtype=draw_dtype)
         for start in range(0, int(n), rows):
             m = min(rows, int(n) - start)
-            Z = torch.stack([torch.randn(d, generator=gen, dtype=draw_dtype)
-                             for _ in range(m)], 1).to(p)
-            out[start:start + m] = p[None, :] + self.covariance_operator.sqrt_matmat(Z).T
+            for i in range(m):
+                torch.randn(d, generator=gen, dtype=draw_dtype, out=Z[i])
+            V = self.covariance_operator.sqrt_matmat(Z[:m].to(p).T)   # columns z_i
+            out[start:start + m] = p[None, :] + V.T
         if retraction == "linear" or self.space.metric.is_constant:
             return out
         return torch.stack([self.space.exp(p, v - p) for v in out])

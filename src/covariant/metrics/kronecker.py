@@ -111,13 +111,18 @@ class KroneckerBlock:
         """(out, in): the shape of the block's parameter matrix."""
         return self.B.shape[0], self.A.shape[0]
 
+    def positions(self) -> slice | Tensor:
+        """``index`` as a slice when it is a contiguous ascending run (a view instead of a
+        gather), else the index itself."""
+        idx = self.index
+        first, n = int(idx[0]), idx.numel()
+        run = torch.arange(first, first + n, device=idx.device, dtype=idx.dtype)
+        return slice(first, first + n) if torch.equal(idx, run) else idx
+
 
 def _sandwich(L: Tensor, M: Tensor, R: Tensor) -> Tensor:
-    """L M_j R for every column j of M (shape (out, in, k)), as two large matrix products."""
-    n_out, n_in, k = M.shape
-    X = M.permute(0, 2, 1).reshape(n_out * k, n_in) @ R.to(M.dtype)
-    Y = L.to(M.dtype) @ X.reshape(n_out, k * R.shape[1])
-    return Y.reshape(L.shape[0], k, R.shape[1]).permute(0, 2, 1)
+    """L M_j R for every M_j of the batch M (shape (k, out, in)): batched matrix products."""
+    return torch.matmul(torch.matmul(L.to(M.dtype), M), R.to(M.dtype))
 
 
 @dataclass
@@ -153,6 +158,7 @@ class KroneckerFactored:
     rest_diagonal: Tensor | None = None
     damping: float | Tensor = 0.0
     _eigen: list[_Eigen] | None = field(default=None, repr=False, compare=False)
+    _where: list[slice | Tensor] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.blocks = tuple(self.blocks)
@@ -211,7 +217,7 @@ class KroneckerFactored:
     def with_damping(self, damping: float | Tensor) -> KroneckerFactored:
         """The same factors with another damping λ (eigendecompositions are shared)."""
         self.spectra()  # once, shared with the copy
-        return replace(self, damping=damping, _eigen=self._eigen)
+        return replace(self, damping=damping, _eigen=self._eigen, _where=self._positions())
 
     def scaled(self, c: float) -> KroneckerFactored:
         """c·K_λ (the B factors, EK-FAC eigenvalues, rest and damping scaled by c > 0)."""
@@ -283,32 +289,39 @@ class KroneckerFactored:
         return int((self.eigenvalues() > self.null_threshold(null_rtol)).sum())
 
     # ------------------------------------------------------------------ functions of K
-    def _columns(self, v: Tensor) -> Tensor:
+    def _positions(self) -> list[slice | Tensor]:
+        if self._where is None:
+            self._where = [b.positions() for b in self.blocks]
+        return self._where
+
+    def _rows(self, v: Tensor) -> Tensor:
+        """v (d,) or (d, k) as rows (k, d) (a view of the transpose)."""
         if v.shape[0] != self.dim or v.ndim not in (1, 2):
             raise ShapeMismatchError(
                 f"KroneckerFactored: expected a vector ({self.dim},) or a matrix ({self.dim}, k), "
                 f"got {tuple(v.shape)}")
-        return v.reshape(self.dim, -1)
+        return v.reshape(self.dim, -1).T
 
     def apply(self, v: Tensor, fn: Callable[[Tensor], Tensor], *, symmetric: bool = True,
               chunk: int = 64) -> Tensor:
         """f(K_λ) v = Q f(Λ + λ) Qᵀ v, or with ``symmetric=False`` the one-sided Q f(Λ + λ) v
         (e.g. f = x^{-1/2}: a square root S of K_λ⁻¹ with S Sᵀ = K_λ⁻¹ at half the cost), for
-        v of shape (d,) or (d, k); ``chunk`` columns at a time per block."""
-        V = self._columns(v)
-        out = torch.empty_like(V)
-        for b, (QB, QA, lam) in zip(self.blocks, self.spectra(), strict=True):
-            F = fn(lam + self._block_damping(b)).unsqueeze(-1).to(V.dtype)
-            for c in range(0, V.shape[1], chunk):
-                M = V[b.index, c:c + chunk].reshape(*b.shape, -1)
+        v of shape (d,) or (d, k); ``chunk`` columns at a time per block (batched products
+        Q_B M Q_Aᵀ on the (out, in) matrices of the columns)."""
+        R = self._rows(v)
+        out = torch.empty_like(R, memory_format=torch.contiguous_format)  # batched in vmap
+        for b, where, (QB, QA, lam) in zip(self.blocks, self._positions(), self.spectra(),
+                                           strict=True):
+            F = fn(lam + self._block_damping(b)).to(R.dtype)
+            for c in range(0, R.shape[0], chunk):
+                M = R[c:c + chunk, where].reshape(-1, *b.shape)
                 if symmetric:
                     M = _sandwich(QB.T, M, QA)                # Q_Bᵀ M Q_A
-                out[b.index, c:c + chunk] = _sandwich(QB, F * M, QA.T).reshape(
-                    b.index.numel(), -1)
+                out[c:c + chunk, where] = _sandwich(QB, F * M, QA.T).reshape(M.shape[0], -1)
         assert self.rest_index is not None and self.rest_diagonal is not None
         rest = fn(self.rest_diagonal + self._rest_damping())
-        out[self.rest_index] = V[self.rest_index] * rest.unsqueeze(-1).to(V.dtype)
-        return out.reshape(v.shape)
+        out[:, self.rest_index] = R[:, self.rest_index] * rest.to(R.dtype)
+        return out.T.reshape(v.shape)
 
     def diagonal(self, fn: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """diag f(K_λ) without a d×d matrix: per block (Q_B ∘ Q_B) f(Λ + λ) (Q_A ∘ Q_A)ᵀ
@@ -325,20 +338,21 @@ class KroneckerFactored:
 
     def matvec(self, v: Tensor) -> Tensor:
         """K_λ v: B W A per K-FAC block (two matrix products), the eigenbasis for EK-FAC."""
-        V = self._columns(v)
-        out = torch.empty_like(V)
-        for b, (QB, QA, lam) in zip(self.blocks, self.spectra(), strict=True):
-            M = V[b.index].reshape(*b.shape, -1)
+        R = self._rows(v)
+        out = torch.empty_like(R, memory_format=torch.contiguous_format)  # batched in vmap
+        for b, where, (QB, QA, lam) in zip(self.blocks, self._positions(), self.spectra(),
+                                           strict=True):
+            M = R[:, where].reshape(-1, *b.shape)
             if b.eigenvalues is not None:
-                M = _sandwich(QB, lam.unsqueeze(-1) * _sandwich(QB.T, M, QA), QA.T)
+                M = _sandwich(QB, lam.to(R.dtype) * _sandwich(QB.T, M, QA), QA.T)
             else:
                 M = _sandwich(b.B, M, b.A)
-            out[b.index] = M.reshape(-1, V.shape[1])
+            out[:, where] = M.reshape(R.shape[0], -1)
         assert self.rest_index is not None and self.rest_diagonal is not None
-        out[self.rest_index] = V[self.rest_index] * self.rest_diagonal.unsqueeze(-1)
+        out[:, self.rest_index] = R[:, self.rest_index] * self.rest_diagonal.to(R.dtype)
         lam_all = self.damping
-        lam_v = lam_all.unsqueeze(-1) if isinstance(lam_all, Tensor) else float(lam_all)
-        return (out + lam_v * V).reshape(v.shape)
+        out = out + (lam_all.to(R.dtype) if isinstance(lam_all, Tensor) else float(lam_all)) * R
+        return out.T.reshape(v.shape)
 
     def matmat(self, V: Tensor) -> Tensor:
         """K_λ V for the columns of V (d, k)."""
