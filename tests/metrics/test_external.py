@@ -95,6 +95,22 @@ def test_wrapped_kfac_matvec_solve_logdet(cl):
     assert abs(float(Gl.logdet(theta)) - float(torch.logdet(damped))) < 1e-10 * d
 
 
+def test_operator_alone_is_an_unchecked_constant_metric(cl):
+    """from_curvlinops(op), the API's one-argument form: the operator's own flat order and no
+    point to check, so checks that need θ₀ are refused rather than silently skipped."""
+    model, op, _, theta = _kfac(cl)
+    d = theta.numel()
+    dense_op = op @ torch.eye(d, dtype=F64)
+    G = from_curvlinops(op, damping=0.1)
+    v = torch.randn(d, dtype=F64, generator=torch.Generator().manual_seed(6))
+    damped = dense_op + 0.1 * torch.eye(d, dtype=F64)
+    assert _rel(G.matvec(theta, v), damped @ v) < 1e-12
+    assert _rel(G.matvec(theta + 1.0, v), damped @ v) < 1e-12     # any point: G(θ₀)
+    assert _rel(G.solve(theta, v), torch.linalg.solve(damped, v)) < 1e-8
+    with pytest.raises(ValueError, match="without params"):
+        from_curvlinops(op, point_check="raise")
+
+
 def test_wrapped_ekfac_solve_is_the_inverse(cl):
     model, loss_fn, batches, _, theta = _problem("mse")
     op = cl.EKFACLinearOperator(model, loss_fn, list(model.parameters()), batches,

@@ -319,9 +319,9 @@ def _permuted(fn: MatMat, perm: Tensor | None) -> MatMat:
     return wrapped
 
 
-def from_curvlinops(op: Any, params: Mapping[str, Tensor] | Sequence[Tensor], *,
+def from_curvlinops(op: Any, params: Mapping[str, Tensor] | Sequence[Tensor] | None = None, *,
                     layout: ParameterLayout | None = None, damping: float = 0.0,
-                    solve: str = "auto", point_check: str = "raise") -> OperatorMetric:
+                    solve: str = "auto", point_check: str | None = None) -> OperatorMetric:
     r"""A curvlinops linear operator as a covariant metric, G(θ₀) + λI pinned to θ₀.
 
     Parameters
@@ -330,9 +330,11 @@ def from_curvlinops(op: Any, params: Mapping[str, Tensor] | Sequence[Tensor], *,
         A symmetric PSD operator on the parameters: ``GGNLinearOperator``,
         ``FisherMCLinearOperator``, ``EFLinearOperator``, ``KFACLinearOperator``,
         ``EKFACLinearOperator``, or ``HessianLinearOperator`` at a minimum.
-    params : list of Tensor, or dict name -> Tensor
+    params : list of Tensor, or dict name -> Tensor, optional
         The ``params`` the operator was built with, in its order (curvlinops keeps them
-        private). Their current values are θ₀.
+        private). Their current values are θ₀. Without them the flat order is the operator's
+        own and θ₀ is unknown, so the metric is the constant G(θ₀) + λI used at any point
+        (``point_check="ignore"``): pass them to have every product checked.
     layout : ParameterLayout, optional
         covariant's order of the flat vector (``space.layout``); default the order of
         ``params``. With another order, ``params`` must be a dict with the layout's names.
@@ -342,9 +344,10 @@ def from_curvlinops(op: Any, params: Mapping[str, Tensor] | Sequence[Tensor], *,
     solve : {"auto", "cg"}
         "auto": closed form for K-FAC / EK-FAC, the generic solve otherwise (dense Cholesky
         for small d, conjugate gradients above); "cg": conjugate gradients always.
-    point_check : {"raise", "warn", "ignore"}
+    point_check : {"raise", "warn", "ignore"}, optional
         A product at a point other than θ₀, or after the parameters changed, raises
-        :class:`~covariant.errors.DomainError` (default), warns, or is answered with G(θ₀).
+        :class:`~covariant.errors.DomainError` (default with ``params``), warns, or is
+        answered with G(θ₀) (the only choice, and the default, without ``params``).
 
     Raises
     ------
@@ -357,12 +360,23 @@ def from_curvlinops(op: Any, params: Mapping[str, Tensor] | Sequence[Tensor], *,
                for c in type(op).__mro__):  # curvlinops' base class, not exported by name
         raise TypeError(f"from_curvlinops: expected a curvlinops linear operator, got "
                         f"{type(op).__name__}")
-    names, tensors = _named(params)
+    if params is None:
+        if point_check not in (None, "ignore") or layout is not None:
+            raise ValueError(
+                "from_curvlinops: without params the point the operator was built at is "
+                "unknown, so it can neither be checked (point_check) nor reordered (layout); "
+                "pass the parameters the operator was built with")
+        point_check = "ignore"
+        tensors = [torch.zeros(int(op.shape[1]), dtype=op.dtype, device=op.device)]
+        names = None
+    else:
+        names, tensors = _named(params)
+    point_check = "raise" if point_check is None else point_check
     d = sum(t.numel() for t in tensors)
     if tuple(op.shape) != (d, d):
         raise ShapeMismatchError(f"from_curvlinops: the operator is {tuple(op.shape)}, the "
                                  f"parameters have {d} entries")
-    perm = _permutation(names, tensors, layout)
+    perm = None if names is None else _permutation(names, tensors, layout)
     flat_op_order = torch.cat([t.detach().reshape(-1) for t in tensors])
     point = flat_op_order if perm is None else torch.empty_like(flat_op_order).index_copy_(
         0, perm.to(flat_op_order.device), flat_op_order)
@@ -373,7 +387,7 @@ def from_curvlinops(op: Any, params: Mapping[str, Tensor] | Sequence[Tensor], *,
         inverse = cl.KFACInverseLinearOperator(op, damping=float(damping), use_exact_damping=True)
         solve_matmat = _permuted(lambda X: inverse @ X.to(op.dtype), perm)
         logdet_fn = lambda: op.logdet  # noqa: E731
-    else:
+    elif params is not None:
         def live() -> Tensor:
             flat = torch.cat([t.detach().reshape(-1) for t in tensors])
             return flat if perm is None else torch.empty_like(flat).index_copy_(
