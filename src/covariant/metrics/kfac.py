@@ -58,9 +58,9 @@ from .kfac_factors import (
     FactorSet,
     compute_factors,
     kfac_loss_info,
-    mc_noise,
 )
 from .kronecker import KroneckerBlock, KroneckerFactored
+from .losses import mc_noise
 
 __all__ = ["EKFAC", "KFAC"]
 

@@ -67,7 +67,6 @@ __all__ = [
     "FactorSet",
     "compute_factors",
     "kfac_loss_info",
-    "mc_noise",
     "output_columns",
 ]
 
@@ -143,26 +142,6 @@ def kfac_loss_info(loss_fn: Callable[[Tensor, Tensor], Tensor], owner: str) -> L
             "(metric='ggn', covariant.metrics.GGN)."
         )
     return info
-
-
-def mc_noise(info: LossInfo, batches: Sequence[tuple[Tensor, Tensor]], samples: int,
-             seed: int) -> tuple[Tensor, ...]:
-    """The Monte-Carlo draws of ``covariant.metrics.Fisher(mc_samples=samples, seed=seed)``:
-    the same generator, order and shapes, so both metrics see the same sampled labels."""
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    out = []
-    for _, y in batches:
-        if info.kind == "ce":
-            shape = (y.shape[0], *y.shape[2:]) if y.is_floating_point() and y.ndim >= 2 \
-                else tuple(y.shape)
-            noise = torch.rand(samples, *shape, generator=gen, dtype=torch.float64)
-            noise = noise.reshape(samples, -1)
-        elif info.kind == "mse":
-            noise = torch.randn(samples, *y.shape, generator=gen, dtype=torch.float64)
-        else:
-            noise = torch.rand(samples, *y.shape, generator=gen, dtype=torch.float64)
-        out.append(noise)
-    return tuple(out)
 
 
 # ---------------------------------------------------------------------- output columns

@@ -24,7 +24,7 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +38,7 @@ __all__ = [
     "cast_input",
     "generic_output_hvp",
     "loss_info",
+    "mc_noise",
     "mc_outer_rows",
     "outer_rows",
     "reduction_factor",
@@ -149,6 +150,28 @@ class CrossEntropyRows:
         cdf = torch.cumsum(self.probs.detach(), dim=-1)
         labels = torch.searchsorted(cdf, uniforms.T.contiguous()).clamp_max(self.C - 1)
         return self.probs[:, None, :] - F.one_hot(labels, self.C).to(self.probs.dtype)
+
+
+def mc_noise(info: LossInfo, batches: Sequence[tuple[Tensor, Tensor]], samples: int,
+             seed: int) -> tuple[Tensor, ...]:
+    """The Monte-Carlo noise of ``samples`` label draws per sample, batch by batch, from a CPU
+    generator seeded by ``seed`` (float64): uniforms for categorical / Bernoulli labels,
+    standard normals for Gaussian ones. One definition for ``Fisher(mc_samples, seed)`` and
+    ``KFAC(fisher_type="mc")``, so both see the same sampled labels."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    out = []
+    for _, y in batches:
+        if info.kind == "ce":
+            shape = (y.shape[0], *y.shape[2:]) if y.is_floating_point() and y.ndim >= 2 \
+                else tuple(y.shape)
+            noise = torch.rand(samples, *shape, generator=gen, dtype=torch.float64)
+            noise = noise.reshape(samples, -1)
+        elif info.kind == "mse":
+            noise = torch.randn(samples, *y.shape, generator=gen, dtype=torch.float64)
+        else:
+            noise = torch.rand(samples, *y.shape, generator=gen, dtype=torch.float64)
+        out.append(noise)
+    return tuple(out)
 
 
 def rows_of(x: Tensor) -> Tensor:

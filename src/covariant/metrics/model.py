@@ -36,6 +36,7 @@ from .curvature_base import CurvatureMetric, Forward, LossFn
 from .losses import (
     CrossEntropyRows,
     generic_output_hvp,
+    mc_noise,
     mc_outer_rows,
     outer_rows,
     reduction_factor,
@@ -161,21 +162,7 @@ class Fisher(CurvatureMetric):
         self._noise: list[Tensor] = []
         self._noise_cache: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
         if self.mc_samples is not None:
-            gen = torch.Generator(device="cpu").manual_seed(self.seed)
-            S = self.mc_samples
-            for _, y in self.batches:
-                if self.info.kind == "ce":
-                    if y.is_floating_point() and y.ndim >= 2:  # probabilities: drop class dim
-                        shape = (y.shape[0], *y.shape[2:])
-                    else:
-                        shape = tuple(y.shape)
-                    noise = torch.rand(S, *shape, generator=gen, dtype=torch.float64)
-                    noise = noise.reshape(S, -1)
-                elif self.info.kind == "mse":
-                    noise = torch.randn(S, *y.shape, generator=gen, dtype=torch.float64)
-                else:  # bce
-                    noise = torch.rand(S, *y.shape, generator=gen, dtype=torch.float64)
-                self._noise.append(noise)
+            self._noise = list(mc_noise(self.info, self.batches, self.mc_samples, self.seed))
 
     def _noise_for(self, b: int, like: Tensor) -> Tensor:
         key = (b, like.dtype, like.device)
