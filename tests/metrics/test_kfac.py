@@ -441,3 +441,35 @@ def test_batch_norm_in_training_mode_warns() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cv.metrics.KFAC.from_space(space)
+
+
+def test_invariant_trace_through_attention() -> None:
+    """The connection terms differentiate the K-FAC factors again (reverse over reverse):
+    through attention that needs the math kernel (it raised with the fused one). The
+    invariant trace is then the same in w and in a weight-norm chart, the naive one is not."""
+    torch.manual_seed(0)
+
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Linear(3, 4)
+            self.enc = nn.TransformerEncoderLayer(4, 1, dim_feedforward=8, dropout=0.0,
+                                                  batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.enc(self.emb(x)).mean(1))
+
+    model = Tiny().double().eval()
+    data = (torch.randn(12, 3, 3, dtype=torch.float64), torch.randint(0, 2, (12,)))
+    space, theta = cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(), data, "kfac",
+                                                 damping=0.1)
+    assert float(space.grad(theta).norm()) > 1e-2      # not a critical point: Γ matters
+    wn = space.reparametrize({"head.weight": cv.reparam.WeightNorm()})
+    psi = wn.chart.inverse(theta)
+    opts = {"measures": ("trace",), "method": "stochastic", "num_probes": 6, "seed": 0}
+    t_w = cv.flatness(space, theta, **opts)["trace"].value
+    t_wn = cv.flatness(wn, psi, **opts)["trace"].value
+    naive = cv.flatness(wn.with_metric(cv.metrics.Euclidean()), psi, **opts)["trace"].value
+    assert abs(t_w - t_wn) < 1e-8 * abs(t_w)
+    assert abs(naive - t_w) > 0.1 * abs(t_w)

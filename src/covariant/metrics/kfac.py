@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .._fast import is_transformed
+from .._fast import is_transformed, second_order
 from ..errors import ShapeMismatchError
 from ..layout import (
     ParameterLayout,
@@ -185,9 +186,12 @@ class KFAC(Metric):
         if p.shape != (self.layout.dim,):
             raise ShapeMismatchError(f"{self.name}: the point has shape {tuple(p.shape)}, the "
                                      f"model has {self.layout.dim} parameters")
-        return compute_factors(self.model, self.layout, self.forward, self.loss_fn,
-                               self.batches, self.weights, p, self.options,
-                               differentiable=differentiable)
+        # differentiable factors are differentiated again (reverse over reverse): attention
+        # needs its math kernel for that, as in every other second-order computation
+        with second_order() if differentiable else nullcontext():
+            return compute_factors(self.model, self.layout, self.forward, self.loss_fn,
+                                   self.batches, self.weights, p, self.options,
+                                   differentiable=differentiable)
 
     def _operator(self, fs: FactorSet) -> KroneckerFactored:
         blocks = [KroneckerBlock(b.name, b.index, b.A, b.B, b.eigenvalues) for b in fs.blocks]
