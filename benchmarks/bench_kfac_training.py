@@ -58,10 +58,12 @@ from covariant.zoo.data import load_mnist1d
 #: mini-batches the damping bounds the step g/λ along directions the factors see as flat, so it
 #: is tuned with the learning rate).
 GRIDS: dict[str, list[dict[str, float]]] = {
-    "sgd": [{"lr": lr} for lr in (0.01, 0.03, 0.1, 0.3)],
-    "adam": [{"lr": lr} for lr in (1e-3, 3e-3, 1e-2, 3e-2)],
+    "sgd": [{"lr": lr} for lr in (0.01, 0.03, 0.05, 0.1, 0.2, 0.3)],
+    "adam": [{"lr": lr} for lr in (1e-3, 3e-3, 5e-3, 1e-2, 2e-2, 3e-2)],
     "kfac": [{"lr": lr, "damping": lam}
-             for lr, lam in ((0.01, 0.1), (0.03, 0.1), (0.1, 0.1), (0.1, 1.0), (0.3, 1.0))],
+             for lr, lam in ((0.01, 0.1), (0.03, 0.1), (0.1, 0.1), (0.03, 0.3), (0.1, 0.3),
+                             (0.3, 0.3), (0.1, 1.0), (0.3, 1.0), (1.0, 1.0), (0.3, 3.0),
+                             (1.0, 3.0))],
 }
 QUICK_GRIDS = {"sgd": [{"lr": 0.1}], "adam": [{"lr": 1e-2}],
                "kfac": [{"lr": 0.03, "damping": 0.1}]}
