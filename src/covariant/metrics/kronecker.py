@@ -51,9 +51,9 @@ from torch import Tensor
 
 from .._checks import default_tol
 from ..errors import ShapeMismatchError, SingularMetricError
-from .base import check_dense_size
+from .base import Metric, check_dense_size
 
-__all__ = ["KroneckerBlock", "KroneckerFactored"]
+__all__ = ["KroneckerBlock", "KroneckerFactored", "KroneckerMetric"]
 
 #: Relative threshold below which an eigenvalue counts as numerically null (floored at
 #: 100·eps of the dtype), the same default as the curvature metrics' numerical rank.
@@ -416,3 +416,52 @@ class KroneckerFactored:
         lam = self.damping
         return K + (torch.diag(lam) if isinstance(lam, Tensor) else float(lam) * torch.eye(
             self.dim, dtype=K.dtype, device=K.device))
+
+
+class KroneckerMetric(Metric):
+    """A fixed ``KroneckerFactored`` operator K as a constant metric, G(p) = K for every p.
+
+    Products, the solve, ``inv_sqrt``, ``logdet`` and ``dense`` are the operator's closed
+    forms; the point is ignored (the factors were taken at a point of their own, e.g. the
+    running-average factors of ``RiemannianGD(metric="kfac")``, refreshed by the optimizer
+    and not by moving p). With ``pinv=True`` the solve is the pseudo-inverse (a singular K is
+    otherwise a :class:`~covariant.errors.SingularMetricError`). For K-FAC as a field that
+    follows the point use :class:`~covariant.metrics.KFAC`.
+
+    >>> import torch
+    >>> K = KroneckerFactored([KroneckerBlock("w", torch.arange(2),
+    ...                                        torch.eye(2, dtype=torch.float64),
+    ...                                        2 * torch.eye(1, dtype=torch.float64))], 2)
+    >>> KroneckerMetric(K).solve(torch.zeros(2), torch.ones(2, dtype=torch.float64))
+    tensor([0.5000, 0.5000], dtype=torch.float64)
+    """
+
+    is_constant = True
+
+    def __init__(self, factors: KroneckerFactored, pinv: bool = False) -> None:
+        self.factors = factors
+        self.pinv = pinv
+
+    def matvec(self, p: Tensor, v: Tensor) -> Tensor:
+        return self.factors.matvec(v)
+
+    def solve(self, p: Tensor, w: Tensor) -> Tensor:
+        return self.factors.solve(w, pinv=self.pinv)
+
+    def inv_sqrt(self, p: Tensor, Z: Tensor) -> Tensor:
+        return self.factors.inv_sqrt(Z)
+
+    def dense(self, p: Tensor, *, max_dim: int | None = None) -> Tensor:
+        return self.factors.dense(max_dim=max_dim)
+
+    def logdet(self, p: Tensor) -> Tensor:
+        return self.factors.logdet()
+
+    def closed_form_logdet(self, p: Tensor, pseudo: bool = False) -> Tensor | None:
+        return self.factors.logdet(pseudo=pseudo)
+
+    def rank(self, p: Tensor) -> int:
+        return int(self.factors.rank())
+
+    def __repr__(self) -> str:
+        return f"KroneckerMetric(dim={self.factors.dim})"

@@ -47,7 +47,6 @@ import torch
 from torch import Tensor, nn
 
 from .. import metrics
-from ..metrics import Metric
 from ..metrics.kronecker import KroneckerBlock, KroneckerFactored
 from ..space import ParameterSpace
 
@@ -61,46 +60,6 @@ DEFAULT_UPDATE_EVERY = 10
 
 #: Default weight of the running average of the factors.
 DEFAULT_DECAY = 0.95
-
-
-class KroneckerMetric(Metric):
-    """A fixed ``KroneckerFactored`` operator K as a constant metric on the weights.
-
-    Products, the solve, ``inv_sqrt`` and ``dense`` are the operator's closed forms; the point
-    is ignored (the factors were taken at a point of their own and are refreshed by the
-    optimizer, not by moving p). With ``pinv=True`` the solve is the pseudo-inverse (a
-    singular K is otherwise a :class:`~covariant.errors.SingularMetricError`).
-    """
-
-    is_constant = True
-
-    def __init__(self, factors: KroneckerFactored, pinv: bool = False) -> None:
-        self.factors = factors
-        self.pinv = pinv
-
-    def matvec(self, p: Tensor, v: Tensor) -> Tensor:
-        return self.factors.matvec(v)
-
-    def solve(self, p: Tensor, w: Tensor) -> Tensor:
-        return self.factors.solve(w, pinv=self.pinv)
-
-    def inv_sqrt(self, p: Tensor, Z: Tensor) -> Tensor:
-        return self.factors.inv_sqrt(Z)
-
-    def dense(self, p: Tensor, *, max_dim: int | None = None) -> Tensor:
-        return self.factors.dense(max_dim=max_dim)
-
-    def logdet(self, p: Tensor) -> Tensor:
-        return self.factors.logdet()
-
-    def closed_form_logdet(self, p: Tensor, pseudo: bool = False) -> Tensor | None:
-        return self.factors.logdet(pseudo=pseudo)
-
-    def rank(self, p: Tensor) -> int:
-        return int(self.factors.rank())
-
-    def __repr__(self) -> str:
-        return f"KroneckerMetric(dim={self.factors.dim})"
 
 
 def check_kfac_options(update_every: int, decay: float, metric_kwargs: dict[str, Any]) -> None:

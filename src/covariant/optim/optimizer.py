@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from ..errors import NonFiniteError, NotConvergedError, SingularMetricError
 from ..linalg import cg
 from ..metrics import Damped, Euclidean, Metric, Pullback
-from ..metrics.kronecker import KroneckerFactored
+from ..metrics.kronecker import KroneckerFactored, KroneckerMetric
 from ..reparam import Reparametrization
 from ..space import ParameterSpace
 from ._data import _BatchStream, _check_data
@@ -54,7 +54,6 @@ from ._kfac import (
     DEFAULT_DECAY,
     DEFAULT_UPDATE_EVERY,
     KFAC_METRICS,
-    KroneckerMetric,
     _KFACState,
 )
 from ._model_view import _ModelView
