@@ -21,6 +21,7 @@ __all__ = [
     "CheckpointError",
     "CovariantError",
     "DenseTooLargeError",
+    "DistributedError",
     "DomainError",
     "MissingDependencyError",
     "NonFiniteError",
@@ -36,6 +37,13 @@ __all__ = [
 
 class CovariantError(Exception):
     """Base class of every error raised by covariant."""
+
+
+class DistributedError(CovariantError, RuntimeError):
+    """A data-parallel computation cannot run as launched: no ``torch.distributed`` process
+    group (start with ``torchrun`` or call ``torch.distributed.init_process_group``), ranks
+    that disagree about the model, parameters or settings, or a product that the
+    data-parallel space does not reduce yet."""
 
 
 class DomainError(CovariantError, ValueError):
