@@ -23,6 +23,7 @@ import covariant as cv
 from covariant.distributed import check_process_group, distributed_space, shard_batches
 from covariant.errors import DistributedError
 from covariant.flatness import StochasticOptions
+from covariant.optim.functional import riemannian_gd
 
 TIMEOUT_S = 60.0
 RTOL = 1e-12
@@ -63,7 +64,8 @@ def _products(space: cv.ParameterSpace, theta: torch.Tensor,
               ggn: cv.ParameterSpace) -> dict[str, Any]:
     v, _ = _vectors(theta.shape[0])
     opts = StochasticOptions(num_probes=8, seed=3)
-    trace = cv.flatness(space, theta, ("trace",), method="stochastic", options=opts)
+    report = cv.flatness(space, theta, ("trace", "top_eigs"), method="stochastic", k=3,
+                         options=opts)
     return {
         "loss": space.loss(theta),
         "grad": space.grad(theta),
@@ -72,7 +74,9 @@ def _products(space: cv.ParameterSpace, theta: torch.Tensor,
         "hvp_operator": space.hvp_operator(theta)(v),
         "ggn_matvec": ggn.metric.matvec(theta, v),
         "ggn_dense": ggn.metric.dense(theta),
-        "hutchinson_trace": torch.tensor(trace["trace"].value, dtype=torch.float64),
+        "hutchinson_trace": torch.tensor(report["trace"].value, dtype=torch.float64),
+        "top3_eigs": torch.as_tensor(report["top_eigs"].value, dtype=torch.float64),
+        "gd_5_steps": riemannian_gd(space, theta, lr=0.1, steps=5)[-1],
     }
 
 
@@ -127,20 +131,27 @@ def _traffic(space: cv.ParameterSpace, theta: torch.Tensor,
     return out
 
 
-def _mismatch_worker(rank: int, port: int, out: str) -> None:
+def _bad_launch_worker(rank: int, port: int, out: str) -> None:
+    """Three bad launches in a row: other parameters, another seed, bad data on rank 1."""
     _init(rank, port)
     try:
+        local = shard_batches(_batches(), rank, 2)
         model = _model()
         if rank == 1:
             with torch.no_grad():
                 model[0].bias[0] += 1e-9
-        try:
-            distributed_space(model, nn.MSELoss(), shard_batches(_batches(), rank, 2), seed=3)
-            result = "no error"
-        except DistributedError as err:
-            result = f"DistributedError: {err}"
+        bad_data = [(X, y[:-1]) for X, y in local] if rank == 1 else local
+        cases = {"parameters": (model, local, 3), "seed": (_model(), local, 3 + rank),
+                 "data": (_model(), bad_data, 3)}
+        results = []
+        for name, (m, data, seed) in cases.items():
+            try:
+                distributed_space(m, nn.MSELoss(), data, seed=seed)
+                results.append(f"{name}: no error")
+            except cv.errors.CovariantError as err:
+                results.append(f"{name}: {type(err).__name__}: {err}")
         with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
-            f.write(result)
+            f.write("\n".join(results))
     finally:
         dist.destroy_process_group()
 
@@ -177,12 +188,17 @@ def test_two_ranks_agree_with_one_process(tmp_path: Any) -> None:
         assert ggn_flatness.startswith("DistributedError") and "connection" in ggn_flatness
 
 
-def test_mismatched_parameters_raise_on_every_rank(tmp_path: Any) -> None:
-    _spawn(_mismatch_worker, str(tmp_path))
+def test_bad_launches_raise_on_every_rank(tmp_path: Any) -> None:
+    _spawn(_bad_launch_worker, str(tmp_path))
     for rank in range(2):
-        text = (tmp_path / f"rank{rank}.txt").read_text()
-        assert text.startswith("DistributedError"), (rank, text)
-        assert "disagree" in text and "[[0], [1]]" in text
+        params, seed, data = (tmp_path / f"rank{rank}.txt").read_text().split("\n")
+        for line in (params, seed):
+            assert "DistributedError" in line and "disagree" in line, (rank, line)
+            assert "[[0], [1]]" in line, (rank, line)
+        if rank == 1:  # the rank with the bad data raises its own error, the other one too
+            assert data.startswith("data: ShapeMismatchError"), data
+        else:
+            assert data.startswith("data: DistributedError") and "rank 1 failed" in data, data
 
 
 def test_no_process_group_is_a_typed_error() -> None:
