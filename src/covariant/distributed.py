@@ -204,7 +204,8 @@ def _distributed_loss(local_loss: Callable[[Tensor], Tensor], group: Any
         if is_transformed(p):
             raise DistributedError(
                 "distributed space: the loss cannot run inside torch.func transforms (vmap, "
-                "forward mode); its products are computed by reverse mode on plain tensors"
+                "jacrev, forward mode: dense Hessians, flatness(method='dense')); its products "
+                "run by reverse mode on plain tensors: use flatness(..., method='stochastic')"
             )
         return _ReduceSum.apply(local_loss(_Copy.apply(p, group)), group)
 
