@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import itertools
 import json
 import os
 import socket
@@ -59,6 +58,7 @@ from covariant.distributed import distributed_space, shard_batches  # noqa: E402
 
 MODEL = "mlp-80k"
 ALLREDUCE_REPS = 50
+ROWS = ("plain", "dist-P1", "dist-P2", "shard-only-P2")
 
 
 def _free_port() -> int:
@@ -101,123 +101,124 @@ def _count_allreduces(fn: Any) -> tuple[Any, list[int]]:
         dist.all_reduce = all_reduce
 
 
-def _time_allreduce(d: int) -> list[float]:
-    """Seconds of one all-reduce of a float32 d-vector, ALLREDUCE_REPS times (after 5 warm)."""
+def _time_allreduce(d: int, group: Any, member: bool) -> list[float]:
+    """Seconds of one all-reduce of a float32 d-vector in ``group``, ALLREDUCE_REPS times
+    (after 5 warm-up calls); a rank outside the group only joins the world barriers."""
     v = torch.ones(d, dtype=torch.float32)
     times = []
     for i in range(ALLREDUCE_REPS + 5):
         dist.barrier()
-        t0 = time.perf_counter()
-        dist.all_reduce(v)
-        dt = time.perf_counter() - t0
-        if i >= 5:
-            times.append(dt)
+        if member:
+            t0 = time.perf_counter()
+            dist.all_reduce(v, group=group)
+            if i >= 5:
+                times.append(time.perf_counter() - t0)
     return times
 
 
-def _timed_traces(space: cv.ParameterSpace, theta: torch.Tensor, cfg: dict[str, Any],
-                  barrier: bool) -> tuple[list[float], list[float]]:
-    """Warm up, then ``repeats`` timed traces (barriers around each when ``barrier``)."""
-    _trace(space, theta, 2)
-    times, values = [], []
-    for _ in range(cfg["repeats"]):
-        if barrier:
-            dist.barrier()
-        t0 = time.perf_counter()
-        values.append(_trace(space, theta, cfg["probes"]))
-        if barrier:
-            dist.barrier()
-        times.append(time.perf_counter() - t0)
-    return times, values
+def _spaces(rank: int, cfg: dict[str, Any], solo: Any) -> dict[str, Any]:
+    """Each row's (space, θ) on this rank; None where the rank takes no part in the row."""
+    model, X, y = _model_and_batch(cfg["batch"], cfg["seed"])
+    loss = nn.CrossEntropyLoss()
+    half = X.shape[0] // 2
+    local = shard_batches([(X[:half], y[:half]), (X[half:], y[half:])], rank, 2)
+    spaces: dict[str, Any] = {"plain": None, "dist-P1": None}
+    if rank == 0:
+        spaces["plain"] = cv.ParameterSpace.from_module(model, loss, [(X, y)])
+        spaces["dist-P1"] = distributed_space(model, loss, [(X, y)], group=solo, seed=0)
+    spaces["dist-P2"] = distributed_space(model, loss, local, seed=0)
+    spaces["shard-only-P2"] = cv.ParameterSpace.from_module(model, loss, local)
+    spaces["local_examples"] = sum(len(b[0]) for b in local)
+    return spaces
 
 
-def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: str) -> None:
+def _rounds(spaces: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    """Interleaved rounds: plain, dist-P1, dist-P2, shard-only-P2 in turn, each timed between
+    world barriers (a rank that takes no part waits at the barrier)."""
+    times: dict[str, list[float]] = {row: [] for row in ROWS}
+    values: dict[str, list[float]] = {row: [] for row in ROWS}
+    loadavg = []
+    for i in range(cfg["repeats"] + 1):  # round 0 is the warm-up (2 probes)
+        loadavg.append(list(os.getloadavg()))
+        for row in ROWS:
+            dist.barrier()
+            if spaces[row] is not None:
+                t0 = time.perf_counter()
+                value = _trace(*spaces[row], cfg["probes"] if i else 2)
+                if row in ("dist-P2", "shard-only-P2"):
+                    dist.barrier()  # P = 2 ends when both ranks are done
+                if i:
+                    times[row].append(time.perf_counter() - t0)
+                    values[row].append(value)
+            elif row in ("dist-P2", "shard-only-P2"):
+                dist.barrier()
+    return {"seconds": times, "trace_values": values, "loadavg_per_round": loadavg}
+
+
+def _worker(rank: int, port: int, cfg: dict[str, Any], out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world,
-                            timeout=datetime.timedelta(seconds=cfg["timeout"]))
+                            world_size=2, timeout=datetime.timedelta(seconds=cfg["timeout"]))
     try:
-        model, X, y = _model_and_batch(cfg["batch"], cfg["seed"])
-        cuts = [round(i * X.shape[0] / world) for i in range(world + 1)]
-        batches = [(X[a:b], y[a:b]) for a, b in itertools.pairwise(cuts)]
-        local = shard_batches(batches, rank, world)
-        space, theta = distributed_space(model, nn.CrossEntropyLoss(), local, seed=0)
-        loadavg_before = list(os.getloadavg())
-        times, values = _timed_traces(space, theta, cfg, barrier=True)
-        loadavg_after = list(os.getloadavg())
-        counted, sizes = _count_allreduces(lambda: _trace(space, theta, cfg["probes"]))
-        shard_only, _ = cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(), local)
-        local_times, _ = _timed_traces(shard_only, theta, cfg, barrier=True)
-        op = space.hvp_operator(theta, riemannian=False)  # the per-probe product
-        _, one_product = _count_allreduces(lambda: op(torch.ones_like(theta)))
-        ar = _time_allreduce(theta.shape[0])
-        res = {"rank": rank, "world_size": world, "local_examples": sum(len(b[0]) for b in local),
-               "d": int(theta.shape[0]), "seconds": times, "trace_values": values,
-               "counted_trace_value": counted, "allreduce_bytes": sizes,
-               "allreduce_bytes_one_product": one_product, "shard_only_seconds": local_times,
-               "allreduce_alone_seconds": ar, "loadavg_before": loadavg_before,
-               "loadavg_after": loadavg_after, "threads": torch.get_num_threads()}
-        with open(os.path.join(out, f"P{world}_rank{rank}.json"), "w") as f:
+        solo = dist.new_group([0])  # P = 1: a group of world size 1 (rank 1 waits)
+        spaces = _spaces(rank, cfg, solo)
+        res = _rounds(spaces, cfg)
+        theta = spaces["dist-P2"][1]
+        counts: dict[str, Any] = {}
+        for row in ("dist-P1", "dist-P2"):
+            dist.barrier()
+            if spaces[row] is not None:
+                space, _ = spaces[row]
+                _, counts[row] = _count_allreduces(
+                    lambda s=space: _trace(s, theta, cfg["probes"]))
+                op = space.hvp_operator(theta, riemannian=False)  # the per-probe product
+                _, counts[row + " one product"] = _count_allreduces(
+                    lambda o=op: o(torch.ones_like(theta)))
+        d = int(theta.shape[0])
+        res.update(rank=rank, d=d, local_examples=spaces["local_examples"],
+                   allreduce_bytes=counts, threads=torch.get_num_threads(),
+                   allreduce_alone_seconds={"dist-P1": _time_allreduce(d, solo, rank == 0),
+                                            "dist-P2": _time_allreduce(d, None, True)})
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(res, f)
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(world: int, cfg: dict[str, Any], out: str) -> list[dict[str, Any]]:
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), cfg, out), nprocs=world,
+def _spawn(cfg: dict[str, Any], out: str) -> list[dict[str, Any]]:
+    ctx = mp.start_processes(_worker, args=(_free_port(), cfg, out), nprocs=2,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + cfg["timeout"]
     try:
         while not ctx.join(timeout=1.0):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"P={world}: the ranks did not finish in {cfg['timeout']} s")
+                raise TimeoutError(f"the 2 ranks did not finish in {cfg['timeout']} s")
     finally:
         for proc in ctx.processes:
             if proc.is_alive():
                 proc.kill()
-    return [json.loads(Path(out, f"P{world}_rank{r}.json").read_text()) for r in range(world)]
+    return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(2)]
 
 
-def _plain_row(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The single-process reference: ParameterSpace on the full batch, 1 thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model, X, y = _model_and_batch(cfg["batch"], cfg["seed"])
-        space, theta = cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(), [(X, y)])
-        loadavg_before = list(os.getloadavg())
-        times, values = _timed_traces(space, theta, cfg, barrier=False)
-        return {"row": "plain", "processes": 1, "threads_per_process": 1,
-                "d": int(theta.shape[0]), "median_s": statistics.median(times),
-                "seconds": times, "trace": values[0], "trace_values": values,
-                "loadavg_before": loadavg_before, "loadavg_after": list(os.getloadavg())}
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _dist_row(world: int, ranks: list[dict[str, Any]], probes: int) -> dict[str, Any]:
-    r0 = ranks[0]
-    sizes = r0["allreduce_bytes"]
-    d_bytes = 4 * r0["d"]
-    vectors = [s for s in sizes if s == d_bytes]
-    return {
-        "row": f"dist-P{world}", "processes": world, "threads_per_process": 1, "d": r0["d"],
-        "local_examples": [r["local_examples"] for r in ranks],
-        "median_s": statistics.median(r0["seconds"]), "seconds": r0["seconds"],
-        "trace": r0["trace_values"][0], "trace_values": r0["trace_values"],
-        "ranks_agree": all(r["trace_values"] == r0["trace_values"] for r in ranks),
-        "allreduce_calls_per_trace": len(sizes),
-        "allreduce_bytes_per_trace": sum(sizes),
-        "allreduce_d_vectors_per_trace": len(vectors),
-        "allreduce_bytes_per_hvp_product": r0["allreduce_bytes_one_product"],
-        "allreduce_outside_products_per_trace": {
-            "d_vectors": len(vectors) - probes, "scalars": len(sizes) - len(vectors)},
-        "allreduce_sizes_bytes": sorted(set(sizes)),
-        "allreduce_alone_median_s": statistics.median(r0["allreduce_alone_seconds"]),
-        "shard_only_median_s": statistics.median(r0["shard_only_seconds"]),
-        "allreduce_alone_reps": len(r0["allreduce_alone_seconds"]),
-        "loadavg_before": r0["loadavg_before"], "loadavg_after": r0["loadavg_after"],
-    }
+def _row(row: str, ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    r0, d_bytes = ranks[0], 4 * ranks[0]["d"]
+    secs = r0["seconds"][row]
+    out: dict[str, Any] = {
+        "row": row, "processes": 2 if row.endswith("P2") else 1, "threads_per_process": 1,
+        "d": r0["d"], "median_s": statistics.median(secs), "seconds": secs,
+        "trace": r0["trace_values"][row][0], "trace_values": r0["trace_values"][row]}
+    if row.endswith("P2"):
+        out["ranks_agree"] = ranks[1]["trace_values"][row] == r0["trace_values"][row]
+        out["local_examples"] = [r["local_examples"] for r in ranks]
+    if row.startswith("dist"):
+        sizes = r0["allreduce_bytes"][row]
+        out.update({
+            "allreduce_calls_per_trace": len(sizes), "allreduce_bytes_per_trace": sum(sizes),
+            "allreduce_d_vectors_per_trace": sum(s == d_bytes for s in sizes),
+            "allreduce_bytes_one_hvp_product": r0["allreduce_bytes"][row + " one product"],
+            "allreduce_alone_median_s": statistics.median(r0["allreduce_alone_seconds"][row]),
+            "allreduce_alone_reps": len(r0["allreduce_alone_seconds"][row])})
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -232,33 +233,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = {"batch": args.batch, "probes": args.probes, "repeats": args.repeats,
            "seed": args.seed, "timeout": args.timeout}
     info = C.machine_info(torch.device("cpu"))
-    rows = [_plain_row(cfg)]
-    print(f"plain: {rows[0]['median_s']:.3f} s", flush=True)
     with tempfile.TemporaryDirectory() as out:
-        for world in (1, 2):
-            rows.append(_dist_row(world, _spawn(world, cfg, out), cfg["probes"]))
-            print(f"dist-P{world}: {rows[-1]['median_s']:.3f} s", flush=True)
-    plain, p1, p2 = rows
-    ref = plain["trace"]
+        ranks = _spawn(cfg, out)
+    rows = {row: _row(row, ranks) for row in ROWS}
+    med = {row: r["median_s"] for row, r in rows.items()}
+    ref = rows["plain"]["trace"]
     summary = {
-        "speedup_P1_over_P2": p1["median_s"] / p2["median_s"],
-        "speedup_plain_over_P2": plain["median_s"] / p2["median_s"],
-        "overhead_P1_over_plain": p1["median_s"] / plain["median_s"],
+        "speedup_P1_over_P2": med["dist-P1"] / med["dist-P2"],
+        "speedup_plain_over_P2": med["plain"] / med["dist-P2"],
+        "overhead_P1_over_plain": med["dist-P1"] / med["plain"],
+        "speedup_plain_over_shard_only_P2": med["plain"] / med["shard-only-P2"],
         "target_speedup": 1.7,
-        "speedup_shard_only_P1_over_P2": p1["shard_only_median_s"] / p2["shard_only_median_s"],
-        "trace_rel_diff_vs_plain": {r["row"]: abs(r["trace"] - ref) / abs(ref) for r in rows},
-        "allreduce_bytes_per_hvp_product": p2["allreduce_bytes_per_hvp_product"],
-        "allreduce_d_vectors_per_trace": p2["allreduce_d_vectors_per_trace"],
-        "allreduce_alone_P2_median_s": p2["allreduce_alone_median_s"],
-        "ring_bytes_sent_per_rank_per_product_P2": 4 * p2["d"] * 2 * (2 - 1) / 2,
+        "trace_rel_diff_vs_plain": {row: abs(r["trace"] - ref) / abs(ref)
+                                    for row, r in rows.items() if row != "shard-only-P2"},
+        "allreduce_bytes_one_hvp_product_P2": rows["dist-P2"]["allreduce_bytes_one_hvp_product"],
+        "allreduce_calls_per_trace_P2": rows["dist-P2"]["allreduce_calls_per_trace"],
+        "allreduce_d_vectors_per_trace_P2": rows["dist-P2"]["allreduce_d_vectors_per_trace"],
+        "allreduce_alone_median_s": {row: rows[row]["allreduce_alone_median_s"]
+                                     for row in ("dist-P1", "dist-P2")},
+        "ring_bytes_sent_per_rank_per_product_P2": 4 * rows["dist-P2"]["d"] * 2 * (2 - 1) / 2,
+        "loadavg_per_round": ranks[0]["loadavg_per_round"],
     }
     result = {"benchmark": "bench_distributed", "model": MODEL, "config": cfg,
               "workload": "Hutchinson trace of the Euclidean Hessian, quadratic_forms='hvp', "
                           "CrossEntropyLoss (mean), float32, seeded init, gloo on 127.0.0.1",
               "machine": info, "loadavg_at_end": list(os.getloadavg()),
-              "rows": rows, "summary": summary}
+              "rows": list(rows.values()), "summary": summary}
     atomic_write_json(args.out, result)
-    print(json.dumps(summary, indent=1))
+    for row, r in rows.items():
+        print(f"{row:14s} {r['median_s']:.3f} s  trace {r['trace']:.8g}")
+    print(json.dumps({k: v for k, v in summary.items() if k != "loadavg_per_round"}, indent=1))
     print(f"wrote {args.out}")
     return result
 
