@@ -4,28 +4,30 @@ Workload: the HVP-bound Hutchinson trace of the Euclidean Hessian of mlp-80k (se
 initialization, float32) on one batch of ``--batch`` (4096) MNIST-1D training examples,
 ``--probes`` (20) Rademacher probes, ``quadratic_forms="hvp"`` (one Hessian-vector product per
 probe; Taylor-mode quadratic forms are not reduced in the first slice). Every process runs
-with ``torch.set_num_threads(1)``. Rows, all in one run of this script:
+with ``torch.set_num_threads(1)``. One run spawns one 2-rank gloo group on 127.0.0.1 (a
+free port) and measures every row in it:
 
-  plain     one process, ``ParameterSpace.from_module`` on the full batch (the reference)
-  dist-P1   ``covariant.distributed.distributed_space`` in a gloo group of world size 1
-  dist-P2   the same with 2 gloo processes on 127.0.0.1, each holding half the batch
+  plain          rank 0 alone, ``ParameterSpace.from_module`` on the full batch (reference)
+  dist-P1        rank 0 alone, ``distributed_space`` in a group of world size 1
+  dist-P2        both ranks, ``distributed_space`` on the world group, half the batch each
+  shard-only-P2  both ranks, a plain (unreduced) space on each half, concurrently: the
+                 compute-only ceiling that shows how much parallelism the machine gave
 
-Each row times the trace alone after a warm-up (a 2-probe trace), with a barrier before and
-after, ``--repeats`` (3) times; medians are reported. One more trace per row counts the
-all-reduces (``torch.distributed.all_reduce`` wrapped in the worker): calls and bytes per
-trace and per product. ``allreduce_alone`` times one all-reduce of a d-vector (float32) by
-itself, the communication term of the cost model in docs/scale.md, and ``shard_only`` times
-the same trace on each rank's shard with a plain (unreduced) space, concurrently on every
-rank: the compute-only ceiling that shows how much parallelism the machine gave. The trace
-values of the rows agree up to float32 round-off (the same seed draws the same probes on
-every rank).
+The rows run in turn, round by round (a warm-up round with 2 probes, then ``--repeats`` (3)
+timed rounds), each between world barriers; a rank that takes no part in a row waits at the
+barrier (a waiting gloo rank uses no CPU). Medians are reported. One more trace per
+distributed row counts the all-reduces (``torch.distributed.all_reduce`` wrapped in the
+worker): calls and bytes per trace, and per HVP product (``hvp_operator(θ)(v)``).
+``allreduce_alone`` times one all-reduce of a float32 d-vector by itself, the communication
+term of the cost model in docs/scale.md. The trace values of plain, dist-P1 and dist-P2
+agree up to float32 round-off (the same seed draws the same probes on every rank).
 
 Usage::
 
     python benchmarks/bench_distributed.py                 # batch 4096, 20 probes, 3 repeats
     python benchmarks/bench_distributed.py --repeats 5 --out /tmp/d.json
 
-Every spawned group has a timeout (``--timeout``, 900 s), so nothing hangs. Writes
+The spawned group has a timeout (``--timeout``, 900 s), so nothing hangs. Writes
 ``benchmarks/results/distributed_cpu.json`` atomically unless ``--out`` says otherwise.
 """
 
