@@ -18,6 +18,8 @@ from covariant.errors import SingularMetricError
 from covariant.metrics import EKFAC, KFAC
 from covariant.optim import RiemannianGD
 
+from ._helpers import ElementScale
+
 CE = nn.CrossEntropyLoss()
 
 
@@ -144,18 +146,6 @@ def test_factors_refresh_every_T_steps_as_a_running_average():
 
 
 # ------------------------------------------------------------------ invariance
-class _ElementScale(nn.Module):
-    def __init__(self, s):
-        super().__init__()
-        self.s = s
-
-    def forward(self, omega):
-        return self.s * omega
-
-    def right_inverse(self, w):
-        return w / self.s
-
-
 def test_kfac_trajectory_is_invariant_under_a_linear_chart():
     """W = S ⊙ Ω per entry: the K-FAC trajectory of w is the plain model's to 1e-8 (float64),
     with refreshes and averaging; SGD's is not."""
@@ -166,7 +156,7 @@ def test_kfac_trajectory_is_invariant_under_a_linear_chart():
     charted = copy.deepcopy(base)
     for m in (charted[0], charted[2]):
         s = torch.rand(m.weight.shape, generator=g, dtype=torch.float64) * 5 + 0.1
-        parametrize.register_parametrization(m, "weight", _ElementScale(s))
+        parametrize.register_parametrization(m, "weight", ElementScale(s))
     kw = dict(loss_fn=CE, data=batches, damping=1e-2, kfac_update_every=2, kfac_decay=0.5)
     for name, lr in (("kfac", 0.5), ("euclidean", 0.5)):
         a, b = copy.deepcopy(base), copy.deepcopy(charted)

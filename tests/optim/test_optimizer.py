@@ -19,6 +19,8 @@ from covariant.errors import NonFiniteError, SingularMetricError
 from covariant.metrics import Constant, Dense, Metric
 from covariant.optim import RiemannianGD
 
+from ._helpers import ElementScale
+
 
 # ------------------------------------------------------------------ RiemannianGD
 def _data(n=48, d=4, c=3, seed=0):
@@ -149,22 +151,10 @@ def test_ggn_trains_a_small_mlp():
     assert opt.last_solve["method"] == "cg"
 
 
-class _Scale(nn.Module):
-    def __init__(self, s):
-        super().__init__()
-        self.s = s
-
-    def forward(self, omega):
-        return self.s * omega
-
-    def right_inverse(self, w):
-        return w / self.s
-
-
 def _scaled(model, scales):
     new = copy.deepcopy(model)
     for m, s in zip([new[0], new[2]], scales, strict=True):
-        parametrize.register_parametrization(m, "weight", _Scale(s))
+        parametrize.register_parametrization(m, "weight", ElementScale(s))
     return new
 
 

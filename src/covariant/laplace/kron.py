@@ -158,9 +158,9 @@ def _prior_damping(space: ParameterSpace, d: int, like: Tensor) -> float | Tenso
 
 
 def _with_prior(K: KroneckerFactored, delta: float | Tensor) -> KroneckerFactored:
-    """K + δ as a new operator (checks δ; no eigendecomposition here)."""
+    """K + δ as a new operator sharing K's eigenbasis (checks δ)."""
     try:
-        return KroneckerFactored(K.blocks, K.dim, K.rest_index, K.rest_diagonal, delta)
+        return K.with_damping(delta)
     except ValueError as err:
         raise ValueError(
             "laplace: structure='kron' needs a prior precision that is one number, or constant "

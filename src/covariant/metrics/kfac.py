@@ -60,7 +60,7 @@ from .kfac_factors import (
     compute_factors,
     kfac_loss_info,
 )
-from .kronecker import KroneckerBlock, KroneckerFactored
+from .kronecker import KroneckerFactored
 from .losses import mc_noise
 
 __all__ = ["EKFAC", "KFAC"]
@@ -194,8 +194,7 @@ class KFAC(Metric):
                                    differentiable=differentiable)
 
     def _operator(self, fs: FactorSet) -> KroneckerFactored:
-        blocks = [KroneckerBlock(b.name, b.index, b.A, b.B, b.eigenvalues) for b in fs.blocks]
-        return KroneckerFactored(blocks, self.layout.dim, fs.rest_index, fs.rest_diagonal,
+        return KroneckerFactored(fs.blocks, self.layout.dim, fs.rest_index, fs.rest_diagonal,
                                  self.damping)
 
     def factors(self, p: Tensor) -> KroneckerFactored:

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -56,13 +56,13 @@ from torch.func import vjp, vmap
 
 from ..errors import ShapeMismatchError, UnsupportedStructureError
 from ..layout import ParameterLayout
+from .kronecker import KroneckerBlock, block_spectrum
 from .losses import CrossEntropyRows, LossInfo, cast_input, loss_info, reduction_factor
 
 __all__ = [
     "FISHER_TYPES",
     "KFAC_APPROX",
     "SUPPORTED_LOSSES",
-    "Block",
     "FactorOptions",
     "FactorSet",
     "compute_factors",
@@ -97,22 +97,10 @@ class FactorOptions:
 
 
 @dataclass
-class Block:
-    """One Kronecker block: flat positions ``index`` of W (out × in, row-major), factors."""
-
-    name: str
-    index: Tensor
-    A: Tensor
-    B: Tensor
-    eigenvalues: Tensor | None = None
-    layer: str = ""
-
-
-@dataclass
 class FactorSet:
     """Blocks, plus the exact diagonal ``rest_diagonal`` at the positions ``rest_index``."""
 
-    blocks: list[Block]
+    blocks: list[KroneckerBlock]
     rest_index: Tensor
     rest_diagonal: Tensor
     uncovered: tuple[str, ...] = ()
@@ -442,10 +430,10 @@ def compute_factors(model: nn.Module, layout: ParameterLayout, forward: Forward,
                 d = _uncovered_diagonal(forward, q, ri, X, sig.cols)
                 diag = diag.index_add(0, ri, d)
         assert covered is not None
-        blocks = _blocks(covered, A, B, joint, q)
+        blocks, owners = _blocks(covered, A, B, joint, q)
         if opts.ekfac:
-            _eigenvalue_corrections(covered, blocks, forward, q, batches, weights, info, opts,
-                                    joint)
+            blocks = _eigenvalue_corrections(covered, blocks, owners, forward, q, batches,
+                                             weights, info, opts)
     rest_idx = rest_idx.to(q.device)
     uncovered = tuple(n for n, s in layout.slices.items() if bool(rest_mask[s].any()))
     return FactorSet(blocks, rest_idx, diag[rest_idx], uncovered)
@@ -463,38 +451,40 @@ def _accumulate(covered: list[_Layer], sig: _Signals, A: dict[str, Tensor],
 
 
 def _blocks(covered: list[_Layer], A: dict[str, Tensor], B: dict[str, Tensor], joint: bool,
-            q: Tensor) -> list[Block]:
-    out = []
+            q: Tensor) -> tuple[list[KroneckerBlock], list[str]]:
+    """The K-FAC blocks, and the layer each one belongs to."""
+    out, owners = [], []
     one = q.new_ones(1, 1)
     for la in covered:
         for name, idx in _block_index(la, joint, la.module.weight.shape[0]):
             a = one if _is_bias(name) else A[la.name]
-            out.append(Block(name, idx.to(q.device), a, B[la.name], layer=la.name))
-    return out
+            out.append(KroneckerBlock(name, idx.to(q.device), a, B[la.name]))
+            owners.append(la.name)
+    return out, owners
 
 
-def _eigenvalue_corrections(covered: list[_Layer], blocks: list[Block], forward: Forward,
-                            q: Tensor, batches: Sequence[tuple[Tensor, Tensor]],
-                            weights: Sequence[float], info: LossInfo, opts: FactorOptions,
-                            joint: bool) -> None:
+def _eigenvalue_corrections(covered: list[_Layer], blocks: list[KroneckerBlock],
+                            owners: list[str], forward: Forward, q: Tensor,
+                            batches: Sequence[tuple[Tensor, Tensor]], weights: Sequence[float],
+                            info: LossInfo, opts: FactorOptions) -> list[KroneckerBlock]:
     """EK-FAC: replace each block's eigenvalues b_i a_j by Σ_n Σ_k (Q_Bᵀ Ĝ_nk Q_A)²_ij
-    (George et al. 2018), a second pass over the data in the factors' eigenbasis."""
-    by_layer: dict[str, list[Block]] = {}
+    (George et al. 2018), a second pass over the data in the factors' eigenbasis
+    (:func:`~covariant.metrics.kronecker.block_spectrum`, the one every closed form uses)."""
     bases = {}
     for blk in blocks:
-        by_layer.setdefault(blk.layer, []).append(blk)
-        QA = None if _is_bias(blk.name) else torch.linalg.eigh(blk.A)[1]
-        bases[blk.name] = (QA, torch.linalg.eigh(blk.B)[1])
+        QB, QA, _ = block_spectrum(blk)
+        bases[blk.name] = (None if _is_bias(blk.name) else QA, QB)
     corr: dict[str, Tensor] = {}
     for b, ((X, y), w) in enumerate(zip(batches, weights, strict=True)):
         noise = None if opts.noise is None else opts.noise[b]
         sig = _batch_signals(covered, forward, q, X, y, float(w), info, opts, noise)
         for la in covered:
             x = sig.xs[la.name]
-            for blk in by_layer[la.name]:
+            for blk, owner in zip(blocks, owners, strict=True):
+                if owner != la.name:
+                    continue
                 QA, QB = bases[blk.name]
                 xa = _with_ones(x) if "+" in blk.name else x
                 _add(corr, blk.name, _ekfac_correction(xa, sig.gs[la.name], QA, QB))
-    for blk in blocks:
-        blk.eigenvalues = corr[blk.name]
+    return [replace(blk, eigenvalues=corr[blk.name]) for blk in blocks]
 

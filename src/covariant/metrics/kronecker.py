@@ -53,7 +53,7 @@ from .._checks import default_tol
 from ..errors import ShapeMismatchError, SingularMetricError
 from .base import Metric, check_dense_size
 
-__all__ = ["KroneckerBlock", "KroneckerFactored", "KroneckerMetric"]
+__all__ = ["KroneckerBlock", "KroneckerFactored", "KroneckerMetric", "block_spectrum"]
 
 #: Relative threshold below which an eigenvalue counts as numerically null (floored at
 #: 100·eps of the dtype), the same default as the curvature metrics' numerical rank.
@@ -118,6 +118,18 @@ class KroneckerBlock:
         first, n = int(idx[0]), idx.numel()
         run = torch.arange(first, first + n, device=idx.device, dtype=idx.dtype)
         return slice(first, first + n) if torch.equal(idx, run) else idx
+
+
+def block_spectrum(block: KroneckerBlock) -> tuple[Tensor, Tensor, Tensor]:
+    """(Q_B, Q_A, Λ) of one block: the eigenvectors of B and A (``eigh`` of the symmetrized
+    factors) and the (out, in) eigenvalues, b aᵀ (with round-off below zero set to zero: the
+    factors are PSD) or the block's EK-FAC eigenvalues. The one definition of the eigenbasis
+    that every closed form and EK-FAC's refit use."""
+    a, QA = torch.linalg.eigh(0.5 * (block.A + block.A.T))
+    b, QB = torch.linalg.eigh(0.5 * (block.B + block.B.T))
+    if block.eigenvalues is not None:
+        return QB, QA, block.eigenvalues
+    return QB, QA, torch.outer(b.clamp_min(0.0), a.clamp_min(0.0))
 
 
 def _sandwich(L: Tensor, M: Tensor, R: Tensor) -> Tensor:
@@ -258,16 +270,7 @@ class KroneckerFactored:
         """Per block (Q_B, Q_A, Λ): the factors' eigenvectors and the (out, in) matrix of the
         block's eigenvalues without damping (b aᵀ, or EK-FAC's), computed once."""
         if self._eigen is None:
-            eig = []
-            for b in self.blocks:
-                a, QA = torch.linalg.eigh(0.5 * (b.A + b.A.T))
-                bb, QB = torch.linalg.eigh(0.5 * (b.B + b.B.T))
-                if b.eigenvalues is not None:
-                    lam = b.eigenvalues
-                else:  # PSD factors: round-off below zero is zero
-                    lam = torch.outer(bb.clamp_min(0.0), a.clamp_min(0.0))
-                eig.append(_Eigen(QB, QA, lam))
-            self._eigen = eig
+            self._eigen = [_Eigen(*block_spectrum(b)) for b in self.blocks]
         return [(e.QB, e.QA, e.lam) for e in self._eigen]
 
     def eigenvalues(self) -> Tensor:
