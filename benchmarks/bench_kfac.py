@@ -49,7 +49,7 @@ from covariant._io import atomic_write_json  # noqa: E402
 ROWS = ("factors", "solve", "laplace")
 
 
-def _model_and_batch(name: str, batch: int, seed: int, trained: bool
+def _model_and_batch(name: str, batch: int, seed: int, trained: bool, device: torch.device
                      ) -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict[str, Any]]:
     """The model (trained briefly with Adam as in bench_flatness.py, cached, unless
     ``trained`` is False: then at its seeded initialization), in eval mode, and a batch."""
@@ -57,11 +57,12 @@ def _model_and_batch(name: str, batch: int, seed: int, trained: bool
     ds = C.load_model_data(name, cache)
     if trained:
         model, desc = C.trained_model(name, ds, epochs=C.model_spec(name).epochs, seed=seed,
-                                      cache=cache, device=torch.device("cpu"))
+                                      cache=cache, device=device)
     else:
         torch.manual_seed(seed)
         model, desc = C.build_model(name), {"preset": name, "trained": False}
-    return model.eval(), ds.X_train[:batch].float(), ds.y_train[:batch], desc
+    return (model.to(device).eval(), ds.X_train[:batch].float().to(device),
+            ds.y_train[:batch].to(device), desc)
 
 
 def conv2d_twin(model: nn.Module) -> nn.Module:
@@ -89,7 +90,8 @@ def conv2d_twin(model: nn.Module) -> nn.Module:
 
 def _peer_model(model: nn.Module) -> nn.Module:
     has_conv1d = any(isinstance(m, nn.Conv1d) for m in model.modules())
-    return conv2d_twin(model) if has_conv1d else model
+    device = next(model.parameters()).device
+    return conv2d_twin(model).to(device) if has_conv1d else model
 
 
 def _curvlinops_factors(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> Any:
@@ -125,7 +127,7 @@ def row_factors(model: nn.Module, X: torch.Tensor, y: torch.Tensor, repeats: int
         out["peer_model"] = ("the Conv2d twin (Conv1d as height-1 Conv2d; outputs differ by "
                              f"{same:.1e})") if peer_model is not model else "the same model"
         K, op = ours(), _curvlinops_factors(peer_model, X, y)
-        V = torch.randn(theta.shape[0], 3, generator=torch.Generator().manual_seed(0))
+        V = torch.randn(theta.shape[0], 3, generator=torch.Generator().manual_seed(0)).to(theta)
         ours_mv = K.matmat(V)
         peer_mv = op @ V  # a flat (d, k) tensor, in the order of model.parameters()
         out["rel_diff"] = float((ours_mv - peer_mv).norm() / peer_mv.norm())
@@ -165,17 +167,25 @@ def row_laplace(model: nn.Module, X: torch.Tensor, y: torch.Tensor, samples: int
     from covariant.laplace import laplace, posterior_space
 
     torch.set_num_threads(threads)
+    cuda = X.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(X.device)
+    C.sync(X.device)
     t0 = time.perf_counter()
     space, theta = posterior_space(model, (X, y), likelihood="classification",
                                    prior_precision=prior_precision)
     res = laplace(space, theta, riemannian=False, structure="kron")
+    C.sync(X.device)
     t1 = time.perf_counter()
     draws = res.sample(samples)
+    C.sync(X.device)
     t2 = time.perf_counter()
     return {"threads": threads, "samples": samples, "prior_precision": prior_precision,
             "seconds_evidence": t1 - t0, "seconds_samples": t2 - t1, "seconds_total": t2 - t0,
             "log_evidence": res.log_evidence, "draws_shape": list(draws.shape),
-            "target_seconds": 30.0}
+            "device": str(X.device), "target_seconds": 30.0,
+            **({"peak_memory_gib": torch.cuda.max_memory_allocated(X.device) / 2**30}
+               if cuda else {})}
 
 
 def main() -> None:
@@ -193,7 +203,9 @@ def main() -> None:
     ap.add_argument("--untrained", action="store_true",
                     help="the model at initialization instead of briefly trained")
     ap.add_argument("--quick", action="store_true", help="mlp-80k, batch 128, 1 repeat")
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "kfac_cpu.json")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i] (model, data, products)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON path (default benchmarks/results/kfac_<device>.json)")
     args = ap.parse_args()
     if args.quick:
         args.model, args.batch, args.repeats = "mlp-80k", 128, 1
@@ -202,9 +214,13 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown rows {unknown}; choose from {ROWS}")
     torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: CUDA is not available in this torch build / machine")
+    if args.out is None:
+        args.out = HERE / "results" / f"kfac_{device.type}.json"
     model, X, y, desc = _model_and_batch(args.model, args.batch, seed=0,
-                                         trained=not args.untrained)
+                                         trained=not args.untrained, device=device)
     d = sum(p.numel() for p in model.parameters())
     result: dict[str, Any] = {"model": args.model, "model_info": desc, "dim": d,
                               "batch": args.batch,
@@ -232,7 +248,7 @@ def main() -> None:
         result["rows"]["laplace"] = r
         print(f"laplace kron: evidence {r['seconds_evidence']:.2f} s + {args.samples} samples "
               f"{r['seconds_samples']:.2f} s = {r['seconds_total']:.2f} s on "
-              f"{args.laplace_threads} threads (target < 30 s)")
+              f"{args.laplace_threads} threads, {r['device']} (target < 30 s on 2 CPU cores)")
     atomic_write_json(args.out, result)
     print(f"# results written to {args.out}")
 

@@ -52,7 +52,8 @@ from torch.func import grad, jacrev, vmap
 
 from ._fast import is_plain, second_order
 
-__all__ = ["dense_hessian", "gradient", "hvp", "hvp_operator", "second_order"]
+__all__ = ["dense_hessian", "gradient", "hvp", "hvp_matmat_operator", "hvp_operator",
+           "probe_chunk_size", "second_order"]
 
 LossFn = Callable[[Tensor], Tensor]
 
@@ -102,6 +103,62 @@ def hvp_operator(loss: LossFn, p: Tensor) -> Callable[[Tensor], Tensor]:
             return hvp(loss, p, v)
         (hv,) = torch.autograd.grad(g, q, grad_outputs=v, retain_graph=True, allow_unused=True)
         return torch.zeros_like(v) if hv is None else hv.detach()
+
+    return product
+
+
+def probe_chunk_size(graph_bytes: int, free_bytes: int, k: int, *, fraction: float = 0.5) -> int:
+    """Columns per batched product so that a chunk fits in ``fraction`` of the free memory.
+
+    A batched second backward over c columns holds about c times the intermediate tensors
+    of one backward pass, which are bounded by the saved graph of the gradient
+    (``graph_bytes``, measured when it was built): c = ⌊fraction · free / graph_bytes⌋,
+    between 1 and k.
+
+    >>> probe_chunk_size(graph_bytes=100, free_bytes=10_000, k=1000)
+    50
+    >>> probe_chunk_size(graph_bytes=100, free_bytes=10_000, k=20), probe_chunk_size(10**9, 10, 8)
+    (20, 1)
+    """
+    per = max(int(graph_bytes), 1)
+    return max(1, min(int(k), int(fraction * max(int(free_bytes), 0)) // per))
+
+
+def hvp_matmat_operator(loss: LossFn, p: Tensor) -> Callable[[Tensor], Tensor]:
+    """V ↦ ∇²L(p) V for a (d, k) block of vectors: one batched second backward per chunk.
+
+    The gradient graph is built once, as in :func:`hvp_operator`; the columns then go
+    through ``torch.autograd.grad(..., is_grads_batched=True)`` (a vmap over the backward
+    pass) in chunks of :func:`probe_chunk_size` columns, sized on CUDA to the free device
+    memory (``torch.cuda.mem_get_info``) and the measured size of the gradient graph; on
+    other devices all k columns go at once. Raises whatever the batched backward raises
+    for an operation without a batching rule (callers fall back to :func:`hvp_operator`).
+
+    >>> L = lambda p: (p ** 4).sum() / 12
+    >>> p = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    >>> hvp_matmat_operator(L, p)(torch.eye(2, dtype=torch.float64))   # diag(p²)
+    tensor([[1., 0.],
+            [0., 4.]], dtype=torch.float64)
+    """
+    cuda = p.device.type == "cuda"
+    before = torch.cuda.memory_allocated(p.device) if cuda else 0
+    q = p.detach().requires_grad_(True)
+    with torch.enable_grad(), second_order():
+        (g,) = torch.autograd.grad(loss(q), q, create_graph=True)
+    graph_bytes = (torch.cuda.memory_allocated(p.device) - before) if cuda else 0
+
+    def product(V: Tensor) -> Tensor:
+        if not g.requires_grad:  # the loss is at most linear in p
+            return torch.zeros_like(V)
+        k = int(V.shape[1])
+        chunk = probe_chunk_size(graph_bytes, torch.cuda.mem_get_info(p.device)[0], k) \
+            if cuda else k
+        cols = []
+        for start in range(0, k, chunk):
+            (hv,) = torch.autograd.grad(g, q, grad_outputs=V[:, start:start + chunk].T,
+                                        retain_graph=True, is_grads_batched=True)
+            cols.append(hv.detach().T)
+        return torch.cat(cols, 1)
 
     return product
 

@@ -39,9 +39,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import vmap
 
-from .. import linalg
+from .. import autodiff, linalg
 from .._fast import QuadraticForm, TaylorUnsupportedError
 from .._fast import is_plain as _plain
 from .._progress import progress_scope
@@ -172,23 +171,25 @@ def _range_restricted_matvecs(
 
 def _euclidean_matmat(space: ParameterSpace, p: Tensor, matvec: Matvec
                       ) -> Matvec | None:
-    """Batched Hessian products (vmap of ``matvec`` over probes) for the Euclidean metric on
-    CUDA, or None.
+    """Batched Hessian products for the Euclidean metric on CUDA, or None.
 
-    On CPU a loop of products that share one gradient graph is faster, and the batched
-    version's memory grows with the probe count (benchmarks/), so it is used on GPUs only.
-    ``matvec`` is the Euclidean Hessian operator of ``space.hvp_operator(p)``, which takes
-    batched vectors through ``torch.func``.
+    On a GPU the probes go through one batched second backward per chunk
+    (:func:`~covariant.autodiff.hvp_matmat_operator`, chunks sized to the free device
+    memory), which amortizes the kernel launches of a per-probe loop. On CPU a loop of
+    products that share one gradient graph is faster, and a batch's memory grows with the
+    probe count (benchmarks/), so None. ``matvec`` (the per-probe operator) is checked
+    against the batched one on one probe; any failure (an operation without a batching rule)
+    also gives None.
     """
-    if not isinstance(space.metric, Euclidean) or p.device.type == "cpu":
+    if not isinstance(space.metric, Euclidean) or p.device.type == "cpu" or not _plain(p):
         return None
-
-    def matmat(V: Tensor) -> Tensor:
-        return vmap(matvec, in_dims=1, out_dims=1)(V)
-
     try:
-        matmat(torch.zeros(p.shape[0], 1, dtype=p.dtype, device=p.device))
-    except Exception:  # pragma: no cover - ops without batching rules
+        matmat = autodiff.hvp_matmat_operator(space.loss_function, p)
+        z = torch.ones(p.shape[0], 1, dtype=p.dtype, device=p.device)
+        one, ref = matmat(z)[:, 0], matvec(z[:, 0])
+        if not bool((one - ref).norm() <= 1e-4 * ref.norm() + 1e-12):
+            return None
+    except Exception:  # pragma: no cover - ops without batching rules (GPU only)
         return None
     return matmat
 
@@ -266,12 +267,18 @@ def _trace_measure(space: ParameterSpace, p: Tensor, ops: Callable[[], tuple[Any
     """"trace": tr E with its standard error.
 
     Hutchinson's trace of a Euclidean Hessian takes zᵀ∇²L z by Taylor mode when
-    ``opts.quadratic_forms`` allows it (no operator products at all); with a full-rank metric
-    whose solve keeps a Cholesky factor G = LLᵀ, Hutchinson takes uᵀHess u with u = L⁻ᵀz
-    (:func:`~covariant.flatness.trace.factored_trace`); every other case applies E.
+    ``opts.quadratic_forms`` allows it (no operator products at all), except on CUDA with
+    ``quadratic_forms="auto"``, where batched HVPs (:func:`_euclidean_matmat`) are faster;
+    with a full-rank metric whose solve keeps a Cholesky factor G = LLᵀ, Hutchinson takes
+    uᵀHess u with u = L⁻ᵀz (:func:`~covariant.flatness.trace.factored_trace`); every other
+    case applies E.
     """
     qform, products, est = None, "hvp", None
-    if isinstance(space.metric, Euclidean) and opts.trace_method == "hutchinson":
+    euclidean_hutchinson = isinstance(space.metric, Euclidean) \
+        and opts.trace_method == "hutchinson"
+    if euclidean_hutchinson and p.device.type == "cuda" and opts.quadratic_forms == "auto":
+        products = "hvp (batched backward on the GPU)"  # faster there than per-probe Taylor
+    elif euclidean_hutchinson:
         qform, products = _quadratic_form(space, p, opts.quadratic_forms)
     elif opts.trace_method == "hutchinson" and dim == p.shape[0]:
         est = factored_trace(space, p, num_probes=opts.num_probes, seed=opts.seed,

@@ -134,7 +134,10 @@ class LaplaceResult:
 
         Tangent vectors v_i = S z_i ~ N(0, Σ) (S Sᵀ = Σ, ``covariance_operator.sqrt_matmat``)
         from z_i ~ N(0, I) drawn one after the other with a CPU generator seeded by ``seed``,
-        in the point's dtype: draw i is the same for every n. They are transformed
+        in the point's dtype: draw i is the same for every n. (Σ fixes S only up to an
+        orthogonal factor: the structured square roots come from eigendecompositions whose
+        signs depend on the device and library, so the same seed gives the same
+        distribution, not the same draws, on CPU and CUDA.) They are transformed
         :data:`SAMPLE_CHUNK` numbers at a time, so the memory beyond the (n, d) result stays
         bounded. ``retraction="linear"`` returns p* + v (the chart's straight line);
         ``retraction="exp"`` follows the geodesic of the space's metric, exp_{p*}(v), which is
