@@ -44,6 +44,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .._checks import check_k, check_loss_value
@@ -126,7 +127,9 @@ def flatness(
     -------
     FlatnessReport
         The measures by name; ``report.info`` holds the method, the metric, the dimension
-        and, for the stochastic method, ``seed`` and ``num_probes``. A NaN or infinite loss at
+        and, for the stochastic method, ``seed`` and ``num_probes``; on CUDA also
+        ``cuda_peak_memory_bytes``, ``torch.cuda.max_memory_allocated`` over the call (the
+        device's peak counter is reset when the call starts). A NaN or infinite loss at
         ``p`` raises :class:`~covariant.errors.NonFiniteError` before any curvature is
         computed.
     """
@@ -146,5 +149,11 @@ def flatness(
                             f"{unexpected or ['options']}")
         return FlatnessReport(dense_flatness(space, p, measures, k, null_rtol), info)
     opts = resolve_options(options, kwargs)
+    cuda = p.device.type == "cuda"
+    if cuda:  # the peak of this call alone (resets the device's peak counter)
+        torch.cuda.reset_peak_memory_stats(p.device)
     result = stochastic_flatness(space, p, measures, k=k, options=opts, null_rtol=null_rtol)
-    return FlatnessReport(result, {**info, "seed": opts.seed, "num_probes": opts.num_probes})
+    info.update(seed=opts.seed, num_probes=opts.num_probes)
+    if cuda:
+        info["cuda_peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(p.device))
+    return FlatnessReport(result, info)
