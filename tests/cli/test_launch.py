@@ -252,6 +252,15 @@ def test_backend_by_device_and_override(monkeypatch, capsys, tmp_path):
     assert not dist.is_initialized()
 
 
+def test_device_flag_errors(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "model.pt")
+    assert main(["flatness", str(ckpt), *FLAGS, "--device", "gpu0"]) == 2
+    assert "--device 'gpu0': not a device; use cpu, cuda or cuda:N" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["flatness", str(ckpt), *FLAGS, "--device", "cuda"]) == 2
+        assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+
+
 def test_torchrun_env_parsing():
     env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h",
            "MASTER_PORT": "29500"}

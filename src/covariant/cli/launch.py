@@ -135,7 +135,10 @@ def runs_single_process(launch: TorchrunEnv | None) -> bool:
 def resolve_device(spec: str, launch: TorchrunEnv | None) -> torch.device:
     """``--device``: ``cuda`` without an index means ``cuda:LOCAL_RANK`` under torchrun (one
     GPU per process) and the current GPU otherwise."""
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"--device {spec!r}: not a device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {spec}: CUDA is not available on this machine; use "
@@ -143,6 +146,11 @@ def resolve_device(spec: str, launch: TorchrunEnv | None) -> torch.device:
         if device.index is None:
             device = torch.device("cuda", launch.local_rank if launch else
                                   torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {spec}: {device} does not exist, this node has "
+                f"{torch.cuda.device_count()} GPU(s); start at most that many processes per "
+                "node (torchrun --nproc-per-node) with --device cuda")
     return device
 
 
