@@ -6,7 +6,9 @@ measures of E = G⁻¹Hess in the chosen chart and metric next to the naive numb
 chart). With ``--out DIR`` it writes a spectral-density plot; with ``--json`` every number.
 Every numeric flag is checked by argparse (:mod:`covariant.cli.arguments`); a checkpoint that
 cannot be read, or a problem the library reports, ends with ``covariant flatness: error: …``
-and exit status 2, with the fix stated in terms of the flags.
+and exit status 2, with the fix stated in terms of the flags. Under ``torchrun`` (or with
+``--distributed``) the examples are split over the ranks and rank 0 alone reports
+(:mod:`covariant.cli.launch`, docs/scale.md).
 
 Example (shell)::
 
@@ -117,7 +119,9 @@ def _shard(args: argparse.Namespace, launch: TorchrunEnv, device: torch.device
     """Every rank's model and its contiguous share of the examples (one batch per rank),
     agreed across the ranks: a failure or other flags on any rank raise on every rank."""
     error: BaseException | None = None
-    model, meta, local = None, {}, ()
+    model: Any = None
+    meta: dict[str, Any] = {}
+    local: Any = ()
     try:
         model, meta, X, y = _inputs(args, device)
         P = launch.world_size
@@ -133,7 +137,7 @@ def analyse(args: argparse.Namespace, *, progress: bool,
             launch: TorchrunEnv | None = None) -> dict[str, Any]:
     """Run the analysis described by parsed CLI arguments; return every number. Under a
     torchrun ``launch`` (process group initialized), data-parallel over its ranks."""
-    device = resolve_device(args.device, launch)
+    device = resolve_device(getattr(args, "device", "cpu"), launch)
     metric_name = args.metric.lower()
     extra: dict[str, Any] = {}
     if launch is None:
