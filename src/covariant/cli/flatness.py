@@ -6,7 +6,9 @@ measures of E = G⁻¹Hess in the chosen chart and metric next to the naive numb
 chart). With ``--out DIR`` it writes a spectral-density plot; with ``--json`` every number.
 Every numeric flag is checked by argparse (:mod:`covariant.cli.arguments`); a checkpoint that
 cannot be read, or a problem the library reports, ends with ``covariant flatness: error: …``
-and exit status 2, with the fix stated in terms of the flags.
+and exit status 2, with the fix stated in terms of the flags. Under ``torchrun`` (or with
+``--distributed``) the examples are split over the ranks and rank 0 alone reports
+(:mod:`covariant.cli.launch`, docs/scale.md).
 
 Example (shell)::
 
@@ -33,9 +35,11 @@ from torch import nn
 
 from .. import metrics, reparam
 from .._io import atomic_write_json, dumps_json, save_figure
+from ..distributed import distributed_space, shard_batches
 from ..errors import (
     ArchitectureMismatchError,
     CovariantError,
+    DistributedError,
     NotConvergedError,
     SingularMetricError,
     require,
@@ -47,9 +51,10 @@ from ..zoo.checkpoints import load_checkpoint
 from ..zoo.data import load_dataset
 from . import arguments as a
 from .flatness_flags import DEFAULT_MEASURES, PROBES, SAMPLES, add_arguments, resolve_quick
+from .launch import TorchrunEnv, agree, resolve_device
 
 __all__ = ["DEFAULT_MEASURES", "PROBES", "SAMPLES", "add_arguments", "analyse", "cli_message",
-           "print_table", "run_flatness"]
+           "distributed_problem", "print_table", "run_flatness"]
 
 def _chart(space: Any, theta: torch.Tensor, spec: str) -> tuple[Any, torch.Tensor]:
     kind, _, arg = spec.partition(":")
@@ -74,8 +79,9 @@ def _chart(space: Any, theta: torch.Tensor, spec: str) -> tuple[Any, torch.Tenso
     raise ValueError(f"--chart: unknown chart {spec!r}; use none, weightnorm[:S] or scale:A")
 
 
-def analyse(args: argparse.Namespace, *, progress: bool) -> dict[str, Any]:
-    """Run the analysis described by parsed CLI arguments; return every number."""
+def _inputs(args: argparse.Namespace, device: torch.device
+            ) -> tuple[nn.Module, dict[str, Any], torch.Tensor, torch.Tensor]:
+    """The model (in the dtype and on the device of the flags), its metadata and the data."""
     dtype = torch.float32 if args.float32 else torch.float64
     ds = load_dataset(args.dataset)
     resolve_quick(args)
@@ -83,15 +89,67 @@ def analyse(args: argparse.Namespace, *, progress: bool) -> dict[str, Any]:
     kwargs.setdefault("in_features", ds.num_features)
     kwargs.setdefault("num_classes", ds.num_classes)
     model, meta = load_checkpoint(args.checkpoint, arch=args.arch, **kwargs)
-    model = model.to(dtype)
+    model = model.to(device=device, dtype=dtype)
     if args.samples > ds.X_train.shape[0]:
         raise ValueError(f"--samples {args.samples} exceeds the {ds.X_train.shape[0]} training "
                          f"examples of {args.dataset}; pass at most that many")
-    X = ds.X_train[: args.samples].to(dtype)
-    y = ds.y_train[: args.samples]
+    X = ds.X_train[: args.samples].to(device=device, dtype=dtype)
+    y = ds.y_train[: args.samples].to(device)
+    return model, meta, X, y
+
+
+def distributed_problem(args: argparse.Namespace) -> str | None:
+    """Why the flags cannot run data-parallel (docs/api.md, "Data-parallel spaces"), or None.
+
+    >>> distributed_problem(argparse.Namespace(method="stochastic", metric="ggn"))[:44]
+    'covariant flatness --distributed supports --'
+    """
+    if args.method == "stochastic" and args.metric == "euclidean":
+        return None
+    got = f"--method {args.method}" if args.method != "stochastic" else f"--metric {args.metric}"
+    return ("covariant flatness --distributed supports --method stochastic with --metric "
+            "euclidean (the measures trace, logdet, max_eig, min_eig, top_eigs, "
+            "spectral_density, with any --chart, --damping and --in-chart), got " + got +
+            ": dense matrices and the connection terms of a data-dependent metric are not "
+            "reduced over ranks yet")
+
+
+def _shard(args: argparse.Namespace, launch: TorchrunEnv, device: torch.device
+           ) -> tuple[nn.Module, dict[str, Any], Any]:
+    """Every rank's model and its contiguous share of the examples (one batch per rank),
+    agreed across the ranks: a failure or other flags on any rank raise on every rank."""
+    error: BaseException | None = None
+    model: Any = None
+    meta: dict[str, Any] = {}
+    local: Any = ()
+    try:
+        model, meta, X, y = _inputs(args, device)
+        P = launch.world_size
+        batches = list(zip(X.tensor_split(P), y.tensor_split(P), strict=True))
+        local = shard_batches(batches, launch.rank, P)
+    except Exception as err:  # reported to every rank by agree, so that none hangs
+        error = err
+    agree({f"--{k.replace('_', '-')}": v for k, v in sorted(vars(args).items())}, error)
+    return model, meta, local
+
+
+def analyse(args: argparse.Namespace, *, progress: bool,
+            launch: TorchrunEnv | None = None) -> dict[str, Any]:
+    """Run the analysis described by parsed CLI arguments; return every number. Under a
+    torchrun ``launch`` (process group initialized), data-parallel over its ranks."""
+    device = resolve_device(getattr(args, "device", "cpu"), launch)
     metric_name = args.metric.lower()
-    space, theta = ParameterSpace.from_module(model, nn.CrossEntropyLoss(), (X, y),
-                                              metric=metric_name)
+    extra: dict[str, Any] = {}
+    if launch is None:
+        model, meta, X, y = _inputs(args, device)
+        space, theta = ParameterSpace.from_module(model, nn.CrossEntropyLoss(), (X, y),
+                                                  metric=metric_name)
+    else:
+        model, meta, local = _shard(args, launch, device)
+        space, theta = distributed_space(model, nn.CrossEntropyLoss(), local, metric_name,
+                                         seed=args.seed)
+        extra["distributed"] = {"world_size": launch.world_size,
+                                "backend": str(torch.distributed.get_backend())}
     if args.damping > 0:
         space = space.with_metric(metrics.Damped(space.metric, args.damping))
     chart_space, p = _chart(space, theta, args.chart)
@@ -111,9 +169,10 @@ def analyse(args: argparse.Namespace, *, progress: bool) -> dict[str, Any]:
     return {
         "checkpoint": str(args.checkpoint), "arch": meta["arch"],
         "arch_kwargs": meta["arch_kwargs"], "dataset": args.dataset,
-        "samples": int(X.shape[0]), "dim": int(theta.shape[0]), "chart_dim": int(p.shape[0]),
+        "samples": args.samples, "dim": int(theta.shape[0]), "chart_dim": int(p.shape[0]),
         "chart": args.chart, "metric": metric_name, "damping": args.damping,
-        "method": args.method, "invariant": invariant.to_dict(), "naive": naive.to_dict(),
+        "method": args.method, "device": str(device), **extra,
+        "invariant": invariant.to_dict(), "naive": naive.to_dict(),
         "seconds": {"invariant": t1 - t0, "naive": t2 - t1},
     }
 
@@ -201,16 +260,35 @@ def cli_message(err: BaseException) -> str:
     return text
 
 
-def run_flatness(args: argparse.Namespace, *, progress: bool) -> int:
-    """Entry point of ``covariant flatness``; returns the exit status."""
+def _report_error(err: BaseException, launch: TorchrunEnv | None) -> None:
+    """``covariant flatness: error: …`` on stderr. Under torchrun every rank but 0 keeps quiet
+    about a DistributedError: such errors are raised on every rank together, and rank 0
+    reports them."""
+    where = ""
+    if launch is not None and launch.world_size > 1:
+        if launch.rank != 0 and isinstance(err, DistributedError):
+            return
+        where = f" (rank {launch.rank} of {launch.world_size})"
+    print(f"covariant flatness: error{where}: {cli_message(err)}", file=sys.stderr)
+
+
+def run_flatness(args: argparse.Namespace, *, progress: bool,
+                 launch: TorchrunEnv | None = None) -> int:
+    """Entry point of ``covariant flatness``; returns the exit status. Under a torchrun
+    ``launch`` every rank computes and only rank 0 prints and writes."""
+    if launch is not None and (problem := distributed_problem(args)) is not None:
+        _report_error(DistributedError(problem), launch)
+        return 2
     if args.out is not None and args.method == "stochastic" and "spectral_density" not in \
             args.measures:
         args.measures += ",spectral_density"
     try:
-        result = analyse(args, progress=progress)
+        result = analyse(args, progress=progress, launch=launch)
     except (ArchitectureMismatchError, CovariantError, ValueError, OSError) as err:
-        print(f"covariant flatness: error: {cli_message(err)}", file=sys.stderr)
+        _report_error(err, launch)
         return 2
+    if launch is not None and launch.rank != 0:
+        return 0
     stream = sys.stderr if (args.json and args.out is None) else sys.stdout
     print_table(result, stream)
     if args.out is not None:

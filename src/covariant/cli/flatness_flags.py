@@ -23,6 +23,9 @@ from pathlib import Path
 from .._constants import METRIC_NAMES
 from . import arguments as a
 
+#: ``--backend`` choices (the same as covariant.cli.launch.BACKENDS, which imports torch).
+BACKENDS = ("gloo", "nccl")
+
 __all__ = ["DEFAULT_MEASURES", "PROBES", "SAMPLES", "add_arguments", "resolve_quick"]
 
 #: The measures computed unless ``--measures`` is given.
@@ -74,6 +77,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=a.positive_int, default=5,
                    help="eigenvalues for top_eigs, >= 1 (default 5)")
     p.add_argument("--float32", action="store_true", help="compute in float32 (default float64)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default) or cuda; under torchrun, cuda means cuda:LOCAL_RANK")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over the ranks of a torchrun launch (`torchrun "
+                        "--standalone --nproc-per-node N -m covariant flatness ...`; on under "
+                        "torchrun even without this flag): each rank takes its share of the "
+                        "examples, rank 0 prints and writes; --method stochastic with --metric "
+                        "euclidean only")
+    p.add_argument("--backend", default=None, choices=BACKENDS,
+                   help="torch.distributed backend under torchrun (default: gloo on CPU, nccl "
+                        "with --device cuda)")
 
 
 def resolve_quick(args: argparse.Namespace) -> argparse.Namespace:

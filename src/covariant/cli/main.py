@@ -20,6 +20,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .. import __version__
 from . import arguments as a
@@ -88,16 +89,28 @@ def _out_problem(out: Path | None) -> str | None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    """Run the command; its module (and torch with it) is imported only now."""
+    """Run the command; its module (and torch with it) is imported only now. Under torchrun,
+    ``flatness`` runs data-parallel on every rank (:mod:`covariant.cli.launch`) and the
+    single-process commands run on rank 0 only."""
+    from .launch import run_launched
+
     progress = not args.no_progress
+    if args.command == "flatness":
+        from .flatness import run_flatness
+
+        return run_launched("flatness", args, lambda a, p, launch: run_flatness(
+            a, progress=p, launch=launch), progress=progress, distributed=args.distributed)
+    return run_launched(args.command, args, _single_process, progress=progress, group=False)
+
+
+def _single_process(args: argparse.Namespace, progress: bool, launch: Any) -> int:
+    """``demo`` or ``reproduce``, in this process; on a torchrun rank other than 0, nothing."""
+    if launch is not None and launch.rank != 0:
+        return 0
     if args.command == "demo":
         from .demo import run_demo
 
         return run_demo(args, progress=progress)
-    if args.command == "flatness":
-        from .flatness import run_flatness
-
-        return run_flatness(args, progress=progress)
     if args.command == "reproduce":
         from .reproduce import run_reproduce
 
