@@ -14,7 +14,9 @@ Protocol
 - Optimizers: ``torch.optim.SGD`` (momentum 0.9), ``torch.optim.Adam`` (default betas) and
   ``covariant.optim.RiemannianGD(metric="kfac")`` (K-FAC natural gradient, type-2 factors on
   each step's mini-batch, refreshed every ``--kfac-every`` steps with the default running
-  average, momentum 0.9), mini-batches of 100, shuffled by the run's seed.
+  average, momentum 0.9) with exact damping K + λI (``kfac``) and with K-FAC's factored
+  Tikhonov damping (``kfac-factored``, ``kfac_damping="factored"``), mini-batches of 100,
+  shuffled by the run's seed.
 - Tuning: each point of the optimizer's grid (:data:`GRIDS`: learning rates; for K-FAC
   (learning rate, damping) pairs) is run with seed 0 against 90% *validation* accuracy; the
   chosen point reaches it in the fewest steps (if none reaches it, the one with the best
@@ -64,9 +66,13 @@ GRIDS: dict[str, list[dict[str, float]]] = {
              for lr, lam in ((0.01, 0.1), (0.03, 0.1), (0.1, 0.1), (0.03, 0.3), (0.1, 0.3),
                              (0.3, 0.3), (0.1, 1.0), (0.3, 1.0), (1.0, 1.0), (0.3, 3.0),
                              (1.0, 3.0))],
+    "kfac-factored": [{"lr": lr, "damping": lam}
+                      for lr, lam in ((0.01, 0.1), (0.03, 0.03), (0.03, 0.1), (0.05, 0.1),
+                                      (0.03, 0.3), (0.1, 0.3), (0.1, 1.0), (0.3, 1.0))],
 }
 QUICK_GRIDS = {"sgd": [{"lr": 0.1}], "adam": [{"lr": 1e-2}],
-               "kfac": [{"lr": 0.03, "damping": 0.1}]}
+               "kfac": [{"lr": 0.03, "damping": 0.1}],
+               "kfac-factored": [{"lr": 0.03, "damping": 0.1}]}
 
 
 def make_model(seed: int) -> nn.Module:
@@ -82,7 +88,8 @@ def make_optimizer(name: str, model: nn.Module, hp: dict[str, float], args: argp
         return torch.optim.Adam(model.parameters(), hp["lr"])
     return RiemannianGD(model.parameters(), hp["lr"], "kfac", model=model,
                         loss_fn=nn.CrossEntropyLoss(), data=batch, damping=hp["damping"],
-                        momentum=0.9, kfac_update_every=args.kfac_every)
+                        momentum=0.9, kfac_update_every=args.kfac_every,
+                        kfac_damping="factored" if name == "kfac-factored" else "exact")
 
 
 @torch.no_grad()

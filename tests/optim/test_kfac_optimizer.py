@@ -328,3 +328,57 @@ def test_undamped_singular_kfac_with_solve_mode_pinv_takes_the_pseudo_inverse_st
     assert torch.linalg.matrix_rank(K, hermitian=True, rtol=1e-10) < len(p0)
     assert (_flat(model) - expected).abs().max() < 1e-8 * expected.abs().max()
     assert (_flat(model) - p0).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------ factored Tikhonov damping
+def _factored_dense(F, lam):
+    """(B + √λ/π I) ⊗ (A + π√λ I) per block, r + λ on the rest, built from the raw factors."""
+    D = torch.zeros(F.dim, F.dim, dtype=torch.float64)
+    s = lam ** 0.5
+    for b in F.blocks:
+        n_in, n_out = b.A.shape[0], b.B.shape[0]
+        pi = ((torch.trace(b.A) / n_in) / (torch.trace(b.B) / n_out)).sqrt()
+        blk = torch.kron(b.B + s / pi * torch.eye(n_out, dtype=torch.float64),
+                         b.A + pi * s * torch.eye(n_in, dtype=torch.float64))
+        D[b.index[:, None], b.index[None, :]] = blk
+    D[F.rest_index, F.rest_index] = F.rest_diagonal + lam
+    return D
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_factored_damping_step_is_the_dense_martens_grosse_solve(arch):
+    X, y = _data()
+    model = _mlp() if arch == "mlp" else _Conv().double()
+    lam, lr = 1e-2, 0.7
+    p0, g = _flat(model), _grad(model, CE, X, y)
+    F = KFAC(model, CE, [(X, y)]).factors(p0)
+    D = _factored_dense(F, lam)
+    assert (F.with_factored_damping(lam).dense() - D).abs().max() < 1e-12
+    extra = torch.linalg.eigvalsh(D - F.dense() - lam * torch.eye(F.dim, dtype=torch.float64))
+    assert extra.min() > -1e-12 and extra.max() > 1e-3  # stronger than K + λI, and different
+    expected = p0 - lr * torch.linalg.solve(D, g)
+    opt = RiemannianGD(model.parameters(), lr, "kfac", model=model, loss_fn=CE, data=(X, y),
+                       damping=lam, kfac_update_every=1, kfac_decay=0.0, kfac_damping="factored")
+    _train(model, opt, [(X, y)], 1)
+    assert (_flat(model) - expected).abs().max() < 1e-10
+    exact = p0 - lr * torch.linalg.solve(F.dense() + lam * torch.eye(F.dim,
+                                         dtype=torch.float64), g)
+    assert (expected - exact).abs().max() > 1e-3  # the two dampings give different steps
+
+
+def test_factored_damping_options():
+    X, y = _data()
+    model = _mlp()
+    kw = dict(model=model, loss_fn=CE, data=(X, y), damping=0.1)
+    with pytest.raises(ValueError, match="kfac_damping"):
+        RiemannianGD(model.parameters(), 0.1, "kfac", kfac_damping="tikhonov", **kw)
+    with pytest.raises(ValueError, match="EK-FAC"):
+        RiemannianGD(model.parameters(), 0.1, "ekfac", kfac_damping="factored", **kw)
+    with pytest.raises(ValueError, match="needs metric='kfac'"):
+        RiemannianGD(model.parameters(), 0.1, "ggn", kfac_damping="factored", **kw)
+    F = EKFAC(model, CE, [(X, y)]).factors(_flat(model))
+    with pytest.raises(ValueError, match="EK-FAC"):
+        F.with_factored_damping(0.1)
+    with pytest.raises(ValueError, match="already has a damping"):
+        KFAC(model, CE, [(X, y)]).factors(_flat(model)).with_damping(0.1) \
+            .with_factored_damping(0.1)

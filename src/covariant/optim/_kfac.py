@@ -62,8 +62,19 @@ DEFAULT_UPDATE_EVERY = 10
 DEFAULT_DECAY = 0.95
 
 
-def check_kfac_options(update_every: int, decay: float, metric_kwargs: dict[str, Any]) -> None:
+#: How RiemannianGD damps the K-FAC factors (``kfac_damping``).
+KFAC_DAMPINGS = ("exact", "factored")
+
+
+def check_kfac_options(update_every: int, decay: float, metric_kwargs: dict[str, Any],
+                       damping_mode: str = "exact", kind: str = "kfac") -> None:
     """Raise ValueError for invalid K-FAC options of :class:`RiemannianGD`."""
+    if damping_mode not in KFAC_DAMPINGS:
+        raise ValueError(f"RiemannianGD: kfac_damping must be one of {KFAC_DAMPINGS}, got "
+                         f"{damping_mode!r}")
+    if damping_mode == "factored" and kind != "kfac":
+        raise ValueError("RiemannianGD: kfac_damping='factored' needs metric='kfac' (EK-FAC's "
+                         "eigenvalues are not Kronecker products)")
     if isinstance(update_every, bool) or int(update_every) != update_every or update_every < 1:
         raise ValueError(f"RiemannianGD: kfac_update_every must be an integer >= 1, got "
                          f"{update_every!r}")
@@ -89,16 +100,19 @@ class _KFACState:
         Options of ``KFAC.from_space`` (``fisher_type``, ``kfac_approx``, ``separate_bias``,
         ``mc_samples``, ``seed``, ...), without ``damping``. ``solve_mode="pinv"`` makes the
         optimizer's solve the pseudo-inverse (:attr:`pinv`).
+    damping_mode : {"exact", "factored"}
+        How :meth:`damped` adds the damping (see there).
     """
 
     def __init__(self, kind: str, update_every: int = DEFAULT_UPDATE_EVERY,
                  decay: float = DEFAULT_DECAY, metric_kwargs: dict[str, Any] | None = None,
-                 ) -> None:
+                 damping_mode: str = "exact") -> None:
         self.kind = kind
         self.update_every = int(update_every)
         self.decay = float(decay)
         self.metric_kwargs = dict(metric_kwargs or {})
-        check_kfac_options(self.update_every, self.decay, self.metric_kwargs)
+        check_kfac_options(self.update_every, self.decay, self.metric_kwargs, damping_mode, kind)
+        self.damping_mode = damping_mode
         #: solve with the pseudo-inverse of a singular K (``solve_mode="pinv"``)
         self.pinv = self.metric_kwargs.get("solve_mode", "raise") == "pinv"
         self.steps = 0
@@ -129,9 +143,15 @@ class _KFACState:
         self.refreshes = j
 
     def damped(self, lam: float) -> KroneckerFactored:
-        """K + λI (a new ``KroneckerFactored``; the stored factors stay undamped)."""
+        """K + λI (``damping_mode="exact"``) or K-FAC's factored Tikhonov damping (``"factored"``,
+        :meth:`~covariant.metrics.kronecker.KroneckerFactored.with_factored_damping`), as a new
+        ``KroneckerFactored``; the stored factors stay undamped."""
         assert self.factors is not None
-        return self.factors.with_damping(lam) if lam > 0 else self.factors
+        if lam <= 0:
+            return self.factors
+        if self.damping_mode == "factored":
+            return self.factors.with_factored_damping(lam)
+        return self.factors.with_damping(lam)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -158,6 +158,15 @@ class RiemannianGD(torch.optim.Optimizer):
         refreshes and then an exponential average over about 1/(1 − d) = 20 refreshes
         (Martens & Grosse 2015), smoothing mini-batch noise in the curvature; 0 keeps only
         the newest. The factors and counters are in ``state_dict()``.
+    kfac_damping : {"exact", "factored"}
+        ``"exact"`` (default): K + λI. ``"factored"``: K-FAC's factored Tikhonov damping
+        (Martens & Grosse 2015, §6.3), each block (B + (√λ/π) I) ⊗ (A + π√λ I) with π the
+        ratio of the factors' mean eigenvalues
+        (:meth:`~covariant.metrics.kronecker.KroneckerFactored.with_factored_damping`): it
+        damps more along a layer's large-curvature directions, which lets mini-batch K-FAC
+        take a small λ (``benchmarks/bench_kfac_training.py`` tunes both). ``metric="kfac"``
+        only; like exact damping it is added in w and pulled back through ``parametrize``
+        charts.
 
     Raises
     ------
@@ -217,6 +226,7 @@ class RiemannianGD(torch.optim.Optimizer):
         metric_kwargs: dict[str, Any] | None = None,
         kfac_update_every: int = DEFAULT_UPDATE_EVERY,
         kfac_decay: float = DEFAULT_DECAY,
+        kfac_damping: str = "exact",
     ) -> None:
         lr = float(lr) if isinstance(lr, Tensor) else lr
         _check_options(lr, momentum, dampening, weight_decay, nesterov, damping, cg_tol,
@@ -236,8 +246,11 @@ class RiemannianGD(torch.optim.Optimizer):
         self.cg_preconditioner = cg_preconditioner
         self.metric_name, self.metric = self._resolve_metric(metric)
         self._kfac = (_KFACState(self.metric_name, kfac_update_every, kfac_decay,
-                                 self.metric_kwargs)
+                                 self.metric_kwargs, kfac_damping)
                       if self.metric_name in KFAC_METRICS else None)
+        if kfac_damping != "exact" and (self._kfac is None or damping_reference != "weights"):
+            raise ValueError("RiemannianGD: kfac_damping='factored' needs metric='kfac' and "
+                             "damping_reference='weights' (it damps the factors in w)")
         self._view = _ModelView(model, self._params()) if model is not None else None
         self._damping_reference = damping_reference
         self._warned_truncated = False
