@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed.optim import DataParallelSteps
 from ..errors import NonFiniteError, NotConvergedError, SingularMetricError
 from ..linalg import cg
 from ..metrics import Damped, Euclidean, Metric, Pullback
@@ -57,7 +58,7 @@ from ._kfac import (
     _KFACState,
 )
 from ._model_view import _ModelView
-from ._options import _check_options
+from ._options import _check_options, _sgd_move
 
 __all__ = ["METRIC_NAMES", "RiemannianGD"]
 
@@ -158,6 +159,11 @@ class RiemannianGD(torch.optim.Optimizer):
         refreshes and then an exponential average over about 1/(1 − d) = 20 refreshes
         (Martens & Grosse 2015), smoothing mini-batch noise in the curvature; 0 keeps only
         the newest. The factors and counters are in ``state_dict()``.
+    data_parallel, process_group : bool, optional
+        Every rank of ``process_group`` holds the same parameters and its part of each
+        step's batch: ``step`` combines the ranks' gradients and reduces the metric products
+        (:mod:`covariant.distributed.optim`), so that every rank takes the single-process
+        step on the union of the batches. Not with K-FAC or a Monte-Carlo Fisher.
 
     Raises
     ------
@@ -217,6 +223,8 @@ class RiemannianGD(torch.optim.Optimizer):
         metric_kwargs: dict[str, Any] | None = None,
         kfac_update_every: int = DEFAULT_UPDATE_EVERY,
         kfac_decay: float = DEFAULT_DECAY,
+        data_parallel: bool = False,
+        process_group: Any = None,
     ) -> None:
         lr = float(lr) if isinstance(lr, Tensor) else lr
         _check_options(lr, momentum, dampening, weight_decay, nesterov, damping, cg_tol,
@@ -242,6 +250,9 @@ class RiemannianGD(torch.optim.Optimizer):
         self._damping_reference = damping_reference
         self._warned_truncated = False
         self.info: dict[str, Any] = {}
+        self._batch: tuple[Tensor, Tensor] | None = None
+        self._dp = (DataParallelSteps(process_group, self.metric_name, self.metric_kwargs)
+                    if data_parallel else None)
 
     # ----------------------------------------------------------------- setup
     @property
@@ -348,7 +359,9 @@ class RiemannianGD(torch.optim.Optimizer):
         With the ``"weights"`` reference the damping is added to G_w in the weights,
         Eᵀ (G_w + λ I) E; otherwise the reference metric is added on p.
         """
-        space, _ = ParameterSpace.from_module(module, self.loss_fn, self._stream.next())  # type: ignore[arg-type]
+        batch, self._batch = self._batch or self._stream.next(), None
+        space = (ParameterSpace.from_module(module, self.loss_fn, batch)[0]  # type: ignore[arg-type]
+                 if self._dp is None else self._dp.space(module, self.loss_fn, batch))  # type: ignore[arg-type]
         G_w = space.with_metric(self.metric_name, **self.metric_kwargs).metric
         lam = self.damping
         if self._damping_reference == "weights":
@@ -510,6 +523,9 @@ class RiemannianGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._dp is not None:  # draw the step's batch first: its size weighs the gradient
+            self._batch = self._stream.next() if self.metric_name in _MODEL_METRICS else None
+            self._dp.reduce_gradients(self._params(), self.loss_fn, self._batch)
         euclid = self.metric_name == "euclidean" and self.damping == 0.0
         covectors = self._covectors(skip_missing=euclid)
         if euclid:
@@ -567,24 +583,7 @@ class RiemannianGD(torch.optim.Optimizer):
 
     def _move(self, directions: list[Tensor | None]) -> None:
         """Momentum (as ``torch.optim.SGD``) and the update p ← p − α d."""
-        i = 0
-        for group in self.param_groups:
-            mu, tau = group["momentum"], group["dampening"]
-            for p in group["params"]:
-                d = directions[i]
-                i += 1
-                if d is None:
-                    continue
-                if mu != 0:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = torch.clone(d).detach()
-                        state["momentum_buffer"] = buf
-                    else:
-                        buf.mul_(mu).add_(d, alpha=1 - tau)
-                    d = d.add(buf, alpha=mu) if group["nesterov"] else buf
-                p.add_(d, alpha=-group["lr"])
+        _sgd_move(self.param_groups, self.state, directions)
 
 
 #: ``stacklevel`` of the truncated-CG warning that points at the line calling ``opt.step()``:
