@@ -20,6 +20,8 @@ import covariant as cv
 from covariant.distributed import (
     distributed_posterior_space,
     distributed_space,
+    hvp_matmat,
+    metric_matmat,
     shard_batches,
 )
 from covariant.flatness import StochasticOptions
@@ -123,7 +125,9 @@ def products(model_fn: Callable[[], nn.Module], data: list[Batch], distributed: 
         "hvp": space.hvp(theta, v, riemannian=False),
         "hvp_operator": op(v),
         "hvp_batched_vmap": vmap(op)(V),
+        "hvp_matmat": hvp_matmat(space, theta)(V),
         "ggn_matvec": ggn.metric.matvec(theta, v),
+        "ggn_matmat": metric_matmat(ggn.metric, theta)(V),
         "ggn_dense": ggn.metric.dense(theta),
         "hutchinson_trace": _tensor(report["trace"].value),
         "top3_eigs": _tensor(report["top_eigs"].value),
@@ -227,6 +231,8 @@ def traffic() -> dict[str, list[tuple[int, ...]]]:
     kfac = space.with_metric("kfac").metric
     products = {"loss": lambda: space.loss(theta), "grad": lambda: space.grad(theta),
                 "hvp_operator": lambda: op(V[0]), "hvp_batched_3": lambda: vmap(op)(V),
+                "hvp_matmat_3": lambda: hvp_matmat(space, theta)(V),
+                "ggn_matmat_3": lambda: metric_matmat(ggn, theta)(V),
                 "ggn_matvec": lambda: ggn.matvec(theta, V[0]),
                 "ggn_dense": lambda: ggn.dense(theta),
                 "kfac_factors": lambda: kfac.factors(theta)}
@@ -262,4 +268,4 @@ def agreement(single: dict[str, Tensor], ranks: list[dict[str, Tensor]]) -> list
 
 def _summary(x: Tensor) -> float | str:
     """A scalar as itself, a tensor by its norm."""
-    return float(x) if x.numel() == 1 else f"|{float(x.norm()):.15g}|"
+    return float(x) if x.numel() == 1 else f"‖·‖ = {float(x.norm()):.15g}"

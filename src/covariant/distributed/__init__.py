@@ -47,6 +47,7 @@ Example
 from __future__ import annotations
 
 from .build import distributed_posterior_space, distributed_space
+from .products import hvp_matmat, metric_matmat
 from .reduce import (
     CopyToRanks,
     ReducedMetric,
@@ -66,6 +67,8 @@ __all__ = [
     "distributed_posterior_space",
     "distributed_space",
     "global_weights",
+    "hvp_matmat",
+    "metric_matmat",
     "reduce_stack",
     "shard_batches",
     "sum_over_ranks",
