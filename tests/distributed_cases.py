@@ -236,6 +236,9 @@ def traffic() -> dict[str, list[tuple[int, ...]]]:
                 "ggn_matvec": lambda: ggn.matvec(theta, V[0]),
                 "ggn_dense": lambda: ggn.dense(theta),
                 "kfac_factors": lambda: kfac.factors(theta)}
+    tanh, psi = model_space(tanh_layer(), batches(), True, "ggn")
+    riemannian = tanh.hvp_operator(psi)  # r = G⁻¹∇L solved here, once
+    products["riemannian_hvp_operator"] = lambda: riemannian(vectors(psi.shape[0])[0])
     shapes: list[tuple[int, ...]] = []
     all_reduce = dist.all_reduce
 

@@ -158,6 +158,9 @@ def test_one_all_reduce_per_product(agreement: dict[str, Any]) -> None:
         assert traffic["ggn_matvec"] == [(d,)]
         assert traffic["ggn_dense"] == [(d, d)]
         assert traffic["kfac_factors"] == [(kfac,)]
+        # tanh layer, d = 8: the Euclidean HVP, then the connection terms: two directional
+        # derivatives of G (product, two backward passes) and one gradient of vᵀGr (two)
+        assert traffic["riemannian_hvp_operator"] == [(8,)] * 9
 
 
 def test_bad_launches_raise_on_every_rank(agreement: dict[str, Any]) -> None:
