@@ -96,12 +96,36 @@ def vectors(d: int, k: int = 3) -> Tensor:
     return torch.randn(k, d, generator=g, dtype=torch.float64)
 
 
+def labels(data: list[Batch]) -> list[Batch]:
+    """The same inputs with 3-class labels (uneven shards as in :func:`batches`)."""
+    g = torch.Generator().manual_seed(7)
+    return [(X, torch.randint(0, 3, (X.shape[0],), generator=g)) for X, _ in data]
+
+
 def model_space(model: nn.Module, data: list[Batch], distributed: bool,
-                metric: str = "euclidean", **kw: Any) -> tuple[cv.ParameterSpace, Tensor]:
+                metric: str = "euclidean", loss_fn: nn.Module | None = None, **kw: Any
+                ) -> tuple[cv.ParameterSpace, Tensor]:
+    loss_fn = nn.MSELoss() if loss_fn is None else loss_fn
     if distributed:
         local = shard_batches(data, dist.get_rank(), dist.get_world_size())
-        return distributed_space(model, nn.MSELoss(), local, metric, seed=3, **kw)
-    return cv.ParameterSpace.from_module(model, nn.MSELoss(), data, metric, **kw)
+        return distributed_space(model, loss_fn, local, metric, seed=3, **kw)
+    return cv.ParameterSpace.from_module(model, loss_fn, data, metric, **kw)
+
+
+def classification_products(data: list[Batch], distributed: bool) -> dict[str, Tensor]:
+    """Cross-entropy: the seeded categorical label draws of the MC Fisher and of K-FAC with
+    fisher_type="mc" (uniforms per example, skipped past the lower ranks' targets)."""
+    model = seeded(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)))
+    space, theta = model_space(model, labels(data), distributed,
+                               loss_fn=nn.CrossEntropyLoss())
+    v = vectors(theta.shape[0])[0]
+    return {
+        "ce_fisher_mc_matvec": space.with_metric("fisher", mc_samples=2, seed=9).metric.matvec(
+            theta, v),
+        "ce_kfac_mc_dense": space.with_metric("kfac", fisher_type="mc", mc_samples=2,
+                                              seed=9).metric.dense(theta),
+        "ce_ggn_matvec": space.with_metric("ggn").metric.matvec(theta, v),
+    }
 
 
 def _tensor(x: Any) -> Tensor:
@@ -200,6 +224,15 @@ def laplace_quantities(data: list[Batch], distributed: bool) -> dict[str, Tensor
         res = cv.laplace.laplace(space, theta, riemannian=False, **options)
         out[f"laplace_{name}_log_evidence"] = _tensor(res.log_evidence)
         out[f"laplace_{name}_covariance_matvec"] = res.covariance_operator.matvec(v)
+    model = seeded(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)))
+    if distributed:
+        local = union(shard_batches(labels(data), dist.get_rank(), dist.get_world_size()))
+        space, theta = distributed_posterior_space(model, local, prior_precision=1.5)
+    else:
+        space, theta = posterior_space(model, union(labels(data)), prior_precision=1.5)
+    for name in ("kron", "diag"):
+        res = cv.laplace.laplace(space, theta, riemannian=False, structure=name, hessian="ggn")
+        out[f"classification_{name}_log_evidence"] = _tensor(res.log_evidence)
     return out
 
 
@@ -212,6 +245,7 @@ def compute_all(distributed: bool) -> dict[str, Tensor]:
     v = vectors(theta.shape[0])[0]
     out.update({f"metrics/{k}": v for k, v in metric_products(space, theta, v).items()})
     out.update({f"metrics/{k}": v for k, v in solve_products(data, distributed).items()})
+    out.update({f"metrics/{k}": v for k, v in classification_products(data, distributed).items()})
     out["optim/riemannian_gd_5_steps"] = gd_steps(data, distributed)
     out.update({f"laplace/{k}": v for k, v in laplace_quantities(data, distributed).items()})
     out.update({f"batchnorm/{k}": v

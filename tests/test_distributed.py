@@ -123,17 +123,19 @@ def test_two_ranks_agree_with_one_process(agreement: dict[str, Any]) -> None:
 def test_model_metrics_of_the_binding_agree(agreement: dict[str, Any]) -> None:
     """space.with_metric on the distributed space: the GGN's own solve, rank and log det,
     the Riemannian Hessian with the GGN (connection terms), the empirical Fisher, the seeded
-    MC Fisher (the same label draws as one process), K-FAC, EK-FAC, the dense Hessian."""
+    MC Fisher and K-FAC with fisher_type="mc" (Gaussian and categorical draws: the same
+    labels as one process), K-FAC, EK-FAC, the dense Hessian."""
     names = _check(agreement, "metrics/", RTOL)
-    assert len(names) == 9
+    assert len(names) == 12
     assert float(agreement["single"]["metrics/ggn_rank"]) == 8
 
 
 def test_riemannian_gd_and_laplace_agree(agreement: dict[str, Any]) -> None:
     """Five data-parallel RiemannianGD steps (damped GGN, momentum), and the Laplace log
-    evidence and a covariance product for structures full, diag, kron and lowrank."""
+    evidence and a covariance product for structures full, diag, kron and lowrank
+    (regression), and the evidence of a classification posterior (kron, diag)."""
     assert _check(agreement, "optim/", RTOL) == ["optim/riemannian_gd_5_steps"]
-    assert len(_check(agreement, "laplace/", RTOL)) == 8
+    assert len(_check(agreement, "laplace/", RTOL)) == 10
 
 
 @pytest.mark.parametrize("model", ["batchnorm", "attention"])
