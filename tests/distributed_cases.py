@@ -215,7 +215,11 @@ def laplace_quantities(data: list[Batch], distributed: bool) -> dict[str, Tensor
     else:
         space, theta = posterior_space(model, union(data), **kw)
     v = vectors(theta.shape[0])[1]
-    out: dict[str, Tensor] = {}
+    # quadratic_forms="auto": Taylor mode in one process; on the ranks the reduced likelihood
+    # refuses to be traced and the forms run as HVPs (tracing only the prior would be wrong)
+    trace = cv.flatness(space, theta, ("trace",), method="stochastic",
+                        options=StochasticOptions(num_probes=3, seed=1))["trace"]
+    out: dict[str, Tensor] = {"posterior_trace_auto": _tensor(trace.value)}
     cases = {"full": dict(structure="full", hessian="ggn"),
              "diag": dict(structure="diag", hessian="ggn"),
              "kron": dict(structure="kron"),

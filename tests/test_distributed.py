@@ -21,6 +21,7 @@ from torch import nn
 import covariant as cv
 from covariant.distributed import check_process_group, distributed_space, shard_batches
 from covariant.errors import DistributedError
+from covariant.flatness import StochasticOptions
 
 from . import distributed_cases as C
 
@@ -51,6 +52,7 @@ def _agreement_worker(rank: int, port: int, out: str) -> None:
     _init(rank, port)
     try:
         _bad_launches(rank, out)
+        _taylor_refusal(rank, out)
         torch.save(C.compute_all(True), os.path.join(out, f"rank{rank}.pt"))
         torch.save(C.traffic(), os.path.join(out, f"traffic{rank}.pt"))
     finally:
@@ -97,6 +99,20 @@ def _bad_launches(rank: int, out: str) -> None:
         f.write("\n".join(results))
 
 
+def _taylor_refusal(rank: int, out: str) -> None:
+    """quadratic_forms="taylor" on a distributed space: the same typed error on every rank."""
+    space, theta = C.model_space(_model(), _batches(), True)
+    opts = StochasticOptions(num_probes=2, seed=0, quadratic_forms="taylor")
+    try:
+        cv.flatness(space.with_loss(lambda p: space.loss(p) + (p ** 2).sum()), theta,
+                    ("trace",), method="stochastic", options=opts)
+        result = "no error"
+    except cv.errors.CovariantError as err:
+        result = f"{type(err).__name__}: {err}"
+    with open(os.path.join(out, f"taylor{rank}.txt"), "w") as f:
+        f.write(result)
+
+
 def _spawn(worker: Any, out: str, timeout: float = TIMEOUT_S) -> None:
     ctx = mp.start_processes(worker, args=(_free_port(), out), nprocs=2, join=False,
                              start_method="spawn")
@@ -135,7 +151,7 @@ def test_riemannian_gd_and_laplace_agree(agreement: dict[str, Any]) -> None:
     evidence and a covariance product for structures full, diag, kron and lowrank
     (regression), and the evidence of a classification posterior (kron, diag)."""
     assert _check(agreement, "optim/", RTOL) == ["optim/riemannian_gd_5_steps"]
-    assert len(_check(agreement, "laplace/", RTOL)) == 10
+    assert len(_check(agreement, "laplace/", RTOL)) == 11
 
 
 @pytest.mark.parametrize("model", ["batchnorm", "attention"])
@@ -176,6 +192,16 @@ def test_bad_launches_raise_on_every_rank(agreement: dict[str, Any]) -> None:
             assert data.startswith("data: ShapeMismatchError"), data
         else:
             assert data.startswith("data: DistributedError") and "rank 1 failed" in data, data
+
+
+def test_taylor_mode_refuses_a_sum_over_ranks(agreement: dict[str, Any]) -> None:
+    """Taylor mode cannot trace the all-reduce (it would see the reduced loss as a constant
+    and trace only the rest, here a penalty): it raises on every rank, and "auto" falls back
+    to HVPs (laplace/posterior_trace_auto agrees with one process's Taylor forms)."""
+    for rank in range(2):
+        text = (agreement["out"] / f"taylor{rank}.txt").read_text()
+        assert text.startswith("TaylorUnsupportedError") and "ranks" in text, text
+    _check(agreement, "laplace/posterior_trace_auto", RTOL)
 
 
 def test_no_process_group_is_a_typed_error() -> None:

@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..errors import DistributedError
+from .._fast import is_taylor_recording
+from ..errors import DistributedError, TaylorUnsupportedError
 from ..metrics import Metric
 from ..metrics.base import cholesky_or_raise
 
@@ -63,6 +64,10 @@ class ReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, group: Any) -> Tensor:
+        if is_taylor_recording():  # the record would see a constant: refuse, use HVPs
+            raise TaylorUnsupportedError(
+                "a sum over data-parallel ranks is not traced by Taylor mode; its quadratic "
+                "forms run as Hessian-vector products (quadratic_forms='hvp')")
         out = x.detach().clone()
         dist.all_reduce(out, group=group)
         return out
