@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 import covariant as cv
+from covariant._fast import QuadraticForm
 from covariant.distributed import (
     distributed_posterior_space,
     distributed_space,
@@ -247,6 +248,9 @@ def compute_all(distributed: bool) -> dict[str, Tensor]:
     out = {f"mlp/{k}": v for k, v in products(mlp, data, distributed, full=False).items()}
     space, theta = model_space(mlp(), data, distributed)
     v = vectors(theta.shape[0])[0]
+    taylor = StochasticOptions(num_probes=4, seed=3, quadratic_forms="taylor")
+    out["mlp/taylor_trace"] = _tensor(cv.flatness(space, theta, ("trace",), method="stochastic",
+                                                  options=taylor)["trace"].value)
     out.update({f"metrics/{k}": v for k, v in metric_products(space, theta, v).items()})
     out.update({f"metrics/{k}": v for k, v in solve_products(data, distributed).items()})
     out.update({f"metrics/{k}": v for k, v in classification_products(data, distributed).items()})
@@ -274,6 +278,8 @@ def traffic() -> dict[str, list[tuple[int, ...]]]:
                 "ggn_matvec": lambda: ggn.matvec(theta, V[0]),
                 "ggn_dense": lambda: ggn.dense(theta),
                 "kfac_factors": lambda: kfac.factors(theta)}
+    form = QuadraticForm(space.loss_function, theta)  # traces the local loss
+    products["taylor_form"] = lambda: form(V[0])
     tanh, psi = model_space(tanh_layer(), batches(), True, "ggn")
     riemannian = tanh.hvp_operator(psi)  # r = G⁻¹∇L solved here, once
     products["riemannian_hvp_operator"] = lambda: riemannian(vectors(psi.shape[0])[0])

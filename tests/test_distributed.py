@@ -132,7 +132,7 @@ def test_two_ranks_agree_with_one_process(agreement: dict[str, Any]) -> None:
     Hutchinson trace and the top-3 eigenvalues, with uneven shards."""
     names = _check(agreement, "mlp/", RTOL)
     assert {"mlp/loss", "mlp/grad", "mlp/hvp", "mlp/hvp_batched_vmap", "mlp/hvp_matmat",
-            "mlp/ggn_matmat", "mlp/ggn_matvec",
+            "mlp/ggn_matmat", "mlp/ggn_matvec", "mlp/taylor_trace",
             "mlp/hutchinson_trace", "mlp/top3_eigs"} <= set(names)
 
 
@@ -173,6 +173,7 @@ def test_one_all_reduce_per_product(agreement: dict[str, Any]) -> None:
         assert traffic["hvp_batched_3"] == [(), (d,), (3, d)]  # loss, gradient, 3 products
         assert traffic["hvp_matmat_3"] == [(3, d)]  # local graph, 3 local products, 1 reduce
         assert traffic["ggn_matmat_3"] == [(3, d)]
+        assert traffic["taylor_form"] == [()]  # the local form, summed: one scalar
         assert traffic["ggn_matvec"] == [(d,)]
         assert traffic["ggn_dense"] == [(d, d)]
         assert traffic["kfac_factors"] == [(kfac,)]

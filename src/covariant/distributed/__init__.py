@@ -18,16 +18,18 @@ batched with ``vmap``.
 
 The mechanism (:mod:`covariant.distributed.reduce`) is a pair of autograd functions around a
 partial result, F(θ) = R(F_r(C(θ))): R all-reduces forwards and is the identity backwards, C
-the reverse; each has forward-mode and ``vmap`` rules, so reverse mode, forward mode (Taylor
-quadratic forms, dense Hessians), ``torch.func`` transforms and the connection terms of a
-data-dependent metric (differentiated products of the GGN) are all exact. Estimators
-(Hutchinson, Lanczos, CG) run identically on every rank: with the same seed they draw the
-same probes, and only model products are reduced. The seeded Monte-Carlo Fisher draws, on
-each rank, the labels the single process draws for the same examples.
+the reverse; each has forward-mode and ``vmap`` rules, so reverse mode, forward mode (dense
+Hessians), ``torch.func`` transforms and the connection terms of a data-dependent metric
+(differentiated GGN products) are all exact. Taylor mode traces each rank's partial loss
+(:class:`RankSumLoss`) and sums the forms. Estimators (Hutchinson, Lanczos, CG) run
+identically on every rank: with the same seed they draw the same probes, and only model
+products are reduced. The seeded Monte-Carlo Fisher draws, on each rank, the labels the
+single process draws for the same examples. :func:`hvp_matmat` and :func:`metric_matmat`
+reduce k products in one all-reduce.
 
 :func:`distributed_posterior_space` is the model posterior of ``covariant.laplace`` over the
 shards (Laplace evidence and covariances of all the data), and
-:func:`data_parallel_gradient` with ``RiemannianGD(..., process_group=...)`` keeps the
+``RiemannianGD(..., data_parallel=True)`` (:mod:`covariant.distributed.optim`) keeps the
 replicated parameters of a natural-gradient run in step, like DDP.
 
 Example
@@ -56,10 +58,11 @@ from .reduce import (
     reduce_stack,
     sum_over_ranks,
 )
-from .space import ShardBinding, global_weights, shard_batches
+from .space import RankSumLoss, ShardBinding, global_weights, shard_batches
 
 __all__ = [
     "CopyToRanks",
+    "RankSumLoss",
     "ReduceSum",
     "ReducedMetric",
     "ShardBinding",

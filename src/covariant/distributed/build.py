@@ -58,7 +58,7 @@ def distributed_space(
     settings = {"loss_fn": repr(loss_fn), "metric": repr(metric), "seed": seed,
                 "metric_kwargs": repr(sorted(metric_kwargs.items()))}
     binding, theta, layout = shard_binding(model, loss_fn, local_data, settings, group=group)
-    space = ParameterSpace(binding.loss, layout=layout, binding=binding)
+    space = ParameterSpace(binding.rank_sum_loss(), layout=layout, binding=binding)
     space.metric = resolve_metric(metric, space, **metric_kwargs)
     return space, theta
 

@@ -44,9 +44,10 @@ from torch import Tensor, nn
 from ..errors import DistributedError
 from ..layout import Batch, ModelBinding, ParameterLayout, as_batches
 from ..metrics.shard import DataShard
-from .reduce import check_process_group, sum_over_ranks
+from .reduce import ReduceSum, check_process_group, sum_over_ranks
 
 __all__ = [
+    "RankSumLoss",
     "ShardBinding",
     "agree",
     "global_weights",
@@ -113,6 +114,33 @@ class ShardBinding(ModelBinding):
     def loss(self, p: Tensor) -> Tensor:
         """L(θ) = Σ_r L_r(θ), the loss of the data on all ranks."""
         return sum_over_ranks(self.local_loss, p, self.group)
+
+    def rank_sum_loss(self) -> RankSumLoss:
+        """``loss`` as a :class:`RankSumLoss` (Taylor mode traces the local part)."""
+        return RankSumLoss(self.local_loss, self.group)
+
+
+class RankSumLoss:
+    """p ↦ Σ_r L_r(p), the loss of a data-parallel space (``sum_over_ranks``).
+
+    ``taylor_parts()`` gives Taylor mode (``covariant._fast.QuadraticForm``) the rank's partial
+    loss to trace and the sum of its forms over the ranks (one all-reduce of a scalar each).
+    """
+
+    def __init__(self, local: Callable[[Tensor], Tensor], group: Any = None) -> None:
+        self.local = local
+        self.group = group
+
+    def __call__(self, p: Tensor) -> Tensor:
+        return sum_over_ranks(self.local, p, self.group)
+
+    def taylor_parts(self) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+        group = self.group
+
+        def reduce(x: Tensor) -> Tensor:
+            return ReduceSum.apply(x.detach(), group)
+
+        return self.local, reduce
 
 
 def _settings_digest(theta: Tensor, layout: ParameterLayout, settings: dict[str, Any]) -> str:
