@@ -19,6 +19,7 @@ from torch.func import vmap
 import covariant as cv
 from covariant._fast import QuadraticForm
 from covariant.distributed import (
+    ReducedMetric,
     distributed_posterior_space,
     distributed_space,
     hvp_matmat,
@@ -167,12 +168,21 @@ def solve_products(data: list[Batch], distributed: bool) -> dict[str, Tensor]:
     """The GGN's own solve (CG), rank and log det, and the Riemannian Hessian with the GGN
     (connection terms; r = G⁻¹∇L), on :func:`tanh_layer`."""
     space, theta = model_space(tanh_layer(), data, distributed, "ggn")
-    v = vectors(theta.shape[0])[0]
+    v, g = vectors(theta.shape[0])[0], space.grad(theta)
+    # ReducedMetric around a GGN of the shard alone (no DataShard): its generic products
+    b = space.binding
+    local = cv.metrics.GGN(b.forward, b.loss_fn, b.batches, b.weights)
+    G = ReducedMetric(local) if distributed else space.metric
     return {
-        "ggn_solve": space.metric.solve(theta, space.grad(theta)),
+        "ggn_solve": space.metric.solve(theta, g),
         "ggn_rank": _tensor(space.metric.rank(theta)),
         "ggn_logdet": space.metric.logdet(theta),
         "ggn_riemannian_hvp": space.hvp(theta, v),
+        "reduced_metric_matvec": G.matvec(theta, v),
+        "reduced_metric_solve": G.solve(theta, g),
+        "reduced_metric_rank": _tensor(G.rank(theta)),
+        "reduced_metric_logdet": G.logdet(theta),
+        "reduced_metric_riemannian_hvp": space.with_metric(G).hvp(theta, v),
     }
 
 

@@ -140,10 +140,12 @@ def test_model_metrics_of_the_binding_agree(agreement: dict[str, Any]) -> None:
     """space.with_metric on the distributed space: the GGN's own solve, rank and log det,
     the Riemannian Hessian with the GGN (connection terms), the empirical Fisher, the seeded
     MC Fisher and K-FAC with fisher_type="mc" (Gaussian and categorical draws: the same
-    labels as one process), K-FAC, EK-FAC, the dense Hessian."""
+    labels as one process), K-FAC, EK-FAC, the dense Hessian; and ReducedMetric around a
+    shard's own GGN (matvec, solve, rank, log det, Riemannian HVP)."""
     names = _check(agreement, "metrics/", RTOL)
-    assert len(names) == 12
+    assert len(names) == 17
     assert float(agreement["single"]["metrics/ggn_rank"]) == 8
+    assert float(agreement["single"]["metrics/reduced_metric_rank"]) == 8
 
 
 def test_riemannian_gd_and_laplace_agree(agreement: dict[str, Any]) -> None:
