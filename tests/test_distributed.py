@@ -7,7 +7,6 @@ test instead of blocking CI.
 from __future__ import annotations
 
 import datetime
-import itertools
 import os
 import socket
 import time
@@ -23,9 +22,12 @@ import covariant as cv
 from covariant.distributed import check_process_group, distributed_space, shard_batches
 from covariant.errors import DistributedError
 from covariant.flatness import StochasticOptions
-from covariant.optim.functional import riemannian_gd
+
+from . import distributed_cases as C
 
 TIMEOUT_S = 60.0
+#: The agreement run computes about 60 quantities on 3 models in each rank.
+AGREEMENT_TIMEOUT_S = 240.0
 RTOL = 1e-12
 
 
@@ -35,49 +37,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _model() -> nn.Module:
-    """The same float64 MLP in every process (whatever the default dtype and seed)."""
-    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=g, dtype=torch.float64))
-    return model
-
-
-def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Uneven shards for 2 ranks: rank 0 gets batches of 7 and 5, rank 1 of 6 and a last 2."""
-    g = torch.Generator().manual_seed(1)
-    X = torch.randn(20, 3, generator=g, dtype=torch.float64)
-    y = torch.randn(20, 2, generator=g, dtype=torch.float64)
-    cuts = [0, 7, 12, 18, 20]
-    return [(X[a:b], y[a:b]) for a, b in itertools.pairwise(cuts)]
-
-
-def _vectors(d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(2)
-    return torch.randn(d, generator=g, dtype=torch.float64), \
-        torch.randn(d, generator=g, dtype=torch.float64)
-
-
-def _products(space: cv.ParameterSpace, theta: torch.Tensor,
-              ggn: cv.ParameterSpace) -> dict[str, Any]:
-    v, _ = _vectors(theta.shape[0])
-    opts = StochasticOptions(num_probes=8, seed=3)
-    report = cv.flatness(space, theta, ("trace", "top_eigs"), method="stochastic", k=3,
-                         options=opts)
-    return {
-        "loss": space.loss(theta),
-        "grad": space.grad(theta),
-        "hvp": space.hvp(theta, v),
-        "hvp_euclidean": space.hvp(theta, v, riemannian=False),
-        "hvp_operator": space.hvp_operator(theta)(v),
-        "ggn_matvec": ggn.metric.matvec(theta, v),
-        "ggn_dense": ggn.metric.dense(theta),
-        "hutchinson_trace": torch.tensor(report["trace"].value, dtype=torch.float64),
-        "top3_eigs": torch.as_tensor(report["top_eigs"].value, dtype=torch.float64),
-        "gd_5_steps": riemannian_gd(space, theta, lr=0.1, steps=5)[-1],
-    }
+_model = C.mlp  # the same float64 MLP in every process
+_batches = C.batches  # uneven shards: rank 0 gets batches of 7 and 5, rank 1 of 6 and a last 2
 
 
 def _init(rank: int, port: int) -> None:
@@ -87,111 +48,146 @@ def _init(rank: int, port: int) -> None:
 
 
 def _agreement_worker(rank: int, port: int, out: str) -> None:
+    """Every compared quantity (distributed_cases.compute_all) and the traffic, per rank."""
     _init(rank, port)
     try:
-        local = shard_batches(_batches(), rank, 2)
-        space, theta = distributed_space(_model(), nn.MSELoss(), local, seed=3)
-        ggn, _ = distributed_space(_model(), nn.MSELoss(), local, "ggn", seed=3)
-        torch.save(_products(space, theta, ggn), os.path.join(out, f"rank{rank}.pt"))
-        torch.save(_traffic(space, theta, ggn), os.path.join(out, f"traffic{rank}.pt"))
-        try:  # the Riemannian Hessian of a data-dependent metric needs connection terms
-            cv.flatness(ggn, theta, ("trace",), method="stochastic")
-            result = "no error"
-        except DistributedError as err:
-            result = f"DistributedError: {err}"
-        with open(os.path.join(out, f"ggn{rank}.txt"), "w") as f:
-            f.write(result)
+        _bad_launches(rank, out)
+        _taylor_refusal(rank, out)
+        torch.save(C.compute_all(True), os.path.join(out, f"rank{rank}.pt"))
+        torch.save(C.traffic(), os.path.join(out, f"traffic{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _traffic(space: cv.ParameterSpace, theta: torch.Tensor,
-             ggn: cv.ParameterSpace) -> dict[str, list[int]]:
-    """The sizes of the all-reduces of each product (counted by wrapping dist.all_reduce)."""
-    sizes: list[int] = []
-    all_reduce = dist.all_reduce
-
-    def counting(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        sizes.append(tensor.numel())
-        return all_reduce(tensor, *args, **kwargs)
-
-    v, _ = _vectors(theta.shape[0])
-    op = space.hvp_operator(theta)
-    products = {"loss": lambda: space.loss(theta), "grad": lambda: space.grad(theta),
-                "hvp_operator": lambda: op(v), "ggn_matvec": lambda: ggn.metric.matvec(theta, v)}
-    out = {}
-    dist.all_reduce = counting
-    try:
-        for name, product in products.items():
-            sizes.clear()
-            product()
-            out[name] = list(sizes)
-    finally:
-        dist.all_reduce = all_reduce
-    return out
+@pytest.fixture(scope="module")
+def agreement(tmp_path_factory: Any) -> dict[str, Any]:
+    """One spawn of 2 ranks for the module; the single process on the full data."""
+    out = tmp_path_factory.mktemp("ranks")
+    _spawn(_agreement_worker, str(out), AGREEMENT_TIMEOUT_S)
+    torch.set_num_threads(1)
+    return {"single": C.compute_all(False), "out": out,
+            "ranks": [torch.load(out / f"rank{r}.pt") for r in range(2)],
+            "traffic": [torch.load(out / f"traffic{r}.pt") for r in range(2)]}
 
 
-def _bad_launch_worker(rank: int, port: int, out: str) -> None:
+def _check(agreement: dict[str, Any], prefix: str, rtol: float = RTOL) -> list[str]:
+    names = [n for n in agreement["single"] if n.startswith(prefix)]
+    for row in C.agreement({n: agreement["single"][n] for n in names}, agreement["ranks"]):
+        assert row["rel_diff"] <= rtol, row
+    return names
+
+
+def _bad_launches(rank: int, out: str) -> None:
     """Three bad launches in a row: other parameters, another seed, bad data on rank 1."""
-    _init(rank, port)
+    # the group stays usable after each: every rank raises after the all-gather
+    local = shard_batches(_batches(), rank, 2)
+    model = _model()
+    if rank == 1:
+        with torch.no_grad():
+            model[0].bias[0] += 1e-9
+    bad_data = [(X, y[:-1]) for X, y in local] if rank == 1 else local
+    cases = {"parameters": (model, local, 3), "seed": (_model(), local, 3 + rank),
+             "data": (_model(), bad_data, 3)}
+    results = []
+    for name, (m, data, seed) in cases.items():
+        try:
+            distributed_space(m, nn.MSELoss(), data, seed=seed)
+            results.append(f"{name}: no error")
+        except cv.errors.CovariantError as err:
+            results.append(f"{name}: {type(err).__name__}: {err}")
+    with open(os.path.join(out, f"bad{rank}.txt"), "w") as f:
+        f.write("\n".join(results))
+
+
+def _taylor_refusal(rank: int, out: str) -> None:
+    """quadratic_forms="taylor" on a distributed space: the same typed error on every rank."""
+    space, theta = C.model_space(_model(), _batches(), True)
+    opts = StochasticOptions(num_probes=2, seed=0, quadratic_forms="taylor")
     try:
-        local = shard_batches(_batches(), rank, 2)
-        model = _model()
-        if rank == 1:
-            with torch.no_grad():
-                model[0].bias[0] += 1e-9
-        bad_data = [(X, y[:-1]) for X, y in local] if rank == 1 else local
-        cases = {"parameters": (model, local, 3), "seed": (_model(), local, 3 + rank),
-                 "data": (_model(), bad_data, 3)}
-        results = []
-        for name, (m, data, seed) in cases.items():
-            try:
-                distributed_space(m, nn.MSELoss(), data, seed=seed)
-                results.append(f"{name}: no error")
-            except cv.errors.CovariantError as err:
-                results.append(f"{name}: {type(err).__name__}: {err}")
-        with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
-            f.write("\n".join(results))
-    finally:
-        dist.destroy_process_group()
+        cv.flatness(space.with_loss(lambda p: space.loss(p) + (p ** 2).sum()), theta,
+                    ("trace",), method="stochastic", options=opts)
+        result = "no error"
+    except cv.errors.CovariantError as err:
+        result = f"{type(err).__name__}: {err}"
+    with open(os.path.join(out, f"taylor{rank}.txt"), "w") as f:
+        f.write(result)
 
 
-def _spawn(worker: Any, out: str) -> None:
+def _spawn(worker: Any, out: str, timeout: float = TIMEOUT_S) -> None:
     ctx = mp.start_processes(worker, args=(_free_port(), out), nprocs=2, join=False,
                              start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
+    deadline = time.monotonic() + timeout
     try:
         while not ctx.join(timeout=1.0):
             if time.monotonic() > deadline:
-                pytest.fail(f"the 2 ranks did not finish within {TIMEOUT_S} s")
+                pytest.fail(f"the 2 ranks did not finish within {timeout} s")
     finally:
         for proc in ctx.processes:
             if proc.is_alive():
                 proc.kill()
 
 
-def test_two_ranks_agree_with_one_process(tmp_path: Any) -> None:
-    _spawn(_agreement_worker, str(tmp_path))
-    space, theta = cv.ParameterSpace.from_module(_model(), nn.MSELoss(), _batches())
-    ggn = space.with_metric("ggn")
-    ref = _products(space, theta, ggn)
-    for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
-        assert set(got) == set(ref)
-        for name, want in ref.items():
-            err = float((got[name] - want).norm() / want.norm())
-            assert err <= RTOL, (rank, name, err, got[name], want)
-        d = theta.shape[0]  # one all-reduce of a d-vector per product (a scalar for the loss)
-        assert torch.load(tmp_path / f"traffic{rank}.pt") == {
-            "loss": [1], "grad": [1, d], "hvp_operator": [d], "ggn_matvec": [d]}
-        ggn_flatness = (tmp_path / f"ggn{rank}.txt").read_text()
-        assert ggn_flatness.startswith("DistributedError") and "connection" in ggn_flatness
+def test_two_ranks_agree_with_one_process(agreement: dict[str, Any]) -> None:
+    """Loss, gradient, HVPs (one, and 3 batched by vmap), GGN matvec and dense, a seeded
+    Hutchinson trace and the top-3 eigenvalues, with uneven shards."""
+    names = _check(agreement, "mlp/", RTOL)
+    assert {"mlp/loss", "mlp/grad", "mlp/hvp", "mlp/hvp_batched_vmap", "mlp/hvp_matmat",
+            "mlp/ggn_matmat", "mlp/ggn_matvec", "mlp/taylor_trace",
+            "mlp/hutchinson_trace", "mlp/top3_eigs"} <= set(names)
 
 
-def test_bad_launches_raise_on_every_rank(tmp_path: Any) -> None:
-    _spawn(_bad_launch_worker, str(tmp_path))
+def test_model_metrics_of_the_binding_agree(agreement: dict[str, Any]) -> None:
+    """space.with_metric on the distributed space: the GGN's own solve, rank and log det,
+    the Riemannian Hessian with the GGN (connection terms), the empirical Fisher, the seeded
+    MC Fisher and K-FAC with fisher_type="mc" (Gaussian and categorical draws: the same
+    labels as one process), K-FAC, EK-FAC, the dense Hessian; and ReducedMetric around a
+    shard's own GGN (matvec, solve, rank, log det, Riemannian HVP)."""
+    names = _check(agreement, "metrics/", RTOL)
+    assert len(names) == 17
+    assert float(agreement["single"]["metrics/ggn_rank"]) == 8
+    assert float(agreement["single"]["metrics/reduced_metric_rank"]) == 8
+
+
+def test_riemannian_gd_and_laplace_agree(agreement: dict[str, Any]) -> None:
+    """Five data-parallel RiemannianGD steps (damped GGN, momentum), and the Laplace log
+    evidence and a covariance product for structures full, diag, kron and lowrank
+    (regression), and the evidence of a classification posterior (kron, diag)."""
+    assert _check(agreement, "optim/", RTOL) == ["optim/riemannian_gd_5_steps"]
+    assert len(_check(agreement, "laplace/", RTOL)) == 11
+
+
+@pytest.mark.parametrize("model", ["batchnorm", "attention"])
+def test_batch_norm_and_attention_models_agree(agreement: dict[str, Any], model: str) -> None:
+    names = _check(agreement, f"{model}/", RTOL)
+    assert len(names) == 12
+
+
+def test_one_all_reduce_per_product(agreement: dict[str, Any]) -> None:
+    """A d-vector per product, k of them stacked for k probes batched by vmap (which
+    rebuilds the loss and gradient once); a scalar for the loss; the K-FAC factors of a pass
+    in one all-reduce of all their entries."""
+    d = 32
+    kfac = 3 * 3 + 5 * 5 + 5 * 5 + 2 * 2 + d  # A (in²) and B (out²) per layer, a d-diagonal
+    for traffic in agreement["traffic"]:
+        assert traffic["loss"] == [()]
+        assert traffic["grad"] == [(), (d,)]
+        assert traffic["hvp_operator"] == [(d,)]
+        assert traffic["hvp_batched_3"] == [(), (d,), (3, d)]  # loss, gradient, 3 products
+        assert traffic["hvp_matmat_3"] == [(3, d)]  # local graph, 3 local products, 1 reduce
+        assert traffic["ggn_matmat_3"] == [(3, d)]
+        assert traffic["taylor_form"] == [()]  # the local form, summed: one scalar
+        assert traffic["ggn_matvec"] == [(d,)]
+        assert traffic["ggn_dense"] == [(d, d)]
+        assert traffic["kfac_factors"] == [(kfac,)]
+        # tanh layer, d = 8: the Euclidean HVP, then the connection terms: two directional
+        # derivatives of G (product, two backward passes) and one gradient of vᵀGr (two)
+        assert traffic["riemannian_hvp_operator"] == [(8,)] * 9
+
+
+def test_bad_launches_raise_on_every_rank(agreement: dict[str, Any]) -> None:
+    """Run first in the agreement ranks, whose group then still computes everything."""
     for rank in range(2):
-        params, seed, data = (tmp_path / f"rank{rank}.txt").read_text().split("\n")
+        params, seed, data = (agreement["out"] / f"bad{rank}.txt").read_text().split("\n")
         for line in (params, seed):
             assert "DistributedError" in line and "disagree" in line, (rank, line)
             assert "[[0], [1]]" in line, (rank, line)
@@ -199,6 +195,16 @@ def test_bad_launches_raise_on_every_rank(tmp_path: Any) -> None:
             assert data.startswith("data: ShapeMismatchError"), data
         else:
             assert data.startswith("data: DistributedError") and "rank 1 failed" in data, data
+
+
+def test_taylor_mode_refuses_a_sum_over_ranks(agreement: dict[str, Any]) -> None:
+    """Taylor mode cannot trace the all-reduce (it would see the reduced loss as a constant
+    and trace only the rest, here a penalty): it raises on every rank, and "auto" falls back
+    to HVPs (laplace/posterior_trace_auto agrees with one process's Taylor forms)."""
+    for rank in range(2):
+        text = (agreement["out"] / f"taylor{rank}.txt").read_text()
+        assert text.startswith("TaylorUnsupportedError") and "ranks" in text, text
+    _check(agreement, "laplace/posterior_trace_auto", RTOL)
 
 
 def test_no_process_group_is_a_typed_error() -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "TaylorUnsupportedError",
     "composite_layer_norm",
     "is_plain",
+    "is_taylor_recording",
     "is_transformed",
     "second_order",
     "tensor_version",
@@ -48,6 +49,17 @@ __all__ = [
 def is_transformed(x: Tensor) -> bool:
     """True when ``x`` is wrapped by a ``torch.func`` transform (vmap, grad, jvp, ...)."""
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
+def is_taylor_recording() -> bool:
+    """True while a Taylor-mode :class:`QuadraticForm` records a loss: code that the record
+    cannot represent (a sum over data-parallel ranks) raises
+    :class:`TaylorUnsupportedError` then, so that callers fall back to HVPs."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    from .taylor.recording import Recorder
+
+    return any(isinstance(m, Recorder) for m in _get_current_dispatch_mode_stack())
 
 
 def tensor_version(x: Tensor) -> int:

@@ -57,6 +57,7 @@ from .._checks import default_tol
 from ..errors import NotAModeError, UnsupportedStructureError
 from ..metrics import KFAC, Euclidean, Pullback
 from ..metrics.kronecker import NULL_RTOL, KroneckerFactored
+from ..metrics.shard import shard_of
 from ..space import ParameterSpace
 from .covariance import KroneckerCovariance
 from .posterior import LOG_2PI, GaussianNLL, gaussian_prior_nll, prior_precision_of
@@ -143,7 +144,7 @@ def likelihood_kfac(space: ParameterSpace, theta: Tensor, kfac: KronFactors = No
         # −log N(y; f, σ²) has the output Hessian I/σ²; MSELoss(sum) = Σ‖f − y‖² has 2I
         loss_fn, scale = nn.MSELoss(reduction="sum"), 0.5 / loss_fn.sigma2
     metric = KFAC(binding.model, loss_fn, list(binding.batches), list(binding.weights),
-                  forward=binding.forward, **options)
+                  forward=binding.forward, shard=shard_of(binding), **options)
     K = metric.factors(theta)
     return K if scale == 1.0 else K.scaled(scale)
 

@@ -82,6 +82,7 @@ from ..linalg import pinv_solve as lanczos_pinv_solve
 from .base import MAX_DENSE_DIM, Metric, check_dense_size
 from .forms import ConnectionForm
 from .losses import cast_input, loss_info
+from .shard import DataShard, reduce_local, shard_of
 
 __all__ = ["CurvatureMetric", "model_of"]
 
@@ -141,6 +142,11 @@ class CurvatureMetric(Metric):
     rank_rtol : float, optional
         Eigenvalues below ``rank_rtol · λ_max`` count as zero (``rank``, ``pseudo_logdet``,
         and the singularity test of ``solve``). Default ``max(1e-10, 100·eps)``.
+    shard : DataShard, optional
+        Data-parallel: ``batches`` are this rank's, with global weights, and every sum over
+        the data (products, ``dense``, the rank bound) is reduced over the ranks once
+        (:mod:`covariant.metrics.shard`); ``solve``, ``rank``, ``logdet`` then run the same
+        algorithm on every rank. ``from_space`` takes it from the space's binding.
     """
 
     name = "CurvatureMetric"
@@ -156,6 +162,7 @@ class CurvatureMetric(Metric):
         cg_rtol: float | None = None,
         cg_maxiter: int | None = None,
         rank_rtol: float | None = None,
+        shard: DataShard | None = None,
     ) -> None:
         if not callable(forward):
             raise TypeError(f"{self.name}: forward must be callable forward(p, X)")
@@ -182,6 +189,7 @@ class CurvatureMetric(Metric):
         self.cg_rtol = cg_rtol
         self.cg_maxiter = cg_maxiter
         self.rank_rtol = rank_rtol
+        self.shard = shard
         self.is_constant = False
         self._eig_cache: tuple[Tensor, Tensor] | None = None
 
@@ -208,6 +216,9 @@ class CurvatureMetric(Metric):
         True
         """
         forward, loss_fn, batches, weights = model_of(space, cls.name)
+        shard = shard_of(space.binding)
+        if shard is not None:
+            kwargs.setdefault("shard", shard)
         return cls(forward, loss_fn, batches, weights, **kwargs)
 
     # ---------------------------------------------------------------- products
@@ -234,8 +245,13 @@ class CurvatureMetric(Metric):
     def matvec(self, p: Tensor, v: Tensor) -> Tensor:
         """G(p) v = Σ_b w_b J_bᵀ Λ_b(f_b) J_b v: one jvp and one vjp per batch.
 
-        Differentiable in ``p`` (and composable with ``torch.func`` transforms).
+        Differentiable in ``p`` (and composable with ``torch.func`` transforms). With a
+        ``shard``: the local sum, all-reduced once (reverse mode only).
         """
+        return reduce_local(self.shard, lambda q: self.local_matvec(q, v), p)
+
+    def local_matvec(self, p: Tensor, v: Tensor) -> Tensor:
+        """Σ_b w_b J_bᵀ Λ_b J_b v over this rank's batches (all of them without a shard)."""
         total: Tensor | None = None
         for b, w, f, yb in self._batch_models(p):
             out, Jv = jvp(f, (p,), (v,))
@@ -248,6 +264,9 @@ class CurvatureMetric(Metric):
     def inner(self, p: Tensor, u: Tensor, v: Tensor) -> Tensor:
         """uᵀ G(p) v = Σ_b w_b (J_b u)ᵀ Λ_b (J_b v): two jvps per batch and no vjp, so that
         its directional derivative in p (the connection terms) is forward-over-forward."""
+        return reduce_local(self.shard, lambda q: self._local_inner(q, u, v), p)
+
+    def _local_inner(self, p: Tensor, u: Tensor, v: Tensor) -> Tensor:
         total: Tensor | None = None
         for b, w, f, yb in self._batch_models(p):
             out, Ju = jvp(f, (p,), (u,))
@@ -292,7 +311,18 @@ class CurvatureMetric(Metric):
                 total = total + w * (t1 - 0.5 * t2)
             return total
 
-        return ConnectionForm(potential, remainder)
+        if self.shard is None:
+            return ConnectionForm(potential, remainder)
+        shard = self.shard
+
+        def reduced(u: Tensor) -> Tensor:  # the potential's form folded in, then one reduce
+            def local(_: Tensor) -> Tensor:
+                pot = jvp(lambda q: jvp(potential, (q,), (u,))[1], (p,), (u,))[1]
+                return remainder(u) + pot
+
+            return shard.reduce(local, p)
+
+        return ConnectionForm(None, reduced)
 
     def dense(self, p: Tensor, *, max_dim: int | None = None) -> Tensor:
         """G(p) as a dense symmetric (d, d) matrix, from d products (small d only).
@@ -301,17 +331,20 @@ class CurvatureMetric(Metric):
         small chunks stay in cache) and advance a progress bar inside
         ``progress_scope(True)`` (:mod:`covariant._progress`).
         """
+        check_dense_size(p.shape[0], f"{self.name}.dense", max_dim)
+        return reduce_local(self.shard, self._local_dense, p)
+
+    def _local_dense(self, p: Tensor) -> Tensor:
         d = p.shape[0]
-        check_dense_size(d, f"{self.name}.dense", max_dim)
         eye = torch.eye(d, dtype=p.dtype, device=p.device)
         bar = progress_bar(enabled=progress_enabled(), total=d, desc=f"{self.name} (dense)")
         parts = []
         for start in range(0, d, DENSE_CHUNK):
             E = eye[start:start + DENSE_CHUNK]
             try:
-                parts.append(vmap(lambda e: self.matvec(p, e))(E))
+                parts.append(vmap(lambda e: self.local_matvec(p, e))(E))
             except (RuntimeError, NotImplementedError):  # models that vmap cannot batch
-                parts.append(torch.stack([self.matvec(p, e) for e in E]))
+                parts.append(torch.stack([self.local_matvec(p, e) for e in E]))
             bar.update(E.shape[0])
         bar.close()
         rows = torch.cat(parts)
@@ -359,7 +392,10 @@ class CurvatureMetric(Metric):
             for b, (X, y) in enumerate(self.batches):
                 out = self.forward(p.detach(), cast_input(X, p))
                 total += self._output_rank_bound(b, out, y.to(p.device))
-        return total
+        if self.shard is None:
+            return total
+        local = p.new_tensor(float(total), dtype=torch.float64)
+        return int(self.shard.reduce(lambda _: local, p.detach()).round())
 
     def pseudo_logdet(self, p: Tensor) -> Tensor:
         """log of the product of the nonzero eigenvalues (dense; docs/math.md §5)."""

@@ -61,7 +61,7 @@ from .kfac_factors import (
     kfac_loss_info,
 )
 from .kronecker import KroneckerFactored
-from .losses import mc_noise
+from .shard import DataShard, shard_noise, shard_of
 
 __all__ = ["EKFAC", "KFAC"]
 
@@ -103,6 +103,12 @@ class KFAC(Metric):
     null_rtol : float, optional
         Eigenvalues at most ``null_rtol``·λ_max count as zero (default 1e-10, floored at
         100·eps of the dtype).
+    shard : DataShard, optional
+        Data-parallel (:mod:`covariant.metrics.shard`): ``batches`` are this rank's with
+        global weights; the factor matrices, the uncovered diagonal and the EK-FAC
+        corrections are summed over the ranks (one all-reduce of all of them per pass), the
+        input factors are normalized by the global example count, and the Monte-Carlo draws
+        are the single process's. ``from_space`` takes it from the space's binding.
     """
 
     name = "KFAC"
@@ -114,7 +120,7 @@ class KFAC(Metric):
                  layout: ParameterLayout | None = None, fisher_type: str = "type2",
                  mc_samples: int = 1, seed: int = 0, kfac_approx: str = "expand",
                  separate_bias: bool = True, damping: float = 0.0, solve_mode: str = "raise",
-                 null_rtol: float | None = None) -> None:
+                 null_rtol: float | None = None, shard: DataShard | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{self.name}: model must be an nn.Module, got "
                             f"{type(model).__name__}")
@@ -152,7 +158,8 @@ class KFAC(Metric):
         self.solve_mode = solve_mode
         self.null_rtol = null_rtol
         self.is_constant = False
-        noise = (mc_noise(self.info, self.batches, self.mc_samples, self.seed)
+        self.shard = shard
+        noise = (shard_noise(self.info, self.batches, self.mc_samples, self.seed, shard)
                  if fisher_type == "mc" else None)
         self.options = FactorOptions(fisher_type, kfac_approx, self.separate_bias,
                                      self._ekfac, noise)
@@ -169,6 +176,9 @@ class KFAC(Metric):
                 f"{cls.name} needs a model space with a module, a loss function and data; "
                 "build it with ParameterSpace.from_module(model, loss_fn, data)."
             )
+        shard = shard_of(binding)
+        if shard is not None:
+            kwargs.setdefault("shard", shard)
         base = cls(binding.model, binding.loss_fn, list(binding.batches), list(binding.weights),
                    forward=binding.forward, **kwargs)
         h = space.root_chart()
@@ -191,7 +201,7 @@ class KFAC(Metric):
         with second_order() if differentiable else nullcontext():
             return compute_factors(self.model, self.layout, self.forward, self.loss_fn,
                                    self.batches, self.weights, p, self.options,
-                                   differentiable=differentiable)
+                                   differentiable=differentiable, shard=self.shard)
 
     def _operator(self, fs: FactorSet) -> KroneckerFactored:
         return KroneckerFactored(fs.blocks, self.layout.dim, fs.rest_index, fs.rest_diagonal,

@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,7 @@ from ..errors import ShapeMismatchError, UnsupportedStructureError
 from ..layout import ParameterLayout
 from .kronecker import KroneckerBlock, block_spectrum
 from .losses import CrossEntropyRows, LossInfo, cast_input, loss_info, reduction_factor
+from .shard import DataShard
 
 __all__ = [
     "FISHER_TYPES",
@@ -393,15 +395,20 @@ def _uncovered_diagonal(forward: Forward, q: Tensor, idx: Tensor, X: Tensor,
 def compute_factors(model: nn.Module, layout: ParameterLayout, forward: Forward,
                     loss_fn: Callable[[Tensor, Tensor], Tensor],
                     batches: Sequence[tuple[Tensor, Tensor]], weights: Sequence[float],
-                    p: Tensor, opts: FactorOptions, *, differentiable: bool = False
-                    ) -> FactorSet:
+                    p: Tensor, opts: FactorOptions, *, differentiable: bool = False,
+                    shard: DataShard | None = None) -> FactorSet:
     """The K-FAC (``opts.ekfac``: EK-FAC) factors of all covered layers at ``p`` and the exact
-    diagonal of the rest; differentiable in ``p`` (reverse mode) with ``differentiable``."""
+    diagonal of the rest; differentiable in ``p`` (reverse mode) with ``differentiable``.
+    With a ``shard`` the sums over the data are reduced over the ranks (:func:`_reduced`)."""
     info = kfac_loss_info(loss_fn, "K-FAC")
     create = bool(differentiable and p.requires_grad)
+    if create and shard is not None:
+        raise UnsupportedStructureError(
+            "K-FAC: differentiable factors (connection terms of a K-FAC metric) are not "
+            "reduced over data-parallel ranks; use riemannian=False")
     q = p if create else p.detach()
     layers = candidate_layers(model, layout)
-    n_data = sum(int(X.shape[0]) for X, _ in batches)
+    n_data = shard.examples if shard is not None else sum(int(X.shape[0]) for X, _ in batches)
     joint = not opts.separate_bias
     A: dict[str, Tensor] = {}
     B: dict[str, Tensor] = {}
@@ -430,10 +437,12 @@ def compute_factors(model: nn.Module, layout: ParameterLayout, forward: Forward,
                 d = _uncovered_diagonal(forward, q, ri, X, sig.cols)
                 diag = diag.index_add(0, ri, d)
         assert covered is not None
+        if shard is not None:
+            A, B, diag = _reduced(shard, q, A, B, diag)
         blocks, owners = _blocks(covered, A, B, joint, q)
         if opts.ekfac:
             blocks = _eigenvalue_corrections(covered, blocks, owners, forward, q, batches,
-                                             weights, info, opts)
+                                             weights, info, opts, shard)
     rest_idx = rest_idx.to(q.device)
     uncovered = tuple(n for n, s in layout.slices.items() if bool(rest_mask[s].any()))
     return FactorSet(blocks, rest_idx, diag[rest_idx], uncovered)
@@ -466,7 +475,8 @@ def _blocks(covered: list[_Layer], A: dict[str, Tensor], B: dict[str, Tensor], j
 def _eigenvalue_corrections(covered: list[_Layer], blocks: list[KroneckerBlock],
                             owners: list[str], forward: Forward, q: Tensor,
                             batches: Sequence[tuple[Tensor, Tensor]], weights: Sequence[float],
-                            info: LossInfo, opts: FactorOptions) -> list[KroneckerBlock]:
+                            info: LossInfo, opts: FactorOptions,
+                            shard: DataShard | None = None) -> list[KroneckerBlock]:
     """EK-FAC: replace each block's eigenvalues b_i a_j by Σ_n Σ_k (Q_Bᵀ Ĝ_nk Q_A)²_ij
     (George et al. 2018), a second pass over the data in the factors' eigenbasis
     (:func:`~covariant.metrics.kronecker.block_spectrum`, the one every closed form uses)."""
@@ -486,5 +496,25 @@ def _eigenvalue_corrections(covered: list[_Layer], blocks: list[KroneckerBlock],
                 QA, QB = bases[blk.name]
                 xa = _with_ones(x) if "+" in blk.name else x
                 _add(corr, blk.name, _ekfac_correction(xa, sig.gs[la.name], QA, QB))
+    if shard is not None:
+        corr = _reduced(shard, q, corr)[0]
     return [replace(blk, eigenvalues=corr[blk.name]) for blk in blocks]
+
+
+def _reduced(shard: DataShard, q: Tensor, *parts: dict[str, Tensor] | Tensor) -> list[Any]:
+    """The dicts of matrices and the tensors in ``parts``, each summed over the ranks: one
+    all-reduce of all their entries, stacked (Σ (in+1)² + out² per layer, plus the uncovered
+    diagonal; the EK-FAC corrections are a second one)."""
+    flat = [t for part in parts for t in (part.values() if isinstance(part, dict) else [part])]
+    sizes = [t.numel() for t in flat]
+    stacked = torch.cat([t.reshape(-1) for t in flat]) if flat else q.new_zeros(0)
+    total = shard.reduce(lambda _: stacked, q).split(sizes)
+    out: list[Any] = []
+    it = iter(total)
+    for part in parts:
+        if isinstance(part, dict):
+            out.append({k: next(it).reshape(v.shape) for k, v in part.items()})
+        else:
+            out.append(next(it).reshape(part.shape))
+    return out
 

@@ -36,12 +36,12 @@ from .curvature_base import CurvatureMetric, Forward, LossFn
 from .losses import (
     CrossEntropyRows,
     generic_output_hvp,
-    mc_noise,
     mc_outer_rows,
     outer_rows,
     reduction_factor,
     rows_of,
 )
+from .shard import shard_noise
 
 __all__ = ["GGN", "EmpiricalFisher", "Fisher"]
 
@@ -162,7 +162,8 @@ class Fisher(CurvatureMetric):
         self._noise: list[Tensor] = []
         self._noise_cache: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
         if self.mc_samples is not None:
-            self._noise = list(mc_noise(self.info, self.batches, self.mc_samples, self.seed))
+            self._noise = list(shard_noise(self.info, self.batches, self.mc_samples,
+                                           self.seed, self.shard))
 
     def _noise_for(self, b: int, like: Tensor) -> Tensor:
         key = (b, like.dtype, like.device)

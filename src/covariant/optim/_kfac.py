@@ -86,6 +86,15 @@ def check_kfac_options(update_every: int, decay: float, metric_kwargs: dict[str,
                          "exactly at each solve)")
 
 
+def check_kfac_damping(mode: str, metric_name: str, damping_reference: Any) -> None:
+    """Raise ValueError unless ``kfac_damping=mode`` fits the optimizer's metric and damping
+    reference (factored damping damps K-FAC's factors in w)."""
+    if mode != "exact" and (metric_name not in ("kfac", "ekfac")
+                            or damping_reference != "weights"):
+        raise ValueError("RiemannianGD: kfac_damping='factored' needs metric='kfac' and "
+                         "damping_reference='weights' (it damps the factors in w)")
+
+
 class _KFACState:
     """The running-average factors of one optimizer, its step and refresh counters.
 

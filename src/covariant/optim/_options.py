@@ -12,6 +12,10 @@ ValueError: Invalid learning rate: -1.0
 from __future__ import annotations
 
 import math
+from typing import Any
+
+import torch
+from torch import Tensor
 
 from ..metrics import Metric
 
@@ -49,3 +53,26 @@ def _check_options(
             f"RiemannianGD: damping_reference must be 'weights', 'identity' or a Metric, "
             f"got {damping_reference!r}"
         )
+
+
+def _sgd_move(param_groups: list[dict[str, Any]], state_of: Any,
+              directions: list[Tensor | None]) -> None:
+    """Momentum (as ``torch.optim.SGD``) and the update p ← p − α d, in place."""
+    i = 0
+    for group in param_groups:
+        mu, tau = group["momentum"], group["dampening"]
+        for p in group["params"]:
+            d = directions[i]
+            i += 1
+            if d is None:
+                continue
+            if mu != 0:
+                state = state_of[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = torch.clone(d).detach()
+                    state["momentum_buffer"] = buf
+                else:
+                    buf.mul_(mu).add_(d, alpha=1 - tau)
+                d = d.add(buf, alpha=mu) if group["nesterov"] else buf
+            p.add_(d, alpha=-group["lr"])

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed.optim import DataParallelSteps
 from ..errors import NonFiniteError, NotConvergedError, SingularMetricError
 from ..linalg import cg
 from ..metrics import Damped, Euclidean, Metric, Pullback
@@ -55,9 +56,10 @@ from ._kfac import (
     DEFAULT_UPDATE_EVERY,
     KFAC_METRICS,
     _KFACState,
+    check_kfac_damping,
 )
 from ._model_view import _ModelView
-from ._options import _check_options
+from ._options import _check_options, _sgd_move
 
 __all__ = ["METRIC_NAMES", "RiemannianGD"]
 
@@ -159,14 +161,16 @@ class RiemannianGD(torch.optim.Optimizer):
         (Martens & Grosse 2015), smoothing mini-batch noise in the curvature; 0 keeps only
         the newest. The factors and counters are in ``state_dict()``.
     kfac_damping : {"exact", "factored"}
-        ``"exact"`` (default): K + λI. ``"factored"``: K-FAC's factored Tikhonov damping
-        (Martens & Grosse 2015, §6.3), each block (B + (√λ/π) I) ⊗ (A + π√λ I) with π the
-        ratio of the factors' mean eigenvalues
-        (:meth:`~covariant.metrics.kronecker.KroneckerFactored.with_factored_damping`): it
-        damps more along a layer's large-curvature directions, which lets mini-batch K-FAC
-        take a small λ (``benchmarks/bench_kfac_training.py`` tunes both). ``metric="kfac"``
-        only; like exact damping it is added in w and pulled back through ``parametrize``
-        charts.
+        ``"exact"`` (default): K + λI. ``"factored"``: Martens & Grosse's factored Tikhonov
+        damping, (B + (√λ/π) I) ⊗ (A + π√λ I) per block (``KroneckerFactored.
+        with_factored_damping``; docs/math.md §9): more damping along a layer's large-curvature
+        directions, so mini-batch K-FAC can take a small λ. ``metric="kfac"`` only; added in w
+        and pulled back through ``parametrize`` charts like exact damping.
+    data_parallel, process_group : bool, optional
+        Every rank of ``process_group`` holds the same parameters and its part of each
+        step's batch: ``step`` combines the ranks' gradients and reduces the metric products
+        (:mod:`covariant.distributed.optim`), so that every rank takes the single-process
+        step on the union of the batches. Not with K-FAC or a Monte-Carlo Fisher.
 
     Raises
     ------
@@ -227,6 +231,8 @@ class RiemannianGD(torch.optim.Optimizer):
         kfac_update_every: int = DEFAULT_UPDATE_EVERY,
         kfac_decay: float = DEFAULT_DECAY,
         kfac_damping: str = "exact",
+        data_parallel: bool = False,
+        process_group: Any = None,
     ) -> None:
         lr = float(lr) if isinstance(lr, Tensor) else lr
         _check_options(lr, momentum, dampening, weight_decay, nesterov, damping, cg_tol,
@@ -248,13 +254,14 @@ class RiemannianGD(torch.optim.Optimizer):
         self._kfac = (_KFACState(self.metric_name, kfac_update_every, kfac_decay,
                                  self.metric_kwargs, kfac_damping)
                       if self.metric_name in KFAC_METRICS else None)
-        if kfac_damping != "exact" and (self._kfac is None or damping_reference != "weights"):
-            raise ValueError("RiemannianGD: kfac_damping='factored' needs metric='kfac' and "
-                             "damping_reference='weights' (it damps the factors in w)")
+        check_kfac_damping(kfac_damping, self.metric_name, damping_reference)
         self._view = _ModelView(model, self._params()) if model is not None else None
         self._damping_reference = damping_reference
         self._warned_truncated = False
         self.info: dict[str, Any] = {}
+        self._batch: tuple[Tensor, Tensor] | None = None
+        self._dp = (DataParallelSteps(process_group, self.metric_name, self.metric_kwargs)
+                    if data_parallel else None)
 
     # ----------------------------------------------------------------- setup
     @property
@@ -361,7 +368,9 @@ class RiemannianGD(torch.optim.Optimizer):
         With the ``"weights"`` reference the damping is added to G_w in the weights,
         Eᵀ (G_w + λ I) E; otherwise the reference metric is added on p.
         """
-        space, _ = ParameterSpace.from_module(module, self.loss_fn, self._stream.next())  # type: ignore[arg-type]
+        batch, self._batch = self._batch or self._stream.next(), None
+        space = (ParameterSpace.from_module(module, self.loss_fn, batch)[0]  # type: ignore[arg-type]
+                 if self._dp is None else self._dp.space(module, self.loss_fn, batch))  # type: ignore[arg-type]
         G_w = space.with_metric(self.metric_name, **self.metric_kwargs).metric
         lam = self.damping
         if self._damping_reference == "weights":
@@ -523,6 +532,9 @@ class RiemannianGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._dp is not None:  # draw the step's batch first: its size weighs the gradient
+            self._batch = self._stream.next() if self.metric_name in _MODEL_METRICS else None
+            self._dp.reduce_gradients(self._params(), self.loss_fn, self._batch)
         euclid = self.metric_name == "euclidean" and self.damping == 0.0
         covectors = self._covectors(skip_missing=euclid)
         if euclid:
@@ -580,24 +592,7 @@ class RiemannianGD(torch.optim.Optimizer):
 
     def _move(self, directions: list[Tensor | None]) -> None:
         """Momentum (as ``torch.optim.SGD``) and the update p ← p − α d."""
-        i = 0
-        for group in self.param_groups:
-            mu, tau = group["momentum"], group["dampening"]
-            for p in group["params"]:
-                d = directions[i]
-                i += 1
-                if d is None:
-                    continue
-                if mu != 0:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = torch.clone(d).detach()
-                        state["momentum_buffer"] = buf
-                    else:
-                        buf.mul_(mu).add_(d, alpha=1 - tau)
-                    d = d.add(buf, alpha=mu) if group["nesterov"] else buf
-                p.add_(d, alpha=-group["lr"])
+        _sgd_move(self.param_groups, self.state, directions)
 
 
 #: ``stacklevel`` of the truncated-CG warning that points at the line calling ``opt.step()``:

@@ -71,6 +71,10 @@ class QuadraticForm:
     p : Tensor
         The point (1-D).
 
+    A loss with a ``taylor_parts()`` method (a data-parallel sum over ranks,
+    ``covariant.distributed``) returns ``(local, reduce)``: the rank's partial loss is traced
+    and each form (and ``value``) is ``reduce``-d, one all-reduce of a scalar per probe.
+
     Raises
     ------
     TaylorUnsupportedError
@@ -100,6 +104,10 @@ class QuadraticForm:
         if not isinstance(p, Tensor) or p.ndim != 1:
             raise TypeError("QuadraticForm: p must be a 1-D tensor")
         self.p = p.detach()
+        parts = getattr(loss, "taylor_parts", None)
+        self._reduce: Callable[[Tensor], Tensor] | None = None
+        if parts is not None:
+            loss, self._reduce = parts()
         recorder = Recorder(self.p)
         with torch.no_grad(), second_order(), recorder:  # attention: the math kernel
             out = loss(self.p)
@@ -138,6 +146,8 @@ class QuadraticForm:
         for n in shape_only:  # e.g. pre-activations: their rules need only the shape
             self._primal[n] = torch.empty(primal[n].shape, device="meta")
         self.value = self._primal[self._output].detach().reshape(())
+        if self._reduce is not None:
+            self.value = self._reduce(self.value)
         last_use: dict[Any, int] = {}
         for i, (node, _) in enumerate(self._steps):
             for a in node.all_input_nodes:
@@ -162,6 +172,6 @@ class QuadraticForm:
                 for n in self._free_after[i]:
                     coef.pop(n, None)
             c2 = coef.get(self._output, (None, None))[1]
-        if c2 is None:
-            return torch.zeros((), dtype=self.p.dtype, device=self.p.device)
-        return 2.0 * c2.reshape(())
+        out = (torch.zeros((), dtype=self.p.dtype, device=self.p.device) if c2 is None
+               else 2.0 * c2.reshape(()))
+        return out if self._reduce is None else self._reduce(out)
