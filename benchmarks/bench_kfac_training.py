@@ -41,6 +41,7 @@ Writes ``benchmarks/results/kfac_training_cpu.json`` atomically (``--out`` to ch
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -220,6 +221,11 @@ def main() -> None:
                          "(a what-if for its cost; the default run keeps torch's default)")
     ap.add_argument("--out", type=Path,
                     default=Path(__file__).parent / "results" / "kfac_training_cpu.json")
+    ap.add_argument("--chosen-from", type=Path, default=None, metavar="JSON",
+                    help="skip tuning: take each optimizer's chosen hyperparameters from an "
+                         "earlier results JSON")
+    ap.add_argument("--first-seed", type=int, default=1,
+                    help="measure seeds first-seed .. first-seed + repeats - 1 (default 1)")
     args = ap.parse_args()
     grids = QUICK_GRIDS if args.quick else GRIDS
     if args.quick:
@@ -237,11 +243,16 @@ def main() -> None:
             "X_test": ds.X_test, "y_test": ds.y_test}
 
     chosen, tunings = {}, {}
+    earlier = None if args.chosen_from is None else json.loads(args.chosen_from.read_text())
     for name, grid in grids.items():
-        chosen[name], tunings[name] = tune(name, grid, data, args)
+        if earlier is not None:  # the earlier run's choice, its tuning runs kept for the record
+            chosen[name] = earlier["results"][name]["chosen"]
+            tunings[name] = earlier["results"][name]["tuning"]
+        else:
+            chosen[name], tunings[name] = tune(name, grid, data, args)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in grids}
     order = list(grids)
-    for seed in range(1, args.repeats + 1):  # interleaved: machine load hits all alike
+    for seed in range(args.first_seed, args.first_seed + args.repeats):  # interleaved
         for name in order[seed % len(order):] + order[: seed % len(order)]:
             runs[name].append(train(name, chosen[name], seed, data, "test", args))
     step_ms = step_cost(chosen, data, args)
@@ -287,8 +298,10 @@ def main() -> None:
         "torch": torch.__version__, "options": {k: (str(v) if isinstance(v, Path) else v)
                                                  for k, v in vars(args).items()},
         "protocol": "lr tuned per optimizer on seed 0 against validation accuracy (fewest "
-                    "steps to target; else best accuracy); measured on seeds 1..repeats "
-                    "against test accuracy; seconds = training steps only",
+                    "steps to target; else best accuracy); measured on seeds first_seed.. "
+                    "first_seed+repeats-1 against test accuracy; seconds = training steps only"
+                    + ("" if args.chosen_from is None else
+                       f"; hyperparameters chosen by the earlier run {args.chosen_from.name}"),
         "results": results, "total_seconds": total,
         "loadavg_start": load_start, "loadavg_end": list(os.getloadavg()),
         "cpu_count": os.cpu_count(),
