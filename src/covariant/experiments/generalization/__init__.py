@@ -14,6 +14,37 @@ Example
 
 from __future__ import annotations
 
+from .attacks import (
+    ATTACKS,
+    AdversaryResult,
+    ModelChart,
+    adversary,
+    adversary_search,
+    attack,
+    elementwise_chart,
+    layerwise_alpha,
+    linear_layers,
+    per_neuron,
+    scale_chart,
+    weight_norm_chart,
+)
 from .statistics import bootstrap_ci, granulated_tau, kendall_tau, pgdl_score
 
-__all__ = ["bootstrap_ci", "granulated_tau", "kendall_tau", "pgdl_score"]
+__all__ = [
+    "ATTACKS",
+    "AdversaryResult",
+    "ModelChart",
+    "adversary",
+    "adversary_search",
+    "attack",
+    "bootstrap_ci",
+    "elementwise_chart",
+    "granulated_tau",
+    "kendall_tau",
+    "layerwise_alpha",
+    "linear_layers",
+    "per_neuron",
+    "pgdl_score",
+    "scale_chart",
+    "weight_norm_chart",
+]
