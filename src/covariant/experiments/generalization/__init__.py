@@ -3,7 +3,10 @@ adversary? (issue 14; ``covariant reproduce generalization``).
 
 Modules: :mod:`.statistics` (Kendall τ, Jiang's granulated τ, the PGDL score, bootstrap
 intervals), :mod:`.attacks` (function-preserving symmetries, per-model charts, the adversary),
-:mod:`.measures` (the registry of generalization measures).
+:mod:`.measures` (the registry of generalization measures); the study: :mod:`.settings` (the
+grid), :mod:`.population` (training, checkpoints, resume), :mod:`.stages` (per-model caches),
+:mod:`.optimizer_bias`, :mod:`.analysis` (tables), :mod:`.figures`, :mod:`.runner`
+(``run(out_dir, *, quick, seed, progress)``; docs/science.md).
 
 Example
 -------
@@ -28,10 +31,14 @@ from .attacks import (
     scale_chart,
     weight_norm_chart,
 )
+from .runner import format_table, run
+from .settings import FIGURES, JSON_NAME
 from .statistics import bootstrap_ci, granulated_tau, kendall_tau, pgdl_score
 
 __all__ = [
     "ATTACKS",
+    "FIGURES",
+    "JSON_NAME",
     "AdversaryResult",
     "ModelChart",
     "adversary",
@@ -39,12 +46,14 @@ __all__ = [
     "attack",
     "bootstrap_ci",
     "elementwise_chart",
+    "format_table",
     "granulated_tau",
     "kendall_tau",
     "layerwise_alpha",
     "linear_layers",
     "per_neuron",
     "pgdl_score",
+    "run",
     "scale_chart",
     "weight_norm_chart",
 ]
