@@ -3,7 +3,9 @@ adversary? (issue 14; ``covariant reproduce generalization``).
 
 Modules: :mod:`.statistics` (Kendall τ, Jiang's granulated τ, the PGDL score, bootstrap
 intervals), :mod:`.attacks` (function-preserving symmetries, per-model charts, the adversary),
-:mod:`.measures` (the registry of generalization measures).
+:mod:`.measures` (the registry of generalization measures; :mod:`.measures_common` settings
+and results, :mod:`.measures_spectral` the spectra of E = G⁻¹Hess, :mod:`.measures_baselines`
+the literature's measures).
 
 Example
 -------
@@ -28,17 +30,33 @@ from .attacks import (
     scale_chart,
     weight_norm_chart,
 )
+from .measures import (
+    ALL_ATTACKS,
+    KINDS,
+    MEASURES,
+    GeneralizationMeasure,
+    MeasureContext,
+    MeasureValue,
+    evaluate,
+)
 from .statistics import bootstrap_ci, granulated_tau, kendall_tau, pgdl_score
 
 __all__ = [
+    "ALL_ATTACKS",
     "ATTACKS",
+    "KINDS",
+    "MEASURES",
     "AdversaryResult",
+    "GeneralizationMeasure",
+    "MeasureContext",
+    "MeasureValue",
     "ModelChart",
     "adversary",
     "adversary_search",
     "attack",
     "bootstrap_ci",
     "elementwise_chart",
+    "evaluate",
     "granulated_tau",
     "kendall_tau",
     "layerwise_alpha",
