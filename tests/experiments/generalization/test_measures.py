@@ -19,6 +19,7 @@ from covariant.experiments.generalization.measures import (
     MEASURES,
     MeasureContext,
     evaluate,
+    evaluate_attacked,
 )
 from covariant.zoo.architectures import MLP
 
@@ -287,7 +288,7 @@ def test_adversary_rewrites_the_ranking_of_a_classic_measure_only():
         base = [MEASURES[name](n, data, ctx).value for n in nets]
 
         def value(i, c, name=name, ctx=ctx):
-            return MEASURES[name](attack("layerwise_alpha", nets[i], c)[0], data, ctx).value
+            return evaluate_attacked(name, nets[i], data, ctx, "layerwise_alpha", c).value
 
         res = adversary(value, gap, strengths, base)
         if movable:
@@ -295,3 +296,11 @@ def test_adversary_rewrites_the_ranking_of_a_classic_measure_only():
             assert abs(res.tau_after - res.tau_before) > 0.8  # τ ≈ 0.07 → ≈ −0.87
         else:
             assert res.max_rel_change < 1e-8 and res.tau_after == res.tau_before
+
+
+def test_cache_tells_charts_apart(trained):
+    net, data, _ = trained
+    ctx = MeasureContext()
+    vals = [evaluate_attacked("hess_trace", net, data, ctx, "reparametrization", c).value
+            for c in (2.0, 3.0, 2.0)]  # each call builds (and frees) a new chart object
+    assert vals[0] == vals[2] and abs(vals[1] / vals[0] - 1) > 0.1

@@ -38,6 +38,7 @@ from .measures import (
     MeasureContext,
     MeasureValue,
     evaluate,
+    evaluate_attacked,
 )
 from .statistics import bootstrap_ci, granulated_tau, kendall_tau, pgdl_score
 
@@ -57,6 +58,7 @@ __all__ = [
     "bootstrap_ci",
     "elementwise_chart",
     "evaluate",
+    "evaluate_attacked",
     "granulated_tau",
     "kendall_tau",
     "layerwise_alpha",

@@ -40,6 +40,7 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from typing import Any
 from torch import nn
 
 from . import measures_baselines as baselines
+from .attacks import attack
 from .measures_common import Data, MeasureContext, MeasureValue
 from .measures_spectral import effective_dimension, spectral_group
 
@@ -59,6 +61,7 @@ __all__ = [
     "MeasureContext",
     "MeasureValue",
     "evaluate",
+    "evaluate_attacked",
 ]
 
 KINDS = ("classic", "chart_invariant", "function_metric", "baseline")
@@ -162,3 +165,14 @@ def evaluate(model: nn.Module, data: Data, ctx: MeasureContext | None = None,
     if unknown:
         raise KeyError(f"unknown measures {unknown}; known: {sorted(MEASURES)}")
     return {n: MEASURES[n](model, data, ctx) for n in names}
+
+
+def evaluate_attacked(name: str, model: nn.Module, data: Data, ctx: MeasureContext,
+                      kind: str, strength: float, *, seed: int = 0) -> MeasureValue:
+    """``MEASURES[name]`` after :func:`.attacks.attack` ``(kind, model, strength, seed=seed)``:
+    a symmetry evaluates the transformed model, a chart evaluates ``model`` in that chart
+    (``ctx`` with its ``chart`` replaced). The ``evaluate`` callable of
+    :func:`.attacks.adversary` is ``lambda i, c: evaluate_attacked(name, models[i], data,
+    ctx, kind, c, seed=i).value``."""
+    attacked, chart = attack(kind, model, strength, seed=seed)
+    return MEASURES[name](attacked, data, dataclasses.replace(ctx, chart=chart))

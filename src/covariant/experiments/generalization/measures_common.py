@@ -181,9 +181,13 @@ def digest(theta: Tensor, data: Data) -> str:
 
 def cached(ctx: MeasureContext, key: tuple[Any, ...], theta: Tensor, data: Data,
            compute: Callable[[], Any]) -> Any:
-    """``compute()`` once per (key, point, data) in ``ctx.cache``."""
-    chart = None if ctx.chart is None else id(ctx.chart)
-    full = (*key, chart, digest(theta, data))
-    if full not in ctx.cache:
-        ctx.cache[full] = compute()
-    return ctx.cache[full]
+    """``compute()`` once per (key, point, data, chart) in ``ctx.cache``.
+
+    The chart is matched by identity: the entry keeps the chart object, so a chart that was
+    freed and whose ``id`` was reused by another never hits a stale entry."""
+    full = (*key, None if ctx.chart is None else id(ctx.chart), digest(theta, data))
+    hit = ctx.cache.get(full)
+    if hit is None or hit[0] is not ctx.chart:
+        hit = (ctx.chart, compute())
+        ctx.cache[full] = hit
+    return hit[1]
