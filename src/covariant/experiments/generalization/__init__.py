@@ -32,6 +32,7 @@ from .attacks import (
 )
 from .measures import (
     ALL_ATTACKS,
+    DEFAULT_STRENGTHS,
     KINDS,
     MEASURES,
     GeneralizationMeasure,
@@ -39,12 +40,14 @@ from .measures import (
     MeasureValue,
     evaluate,
     evaluate_attacked,
+    invariance_table,
 )
 from .statistics import bootstrap_ci, granulated_tau, kendall_tau, pgdl_score
 
 __all__ = [
     "ALL_ATTACKS",
     "ATTACKS",
+    "DEFAULT_STRENGTHS",
     "KINDS",
     "MEASURES",
     "AdversaryResult",
@@ -60,6 +63,7 @@ __all__ = [
     "evaluate",
     "evaluate_attacked",
     "granulated_tau",
+    "invariance_table",
     "kendall_tau",
     "layerwise_alpha",
     "linear_layers",
