@@ -103,7 +103,8 @@ def attack_table(models: Sequence[Mapping[str, Any]],
             base = [values[r["id"]][name]["value"] for r in sel]
             rows[name] = {}
             for kind in kinds:
-                def table(i: int, c: float, kind: str = kind) -> float:
+                def table(i: int, c: float, kind: str = kind, name: str = name,
+                          sel: list[Mapping[str, Any]] = sel) -> float:
                     return attacked[sel[i]["id"]][kind][repr(float(c))][name]
 
                 res = adversary(table, gap, list(strengths), base).to_dict()

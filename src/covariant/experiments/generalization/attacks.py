@@ -103,9 +103,10 @@ def layerwise_alpha(model: nn.Module, alphas: Sequence[float]) -> nn.Module:
     Returns
     -------
     nn.Module
-        A deep copy with rescaled parameters.
+        A float64 deep copy with rescaled parameters (float64 so that the function is kept
+        to ~1e-15, not to the rounding of float32 weights).
     """
-    net = copy.deepcopy(model)
+    net = copy.deepcopy(model).double()
     layers = linear_layers(net)
     a = [float(x) for x in alphas]
     if len(a) != len(layers):
@@ -132,8 +133,10 @@ def per_neuron(model: nn.Module, scales: Sequence[Tensor | Sequence[float]]) -> 
     ----------
     scales : sequence of tensors
         One positive vector per hidden layer (L − 1 of them), of that layer's width.
+
+    Returns a float64 deep copy, like :func:`layerwise_alpha`.
     """
-    net = copy.deepcopy(model)
+    net = copy.deepcopy(model).double()
     layers = linear_layers(net)
     if len(scales) != len(layers) - 1:
         raise ValueError(f"per_neuron: {len(layers) - 1} hidden layers, {len(scales)} scales")

@@ -21,8 +21,8 @@ intervals over models, and the ratio Adam / SGD of the medians with its interval
 Example
 -------
 >>> r = compare(["sgd", "sgd", "adam", "adam"], [1.0, 2.0, 4.0, 6.0], n_boot=200)
->>> r["median"]["sgd"], r["median"]["adam"], r["ratio_adam_over_sgd"]
-(1.5, 5.0, 3.333333333333333)
+>>> r["median"]["sgd"], r["median"]["adam"], round(r["ratio_adam_over_sgd"], 6)
+(1.5, 5.0, 3.333333)
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def axis_groups(hps: Sequence[Mapping[str, Any]], axis: str,
     group of at least two models that differ in ``axis``; groups in first-seen order."""
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, hp in enumerate(hps):
-        key = (hp.get("task"),) + tuple(repr(hp[a]) for a in axes if a != axis)
+        key = (hp.get("task"), *(repr(hp[a]) for a in axes if a != axis))
         groups.setdefault(key, []).append(i)
     return [g for g in groups.values()
             if len(g) >= 2 and len({repr(hps[i][axis]) for i in g}) >= 2]
