@@ -29,11 +29,14 @@ __all__ = ["attack_table", "bias_table", "measure_row", "statistics_table"]
 
 def measure_row(measure: Sequence[float], gap: Sequence[float],
                 hyperparams: Sequence[Mapping[str, Any]], axes: Sequence[str], *,
-                n_boot: int, seed: int, n_boot_grouped: int | None = None) -> dict[str, Any]:
+                n_boot: int, seed: int, n_boot_grouped: int | None = None,
+                n_boot_pgdl: int | None = None) -> dict[str, Any]:
     """τ, ψ per axis, Ψ and the PGDL score of one measure, each with a percentile-bootstrap
     interval over models (rows resampled jointly; ``n_boot`` replicates for τ,
-    ``n_boot_grouped`` (default ``n_boot``) for Ψ and PGDL, which cost O(n²) each)."""
+    ``n_boot_grouped`` for Ψ and ``n_boot_pgdl`` for PGDL (O(n²) pairs per replicate), both
+    ``n_boot`` by default)."""
     nb = n_boot if n_boot_grouped is None else n_boot_grouped
+    nb_pgdl = n_boot if n_boot_pgdl is None else n_boot_pgdl
     m, g, hps = np.asarray(measure, float), np.asarray(gap, float), list(hyperparams)
     psi = granulated_tau(m, g, hps, axes)
     pgdl = pgdl_score(m, g, hps, axes)
@@ -53,7 +56,7 @@ def measure_row(measure: Sequence[float], gap: Sequence[float],
         "Psi_ci": list(bootstrap_ci(psi_of, m, g, hps, n_boot=nb, seed=seed)),
         "pgdl": pgdl["score"],
         "pgdl_pairs": pgdl["pairs"],
-        "pgdl_ci": list(bootstrap_ci(pgdl_of, m, g, hps, n_boot=nb, seed=seed)),
+        "pgdl_ci": list(bootstrap_ci(pgdl_of, m, g, hps, n_boot=nb_pgdl, seed=seed)),
     }
 
 
@@ -66,7 +69,8 @@ def _usable(models: Sequence[Mapping[str, Any]], values: Mapping[str, Mapping[st
 def statistics_table(models: Sequence[Mapping[str, Any]],
                      values: Mapping[str, Mapping[str, Any]], kinds: Mapping[str, str],
                      axes: Sequence[str], *, n_boot: int, seed: int,
-                     n_boot_grouped: int | None = None) -> dict[str, Any]:
+                     n_boot_grouped: int | None = None,
+                     n_boot_pgdl: int | None = None) -> dict[str, Any]:
     """``{task: {measure: row}}`` (:func:`measure_row`, plus the measure's ``kind``)."""
     out: dict[str, Any] = {}
     for task in dict.fromkeys(r["hyperparameters"]["task"] for r in models):
@@ -80,7 +84,7 @@ def statistics_table(models: Sequence[Mapping[str, Any]],
             rows[name] = {"kind": kind, **measure_row(
                 [values[r["id"]][name]["value"] for r in sel], [r["gap"] for r in sel],
                 [r["hyperparameters"] for r in sel], axes, n_boot=n_boot, seed=seed,
-                n_boot_grouped=n_boot_grouped)}
+                n_boot_grouped=n_boot_grouped, n_boot_pgdl=n_boot_pgdl)}
         out[task] = rows
     return out
 

@@ -100,10 +100,11 @@ def attack_values(out: Path, record: Mapping[str, Any], data: Any,
     def compute() -> dict[str, Any]:
         model = load_model(out, record, dtype=torch.float64)
         table: dict[str, dict[str, dict[str, float]]] = {}
+        seed = int(cfg["seed"]) + int(record["init_seed"])  # per-neuron scales differ per model
         for kind in acfg["kinds"]:
             table[kind] = {}
             for c in acfg["strengths"]:
-                attacked, chart = attack(kind, model, c, seed=int(cfg["seed"]))
+                attacked, chart = attack(kind, model, c, seed=seed)
                 ctx = _context(out, record, cfg, chart)  # the init is not attacked
                 vals = _values(attacked, data, ctx, acfg["measures"])
                 table[kind][repr(float(c))] = {k: v["value"] for k, v in vals.items()}
