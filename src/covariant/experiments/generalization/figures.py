@@ -73,7 +73,8 @@ def plot_attacks(results: dict[str, Any], task: str, out: Path, plt: Any) -> str
     table = results["attacks"].get(task, {})
     names = list(table)
     kinds = list(next(iter(table.values()), {}))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(names) * (len(kinds) + 1)), 4.2))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.35 * len(names) * (len(kinds) + 1))),
+                                    4.6))
     width = 0.8 / (len(kinds) + 1)
     xs = range(len(names))
     ax.bar([x - 0.4 + width / 2 for x in xs], [table[n][kinds[0]]["tau_before"] for n in names]
