@@ -295,3 +295,23 @@ def test_cache_tells_charts_apart(trained):
     vals = [evaluate_attacked("hess_trace", net, data, ctx, "reparametrization", c).value
             for c in (2.0, 3.0, 2.0)]  # each call builds (and frees) a new chart object
     assert vals[0] == vals[2] and abs(vals[1] / vals[0] - 1) > 0.1
+
+
+def test_pinned_metric_preconditioned_cg_solve_matches_dense(trained):
+    from covariant.experiments.generalization.measures_common import (
+        model_space,
+        pinned_function_metric,
+    )
+
+    net, data, _ = trained
+    ctx = MeasureContext()
+    space, theta = model_space(net, data, ctx)
+    cg_metric = pinned_function_metric(space, theta, "ggn", 1e-3, cg_above=0)
+    dense_metric = pinned_function_metric(space, theta, "ggn", 1e-3)
+    assert cg_metric.has_closed_form_solve and not dense_metric.has_closed_form_solve
+    w = torch.randn(theta.numel(), generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    G = dense_metric.dense(theta)
+    x = cg_metric.solve(theta, w)
+    assert torch.allclose(G @ x, w, rtol=1e-7, atol=1e-7 * float(w.abs().max()))
+    assert torch.allclose(x, torch.linalg.solve(G, w), rtol=1e-6, atol=0)

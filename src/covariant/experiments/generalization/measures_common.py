@@ -22,7 +22,9 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ...errors import DomainError
+from ...linalg import cg
 from ...metrics import GGN, Fisher, OperatorMetric
+from ...metrics.base import DENSE_SOLVE_DIM
 from ...space import ParameterSpace
 from .attacks import ModelChart
 
@@ -146,14 +148,33 @@ def scale_reference(theta: Tensor) -> Tensor:
     return theta.pow(-2)
 
 
+def _jacobi_solve(matmat: Callable[[Tensor], Tensor], theta: Tensor, floor: Tensor,
+                  probes: int = 10) -> Callable[[Tensor], Tensor]:
+    """W ↦ G⁻¹ W by conjugate gradients with a Jacobi preconditioner: diag(G) estimated from
+    ``probes`` Rademacher products (E[z ⊙ G z] = diag G), never below ``floor`` = λ/w² (the
+    damping's exact diagonal, a lower bound of diag G)."""
+    gen = torch.Generator().manual_seed(0)
+    Z = (torch.randint(0, 2, (theta.numel(), probes), generator=gen) * 2 - 1).to(theta)
+    inv = 1.0 / torch.maximum((Z * matmat(Z)).mean(dim=1), floor)
+
+    def solve(W: Tensor) -> Tensor:
+        cols = [cg(lambda v: matmat(v[:, None])[:, 0], w, preconditioner=lambda r: inv * r,
+                   maxiter=10 * w.numel()).x for w in W.T]
+        return torch.stack(cols, dim=1)
+
+    return solve
+
+
 def pinned_function_metric(space: ParameterSpace, theta: Tensor, which: str,
-                           damping: float) -> OperatorMetric:
+                           damping: float, *, cg_above: int = DENSE_SOLVE_DIM) -> OperatorMetric:
     r"""G = F(w) + λ·diag(1/w²) at the point w, as a constant metric of the weights' chart.
 
     ``which`` is "ggn", "fisher" (:class:`~covariant.metrics.GGN`, exact
     :class:`~covariant.metrics.Fisher`) or "none" (only the reference: G = diag(1/w²)).
     Pinned (``OperatorMetric``): pulled back through a chart it is JᵀG(w)J at the point, and
     the Hessian it is paired with is the one carried along from w (no connection term).
+    Solves: dense Cholesky up to ``cg_above`` coordinates (default ``DENSE_SOLVE_DIM``),
+    Jacobi-preconditioned conjugate gradients above (diag(1/w²) makes G badly scaled).
     """
     d = scale_reference(theta)
     if which == "none":
@@ -169,7 +190,10 @@ def pinned_function_metric(space: ParameterSpace, theta: Tensor, which: str,
         cols = vmap(product, in_dims=1, out_dims=1, chunk_size=64)(X)
         return cols + damping * d[:, None] * X
 
-    return OperatorMetric(matmat, theta, name=f"{which}+{damping:g}·diag(1/w²) at w")
+    big = theta.numel() > cg_above and damping > 0
+    solve = _jacobi_solve(matmat, theta, damping * d) if big else None
+    return OperatorMetric(matmat, theta, solve_matmat=solve,
+                          name=f"{which}+{damping:g}·diag(1/w²) at w")
 
 
 def digest(theta: Tensor, data: Data) -> str:

@@ -44,8 +44,10 @@ chart-invariant: Σ log|λ_i + ε|, i.e. log|det(E + εI)|; function metrics: th
 log|det E| of :func:`covariant.flatness`), ``frobenius`` (√tr E², the G-Frobenius norm of the
 G-self-adjoint E).
 
-Dense (d ≤ ``ctx.dense_max_dim``): one generalized eigenproblem per group in the chart
-(``cv.flatness(..., ("spectrum",))``), float64, shared by the group's measures. Stochastic:
+Dense (d ≤ ``ctx.dense_max_dim``), float64, one generalized eigenproblem per group shared by
+its measures: in w, ∇²L, GGN and Fisher are built once per model and shared by the groups
+(``chart_invariant`` *is* ``classic`` there); in a chart, ``cv.flatness(..., ("spectrum",))``
+on the space in that chart (pulled-back metric, horizontal space of a submersion). Stochastic:
 ``cv.flatness(method="stochastic")`` (Hutchinson trace, Lanczos λ_max, SLQ log-det) and a
 Hutchinson estimate of tr E², with ``ctx.seed`` and ``ctx.num_probes``; the chart-invariant and
 function-metric groups then run in w (their values do not depend on the chart).
