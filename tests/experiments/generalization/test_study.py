@@ -168,3 +168,28 @@ def test_cli_prints_the_table(full_run, capsys, monkeypatch):
     assert json.loads(captured.out)["summary"]["table"]["inv_trace"]["tau"] == \
         res["summary"]["table"]["inv_trace"]["tau"]
     assert "inv_trace" in captured.err and "Psi" in captured.err and "PGDL" in captured.err
+
+
+def test_sigkilled_subprocess_resumes_to_the_same_json(full_run, tmp_path):
+    """A real kill (SIGKILL, no clean-up) at an arbitrary point after the first model."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, uninterrupted = full_run
+    code = ("import sys; from covariant.experiments.generalization import run; "
+            "from covariant.experiments.generalization.settings import tiny_settings; "
+            "run(sys.argv[1], config=tiny_settings(), progress=False)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "models").glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / gen.JSON_NAME).exists()
+    resumed = gen.run(tmp_path, config=tiny_settings(), progress=False)
+    assert _comparable(resumed) == _comparable(uninterrupted)
