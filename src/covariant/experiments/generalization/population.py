@@ -6,8 +6,8 @@ kept once, in that order). :func:`axis_groups` returns, for one axis, the groups
 agree on every other axis (and the task): the groups Jiang et al.'s granulated τ averages over.
 
 **Training.** ReLU MLPs (:class:`covariant.zoo.architectures.MLP`, ``hidden = [width] * depth``)
-in float32, mini-batch SGD, SGD with momentum or Adam, with decoupled-from-nothing L2 weight
-decay (PyTorch's ``weight_decay``), until the full-batch train cross-entropy is at most
+in float32, mini-batch SGD, SGD with momentum or Adam, with L2 weight decay (PyTorch's
+``weight_decay``, added to the gradient), until the full-batch train cross-entropy is at most
 ``target_ce`` or ``max_epochs`` epochs have run (``reached_target`` records which). The
 initialization is seeded by the ``seed`` axis (:func:`init_seed`; models that differ only in
 lr, batch size, weight decay or optimizer start from the same weights), the data order by the
