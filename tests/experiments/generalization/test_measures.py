@@ -264,6 +264,9 @@ def test_stochastic_estimates_agree_with_dense(trained):
         assert s.info["method"] == "stochastic" and s.stderr > 0
         assert abs(s.value - dense[name].value) < 4 * s.stderr, name
     assert stoch["hess_max_eig"].value == pytest.approx(dense["hess_max_eig"].value, rel=1e-6)
+    skipped = MEASURES["ggn_logdet"](net, data, MeasureContext(method="stochastic",
+                                                                num_probes=40, seed=2))
+    assert math.isnan(skipped.value) and "skipped" in skipped.info
 
 
 def test_adversary_rewrites_the_ranking_of_a_classic_measure_only():

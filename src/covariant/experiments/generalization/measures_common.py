@@ -148,8 +148,8 @@ def scale_reference(theta: Tensor) -> Tensor:
     return theta.pow(-2)
 
 
-def _jacobi_solve(matmat: Callable[[Tensor], Tensor], theta: Tensor, floor: Tensor,
-                  probes: int = 10) -> Callable[[Tensor], Tensor]:
+def _jacobi_solve(matmat: Callable[[Tensor], Tensor], matvec: Callable[[Tensor], Tensor],
+                  theta: Tensor, floor: Tensor, probes: int = 10) -> Callable[[Tensor], Tensor]:
     """W ↦ G⁻¹ W by conjugate gradients with a Jacobi preconditioner: diag(G) estimated from
     ``probes`` Rademacher products (E[z ⊙ G z] = diag G), never below ``floor`` = λ/w² (the
     damping's exact diagonal, a lower bound of diag G)."""
@@ -158,8 +158,8 @@ def _jacobi_solve(matmat: Callable[[Tensor], Tensor], theta: Tensor, floor: Tens
     inv = 1.0 / torch.maximum((Z * matmat(Z)).mean(dim=1), floor)
 
     def solve(W: Tensor) -> Tensor:
-        cols = [cg(lambda v: matmat(v[:, None])[:, 0], w, preconditioner=lambda r: inv * r,
-                   maxiter=10 * w.numel()).x for w in W.T]
+        cols = [cg(matvec, w, preconditioner=lambda r: inv * r, maxiter=10 * w.numel()).x
+                for w in W.T]
         return torch.stack(cols, dim=1)
 
     return solve
@@ -190,8 +190,11 @@ def pinned_function_metric(space: ParameterSpace, theta: Tensor, which: str,
         cols = vmap(product, in_dims=1, out_dims=1, chunk_size=64)(X)
         return cols + damping * d[:, None] * X
 
+    def matvec(v: Tensor) -> Tensor:
+        return product(v) + damping * d * v
+
     big = theta.numel() > cg_above and damping > 0
-    solve = _jacobi_solve(matmat, theta, damping * d) if big else None
+    solve = _jacobi_solve(matmat, matvec, theta, damping * d) if big else None
     return OperatorMetric(matmat, theta, solve_matmat=solve,
                           name=f"{which}+{damping:g}·diag(1/w²) at w")
 

@@ -50,7 +50,9 @@ its measures: in w, ∇²L, GGN and Fisher are built once per model and shared b
 on the space in that chart (pulled-back metric, horizontal space of a submersion). Stochastic:
 ``cv.flatness(method="stochastic")`` (Hutchinson trace, Lanczos λ_max, SLQ log-det) and a
 Hutchinson estimate of tr E², with ``ctx.seed`` and ``ctx.num_probes``; the chart-invariant and
-function-metric groups then run in w (their values do not depend on the chart).
+function-metric groups then run in w (their values do not depend on the chart), and the
+function-metric groups give trace and λ_max only (each product is a CG solve; logdet and
+frobenius are NaN with ``info["skipped"]``).
 
 Example
 -------
@@ -147,6 +149,9 @@ def _frobenius_stochastic(space: ParameterSpace, p: Tensor, ctx: MeasureContext,
 
 def _stochastic(space: ParameterSpace, theta: Tensor, group: str, ctx: MeasureContext,
                 info: dict[str, Any]) -> Result:
+    """Stochastic estimates. A function-metric group needs a CG solve per operator product,
+    so it computes trace and λ_max only; its logdet and frobenius are NaN with
+    ``info["skipped"]`` (use the dense path, d ≤ ``ctx.dense_max_dim``, for those)."""
     g_space, p = _group_space(space, theta, ctx, group, in_chart=group == "classic")
     opts = {"num_probes": ctx.num_probes, "seed": ctx.seed}
     rep = flatness(g_space, p, ("trace", "max_eig"), method="stochastic", **opts)
@@ -155,17 +160,18 @@ def _stochastic(space: ParameterSpace, theta: Tensor, group: str, ctx: MeasureCo
         "trace": (float(rep["trace"].value), float(rep["trace"].stderr or 0.0), info),
         "max_eig": (float(rep["max_eig"].value), 0.0,
                     {**info, "residual": rep["max_eig"].residual}),
-        "frobenius": _frobenius_stochastic(g_space, p, ctx, info),
     }
-    if group in ("classic", "chart_invariant"):
-        base, eps = g_space.loss_function, ctx.eps
-        anchor = p.detach().clone()
-        shifted = g_space.with_loss(lambda q: base(q) + 0.5 * eps * (q - anchor).pow(2).sum())
-        m = flatness(shifted, p, ("logdet",), method="stochastic", **opts)["logdet"]
-        out["logdet"] = (float(m.value), float(m.stderr or 0.0), {**info, "eps": eps})
-    else:
-        m = flatness(g_space, p, ("logdet",), method="stochastic", **opts)["logdet"]
-        out["logdet"] = (float(m.value), float(m.stderr or 0.0), info)
+    if group not in ("classic", "chart_invariant"):
+        skipped = {**info, "skipped": "stochastic function-metric logdet / frobenius: one "
+                   "CG solve per product is too costly; use method='dense'"}
+        out["frobenius"] = out["logdet"] = (math.nan, math.nan, skipped)
+        return out
+    out["frobenius"] = _frobenius_stochastic(g_space, p, ctx, info)
+    base, eps = g_space.loss_function, ctx.eps
+    anchor = p.detach().clone()
+    shifted = g_space.with_loss(lambda q: base(q) + 0.5 * eps * (q - anchor).pow(2).sum())
+    m = flatness(shifted, p, ("logdet",), method="stochastic", **opts)["logdet"]
+    out["logdet"] = (float(m.value), float(m.stderr or 0.0), {**info, "eps": eps})
     return out
 
 
