@@ -14,7 +14,7 @@ def test_parser_subcommands_and_defaults():
     args = parser.parse_args(["reproduce", "optimization", "--quick", "--seed", "3"])
     assert (args.command, args.experiment, args.quick, args.seed) == (
         "reproduce", "optimization", True, 3)
-    assert set(EXPERIMENTS) == {"optimization", "density"}
+    assert set(EXPERIMENTS) == {"optimization", "density", "generalization"}
     with pytest.raises(SystemExit):
         parser.parse_args(["reproduce", "nothing"])
 

@@ -2,7 +2,8 @@
 
 - ``covariant demo``: naive vs invariant flatness on a 2-D problem and a trained MLP;
 - ``covariant flatness``: measures for a saved model (``torch.load(..., weights_only=True)``);
-- ``covariant reproduce {optimization,density}``: the paper's claims as experiments.
+- ``covariant reproduce {optimization,density,generalization}``: the paper's claims as
+  experiments.
 
 Every command prints a readable table; ``--out DIR`` writes figures there and ``--json``
 writes every number as JSON. :func:`main` is the console entry point.

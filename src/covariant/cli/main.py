@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser(
         "reproduce", help="the paper's claims as experiments",
         description="Run one experiment of the paper (optimization: trajectories, order of "
-                    "invariance, NTK, Adam; density: MAP, Riemannian MAP, Laplace evidence), "
+                    "invariance, NTK, Adam; density: MAP, Riemannian MAP, Laplace evidence; "
+                    "generalization: flatness measures vs the generalization gap, attacks, "
+                    "optimizer bias), "
                     "write its figures to --out (default covariant-<experiment>) and print "
                     "its summary; with --json every number goes to stdout and the table to "
                     "stderr. Interrupted runs resume from their checkpoints.")

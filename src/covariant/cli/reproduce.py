@@ -1,4 +1,5 @@
-"""``covariant reproduce {optimization,density}``: run an experiment and print its summary.
+"""``covariant reproduce {optimization,density,generalization}``: run an experiment and print
+its summary (an experiment with a ``format_table(result)`` prints that table instead).
 
 Example
 -------
@@ -22,6 +23,7 @@ __all__ = ["EXPERIMENTS", "print_summary", "run_reproduce"]
 EXPERIMENTS = {
     "optimization": "covariant.experiments.optimization",
     "density": "covariant.experiments.density",
+    "generalization": "covariant.experiments.generalization",
 }
 
 
@@ -74,7 +76,13 @@ def run_reproduce(args: argparse.Namespace, *, progress: bool) -> int:
     module = importlib.import_module(EXPERIMENTS[args.experiment])
     out = args.out if args.out is not None else Path(f"covariant-{args.experiment}")
     result = module.run(out, quick=args.quick, seed=args.seed, progress=progress)
-    print_summary(args.experiment, result, out, sys.stderr if args.json else sys.stdout)
+    stream = sys.stderr if args.json else sys.stdout
+    if hasattr(module, "format_table"):
+        print(module.format_table(result), file=stream)
+        print(f"results in {out}/: {', '.join(map(str, result.get('figures', [])))}",
+              file=stream)
+    else:
+        print_summary(args.experiment, result, out, stream)
     if args.json:
         sys.stdout.write(dumps_json(result) + "\n")
     return 0
