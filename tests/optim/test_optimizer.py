@@ -328,20 +328,6 @@ def test_exhausted_data_iterator():
 
 
 # ------------------------------------------------------------------ function-space invariance
-class _ElementScale(nn.Module):
-    """W = S ⊙ Ω with a fixed positive S per entry: a linear chart that is not a multiple of I."""
-
-    def __init__(self, s):
-        super().__init__()
-        self.s = s
-
-    def forward(self, omega):
-        return self.s * omega
-
-    def right_inverse(self, w):
-        return w / self.s
-
-
 def _outputs(model, X, opt, y, steps):
     """f(X) before and after each of ``steps`` optimizer steps."""
     loss_fn = nn.CrossEntropyLoss()
@@ -363,7 +349,7 @@ def test_natural_gradient_function_space_trajectory_is_chart_free():
     charted = copy.deepcopy(base)
     for m in (charted[0], charted[2]):
         s = torch.exp(2 * torch.rand(m.weight.shape, generator=g) - 1)  # in [e⁻¹, e]
-        parametrize.register_parametrization(m, "weight", _ElementScale(s))
+        parametrize.register_parametrization(m, "weight", ElementScale(s))
     plain = copy.deepcopy(base)
     assert torch.allclose(charted(X), plain(X), atol=1e-14)
     kw = dict(loss_fn=nn.CrossEntropyLoss(), data=(X, y), damping=1e-2, cg_tol=1e-12,

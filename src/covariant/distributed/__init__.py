@@ -34,16 +34,13 @@ replicated parameters of a natural-gradient run in step, like DDP.
 
 Example
 -------
+The shards and their global weights are worked through in :mod:`covariant.distributed.space`;
+here, the contiguous split of five batches over two ranks (the first n mod P ranks get one more):
+
 >>> import torch
->>> from torch import nn
->>> X, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 1, dtype=torch.float64)
->>> batches = [(X[:4], y[:4]), (X[4:7], y[4:7]), (X[7:], y[7:])]
->>> shards = [shard_batches(batches, r, 2) for r in range(2)]
->>> [[len(Xb) for Xb, _ in s] for s in shards]       # uneven: rank 0 holds 7, rank 1 holds 3
-[[4, 3], [3]]
->>> weights = [global_weights(nn.MSELoss(), s, total=10) for s in shards]
->>> weights
-[(0.4, 0.3), (0.3,)]
+>>> batches = [(torch.zeros(2, 1), torch.zeros(2, 1))] * 5
+>>> [len(shard_batches(batches, r, 2)) for r in range(2)]
+[3, 2]
 """
 
 from __future__ import annotations
