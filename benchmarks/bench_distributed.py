@@ -3,7 +3,8 @@
 Workload: the HVP-bound Hutchinson trace of the Euclidean Hessian of mlp-80k (seeded
 initialization, float32) on one batch of ``--batch`` (4096) MNIST-1D training examples,
 ``--probes`` (20) Rademacher probes, ``quadratic_forms="hvp"`` (one Hessian-vector product per
-probe; Taylor-mode quadratic forms are not reduced in the first slice). Every process runs
+probe; the distributed rows compute the 20 probes' local products, then all-reduce them as
+one (20, d) block: ``RankSumLoss.hvp_matmat``). Every process runs
 with ``torch.set_num_threads(1)``. One run spawns one 2-rank gloo group on 127.0.0.1 (a
 free port) and measures every row in it:
 
@@ -216,7 +217,9 @@ def _row(row: str, ranks: list[dict[str, Any]]) -> dict[str, Any]:
         sizes = r0["allreduce_bytes"][row]
         out.update({
             "allreduce_calls_per_trace": len(sizes), "allreduce_bytes_per_trace": sum(sizes),
-            "allreduce_d_vectors_per_trace": sum(s == d_bytes for s in sizes),
+            # d-vectors moved in all (a (k, d) block of probes counts k), and calls of one
+            "allreduce_d_vectors_per_trace": sum(s // d_bytes for s in sizes),
+            "allreduce_calls_of_d_vectors_per_trace": sum(s >= d_bytes for s in sizes),
             "allreduce_bytes_one_hvp_product": r0["allreduce_bytes"][row + " one product"],
             "allreduce_alone_median_s": statistics.median(r0["allreduce_alone_seconds"][row]),
             "allreduce_alone_reps": len(r0["allreduce_alone_seconds"][row])})
@@ -251,6 +254,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "allreduce_bytes_one_hvp_product_P2": rows["dist-P2"]["allreduce_bytes_one_hvp_product"],
         "allreduce_calls_per_trace_P2": rows["dist-P2"]["allreduce_calls_per_trace"],
         "allreduce_d_vectors_per_trace_P2": rows["dist-P2"]["allreduce_d_vectors_per_trace"],
+        "allreduce_calls_of_d_vectors_per_trace_P2":
+            rows["dist-P2"]["allreduce_calls_of_d_vectors_per_trace"],
         "allreduce_alone_median_s": {row: rows[row]["allreduce_alone_median_s"]
                                      for row in ("dist-P1", "dist-P2")},
         "ring_bytes_sent_per_rank_per_product_P2": 4 * rows["dist-P2"]["d"] * 2 * (2 - 1) / 2,

@@ -288,6 +288,9 @@ def traffic() -> dict[str, list[tuple[int, ...]]]:
                 "ggn_matvec": lambda: ggn.matvec(theta, V[0]),
                 "ggn_dense": lambda: ggn.dense(theta),
                 "kfac_factors": lambda: kfac.factors(theta)}
+    hutchinson = StochasticOptions(num_probes=4, seed=3, quadratic_forms="hvp")
+    products["hutchinson_hvp_4"] = lambda: cv.flatness(space, theta, ("trace",),
+                                                       method="stochastic", options=hutchinson)
     form = QuadraticForm(space.loss_function, theta)  # traces the local loss
     products["taylor_form"] = lambda: form(V[0])
     tanh, psi = model_space(tanh_layer(), batches(), True, "ggn")

@@ -176,6 +176,10 @@ def test_one_all_reduce_per_product(agreement: dict[str, Any]) -> None:
         assert traffic["hvp_matmat_3"] == [(3, d)]  # local graph, 3 local products, 1 reduce
         assert traffic["ggn_matmat_3"] == [(3, d)]
         assert traffic["taylor_form"] == [()]  # the local form, summed: one scalar
+        # a Hutchinson trace of 4 probes by HVPs: the 4 products in one (4, d) block, besides
+        # the loss and the gradient of the report (before: 4 more all-reduces of (d,), the
+        # ranks meeting once per probe)
+        assert sorted(traffic["hutchinson_hvp_4"]) == sorted([(), (), (d,), (4, d)])
         assert traffic["ggn_matvec"] == [(d,)]
         assert traffic["ggn_dense"] == [(d, d)]
         assert traffic["kfac_factors"] == [(kfac,)]

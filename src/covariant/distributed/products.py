@@ -33,11 +33,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import autodiff
 from ..metrics import Metric
 from ..metrics.shard import reduce_local
 from ..space import ParameterSpace
-from .space import ShardBinding
+from .space import RankSumLoss
 
 __all__ = ["hvp_matmat", "metric_matmat"]
 
@@ -53,18 +52,11 @@ def _rows(product: Callable[[Tensor], Tensor], V: Tensor) -> Tensor:
 def hvp_matmat(space: ParameterSpace, p: Tensor) -> Matmat:
     """V (k, d) ↦ rows ∇²L(p) v_i: the shard's local HVPs on one gradient graph, then one
     all-reduce of the (k, d) block. A single-process space just stacks its HVPs."""
-    binding: Any = space.binding
-    if not isinstance(binding, ShardBinding) or space.parent is not None:
-        op = space.hvp_operator(p, False)
+    loss: Any = space.loss_function
+    if not isinstance(loss, RankSumLoss):  # one process, or a loss with more than the ranks'
+        op = space.hvp_operator(p, False)  # sum (a posterior's prior): its own products
         return lambda V: _rows(op, V)
-    local = autodiff.hvp_operator(binding.local_loss, p)
-    shard = binding.shard
-
-    def matmat(V: Tensor) -> Tensor:
-        block = _rows(local, V)
-        return reduce_local(shard, lambda _: block, p)
-
-    return matmat
+    return loss.hvp_matmat(p)
 
 
 def metric_matmat(metric: Metric, p: Tensor) -> Matmat:

@@ -171,17 +171,27 @@ def _range_restricted_matvecs(
 
 def _euclidean_matmat(space: ParameterSpace, p: Tensor, matvec: Matvec
                       ) -> Matvec | None:
-    """Batched Hessian products for the Euclidean metric on CUDA, or None.
+    """Batched Hessian products for the Euclidean metric on CUDA or a data-parallel space, or
+    None.
 
     On a GPU the probes go through one batched second backward per chunk
     (:func:`~covariant.autodiff.hvp_matmat_operator`, chunks sized to the free device
     memory), which amortizes the kernel launches of a per-probe loop. On CPU a loop of
     products that share one gradient graph is faster, and a batch's memory grows with the
-    probe count (benchmarks/), so None. ``matvec`` (the per-probe operator) is checked
+    probe count (benchmarks/), so None. On a data-parallel space (``covariant.distributed``,
+    any device) the block is the shard's products and **one** all-reduce of the (k, d) block
+    (``RankSumLoss.hvp_matmat``): the ranks meet once per block instead of once per probe.
+    ``matvec`` (the per-probe operator) is checked
     against the batched one on one probe; any failure (an operation without a batching rule)
     also gives None.
     """
-    if not isinstance(space.metric, Euclidean) or p.device.type == "cpu" or not _plain(p):
+    if not isinstance(space.metric, Euclidean) or not _plain(p):
+        return None
+    shard_block = getattr(space.loss_function, "hvp_matmat", None)
+    if shard_block is not None:
+        rows = shard_block(p)  # a data-parallel loss: one all-reduce per block of probes
+        return lambda V: rows(V.T).T
+    if p.device.type == "cpu":
         return None
     try:
         matmat = autodiff.hvp_matmat_operator(space.loss_function, p)

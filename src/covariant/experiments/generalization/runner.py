@@ -138,9 +138,17 @@ def _compute(out: Path, cfg: dict[str, Any], progress: bool) -> dict[str, Any]:
         "sharpness": sharp,
     }
     results["summary"] = _summary(results)
+    t_analysis = time.perf_counter() - t0 - t_train - t_stages
+    # the compute of the whole study, also when it was resumed: every model's stages as
+    # recorded when they ran (cached with their results), plus this run's analysis
+    stage_sums = {stage: math.fsum(s[stage] for s in seconds.values()
+                                   if math.isfinite(s[stage]))
+                  for stage in ("train", "measures", "attacks", "sharpness")}
     results["timing"] = {"train_s": t_train, "per_model_stages_s": t_stages,
-                         "analysis_s": time.perf_counter() - t0 - t_train - t_stages,
-                         "total_s": time.perf_counter() - t0, "per_model": seconds}
+                         "analysis_s": t_analysis,
+                         "total_s": time.perf_counter() - t0, "per_model": seconds,
+                         "recorded_stage_s": stage_sums,
+                         "recorded_total_s": math.fsum(stage_sums.values()) + t_analysis}
     return results
 
 

@@ -36,7 +36,7 @@ FIGURES = (
     "generalization_attacks.png",
     "generalization_optimizer_bias.png",
 )
-_VERSION = 2
+_VERSION = 3
 
 _BIAS = {"method": "stochastic", "num_probes": 40,
          "ggn_measures": {"trace": "ggn_trace", "max_eig": "ggn_max_eig",
@@ -45,6 +45,12 @@ _BIAS = {"method": "stochastic", "num_probes": 40,
 _QUICK_ATTACKED = ("hess_trace", "hess_max_eig", "inv_trace", "inv_max_eig", "ggn_trace",
                    "ggn_effdim", "adaptive_sharpness_avg", "fisher_rao_norm", "l2_norm",
                    "distance_to_init", "path_norm")
+#: The attacks of the full run: three reparametrizations (per-layer ``Scale``, weight norm
+#: with ‖v‖ = c‖w‖, the elementwise chart θ = sinh(cψ)/c) and two symmetries.
+_FULL_ATTACKS = ("reparametrization", "weight_norm", "elementwise", "layerwise_alpha",
+                 "per_neuron")
+#: The attacks of the quick run (one reparametrization, two symmetries: it must fit 3 min).
+_QUICK_ATTACKS = ("reparametrization", "layerwise_alpha", "per_neuron")
 _BASE = {"width": 16, "depth": 1, "lr": 1.0, "batch_size": 32, "weight_decay": 0.0,
          "optimizer": "sgd", "seed": 0}
 
@@ -89,11 +95,12 @@ def settings(quick: bool, seed: int) -> dict[str, Any]:
                 {"width": [8, 16], "optimizer": ["sgd", "adam"], "lr": [0.5, 2.0]},
             ),
         ]
-    measures = {"names": None, "context": {"method": "auto", "dense_max_dim": 1500,
+    # dense up to d = 1600: the largest net (d = 1482) in the weight-norm chart has d = 1524
+    measures = {"names": None, "context": {"method": "auto", "dense_max_dim": 1600,
                                            "num_probes": 20}}
-    attacks = {"kinds": ["reparametrization", "layerwise_alpha", "per_neuron"],
-               "strengths": [0.1, 10.0], "measures": None}
+    attacks = {"kinds": list(_FULL_ATTACKS), "strengths": [0.1, 10.0], "measures": None}
     if quick:
+        attacks["kinds"] = list(_QUICK_ATTACKS)
         attacks["measures"] = list(_QUICK_ATTACKED)
     return {"version": _VERSION, "quick": bool(quick), "seed": int(seed), "blocks": blocks,
             "train": train, "data": data, "axes": list(AXES),

@@ -2,7 +2,7 @@ r"""The per-model stages of the generalization study, each cached in one JSON fi
 (written atomically, reused when its settings match): the measures, the measures under every
 attack and strength, and the optimizer-bias sharpness.
 
-Files under ``out_dir``: ``measures/<id>.json``, ``attacks/<id>.json``,
+Files under ``out_dir``: ``measures/<id>.json``, ``attacks/<id>.<kind>.json``,
 ``sharpness/<id>.json``; each holds ``{"key": <the settings it was computed with>, ...}``,
 and a file whose key differs is recomputed. Wall times go to ``"seconds"`` in each file, and
 the runner keeps them out of the results' comparable part.
@@ -91,26 +91,34 @@ def measure_values(out: Path, record: Mapping[str, Any], data: Any,
 
 def attack_values(out: Path, record: Mapping[str, Any], data: Any,
                   cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The measures of one model after each attack kind and strength (cached in
-    ``attacks/<id>.json``): ``{"values": {kind: {strength: {measure: value}}}}``."""
-    acfg = cfg["attacks"]
-    key = {"record": record["id"], "measures": cfg["measures"], "attacks": acfg,
-           "seed": cfg["seed"], "train": record["train"], "data": record["data"]}
+    """The measures of one model after each attack kind and strength:
+    ``{"values": {kind: {strength: {measure: value}}}, "seconds": total}``.
 
-    def compute() -> dict[str, Any]:
-        model = load_model(out, record, dtype=torch.float64)
-        table: dict[str, dict[str, dict[str, float]]] = {}
-        seed = int(cfg["seed"]) + int(record["init_seed"])  # per-neuron scales differ per model
-        for kind in acfg["kinds"]:
-            table[kind] = {}
+    Each kind is cached in its own file, ``attacks/<id>.<kind>.json``, so that adding a kind
+    to the settings computes only that kind."""
+    acfg = cfg["attacks"]
+    table: dict[str, Any] = {}
+    seconds = 0.0
+    for kind in acfg["kinds"]:
+        key = {"record": record["id"], "measures": cfg["measures"], "kind": kind,
+               "strengths": acfg["strengths"], "attacked": acfg["measures"],
+               "seed": cfg["seed"], "train": record["train"], "data": record["data"]}
+
+        def compute(kind: str = kind) -> dict[str, Any]:
+            model = load_model(out, record, dtype=torch.float64)
+            seed = int(cfg["seed"]) + int(record["init_seed"])  # per-neuron scales per model
+            by_strength: dict[str, dict[str, float]] = {}
             for c in acfg["strengths"]:
                 attacked, chart = attack(kind, model, c, seed=seed)
                 ctx = _context(out, record, cfg, chart)  # the init is not attacked
                 vals = _values(attacked, data, ctx, acfg["measures"])
-                table[kind][repr(float(c))] = {k: v["value"] for k, v in vals.items()}
-        return {"values": table}
+                by_strength[repr(float(c))] = {k: v["value"] for k, v in vals.items()}
+            return {"values": by_strength}
 
-    return cached_json(out / "attacks" / f"{record['id']}.json", key, compute)
+        cached = cached_json(out / "attacks" / f"{record['id']}.{kind}.json", key, compute)
+        table[kind] = cached["values"]
+        seconds += float(cached["seconds"])
+    return {"values": table, "seconds": seconds}
 
 
 def sharpness_values(out: Path, record: Mapping[str, Any], data: Any,
