@@ -80,6 +80,22 @@ def attention_model() -> nn.Module:
     return seeded(TinyAttention(), scale=0.5).eval()
 
 
+class _Symmetric(nn.Module):
+    """A ``torch.nn.utils.parametrize`` parametrization: W = (A + Aᵀ)/2."""
+
+    def forward(self, A: Tensor) -> Tensor:
+        return 0.5 * (A + A.T)
+
+
+def parametrized_model() -> nn.Module:
+    """An MLP whose hidden layer already uses ``torch.nn.utils.parametrize`` (a symmetric
+    5 × 5 weight): the space's parameters are the parametrization's ``original``."""
+    model = seeded(nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(),
+                                 nn.Linear(5, 2)))
+    torch.nn.utils.parametrize.register_parametrization(model[2], "weight", _Symmetric())
+    return model
+
+
 def batches(n_in: int = 3, seed: int = 1) -> list[Batch]:
     """Uneven shards for 2 ranks: rank 0 gets batches of 7 and 5, rank 1 of 6 and a last 2."""
     g = torch.Generator().manual_seed(seed)
@@ -216,6 +232,24 @@ def gd_steps(data: list[Batch], distributed: bool, steps: int = 5) -> Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
+def kfac_steps(data: list[Batch], distributed: bool, kind: str, steps: int = 5) -> Tensor:
+    """Five K-FAC (EK-FAC) RiemannianGD steps, one batch per rank (7+5 | 6+2), the factors
+    refreshed at steps 0, 2, 4 and averaged: on the ranks they are reduced at each refresh."""
+    model = mlp()
+    if distributed:
+        local = union(shard_batches(data, dist.get_rank(), dist.get_world_size()))
+    else:
+        local = union(data)
+    opt = RiemannianGD(model.parameters(), lr=0.5, metric=kind, model=model,
+                       loss_fn=nn.MSELoss(), data=local, damping=1e-2, kfac_update_every=2,
+                       kfac_decay=0.5, data_parallel=distributed)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.MSELoss()(model(local[0]), local[1]).backward()
+        opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
 def laplace_quantities(data: list[Batch], distributed: bool) -> dict[str, Tensor]:
     """Laplace log evidence and covariance products of a regression posterior."""
     model = mlp()
@@ -265,9 +299,13 @@ def compute_all(distributed: bool) -> dict[str, Tensor]:
     out.update({f"metrics/{k}": v for k, v in solve_products(data, distributed).items()})
     out.update({f"metrics/{k}": v for k, v in classification_products(data, distributed).items()})
     out["optim/riemannian_gd_5_steps"] = gd_steps(data, distributed)
+    for kind in ("kfac", "ekfac"):
+        out[f"optim/{kind}_5_steps"] = kfac_steps(data, distributed, kind)
     out.update({f"laplace/{k}": v for k, v in laplace_quantities(data, distributed).items()})
     out.update({f"batchnorm/{k}": v
                 for k, v in products(bn_model, data, distributed, full=False).items()})
+    out.update({f"parametrized/{k}": v
+                for k, v in products(parametrized_model, data, distributed, full=False).items()})
     out.update({f"attention/{k}": v
                 for k, v in products(attention_model, batches(12), distributed,
                                      full=False).items()})

@@ -53,6 +53,7 @@ def _agreement_worker(rank: int, port: int, out: str) -> None:
     try:
         _bad_launches(rank, out)
         _taylor_refusal(rank, out)
+        _monte_carlo_refusal(rank, out)
         torch.save(C.compute_all(True), os.path.join(out, f"rank{rank}.pt"))
         torch.save(C.traffic(), os.path.join(out, f"traffic{rank}.pt"))
     finally:
@@ -113,6 +114,22 @@ def _taylor_refusal(rank: int, out: str) -> None:
         f.write(result)
 
 
+def _monte_carlo_refusal(rank: int, out: str) -> None:
+    """A Monte-Carlo metric in data-parallel RiemannianGD: a ValueError naming the option."""
+    model = _model()
+    results = []
+    for kwargs in ({"metric": "fisher", "metric_kwargs": {"mc_samples": 1}},
+                   {"metric": "kfac", "metric_kwargs": {"fisher_type": "mc"}}):
+        try:
+            cv.optim.RiemannianGD(model.parameters(), lr=0.1, model=model, loss_fn=nn.MSELoss(),
+                                  data=_batches()[0], data_parallel=True, **kwargs)
+            results.append("no error")
+        except ValueError as err:
+            results.append(f"ValueError: {err}")
+    with open(os.path.join(out, f"mc{rank}.txt"), "w") as f:
+        f.write("\n".join(results))
+
+
 def _spawn(worker: Any, out: str, timeout: float = TIMEOUT_S) -> None:
     ctx = mp.start_processes(worker, args=(_free_port(), out), nprocs=2, join=False,
                              start_method="spawn")
@@ -149,15 +166,17 @@ def test_model_metrics_of_the_binding_agree(agreement: dict[str, Any]) -> None:
 
 
 def test_riemannian_gd_and_laplace_agree(agreement: dict[str, Any]) -> None:
-    """Five data-parallel RiemannianGD steps (damped GGN, momentum), and the Laplace log
+    """Five data-parallel RiemannianGD steps (damped GGN, momentum; K-FAC and EK-FAC with
+    factors refreshed and averaged on the ranks), and the Laplace log
     evidence and a covariance product for structures full, diag, kron and lowrank
     (regression), and the evidence of a classification posterior (kron, diag)."""
-    assert _check(agreement, "optim/", RTOL) == ["optim/riemannian_gd_5_steps"]
+    assert _check(agreement, "optim/", RTOL) == ["optim/riemannian_gd_5_steps",
+                                                  "optim/kfac_5_steps", "optim/ekfac_5_steps"]
     assert len(_check(agreement, "laplace/", RTOL)) == 11
 
 
-@pytest.mark.parametrize("model", ["batchnorm", "attention"])
-def test_batch_norm_and_attention_models_agree(agreement: dict[str, Any], model: str) -> None:
+@pytest.mark.parametrize("model", ["batchnorm", "attention", "parametrized"])
+def test_batch_norm_attention_and_parametrized_models_agree(agreement: dict[str, Any], model: str) -> None:
     names = _check(agreement, f"{model}/", RTOL)
     assert len(names) == 12
 
@@ -209,6 +228,15 @@ def test_taylor_mode_refuses_a_sum_over_ranks(agreement: dict[str, Any]) -> None
         text = (agreement["out"] / f"taylor{rank}.txt").read_text()
         assert text.startswith("TaylorUnsupportedError") and "ranks" in text, text
     _check(agreement, "laplace/posterior_trace_auto", RTOL)
+
+
+def test_monte_carlo_metrics_are_refused_data_parallel(agreement: dict[str, Any]) -> None:
+    """Their labels are drawn per batch: the ranks' draws would not be one process's."""
+    for rank in range(2):
+        lines = (agreement["out"] / f"mc{rank}.txt").read_text().split("\n")
+        assert len(lines) == 2
+        for line in lines:
+            assert line.startswith("ValueError") and "Monte-Carlo" in line, line
 
 
 def test_no_process_group_is_a_typed_error() -> None:

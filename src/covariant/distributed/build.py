@@ -24,9 +24,11 @@ from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..laplace.posterior import LIKELIHOODS, GaussianNLL, gaussian_prior_nll
 from ..metrics import Metric, resolve_metric
+from ..reparam.interop import split_parametrizations
 from ..space import ParameterSpace
 from .space import shard_binding
 
@@ -54,7 +56,20 @@ def distributed_space(
     "kfac", "ekfac"), here or later by ``space.with_metric``, is built on the shard and
     reduces its sums over the ranks; a Metric instance is used as given and must be the same
     on every rank (wrap a shard's own metric in :class:`ReducedMetric`).
+
+    A model using ``torch.nn.utils.parametrize`` is analysed as ``ParameterSpace.from_module``
+    does by default (``metric_chart="weights"``): the plain model's data-parallel space,
+    reparametrized by the model's own charts, with θ its ``original`` tensors.
     """
+    if any(parametrize.is_parametrized(m) for m in model.modules()):
+        # as ParameterSpace.from_module: the plain model's (w) space, with the metric given
+        # in w, reparametrized by the model's own charts (its ``original`` tensors)
+        plain, charts, originals = split_parametrizations(model)
+        w_space, _ = distributed_space(plain, loss_fn, local_data, metric, group=group,
+                                       seed=seed, **metric_kwargs)
+        native = w_space.reparametrize(charts)
+        assert native.layout is not None
+        return native, native.layout.flatten(originals)
     settings = {"loss_fn": repr(loss_fn), "metric": repr(metric), "seed": seed,
                 "metric_kwargs": repr(sorted(metric_kwargs.items()))}
     binding, theta, layout = shard_binding(model, loss_fn, local_data, settings, group=group)

@@ -12,7 +12,10 @@ batches:
   all-reduce of d + 1 numbers (the gradients and n_r);
 - the model metric of the step (``"ggn"``, ``"fisher"``, ``"empirical_fisher"``) is built on
   the rank's batch with the global weight n_r/N and reduces each product: one all-reduce of
-  a d-vector per CG iteration.
+  a d-vector per CG iteration;
+- K-FAC (``"kfac"``, ``"ekfac"``): at each refresh the factors are taken on the same kind of
+  space, so they are the factors of the union of the ranks' batches (one all-reduce of all
+  the factors' entries); the closed-form solve then runs on every rank alike.
 
 The CG iterations then run identically on every rank, and every rank moves its parameters by
 the same direction.
@@ -58,10 +61,13 @@ class DataParallelSteps:
     def __init__(self, group: Any = None, metric: str = "ggn",
                  metric_kwargs: dict[str, Any] | None = None) -> None:
         check_process_group("RiemannianGD(data_parallel=True)")
-        if metric in ("kfac", "ekfac") or (metric_kwargs or {}).get("mc_samples") is not None:
+        kw = metric_kwargs or {}
+        if kw.get("mc_samples") is not None or kw.get("fisher_type") == "mc":
             raise ValueError(
                 f"RiemannianGD(data_parallel=True) does not take metric={metric!r} with "
-                f"{metric_kwargs}: K-FAC and Monte-Carlo metrics are not reduced per step")
+                f"{metric_kwargs}: Monte-Carlo metrics draw their labels per batch, and the "
+                "ranks' draws would not be the single process's; use the exact GGN / Fisher "
+                "(no mc_samples)")
         self.group = group
         self.total: int | None = None
 

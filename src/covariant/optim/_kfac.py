@@ -40,6 +40,7 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
@@ -51,6 +52,9 @@ from ..metrics.kronecker import KroneckerBlock, KroneckerFactored
 from ..space import ParameterSpace
 
 __all__: list[str] = []
+
+#: Builds the model's space on one batch: (module, loss_fn, batch) ↦ ParameterSpace.
+SpaceOf = Callable[[nn.Module, Any, tuple[Tensor, Tensor]], ParameterSpace]
 
 #: Metric names of :class:`~covariant.optim.RiemannianGD` solved with Kronecker factors.
 KFAC_METRICS = ("kfac", "ekfac")
@@ -132,17 +136,27 @@ class _KFACState:
         """True when the step about to be taken refreshes the factors."""
         return self.factors is None or self.steps % self.update_every == 0
 
-    def advance(self, module: nn.Module, loss_fn: Any, batch: tuple[Tensor, Tensor]) -> bool:
-        """Count one step; refresh the factors on ``batch`` first when due. True if refreshed."""
+    def advance(self, module: nn.Module, loss_fn: Any, batch: tuple[Tensor, Tensor],
+                space_of: SpaceOf | None = None) -> bool:
+        """Count one step; refresh the factors on ``batch`` first when due. True if refreshed.
+        ``space_of`` builds the model's space on the batch (default
+        ``ParameterSpace.from_module``; data-parallel steps pass a space whose products and
+        factors are reduced over the ranks)."""
         refresh = self.due()
         if refresh:
-            self.refresh(module, loss_fn, batch)
+            self.refresh(module, loss_fn, batch, space_of)
         self.steps += 1
         return refresh
 
-    def refresh(self, module: nn.Module, loss_fn: Any, batch: tuple[Tensor, Tensor]) -> None:
+    def refresh(self, module: nn.Module, loss_fn: Any, batch: tuple[Tensor, Tensor],
+                space_of: SpaceOf | None = None) -> None:
         """Fold the factors of ``module`` at its current weights on ``batch`` into the average."""
-        space, w = ParameterSpace.from_module(module, loss_fn, batch)
+        if space_of is None:
+            space, w = ParameterSpace.from_module(module, loss_fn, batch)
+        else:
+            space = space_of(module, loss_fn, batch)
+            assert space.layout is not None
+            w = space.layout.flatten(dict(module.named_parameters())).detach()
         cls = metrics.EKFAC if self.kind == "ekfac" else metrics.KFAC
         with torch.enable_grad():
             new = cls.from_space(space, damping=0.0, **self.metric_kwargs).factors(w.detach())

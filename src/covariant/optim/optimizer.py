@@ -170,7 +170,8 @@ class RiemannianGD(torch.optim.Optimizer):
         Every rank of ``process_group`` holds the same parameters and its part of each
         step's batch: ``step`` combines the ranks' gradients and reduces the metric products
         (:mod:`covariant.distributed.optim`), so that every rank takes the single-process
-        step on the union of the batches. Not with K-FAC or a Monte-Carlo Fisher.
+        step on the union of the batches; K-FAC factors are those of the union too. Not with
+        a Monte-Carlo metric (``mc_samples``, ``fisher_type="mc"``): ``ValueError``.
 
     Raises
     ------
@@ -390,7 +391,9 @@ class RiemannianGD(torch.optim.Optimizer):
         more weights (only some parameters are optimized): then by conjugate gradients.
         """
         assert self._kfac is not None
-        refreshed = self._kfac.advance(module, self.loss_fn, self._stream.next())
+        batch, self._batch = self._batch or self._stream.next(), None
+        refreshed = self._kfac.advance(module, self.loss_fn, batch,
+                                       None if self._dp is None else self._dp.space)
         self.info = {"refreshed": refreshed}
         lam = self.damping
         by_weights = self._damping_reference == "weights"
@@ -533,7 +536,9 @@ class RiemannianGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self._dp is not None:  # draw the step's batch first: its size weighs the gradient
-            self._batch = self._stream.next() if self.metric_name in _MODEL_METRICS else None
+            self._batch = (self._stream.next()
+                           if self.metric_name in _MODEL_METRICS or self._kfac is not None
+                           else None)
             self._dp.reduce_gradients(self._params(), self.loss_fn, self._batch)
         euclid = self.metric_name == "euclidean" and self.damping == 0.0
         covectors = self._covectors(skip_missing=euclid)
