@@ -176,7 +176,8 @@ def test_riemannian_gd_and_laplace_agree(agreement: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("model", ["batchnorm", "attention", "parametrized"])
-def test_batch_norm_attention_and_parametrized_models_agree(agreement: dict[str, Any], model: str) -> None:
+def test_batch_norm_attention_and_parametrized_models_agree(agreement: dict[str, Any],
+                                                            model: str) -> None:
     names = _check(agreement, f"{model}/", RTOL)
     assert len(names) == 12
 

@@ -210,15 +210,36 @@ def test_distributed_without_torchrun_says_how_to_launch(tmp_path, monkeypatch, 
 
 
 def test_unsupported_metric_fails_early_and_destroys_the_group(tmp_path, monkeypatch, capsys):
-    """A world of one process in this process: --metric ggn is refused before any data is
-    read, with the supported combination named, and the process group is gone afterwards."""
+    """A world of one process in this process: --metric kfac is refused before any data is
+    read, with the supported metrics named, and the process group is gone afterwards."""
     _set_launch(monkeypatch, 0, world=1)
     ckpt = _checkpoint(tmp_path / "model.pt")
-    assert main(["flatness", str(ckpt), *FLAGS, "--metric", "ggn"]) == 2
+    assert main(["flatness", str(ckpt), *FLAGS, "--metric", "kfac"]) == 2
     assert not dist.is_initialized()
     err = capsys.readouterr().err
-    assert "supports --method stochastic with --metric euclidean" in err
-    assert "got --metric ggn" in err
+    assert "supports --metric euclidean, ggn, fisher, empirical_fisher" in err
+    assert "got --metric kfac" in err
+
+
+@pytest.mark.parametrize("extra", [["--metric", "ggn", "--damping", "1e-3"],
+                                   ["--method", "dense", "--metric", "ggn", "--damping", "1e-3"]],
+                         ids=["ggn-stochastic", "ggn-dense"])
+def test_torchrun_ggn_metric_equals_one_process(tmp_path, capsys, extra):
+    """The README's headline analysis (damped GGN metric, weight-norm chart) under torchrun:
+    the connection terms of the data-dependent metric and the dense matrices are reduced
+    over the 2 ranks, and every number is one process's (float64, 1e-12 relative)."""
+    ckpt = _checkpoint(tmp_path / "model.pt")
+    assert main(["flatness", str(ckpt), *FLAGS, *extra, "--json"]) == 0
+    single = json.loads(capsys.readouterr().out)
+    proc = _torchrun(["flatness", str(ckpt), *FLAGS, *extra, "--json"])
+    assert proc.returncode == 0, proc.stderr
+    two = json.loads(proc.stdout)
+    assert two["distributed"]["world_size"] == 2 and two["metric"] == "ggn"
+    a, b = _measures(single), _measures(two)
+    assert set(a) == set(b) and len(a) >= 2 * 5
+    for key, value in a.items():
+        assert b[key] == pytest.approx(value, rel=RTOL, abs=0.0), key
+    assert b[("invariant", "trace", "value0")] != pytest.approx(b[("naive", "trace", "value0")])
 
 
 def test_world_of_one_equals_one_process(tmp_path, monkeypatch, capsys):

@@ -101,17 +101,22 @@ def _inputs(args: argparse.Namespace, device: torch.device
 def distributed_problem(args: argparse.Namespace) -> str | None:
     """Why the flags cannot run data-parallel (docs/api.md, "Data-parallel spaces"), or None.
 
-    >>> distributed_problem(argparse.Namespace(method="stochastic", metric="ggn"))[:44]
+    >>> distributed_problem(argparse.Namespace(method="dense", metric="ggn")) is None
+    True
+    >>> distributed_problem(argparse.Namespace(method="stochastic", metric="kfac"))[:44]
     'covariant flatness --distributed supports --'
     """
-    if args.method == "stochastic" and args.metric == "euclidean":
-        return None
-    got = f"--method {args.method}" if args.method != "stochastic" else f"--metric {args.metric}"
-    return ("covariant flatness --distributed supports --method stochastic with --metric "
-            "euclidean (the measures trace, logdet, max_eig, min_eig, top_eigs, "
-            "spectral_density, with any --chart, --damping and --in-chart), got " + got +
-            ": dense matrices and the connection terms of a data-dependent metric are not "
-            "reduced over ranks yet")
+    if args.metric not in _DISTRIBUTED_METRICS:
+        return ("covariant flatness --distributed supports --metric "
+                f"{', '.join(_DISTRIBUTED_METRICS)} (with --method stochastic or dense, any "
+                f"--chart and --damping), got --metric {args.metric}: the Kronecker factors "
+                "of a K-FAC metric are not differentiated over ranks yet (its connection "
+                "terms)")
+    return None
+
+
+#: The metrics ``covariant flatness --distributed`` takes (each agrees with one process).
+_DISTRIBUTED_METRICS = ("euclidean", "ggn", "fisher", "empirical_fisher")
 
 
 def _shard(args: argparse.Namespace, launch: TorchrunEnv, device: torch.device

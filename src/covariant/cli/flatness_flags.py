@@ -83,8 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="data-parallel over the ranks of a torchrun launch (`torchrun "
                         "--standalone --nproc-per-node N -m covariant flatness ...`; on under "
                         "torchrun even without this flag): each rank takes its share of the "
-                        "examples, rank 0 prints and writes; --method stochastic with --metric "
-                        "euclidean only")
+                        "examples, rank 0 prints and writes; every --method, and --metric "
+                        "euclidean, ggn, fisher or empirical_fisher")
     p.add_argument("--backend", default=None, choices=BACKENDS,
                    help="torch.distributed backend under torchrun (default: gloo on CPU, nccl "
                         "with --device cuda)")
