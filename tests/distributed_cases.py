@@ -194,6 +194,10 @@ def solve_products(data: list[Batch], distributed: bool) -> dict[str, Tensor]:
         "ggn_rank": _tensor(space.metric.rank(theta)),
         "ggn_logdet": space.metric.logdet(theta),
         "ggn_riemannian_hvp": space.hvp(theta, v),
+        # the operator form sums each rank's HVP and connection terms in one all-reduce
+        "ggn_riemannian_hvp_operator": space.hvp_operator(theta)(v),
+        "damped_ggn_riemannian_hvp_operator": space.with_metric(
+            cv.metrics.Damped(space.metric, 0.1)).hvp_operator(theta)(v),
         "reduced_metric_matvec": G.matvec(theta, v),
         "reduced_metric_solve": G.solve(theta, g),
         "reduced_metric_rank": _tensor(G.rank(theta)),

@@ -155,12 +155,13 @@ def test_two_ranks_agree_with_one_process(agreement: dict[str, Any]) -> None:
 
 def test_model_metrics_of_the_binding_agree(agreement: dict[str, Any]) -> None:
     """space.with_metric on the distributed space: the GGN's own solve, rank and log det,
-    the Riemannian Hessian with the GGN (connection terms), the empirical Fisher, the seeded
+    the Riemannian Hessian with the GGN and a damped GGN (connection terms; one-off and
+    operator forms), the empirical Fisher, the seeded
     MC Fisher and K-FAC with fisher_type="mc" (Gaussian and categorical draws: the same
     labels as one process), K-FAC, EK-FAC, the dense Hessian; and ReducedMetric around a
     shard's own GGN (matvec, solve, rank, log det, Riemannian HVP)."""
     names = _check(agreement, "metrics/", RTOL)
-    assert len(names) == 17
+    assert len(names) == 19
     assert float(agreement["single"]["metrics/ggn_rank"]) == 8
     assert float(agreement["single"]["metrics/reduced_metric_rank"]) == 8
 
@@ -203,9 +204,10 @@ def test_one_all_reduce_per_product(agreement: dict[str, Any]) -> None:
         assert traffic["ggn_matvec"] == [(d,)]
         assert traffic["ggn_dense"] == [(d, d)]
         assert traffic["kfac_factors"] == [(kfac,)]
-        # tanh layer, d = 8: the Euclidean HVP, then the connection terms: two directional
-        # derivatives of G (product, two backward passes) and one gradient of vᵀGr (two)
-        assert traffic["riemannian_hvp_operator"] == [(8,)] * 9
+        # tanh layer, d = 8, GGN metric: each rank's Euclidean HVP minus its connection
+        # terms (two directional derivatives of its G_r, one gradient of vᵀG_r r), summed in
+        # one all-reduce (before: 9, each product of G reduced by itself)
+        assert traffic["riemannian_hvp_operator"] == [(8,)]
 
 
 def test_bad_launches_raise_on_every_rank(agreement: dict[str, Any]) -> None:

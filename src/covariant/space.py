@@ -279,6 +279,10 @@ class ParameterSpace:
             lin = h.linearize(p)
             parent_op = parent.hvp_operator(lin.theta, True)
             return lambda v: lin.vjp(parent_op(lin.jvp(v)))
+        if riemannian and not self.metric.is_constant:
+            shared = self._data_parallel_hvp(p)
+            if shared is not None:
+                return shared
         euclidean = autodiff.hvp_operator(self._loss, p)
         if not riemannian or self.metric.is_constant:
             return euclidean
@@ -286,6 +290,28 @@ class ParameterSpace:
 
         def riemannian_hvp(v: Tensor) -> Tensor:
             return euclidean(v) - connection_correction(self.metric, p, v, r)
+
+        return riemannian_hvp
+
+    def _data_parallel_hvp(self, p: Tensor) -> Callable[[Tensor], Tensor] | None:
+        """The Riemannian HVP of a data-parallel space as **one** all-reduce per product.
+
+        When the loss is a sum over ranks with a partial loss ``local`` (``covariant.
+        distributed``) and the metric splits as Σ_r G_r + constant (``Metric.shard_parts``),
+        ∇²L v − Γ(v, ·)·∇L is Σ_r [∇²L_r v − Γ_r(v, ·)·∇L], the connection terms being linear
+        in G for the fixed r = G⁻¹∇L: each rank computes its part, and the parts are summed
+        once. Otherwise None (each product of the metric is then reduced by itself)."""
+        local_loss = getattr(self._loss, "local", None)
+        parts = self.metric.shard_parts()
+        if local_loss is None or parts is None or parts[0] is None:
+            return None
+        local_metric, shard = parts
+        r = self.metric.solve(p, autodiff.gradient(self._loss, p))
+        local_euclidean = autodiff.hvp_operator(local_loss, p)
+
+        def riemannian_hvp(v: Tensor) -> Tensor:
+            part = local_euclidean(v) - connection_correction(local_metric, p, v, r)
+            return shard.reduce(lambda _: part, p)
 
         return riemannian_hvp
 

@@ -26,6 +26,7 @@ tensor([1., 1.], dtype=torch.float64)
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -127,6 +128,15 @@ class Metric:
     is_constant: bool = False
     #: True only for G = I, whose pullbacks may use a chart's fused JᵀJ and J⁺J⁺ᵀ products.
     is_identity: bool = False
+
+    def shard_parts(self) -> tuple[Metric | None, Any] | None:
+        """How G splits over the ranks of a data-parallel space: ``(G_r, shard)`` when
+        G(p) = Σ_r G_r(p) + C with C constant in p (``G_r`` a metric of this rank's data
+        alone, summed by ``shard.reduce``); ``(None, None)`` for a constant G; None when G
+        has no such split (then every product of G is reduced by itself). The connection
+        terms are linear in G, so a data-parallel Riemannian HVP can sum its local parts
+        with one all-reduce (``ParameterSpace.hvp_operator``)."""
+        return (None, None) if self.is_constant else None
 
     @property
     def has_own_solve(self) -> bool:
@@ -443,6 +453,12 @@ class Damped(Metric):
     def inner(self, p: Tensor, u: Tensor, v: Tensor) -> Tensor:
         """uᵀGv + λ uᵀG_ref v, each part by its own ``inner``."""
         return self.metric.inner(p, u, v) + self.lam * self.reference.inner(p, u, v)
+
+    def shard_parts(self) -> tuple[Metric | None, Any] | None:
+        """The base metric's split when λ G_ref is constant in p (``Metric.shard_parts``)."""
+        if self.reference.is_constant or self.lam == 0:
+            return self.metric.shard_parts()
+        return None
 
     def connection_form(self, p: Tensor, r: Tensor) -> ConnectionForm:
         """The sum of the two parts' forms (a constant reference contributes nothing)."""

@@ -261,6 +261,11 @@ class CurvatureMetric(Metric):
         assert total is not None
         return total
 
+    def shard_parts(self) -> tuple[Metric | None, Any] | None:
+        """With a shard: this rank's sum Σ_b w_b J_bᵀ Λ_b J_b as a metric of its own (its
+        products are not reduced) and the shard (``Metric.shard_parts``); None without."""
+        return None if self.shard is None else (_LocalPart(self), self.shard)
+
     def inner(self, p: Tensor, u: Tensor, v: Tensor) -> Tensor:
         """uᵀ G(p) v = Σ_b w_b (J_b u)ᵀ Λ_b (J_b v): two jvps per batch and no vjp, so that
         its directional derivative in p (the connection terms) is forward-over-forward."""
@@ -529,3 +534,17 @@ class CurvatureMetric(Metric):
         return f"{self.name}({loss}, {len(self.batches)} batches, solve_mode={self.solve_mode!r})"
 
 
+class _LocalPart(Metric):
+    """One rank's part G_r = Σ_{b on this rank} w_b J_bᵀ Λ_b J_b of a sharded curvature
+    metric: its products are the local sums, not reduced over the ranks (for terms that are
+    linear in G and reduced once afterwards, e.g. the connection terms of a Riemannian HVP)."""
+
+    def __init__(self, metric: CurvatureMetric) -> None:
+        self.metric = metric
+        self.is_constant = False
+
+    def matvec(self, p: Tensor, v: Tensor) -> Tensor:
+        return self.metric.local_matvec(p, v)
+
+    def __repr__(self) -> str:
+        return f"_LocalPart({self.metric!r})"
