@@ -190,3 +190,20 @@ def test_a_linear_layer_on_sequences_takes_the_products(calls):
     G = space.metric.dense(theta)
     assert calls == [None]  # qualifies by its modules, rejected by its (N, T, in) input
     assert _rel(G, _truth(space, theta)) < 1e-12
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_batched_connection_remainders_equal_one_at_a_time(loss):
+    """ConnectionForm.remainders (vmapped over directions, flatness/trace.py) = remainder(u)."""
+    model = _mlp(True, depth=3)
+    fn = nn.CrossEntropyLoss() if loss == "ce" else nn.MSELoss()
+    space, theta = cv.ParameterSpace.from_module(model, fn, _data(2, 8, 5, loss), "ggn")
+    g = torch.Generator().manual_seed(5)
+    r = torch.randn(theta.shape[0], generator=g, dtype=DT)
+    U = torch.randn(theta.shape[0], 40, generator=g, dtype=DT)  # more than one chunk
+    form = space.metric.connection_form(theta, r)
+    assert form.batched is not None
+    one = torch.stack([form.remainder(u) for u in U.T])
+    assert float((form.remainders(U) - one).norm() / one.norm()) < 1e-12
+    scaled = form.plus(space.metric.connection_form(theta, 2 * r), 0.5)  # = 2 × form
+    assert float((scaled.remainders(U) - 2 * one).norm() / one.norm()) < 1e-12

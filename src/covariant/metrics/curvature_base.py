@@ -98,6 +98,9 @@ _SOLVE_MODES = ("raise", "pinv")
 #: Products per vmapped call when a dense metric is built (:meth:`CurvatureMetric.dense`).
 DENSE_CHUNK = 64
 
+#: Directions per vmapped call of a connection form's remainder (``ConnectionForm.batched``).
+FORM_CHUNK = 32
+
 
 def model_of(space: Any, what: str) -> tuple[Forward, LossFn, list[Batch], list[float]]:
     """forward (in the space's chart), loss_fn, batches and weights of a model space."""
@@ -323,8 +326,15 @@ class CurvatureMetric(Metric):
                 total = total + w * (t1 - 0.5 * t2)
             return total
 
+        def batched(U: Tensor) -> Tensor:  # remainder(u) of every column, vmapped in chunks
+            try:
+                return torch.cat([vmap(remainder)(U[:, s:s + FORM_CHUNK].T)
+                                  for s in range(0, U.shape[1], FORM_CHUNK)])
+            except (RuntimeError, NotImplementedError):  # models that vmap cannot batch
+                return torch.stack([remainder(u) for u in U.T])
+
         if self.shard is None:
-            return ConnectionForm(potential, remainder)
+            return ConnectionForm(potential, remainder, batched)
         shard = self.shard
 
         def reduced(u: Tensor) -> Tensor:  # the potential's form folded in, then one reduce

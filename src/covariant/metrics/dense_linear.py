@@ -110,6 +110,38 @@ def _inputs(blk: _Block, x: Tensor) -> Tensor:
     return torch.cat([x, ones], 1) if blk.bias else x
 
 
+def _pairs(n: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """The pairs a <= b of n indices (rows, columns), and the (n·n,) map of every (a, b) to
+    its pair (symmetric)."""
+    r, c = torch.triu_indices(n, n, device=device)
+    k = torch.arange(r.numel(), device=device)
+    full = torch.empty(n, n, dtype=torch.long, device=device)
+    full[r, c] = k
+    full[c, r] = k
+    return r, c, full.reshape(-1)
+
+
+def _pair_term(g: Tensor, h: Tensor, a: Tensor, a2: Tensor, same: bool) -> Tensor:
+    """Σ_n vec(B_n) vec(ā_n ā'_nᵀ)ᵀ with B_n = Σ_c g[c, n] h[c, n]ᵀ: (out·out', in·in'). For a
+    diagonal block (``same``) both factors are symmetric, so only the pairs a <= b and
+    i <= j are formed (a quarter of the products; :func:`_expand` restores the rest)."""
+    P = torch.einsum("cna,cnb->nab", g, h).reshape(g.shape[1], -1)
+    Q = (a[:, :, None] * a2[:, None, :]).reshape(a.shape[0], -1)
+    if same:  # whole-row selections (a gather along the last dim of g would be slow)
+        ro, co, _ = _pairs(g.shape[2], g.device)
+        ri, ci, _ = _pairs(a.shape[1], a.device)
+        P = P.index_select(1, ro * g.shape[2] + co)
+        Q = Q.index_select(1, ri * a.shape[1] + ci)
+    return P.T @ Q
+
+
+def _expand(M: Tensor, n_out: int, n_in: int) -> Tensor:
+    """A diagonal block's pair sums (:func:`_pair_term`) as the full (n_out², n_in²)."""
+    _, _, fo = _pairs(n_out, M.device)
+    _, _, fi = _pairs(n_in, M.device)
+    return M[fo][:, fi]
+
+
 def _batch_terms(blocks: list[_Block], layers: list, forward: Forward,
                  output_matvec: OutputMatvec, b: int, w: float, X: Tensor, y: Tensor,
                  p: Tensor, acc: dict[tuple[int, int], Tensor]) -> bool:
@@ -140,10 +172,9 @@ def _batch_terms(blocks: list[_Block], layers: list, forward: Forward,
             width = max(gs[i].shape[2] * gs[j].shape[2], abar[i].shape[1] * abar[j].shape[1])
             step = max(1, LINEAR_DENSE_CHUNK // width)
             for s in range(0, N, step):
-                P = torch.einsum("cna,cnb->nab", gs[i][:, s:s + step], hs[j][:, s:s + step])
-                Q = abar[i][s:s + step, :, None] * abar[j][s:s + step, None, :]
-                term = w * (P.reshape(P.shape[0], -1).T @ Q.reshape(Q.shape[0], -1))
-                acc[i, j] = term if (i, j) not in acc else acc[i, j] + term
+                sl = slice(s, s + step)
+                term = _pair_term(gs[i][:, sl], hs[j][:, sl], abar[i][sl], abar[j][sl], i == j)
+                acc[i, j] = w * term if (i, j) not in acc else acc[i, j] + w * term
     return True
 
 
@@ -171,10 +202,12 @@ def linear_dense(model: nn.Module, forward: Forward, output_matvec: OutputMatvec
         bi, bj = blocks[i], blocks[j]
         oi, oj = bi.index.numel(), bj.index.numel()
         out_i, out_j = layers[i].module.out_features, layers[j].module.out_features
+        if i == j:
+            M = _expand(M, out_i, oi // out_i)
         blk = M.reshape(out_i, out_j, oi // out_i, oj // out_j).permute(0, 2, 1, 3)
         blk = blk.reshape(oi, oj)
         ii, jj = bi.index.to(p.device), bj.index.to(p.device)
         G[ii[:, None], jj[None, :]] = blk
         if i != j:
             G[jj[:, None], ii[None, :]] = blk.T
-    return 0.5 * (G + G.T)
+    return G  # exactly symmetric: diagonal blocks from pairs, the others set twice
