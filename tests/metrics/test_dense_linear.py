@@ -209,3 +209,28 @@ def test_batched_connection_remainders_equal_one_at_a_time(loss):
     assert float((form.remainders(U) - one).norm() / one.norm()) < 1e-12
     scaled = form.plus(space.metric.connection_form(theta, 2 * r), 0.5)  # = 2 × form
     assert float((scaled.remainders(U) - 2 * one).norm() / one.norm()) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["ggn", "fisher", "fisher_mc", "empirical_fisher"])
+def test_connection_form_equals_the_generic_derivatives_of_the_metric(name):
+    """rᵀGΓ(u, u) from the metric's form (one output jvp for a loss Hessian) = the base
+    class's D_u(rᵀGu) − ½ D_r(uᵀGu) by jvps of ``inner``."""
+    from torch.func import jvp
+
+    from covariant.metrics.base import Metric
+
+    model = _mlp(True, depth=3)
+    space, theta = cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(),
+                                                 _data(2, 8, 5, "ce"), "ggn")
+    metric = {"ggn": lambda: cv.metrics.GGN.from_space(space),
+              "fisher": lambda: cv.metrics.Fisher.from_space(space),
+              "fisher_mc": lambda: cv.metrics.Fisher.from_space(space, mc_samples=3, seed=1),
+              "empirical_fisher": lambda: cv.metrics.EmpiricalFisher.from_space(space)}[name]()
+    assert metric.loss_hessian == (name in ("ggn", "fisher"))
+    g = torch.Generator().manual_seed(7)
+    r, u = (torch.randn(theta.shape[0], generator=g, dtype=DT) for _ in range(2))
+    form = metric.connection_form(theta, r)
+    pot = jvp(lambda q: jvp(form.potential, (q,), (u,))[1], (theta,), (u,))[1]
+    fast = form.remainder(u) + pot
+    slow = Metric.connection_form(metric, theta, r).remainder(u)
+    assert abs(float(fast - slow)) < 1e-12 * abs(float(slow))

@@ -160,6 +160,8 @@ class CurvatureMetric(Metric):
     """
 
     name = "CurvatureMetric"
+    #: True when Λ_b is the Hessian of the loss in the outputs (its derivative is symmetric).
+    loss_hessian: bool = False
 
     def __init__(
         self,
@@ -300,7 +302,9 @@ class CurvatureMetric(Metric):
                               − ½ (J_b u)ᵀ DΛ_b[J_b r] (J_b u) ],
 
         the first term being the quadratic form of ψ(q) = Σ_b w_b ⟨Λ_b J_b r, f_b(q)⟩ (fixed
-        weights), the rest one jvp of the model and output-space derivatives of Λ_b.
+        weights), the rest one jvp of the model and output-space derivatives of Λ_b. When
+        Λ_b = ∇²_f ℓ_b (:attr:`loss_hessian`) DΛ_b is the symmetric third derivative, the two
+        Λ terms are ½ (J_b u)ᵀ DΛ_b[J_b r] (J_b u), and one output jvp serves.
         """
         p, r = p.detach(), r.detach()
         parts = []
@@ -321,8 +325,11 @@ class CurvatureMetric(Metric):
                 def lam(o: Tensor, x: Tensor, y: Tensor, b: int = b, yb: Tensor = yb) -> Tensor:
                     return torch.sum(x * self._output_matvec(b, o, yb, y))
 
-                t1 = jvp(lambda o, a=Jr, e=Ju: lam(o, a, e), (out,), (Ju,))[1]
                 t2 = jvp(lambda o, e=Ju: lam(o, e, e), (out,), (Jr,))[1]
+                if self.loss_hessian:  # DΛ = ∇³ℓ is symmetric: t1 = t2
+                    total = total + w * (0.5 * t2)
+                    continue
+                t1 = jvp(lambda o, a=Jr, e=Ju: lam(o, a, e), (out,), (Ju,))[1]
                 total = total + w * (t1 - 0.5 * t2)
             return total
 
