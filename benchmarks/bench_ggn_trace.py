@@ -3,7 +3,9 @@
 The README's headline command measures tr(G⁻¹Hess) with G = GGN + λI pulled back to a
 weight-norm chart. Every probe needs a solve with G; this script times that trace against
 the Euclidean one (same model, data, probes, seed) and reports the ratio, the quantity whose
-target is ≤ 10×. Medians over ``--repeats`` interleaved rounds, one thread.
+target is ≤ 10×. Medians over ``--repeats`` interleaved rounds, one thread, after one untimed
+round of both rows (``--warmup``): the first ``torch.func.jvp`` of a process imports
+torch._dynamo (~2.5 s), which no timed round should pay.
 
 Usage::
 
@@ -55,6 +57,14 @@ def timed_trace(space, p, probes: int) -> tuple[float, float, float]:
     return time.perf_counter() - t, r["trace"].value, r["trace"].stderr
 
 
+def _loadavg() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (the machine may be shared), or None."""
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=("demo", "mlp-80k"), default="demo")
@@ -63,24 +73,29 @@ def main() -> None:
     ap.add_argument("--damping", type=float, default=1e-3)
     ap.add_argument("--probes", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     ap.add_argument("--out", type=Path,
                     default=Path(__file__).parent / "results" / "ggn_trace_cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    load_before = _loadavg()
     times: dict[str, list[float]] = {"euclidean": [], "ggn_weight_norm": []}
     values: dict[str, float] = {}
     stderrs: dict[str, float] = {}
-    for _ in range(args.repeats):
+    for rnd in range(args.warmup + args.repeats):
         # fresh spaces and metrics each round (untimed): every cache is rebuilt, as in a new run
         eu, theta, wn, psi = spaces(args.samples, args.hidden, args.damping, args.model)
         for name, s, p in (("euclidean", eu, theta), ("ggn_weight_norm", wn, psi)):
             dt, val, err = timed_trace(s, p, args.probes)
-            times[name].append(dt)
+            if rnd >= args.warmup:
+                times[name].append(dt)
             values[name], stderrs[name] = val, err
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["ggn_weight_norm"] / med["euclidean"]
     result = {"model": args.model, "dim_theta": int(theta.shape[0]), "dim_psi": int(psi.shape[0]),
               "samples": args.samples, "probes": args.probes, "repeats": args.repeats,
+              "warmup_rounds": args.warmup, "loadavg_before": load_before,
+              "loadavg_after": _loadavg(),
               "seconds": times, "median_seconds": med, "ratio_ggn_to_euclidean": ratio,
               "target_ratio": 10.0, "trace_values": values,
               "trace_stderrs": stderrs, "torch": torch.__version__,

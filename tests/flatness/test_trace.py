@@ -118,6 +118,7 @@ def test_dense_metric_progress_counts_updates(monkeypatch):
     monkeypatch.setattr(cb, "progress_bar", bar)
     monkeypatch.setattr(cb, "DENSE_CHUNK", 4)
     space, p = _mlp_space()
+    space.metric.module = None  # the d products (an all-Linear MLP would take dense_linear)
     assert not progress_enabled()
     with progress_scope(True):
         assert progress_enabled()

@@ -46,6 +46,7 @@ from .. import linalg
 from .._fast import QuadraticForm, TaylorUnsupportedError
 from .._fast import is_plain as _plain
 from ..autodiff import hvp_operator
+from ..linalg.probes import probe_block
 from ..linalg.results import TraceEstimate
 from ..space import ParameterSpace
 
@@ -79,9 +80,17 @@ def factored_trace(space: ParameterSpace, p: Tensor, *, num_probes: int, seed: i
         folded = loss
     quad = _quadratic(folded, p, quadratic_forms)
     Lt = L.T
+    # all probes' u = L⁻ᵀz and remainders at once (the same stream hutchinson draws)
+    Z = probe_block(seed, p.shape[0], num_probes, dtype=p.dtype, device=p.device)
+    U = torch.linalg.solve_triangular(Lt, Z.to(L), upper=True).to(p.dtype)
+    rem = form.remainders(U)
+    count = iter(range(num_probes))
 
     def sample(z: Tensor) -> Tensor:
-        u = torch.linalg.solve_triangular(Lt, z.reshape(-1, 1).to(L), upper=True)
+        i = next(count)
+        if torch.equal(z, Z[:, i]):
+            return quad(U[:, i]) - rem[i]
+        u = torch.linalg.solve_triangular(Lt, z.reshape(-1, 1).to(L), upper=True)  # not reached
         u = u.reshape(-1).to(p.dtype)
         return quad(u) - form.remainder(u)
 

@@ -70,16 +70,18 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
 from .._checks import default_tol
+from .._fast import is_plain
 from .._progress import progress_bar, progress_enabled
 from ..errors import NotConvergedError, ShapeMismatchError, SingularMetricError
 from ..layout import as_batches, batch_weights
 from ..linalg import cg
 from ..linalg import pinv_solve as lanczos_pinv_solve
 from .base import MAX_DENSE_DIM, Metric, check_dense_size
+from .dense_linear import linear_dense, linear_layers
 from .forms import ConnectionForm
 from .losses import cast_input, loss_info
 from .shard import DataShard, reduce_local, shard_of
@@ -95,6 +97,9 @@ _SOLVE_MODES = ("raise", "pinv")
 
 #: Products per vmapped call when a dense metric is built (:meth:`CurvatureMetric.dense`).
 DENSE_CHUNK = 64
+
+#: Directions per vmapped call of a connection form's remainder (``ConnectionForm.batched``).
+FORM_CHUNK = 32
 
 
 def model_of(space: Any, what: str) -> tuple[Forward, LossFn, list[Batch], list[float]]:
@@ -147,9 +152,16 @@ class CurvatureMetric(Metric):
         the data (products, ``dense``, the rank bound) is reduced over the ranks once
         (:mod:`covariant.metrics.shard`); ``solve``, ``rank``, ``logdet`` then run the same
         algorithm on every rank. ``from_space`` takes it from the space's binding.
+    module : nn.Module, optional
+        The module whose functional forward ``forward`` is (``from_space`` passes it for a
+        root model space). When all its trainable parameters live in ``nn.Linear`` layers,
+        :meth:`dense` builds G from per-layer Kronecker sums instead of d products
+        (:mod:`covariant.metrics.dense_linear`).
     """
 
     name = "CurvatureMetric"
+    #: True when Λ_b is the Hessian of the loss in the outputs (its derivative is symmetric).
+    loss_hessian: bool = False
 
     def __init__(
         self,
@@ -163,6 +175,7 @@ class CurvatureMetric(Metric):
         cg_maxiter: int | None = None,
         rank_rtol: float | None = None,
         shard: DataShard | None = None,
+        module: nn.Module | None = None,
     ) -> None:
         if not callable(forward):
             raise TypeError(f"{self.name}: forward must be callable forward(p, X)")
@@ -190,6 +203,8 @@ class CurvatureMetric(Metric):
         self.cg_maxiter = cg_maxiter
         self.rank_rtol = rank_rtol
         self.shard = shard
+        self.module = module
+        self._linear_layers: list | None = None
         self.is_constant = False
         self._eig_cache: tuple[Tensor, Tensor] | None = None
 
@@ -219,6 +234,8 @@ class CurvatureMetric(Metric):
         shard = shard_of(space.binding)
         if shard is not None:
             kwargs.setdefault("shard", shard)
+        elif space.root_chart() is None and space.binding.model is not None:
+            kwargs.setdefault("module", space.binding.model)  # for the structured dense G
         return cls(forward, loss_fn, batches, weights, **kwargs)
 
     # ---------------------------------------------------------------- products
@@ -290,7 +307,9 @@ class CurvatureMetric(Metric):
                               − ½ (J_b u)ᵀ DΛ_b[J_b r] (J_b u) ],
 
         the first term being the quadratic form of ψ(q) = Σ_b w_b ⟨Λ_b J_b r, f_b(q)⟩ (fixed
-        weights), the rest one jvp of the model and output-space derivatives of Λ_b.
+        weights), the rest one jvp of the model and output-space derivatives of Λ_b. When
+        Λ_b = ∇²_f ℓ_b (:attr:`loss_hessian`) DΛ_b is the symmetric third derivative, the two
+        Λ terms are ½ (J_b u)ᵀ DΛ_b[J_b r] (J_b u), and one output jvp serves.
         """
         p, r = p.detach(), r.detach()
         parts = []
@@ -311,13 +330,23 @@ class CurvatureMetric(Metric):
                 def lam(o: Tensor, x: Tensor, y: Tensor, b: int = b, yb: Tensor = yb) -> Tensor:
                     return torch.sum(x * self._output_matvec(b, o, yb, y))
 
-                t1 = jvp(lambda o, a=Jr, e=Ju: lam(o, a, e), (out,), (Ju,))[1]
                 t2 = jvp(lambda o, e=Ju: lam(o, e, e), (out,), (Jr,))[1]
+                if self.loss_hessian:  # DΛ = ∇³ℓ is symmetric: t1 = t2
+                    total = total + w * (0.5 * t2)
+                    continue
+                t1 = jvp(lambda o, a=Jr, e=Ju: lam(o, a, e), (out,), (Ju,))[1]
                 total = total + w * (t1 - 0.5 * t2)
             return total
 
+        def batched(U: Tensor) -> Tensor:  # remainder(u) of every column, vmapped in chunks
+            try:
+                return torch.cat([vmap(remainder)(U[:, s:s + FORM_CHUNK].T)
+                                  for s in range(0, U.shape[1], FORM_CHUNK)])
+            except (RuntimeError, NotImplementedError):  # models that vmap cannot batch
+                return torch.stack([remainder(u) for u in U.T])
+
         if self.shard is None:
-            return ConnectionForm(potential, remainder)
+            return ConnectionForm(potential, remainder, batched)
         shard = self.shard
 
         def reduced(u: Tensor) -> Tensor:  # the potential's form folded in, then one reduce
@@ -340,6 +369,9 @@ class CurvatureMetric(Metric):
         return reduce_local(self.shard, self._local_dense, p)
 
     def _local_dense(self, p: Tensor) -> Tensor:
+        structured = self._linear_dense(p)
+        if structured is not None:
+            return structured
         d = p.shape[0]
         eye = torch.eye(d, dtype=p.dtype, device=p.device)
         bar = progress_bar(enabled=progress_enabled(), total=d, desc=f"{self.name} (dense)")
@@ -354,6 +386,31 @@ class CurvatureMetric(Metric):
         bar.close()
         rows = torch.cat(parts)
         return 0.5 * (rows + rows.T)
+
+    def _linear_dense(self, p: Tensor) -> Tensor | None:
+        """G(p) by :func:`~covariant.metrics.dense_linear.linear_dense` for a module of
+        ``nn.Linear`` layers at a plain point, checked against one product on a fixed random
+        vector (relative ‖ΔGv‖ <= √eps); None otherwise (the caller takes d products)."""
+        if self.module is None or self.shard is not None or self.info.kind == "generic" \
+                or not is_plain(p):
+            return None
+        if self._linear_layers is None:
+            self._linear_layers = linear_layers(self.module, p.shape[0]) or []
+        if not self._linear_layers:
+            return None
+        G = linear_dense(self.module, self.forward, self._output_matvec, self.batches,
+                         self.weights, p, self._linear_layers)
+        if G is None:
+            self._linear_layers = []
+            return None
+        gen = torch.Generator().manual_seed(0)
+        v = torch.randn(p.shape[0], generator=gen, dtype=torch.float64).to(p)
+        ref = self.local_matvec(p, v)
+        tol = torch.finfo(p.dtype).eps ** 0.5
+        if not bool((G @ v - ref).norm() <= tol * ref.norm()):
+            self._linear_layers = []  # samples interact, or forward is not the module's
+            return None
+        return G
 
     # ---------------------------------------------------------------- spectrum and rank
     def _rank_rtol(self, dtype: torch.dtype) -> float:

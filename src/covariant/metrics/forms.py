@@ -15,6 +15,8 @@ Example
 >>> u = torch.ones(2, dtype=torch.float64)
 >>> float(c.potential(p)), float(c.remainder(u))
 (5.0, 4.0)
+>>> c.remainders(torch.eye(2, dtype=torch.float64))        # one column per u
+tensor([2., 2.], dtype=torch.float64)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 __all__ = ["ConnectionForm"]
@@ -32,10 +35,19 @@ class ConnectionForm:
     r"""The quadratic form u ↦ rᵀ G Γ(u, u) of a metric at a point p, for a fixed r.
 
     rᵀGΓ(u, u) = uᵀ ∇²ψ(p) u + remainder(u), with ``potential`` ψ (None: ψ = 0).
+    ``batched`` (optional) maps a block U (d, k) to the k remainders of its columns at once
+    (a vmapped remainder); :meth:`remainders` falls back to one call per column without it.
     """
 
     potential: Callable[[Tensor], Tensor] | None
     remainder: Callable[[Tensor], Tensor]
+    batched: Callable[[Tensor], Tensor] | None = None
+
+    def remainders(self, U: Tensor) -> Tensor:
+        """remainder(u) for every column u of U (d, k), as a (k,) tensor."""
+        if self.batched is not None:
+            return self.batched(U)
+        return torch.stack([self.remainder(u).reshape(()) for u in U.T])
 
     def plus(self, other: ConnectionForm, scale: float) -> ConnectionForm:
         """The form of ``self + scale · other`` (a damped metric's)."""
@@ -48,4 +60,7 @@ class ConnectionForm:
         def remainder(u: Tensor) -> Tensor:
             return self.remainder(u) + scale * other.remainder(u)
 
-        return ConnectionForm(potential if live else None, remainder)
+        def batched(U: Tensor) -> Tensor:
+            return self.remainders(U) + scale * other.remainders(U)
+
+        return ConnectionForm(potential if live else None, remainder, batched)

@@ -69,6 +69,7 @@ __all__ = [
     "FactorSet",
     "compute_factors",
     "kfac_loss_info",
+    "layer_signals",
     "output_columns",
 ]
 
@@ -297,12 +298,13 @@ def _run_hooked(layers: list[_Layer], forward: Forward, q: Tensor, X: Tensor,
     return out, xs
 
 
-def _batch_signals(layers: list[_Layer], forward: Forward, q: Tensor, X: Tensor, y: Tensor,
-                   w: float, info: LossInfo, opts: FactorOptions, noise: Tensor | None
-                   ) -> _Signals:
-    """Layer inputs and output gradients of one batch, by ``torch.func``: the gradients are
-    vector-Jacobian products with respect to zero perturbations of the layer outputs, so
-    this composes with outer autograd (reverse mode in the point) and ``vmap``."""
+def layer_signals(layers: list[_Layer], forward: Forward, q: Tensor, X: Tensor,
+                  columns: Callable[[Tensor], Tensor]) -> _Signals:
+    """Layer inputs and output gradients of one batch, for the backprop columns
+    ``columns(out)`` (K, *out.shape), by ``torch.func``: the gradients are vector-Jacobian
+    products with respect to zero perturbations of the layer outputs, so this composes with
+    outer autograd (reverse mode in the point) and ``vmap``. Layers not called exactly once
+    are left out of the result."""
     with torch.no_grad():  # which layers run once, and their output shapes
         _run_hooked(layers, forward, q.detach(), X, None)
     live = [la for la in layers if len(la.calls) == 1]
@@ -314,7 +316,7 @@ def _batch_signals(layers: list[_Layer], forward: Forward, q: Tensor, X: Tensor,
         return _run_hooked(live, forward, q, X, e)
 
     out, pull, xs = vjp(f, eps, has_aux=True)
-    cols = output_columns(info, out, y.to(device=q.device), w, opts.fisher_type, noise)
+    cols = columns(out)
     try:
         grads = vmap(pull)(cols)[0]
     except (RuntimeError, NotImplementedError):  # ops without batching rules
@@ -324,6 +326,15 @@ def _batch_signals(layers: list[_Layer], forward: Forward, q: Tensor, X: Tensor,
           for la in live}
     return _Signals({la.name: input_rows(la.module, xs[la.name]) for la in live}, gs, out,
                     cols)
+
+
+def _batch_signals(layers: list[_Layer], forward: Forward, q: Tensor, X: Tensor, y: Tensor,
+                   w: float, info: LossInfo, opts: FactorOptions, noise: Tensor | None
+                   ) -> _Signals:
+    """:func:`layer_signals` with the K-FAC columns (:func:`output_columns`)."""
+    yq = y.to(device=q.device)
+    return layer_signals(layers, forward, q, X, lambda out: output_columns(
+        info, out, yq, w, opts.fisher_type, noise))
 
 
 def _is_bias(block_name: str) -> bool:

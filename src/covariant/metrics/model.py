@@ -75,6 +75,7 @@ class GGN(CurvatureMetric):
     """
 
     name = "GGN"
+    loss_hessian = True
 
     def _output_matvec(self, b: int, out: Tensor, y: Tensor, u: Tensor) -> Tensor:
         kind = self.info.kind
@@ -164,6 +165,11 @@ class Fisher(CurvatureMetric):
         if self.mc_samples is not None:
             self._noise = list(shard_noise(self.info, self.batches, self.mc_samples,
                                            self.seed, self.shard))
+
+    @property
+    def loss_hessian(self) -> bool:  # type: ignore[override]
+        """True for the exact Fisher: it is the GGN of these losses, Λ_b = ∇²_f ℓ_b."""
+        return self.mc_samples is None
 
     def _noise_for(self, b: int, like: Tensor) -> Tensor:
         key = (b, like.dtype, like.device)
