@@ -178,10 +178,15 @@ class Metric:
             return None
         return self._dense_factor(p)
 
+    def dense_solve_dim(self, p: Tensor) -> int:
+        """Up to this dimension :meth:`solve` factors the dense G(p) once per point
+        (:data:`DENSE_SOLVE_DIM`; a metric whose dense matrix is cheap to build may say more)."""
+        return DENSE_SOLVE_DIM
+
     def _dense_factor(self, p: Tensor) -> Tensor | None:
         """Cholesky factor of the dense G(p) for small d at a plain point (cached), else None."""
         d = p.shape[0]
-        if d > DENSE_SOLVE_DIM or not is_plain(p):
+        if not is_plain(p) or d > self.dense_solve_dim(p):
             return None
         cache = self.__dict__.get("_factor_cache")
         if cache is not None and cache[0].shape == p.shape and cache[0].dtype == p.dtype \
@@ -453,6 +458,11 @@ class Damped(Metric):
     def inner(self, p: Tensor, u: Tensor, v: Tensor) -> Tensor:
         """uᵀGv + λ uᵀG_ref v, each part by its own ``inner``."""
         return self.metric.inner(p, u, v) + self.lam * self.reference.inner(p, u, v)
+
+    def dense_solve_dim(self, p: Tensor) -> int:
+        """The base metric's, when the reference is constant (its dense matrix is cheap)."""
+        return self.metric.dense_solve_dim(p) if self.reference.is_constant \
+            else DENSE_SOLVE_DIM
 
     def shard_parts(self) -> tuple[Metric | None, Any] | None:
         """The base metric's split when λ G_ref is constant in p (``Metric.shard_parts``)."""

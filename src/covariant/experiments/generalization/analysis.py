@@ -109,7 +109,8 @@ def attack_table(models: Sequence[Mapping[str, Any]],
             for kind in kinds:
                 def table(i: int, c: float, kind: str = kind, name: str = name,
                           sel: list[Mapping[str, Any]] = sel) -> float:
-                    return attacked[sel[i]["id"]][kind][repr(float(c))][name]
+                    value = attacked[sel[i]["id"]][kind][repr(float(c))][name]
+                    return math.nan if value is None else value  # undefined: never picked
 
                 res = adversary(table, gap, list(strengths), base).to_dict()
                 rows[name][kind] = res

@@ -250,7 +250,9 @@ class AdversaryResult:
     ``tau_before``); ``choice``: the chosen strength per model for ``tau_after`` (None: left
     unattacked);
     ``max_rel_change``: max over models and strengths of |μ' − μ| / |μ| (as
-    ``covariant.check_invariance`` reports); ``num_evaluations``: measure evaluations.
+    ``covariant.check_invariance`` reports) where the attacked measure is defined;
+    ``num_evaluations``: measure evaluations; ``num_undefined``: those that were undefined
+    (NaN: e.g. a chart that is degenerate at a model's point), which the adversary never picks.
     """
 
     tau_before: float
@@ -260,6 +262,7 @@ class AdversaryResult:
     choice: list[float | None]
     max_rel_change: float
     num_evaluations: int
+    num_undefined: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -344,7 +347,9 @@ def adversary(
     cols = [base] + [np.array([float(evaluate(i, c)) for i in range(n)]) for c in strengths]
     table = np.stack(cols, axis=1)
     scale = np.maximum(np.abs(base), np.finfo(np.float64).tiny)[:, None]
-    rel = float(np.max(np.abs(table - base[:, None]) / scale))
+    changes = np.abs(table - base[:, None]) / scale
+    undefined = int(np.isnan(table[:, 1:]).sum())
+    rel = float(np.nanmax(changes)) if not bool(np.isnan(changes).all()) else math.nan
     before = kendall_tau(base, gap)
     t_down, t_up, down, up = adversary_search(table, gap, max_sweeps=max_sweeps)
     after, pick = (t_down, down) if abs(t_down - before) >= abs(t_up - before) else (t_up, up)
@@ -352,4 +357,4 @@ def adversary(
         after, pick = before, np.zeros(n, dtype=int)
     cand: list[float | None] = [None, *[float(c) for c in strengths]]
     return AdversaryResult(before, after, t_down, t_up, [cand[j] for j in pick], rel,
-                           n * len(strengths))
+                           n * len(strengths), undefined)

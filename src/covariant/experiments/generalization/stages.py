@@ -29,9 +29,10 @@ import torch
 from torch import nn
 
 from ..._io import atomic_write_json, read_json, to_jsonable
+from ...errors import CovariantError
 from ...zoo.data import Dataset
 from .attacks import attack
-from .measures import MeasureContext, evaluate
+from .measures import MEASURES, MeasureContext, evaluate
 from .optimizer_bias import model_sharpness
 from .population import load_adam_state, load_model
 
@@ -75,6 +76,23 @@ def _values(model: nn.Module, data: Any, ctx: MeasureContext,
     return {k: v.to_dict() for k, v in evaluate(model, data, ctx, names).items()}
 
 
+def _values_where_defined(model: nn.Module, data: Any, ctx: MeasureContext, names: Any
+                          ) -> tuple[dict[str, float | None], dict[str, str]]:
+    """Each measure's value, or None where it is undefined at this point in this chart (a
+    :class:`~covariant.errors.CovariantError`, e.g. a weight-norm chart at a dead unit, whose
+    weight row is 0: the pulled-back metric is singular there); the reasons by measure."""
+    if names is None:
+        names = [n for n in MEASURES if n != "distance_to_init" or ctx.init is not None]
+    values: dict[str, float | None] = {}
+    why: dict[str, str] = {}
+    for name in names:
+        try:
+            values[name] = float(MEASURES[name](model, data, ctx).value)
+        except CovariantError as err:
+            values[name], why[name] = None, f"{type(err).__name__}: {err}"[:300]
+    return values, why
+
+
 def measure_values(out: Path, record: Mapping[str, Any], data: Any,
                    cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Every measure of one trained model (cached in ``measures/<id>.json``)."""
@@ -107,13 +125,16 @@ def attack_values(out: Path, record: Mapping[str, Any], data: Any,
         def compute(kind: str = kind) -> dict[str, Any]:
             model = load_model(out, record, dtype=torch.float64)
             seed = int(cfg["seed"]) + int(record["init_seed"])  # per-neuron scales per model
-            by_strength: dict[str, dict[str, float]] = {}
+            by_strength: dict[str, dict[str, float | None]] = {}
+            undefined: dict[str, dict[str, str]] = {}
             for c in acfg["strengths"]:
                 attacked, chart = attack(kind, model, c, seed=seed)
                 ctx = _context(out, record, cfg, chart)  # the init is not attacked
-                vals = _values(attacked, data, ctx, acfg["measures"])
-                by_strength[repr(float(c))] = {k: v["value"] for k, v in vals.items()}
-            return {"values": by_strength}
+                vals, why = _values_where_defined(attacked, data, ctx, acfg["measures"])
+                by_strength[repr(float(c))] = vals
+                if why:
+                    undefined[repr(float(c))] = why
+            return {"values": by_strength, "undefined": undefined}
 
         cached = cached_json(out / "attacks" / f"{record['id']}.{kind}.json", key, compute)
         table[kind] = cached["values"]
