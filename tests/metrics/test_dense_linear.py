@@ -234,3 +234,33 @@ def test_connection_form_equals_the_generic_derivatives_of_the_metric(name):
     fast = form.remainder(u) + pot
     slow = Metric.connection_form(metric, theta, r).remainder(u)
     assert abs(float(fast - slow)) < 1e-12 * abs(float(slow))
+
+
+def test_cheap_dense_factor_reaches_4096_coordinates():
+    """Between DENSE_SOLVE_DIM (2048) and MAX_DENSE_DIM (4096) a damped GGN of an all-Linear
+    MLP solves from one Cholesky factor of its cheap dense matrix (before: conjugate
+    gradients for every right-hand side), and the solve is the dense float64 one; a conv net
+    and a damping reference that depends on p keep the generic limit."""
+    from covariant.metrics.base import DENSE_SOLVE_DIM, MAX_DENSE_DIM
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 50), nn.Tanh(), nn.Linear(50, 10)).double()
+    X, y = torch.randn(64, 40, dtype=DT), torch.randint(0, 10, (64,))
+    space, theta = cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(), (X, y), "ggn")
+    d = theta.shape[0]
+    assert DENSE_SOLVE_DIM < d <= MAX_DENSE_DIM  # d = 2560
+    G = cv.metrics.Damped(space.metric, 1e-3)
+    assert G.dense_solve_dim(theta) == MAX_DENSE_DIM
+    assert G.cholesky_factor(theta) is not None
+    w = torch.randn(d, dtype=DT)
+    dense = space.metric.dense(theta) + 1e-3 * torch.eye(d, dtype=DT)
+    want = torch.linalg.solve(dense, w)
+    assert torch.allclose(G.solve(theta, w), want, rtol=1e-10, atol=0)
+    weights = cv.metrics.Diagonal(lambda p: 1.0 + p ** 2)  # a reference that depends on p
+    assert cv.metrics.Damped(space.metric, 1e-3, weights).dense_solve_dim(theta) == \
+        DENSE_SOLVE_DIM
+    conv = nn.Sequential(nn.Unflatten(1, (1, 40)), nn.Conv1d(1, 60, 3), nn.Flatten(),
+                         nn.Linear(60 * 38, 1)).double()
+    cspace, ctheta = cv.ParameterSpace.from_module(conv, nn.MSELoss(),
+                                                   (X, torch.randn(64, 1, dtype=DT)), "ggn")
+    assert cspace.metric.dense_solve_dim(ctheta) == DENSE_SOLVE_DIM
