@@ -24,11 +24,15 @@ tensor([-2.,  0.], dtype=torch.float64)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor
 from torch.func import grad, jacfwd, jvp
 
+from . import autodiff
 from ._fast import is_plain as _plain
 from .errors import NonFiniteError, NotConvergedError
 from .metrics import Metric
@@ -39,7 +43,9 @@ __all__ = [
     "christoffel_lowered_dense",
     "connection_correction",
     "connection_quadratic",
+    "data_parallel_riemannian_hvp",
     "geodesic",
+    "riemannian_hvp",
 ]
 
 
@@ -209,3 +215,52 @@ def geodesic(
     if scalar:
         xs, vs = xs[-1], vs[-1]
     return (xs, vs) if return_velocity else xs
+
+
+def data_parallel_riemannian_hvp(loss: Any, metric: Metric, p: Tensor
+                                 ) -> Callable[[Tensor], Tensor] | None:
+    """v ↦ Hess·v of a data-parallel space with **one** all-reduce per product, or None.
+
+    When the loss is a sum over ranks with a partial loss ``loss.local`` (``covariant.
+    distributed``) and the metric splits as Σ_r G_r + a constant (``Metric.shard_parts``),
+    ∇²L v − Γ(v, ·)·∇L = Σ_r [∇²L_r v − Γ_r(v, ·)·∇L], the connection terms being linear in G
+    for the fixed r = G⁻¹∇L (solved once here, with the reduced G): each rank computes its
+    part, and the parts are summed once. None otherwise (then each product of G is reduced
+    by itself).
+    """
+    local_loss = getattr(loss, "local", None)
+    parts = metric.shard_parts()
+    if local_loss is None or parts is None or parts[0] is None:
+        return None
+    local_metric, shard = parts
+    r = metric.solve(p, autodiff.gradient(loss, p))
+    local_euclidean = autodiff.hvp_operator(local_loss, p)
+
+    def riemannian_hvp(v: Tensor) -> Tensor:
+        part = local_euclidean(v) - connection_correction(local_metric, p, v, r)
+        return shard.reduce(lambda _: part, p)
+
+    return riemannian_hvp
+
+
+def riemannian_hvp(space: Any, p: Tensor, v: Tensor, method: str = "auto") -> Tensor:
+    """Hess·v of a ``ParameterSpace`` without input checks (it runs inside ``torch.func``
+    transforms; ``space.hvp`` is the checked form).
+
+    A pulled-back space uses the tensor rule Jᵀ Hess_Θ (J v) through its parent, recursively;
+    otherwise ∇²L v − Γ(v, ·)∇L with the matrix-free connection term (docs/math.md §3).
+    """
+    if method not in ("auto", "pullback", "general"):
+        raise ValueError(f"hvp: method must be 'auto', 'pullback' or 'general', got {method!r}")
+    if space.is_pullback and method in ("auto", "pullback"):
+        h, parent = space.chart, space.parent
+        assert h is not None and parent is not None
+        theta = h.forward(p)
+        return h.vjp(p, riemannian_hvp(parent, theta, h.jvp(p, v), "auto"))
+    if method == "pullback":
+        raise ValueError("hvp: the pullback fast path needs a space made by reparametrize")
+    hv = autodiff.hvp(space.loss_function, p, v)
+    if space.metric.is_constant:
+        return hv
+    r = space.metric.solve(p, autodiff.gradient(space.loss_function, p))
+    return hv - connection_correction(space.metric, p, v, r)

@@ -37,7 +37,9 @@ from .connection import (
     christoffel,
     christoffel_lowered_dense,
     connection_correction,
+    data_parallel_riemannian_hvp,
     geodesic,
+    riemannian_hvp,
 )
 from .errors import NotABijectionError, ShapeMismatchError
 from .layout import ModelBinding, ParameterLayout
@@ -271,7 +273,7 @@ class ParameterSpace:
         """
         self.check_point(p, "hvp_operator")
         if not _plain(p):
-            return lambda v: _riemannian_hvp(self, p, v, method) if riemannian \
+            return lambda v: riemannian_hvp(self, p, v, method) if riemannian \
                 else autodiff.hvp(self._loss, p, v)
         if riemannian and self._scalar_pullback and method in ("auto", "pullback"):
             h, parent = self.chart, self.parent
@@ -279,8 +281,8 @@ class ParameterSpace:
             lin = h.linearize(p)
             parent_op = parent.hvp_operator(lin.theta, True)
             return lambda v: lin.vjp(parent_op(lin.jvp(v)))
-        if riemannian and not self.metric.is_constant:
-            shared = self._data_parallel_hvp(p)
+        if riemannian and not self.metric.is_constant:  # one all-reduce per product
+            shared = data_parallel_riemannian_hvp(self._loss, self.metric, p)
             if shared is not None:
                 return shared
         euclidean = autodiff.hvp_operator(self._loss, p)
@@ -290,28 +292,6 @@ class ParameterSpace:
 
         def riemannian_hvp(v: Tensor) -> Tensor:
             return euclidean(v) - connection_correction(self.metric, p, v, r)
-
-        return riemannian_hvp
-
-    def _data_parallel_hvp(self, p: Tensor) -> Callable[[Tensor], Tensor] | None:
-        """The Riemannian HVP of a data-parallel space as **one** all-reduce per product.
-
-        When the loss is a sum over ranks with a partial loss ``local`` (``covariant.
-        distributed``) and the metric splits as Σ_r G_r + constant (``Metric.shard_parts``),
-        ∇²L v − Γ(v, ·)·∇L is Σ_r [∇²L_r v − Γ_r(v, ·)·∇L], the connection terms being linear
-        in G for the fixed r = G⁻¹∇L: each rank computes its part, and the parts are summed
-        once. Otherwise None (each product of the metric is then reduced by itself)."""
-        local_loss = getattr(self._loss, "local", None)
-        parts = self.metric.shard_parts()
-        if local_loss is None or parts is None or parts[0] is None:
-            return None
-        local_metric, shard = parts
-        r = self.metric.solve(p, autodiff.gradient(self._loss, p))
-        local_euclidean = autodiff.hvp_operator(local_loss, p)
-
-        def riemannian_hvp(v: Tensor) -> Tensor:
-            part = local_euclidean(v) - connection_correction(local_metric, p, v, r)
-            return shard.reduce(lambda _: part, p)
 
         return riemannian_hvp
 
@@ -326,7 +306,7 @@ class ParameterSpace:
         self.check_point(p, "hvp")
         if v.shape != p.shape:
             raise ShapeMismatchError(f"hvp: v has shape {tuple(v.shape)}, p {tuple(p.shape)}")
-        out = _riemannian_hvp(self, p, v, method) if riemannian else autodiff.hvp(self._loss, p, v)
+        out = riemannian_hvp(self, p, v, method) if riemannian else autodiff.hvp(self._loss, p, v)
         return check_finite(out, "the Hessian-vector product")
 
     def hessian(
@@ -602,25 +582,3 @@ def _psi_dim_or_none(h: Reparametrization, dim: int) -> int | None:
         raise
     except Exception:  # pragma: no cover - charts without shape knowledge
         return None
-
-
-def _riemannian_hvp(space: ParameterSpace, p: Tensor, v: Tensor, method: str) -> Tensor:
-    """Hess·v without input checks (it runs inside ``torch.func`` transforms).
-
-    A pulled-back space uses the tensor rule Jᵀ Hess_Θ (J v) through its parent, recursively;
-    otherwise ∇²L v − Γ(v, ·)∇L with the matrix-free connection term (docs/math.md §3).
-    """
-    if method not in ("auto", "pullback", "general"):
-        raise ValueError(f"hvp: method must be 'auto', 'pullback' or 'general', got {method!r}")
-    if space.is_pullback and method in ("auto", "pullback"):
-        h, parent = space.chart, space.parent
-        assert h is not None and parent is not None
-        theta = h.forward(p)
-        return h.vjp(p, _riemannian_hvp(parent, theta, h.jvp(p, v), "auto"))
-    if method == "pullback":
-        raise ValueError("hvp: the pullback fast path needs a space made by reparametrize")
-    hv = autodiff.hvp(space.loss_function, p, v)
-    if space.metric.is_constant:
-        return hv
-    r = space.metric.solve(p, autodiff.gradient(space.loss_function, p))
-    return hv - connection_correction(space.metric, p, v, r)

@@ -7,8 +7,9 @@ used only through products, so nothing d×d is built unless ``dense`` is asked f
 ========================== =================================================================
 module                     what
 ========================== =================================================================
-:mod:`.base`               ``Metric``, ``Euclidean``, ``Constant``, ``Diagonal``, ``Dense``,
+:mod:`.base`               ``Metric``, ``Euclidean``, ``Constant``,
                            ``Pullback`` (G_Ψ = Jᵀ G_Θ J, the one home of that rule), ``Damped``
+:mod:`.explicit`           ``Diagonal``, ``Dense``: metrics given as a field of the point
 :mod:`.losses`             output-space curvature of the common losses
 :mod:`.curvature_base`     ``CurvatureMetric``: G = Σ_b w_b J_bᵀ Λ_b J_b of a model space
 :mod:`.model`              ``GGN``, ``Fisher``, ``EmpiricalFisher``
@@ -38,14 +39,13 @@ from .base import (
     MAX_DENSE_DIM,
     Constant,
     Damped,
-    Dense,
-    Diagonal,
     Euclidean,
     Metric,
     Pullback,
     check_dense_size,
 )
 from .curvature_base import CurvatureMetric
+from .explicit import Dense, Diagonal
 from .external import OperatorMetric, from_curvlinops
 from .kfac import EKFAC, KFAC
 from .model import GGN, EmpiricalFisher, Fisher

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..errors import SingularMetricError
-from .base import Diagonal
+from .explicit import Diagonal
 
 __all__ = ["AdamMetric"]
 

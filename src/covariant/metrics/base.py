@@ -35,7 +35,6 @@ from torch.func import jvp, vmap
 from .._fast import is_plain
 from ..errors import (
     DenseTooLargeError,
-    NonFiniteError,
     NotConvergedError,
     ShapeMismatchError,
     SingularMetricError,
@@ -47,11 +46,10 @@ from .forms import ConnectionForm
 __all__ = [
     "DENSE_SOLVE_DIM",
     "MAX_DENSE_DIM",
+    "SINGULAR_HINT",
     "ConnectionForm",
     "Constant",
     "Damped",
-    "Dense",
-    "Diagonal",
     "Euclidean",
     "Metric",
     "Pullback",
@@ -68,7 +66,7 @@ MAX_DENSE_DIM = 4096
 #: point instead of running conjugate gradients for every right-hand side.
 DENSE_SOLVE_DIM = 2048
 
-_SINGULAR_HINT = (
+SINGULAR_HINT = (
     "Either damp it in a way that keeps invariance, "
     "covariant.metrics.Damped(G, lam, reference=<a correctly transformed metric>), "
     "or, for a submersion chart such as weight norm, use the pulled-back metric, whose "
@@ -91,7 +89,7 @@ def cholesky_or_raise(G: Tensor, what: str) -> Tensor:
     L, info = torch.linalg.cholesky_ex(G)
     if int(info) != 0:
         raise SingularMetricError(f"{what}: the metric matrix is not positive definite. "
-                                  + _SINGULAR_HINT)
+                                  + SINGULAR_HINT)
     return L
 
 
@@ -167,7 +165,7 @@ class Metric:
         except NotConvergedError as err:
             raise SingularMetricError(
                 f"{type(self).__name__}.solve: conjugate gradients did not converge ({err}); "
-                "the metric is singular or badly conditioned. " + _SINGULAR_HINT
+                "the metric is singular or badly conditioned. " + SINGULAR_HINT
             ) from err
 
     def cholesky_factor(self, p: Tensor) -> Tensor | None:
@@ -339,92 +337,6 @@ class Constant(Metric):
 
     def closed_form_logdet(self, p: Tensor, pseudo: bool = False) -> Tensor | None:
         return self.logdet(p)
-
-
-class Diagonal(Metric):
-    """G(p) = diag(d(p)) from a tensor or a function of the point.
-
-    Parameters
-    ----------
-    fn_or_tensor : Tensor or callable
-        The diagonal, or ``p -> diagonal`` (differentiable torch code).
-    """
-
-    def __init__(self, fn_or_tensor: Tensor | Callable[[Tensor], Tensor]) -> None:
-        if callable(fn_or_tensor) and not isinstance(fn_or_tensor, Tensor):
-            self._fn: Callable[[Tensor], Tensor] = fn_or_tensor
-            self.is_constant = False
-        else:
-            diag = torch.as_tensor(fn_or_tensor)
-            if diag.ndim != 1:
-                raise ShapeMismatchError("Diagonal: the diagonal must be a 1-D tensor")
-            if not bool((diag > 0).all()):
-                raise SingularMetricError(
-                    "Diagonal: every diagonal entry must be > 0. " + _SINGULAR_HINT
-                )
-            self._fn = lambda p: diag.to(p)
-            self.is_constant = True
-
-    def diagonal(self, p: Tensor) -> Tensor:
-        return self._fn(p)
-
-    def matvec(self, p: Tensor, v: Tensor) -> Tensor:
-        return self._fn(p) * v
-
-    def solve(self, p: Tensor, w: Tensor) -> Tensor:
-        d = self._fn(p)
-        if not bool((d > 0).all()):
-            raise SingularMetricError(
-                f"Diagonal.solve: {int((d <= 0).sum())} diagonal entries are <= 0. "
-                + _SINGULAR_HINT
-            )
-        return w / d
-
-    def dense(self, p: Tensor, *, max_dim: int | None = None) -> Tensor:
-        check_dense_size(p.shape[0], "Diagonal.dense", max_dim)
-        return torch.diag(self._fn(p))
-
-    def logdet(self, p: Tensor) -> Tensor:
-        d = self._fn(p)
-        if not bool((d > 0).all()):
-            raise SingularMetricError("Diagonal.logdet: entries <= 0. " + _SINGULAR_HINT)
-        return d.log().sum()
-
-    def closed_form_logdet(self, p: Tensor, pseudo: bool = False) -> Tensor | None:
-        return self.logdet(p)
-
-    def inv_sqrt(self, p: Tensor, Z: Tensor) -> Tensor:
-        return Z / self.diagonal(p).sqrt()[:, None]
-
-
-class Dense(Metric):
-    """G(p) = fn(p), a dense SPD matrix function (small d; Cholesky solves).
-
-    Example
-    -------
-    >>> import torch
-    >>> G = Dense(lambda p: torch.diag(1 + p**2))
-    >>> G.matvec(torch.tensor([1.0, 2.0]), torch.ones(2))
-    tensor([2., 5.])
-    """
-
-    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
-        self.fn = fn
-
-    def matvec(self, p: Tensor, v: Tensor) -> Tensor:
-        return self.fn(p) @ v
-
-    def solve(self, p: Tensor, w: Tensor) -> Tensor:
-        G = self.fn(p)
-        if not bool(torch.isfinite(G).all()):
-            raise NonFiniteError("Dense.solve: the metric matrix contains NaN or Inf")
-        return torch.cholesky_solve(w[:, None], cholesky_or_raise(G, "Dense.solve"))[:, 0]
-
-    def dense(self, p: Tensor, *, max_dim: int | None = None) -> Tensor:
-        return self.fn(p)
-
-    def logdet(self, p: Tensor) -> Tensor:
-        return 2 * torch.diagonal(cholesky_or_raise(self.fn(p), "Dense.logdet")).log().sum()
 
 
 class Damped(Metric):

@@ -48,10 +48,6 @@ solution G⁺w, matrix-free (Lanczos, i.e. CG, with the numerically null Ritz di
 dropped: :meth:`CurvatureMetric.pinv_solve`), and ``logdet`` is the pseudo-log-determinant.
 ``rank`` is always the numerical rank (eigenvalues above ``rank_rtol``·λ_max).
 
-:class:`AdamMetric` is different in kind: the diagonal preconditioner of an Adam / RMSprop /
-Adagrad state. It is a constant metric in the chart where the optimizer ran and is **not** a
-tensor under reparametrization (docs/math.md §6).
-
 Example
 -------
 >>> import torch, covariant as cv
@@ -84,7 +80,7 @@ from .base import DENSE_SOLVE_DIM, MAX_DENSE_DIM, Metric, check_dense_size
 from .dense_linear import linear_dense, linear_layers
 from .forms import ConnectionForm
 from .losses import cast_input, loss_info
-from .shard import DataShard, reduce_local, shard_of
+from .shard import DataShard, LocalPart, reduce_local, shard_of
 
 __all__ = ["CurvatureMetric", "model_of"]
 
@@ -281,7 +277,7 @@ class CurvatureMetric(Metric):
     def shard_parts(self) -> tuple[Metric | None, Any] | None:
         """With a shard: this rank's sum Σ_b w_b J_bᵀ Λ_b J_b as a metric of its own (its
         products are not reduced) and the shard (``Metric.shard_parts``); None without."""
-        return None if self.shard is None else (_LocalPart(self), self.shard)
+        return None if self.shard is None else (LocalPart(self), self.shard)
 
     def inner(self, p: Tensor, u: Tensor, v: Tensor) -> Tensor:
         """uᵀ G(p) v = Σ_b w_b (J_b u)ᵀ Λ_b (J_b v): two jvps per batch and no vjp, so that
@@ -600,19 +596,3 @@ class CurvatureMetric(Metric):
         if loss == "function":
             loss = getattr(self.loss_fn, "__name__", "loss")
         return f"{self.name}({loss}, {len(self.batches)} batches, solve_mode={self.solve_mode!r})"
-
-
-class _LocalPart(Metric):
-    """One rank's part G_r = Σ_{b on this rank} w_b J_bᵀ Λ_b J_b of a sharded curvature
-    metric: its products are the local sums, not reduced over the ranks (for terms that are
-    linear in G and reduced once afterwards, e.g. the connection terms of a Riemannian HVP)."""
-
-    def __init__(self, metric: CurvatureMetric) -> None:
-        self.metric = metric
-        self.is_constant = False
-
-    def matvec(self, p: Tensor, v: Tensor) -> Tensor:
-        return self.metric.local_matvec(p, v)
-
-    def __repr__(self) -> str:
-        return f"_LocalPart({self.metric!r})"

@@ -33,9 +33,10 @@ from typing import Any
 
 from torch import Tensor
 
+from .base import Metric
 from .losses import LossInfo, mc_noise
 
-__all__ = ["DataShard", "reduce_local", "shard_noise", "shard_of"]
+__all__ = ["DataShard", "LocalPart", "reduce_local", "shard_noise", "shard_of"]
 
 #: fn, p ↦ Σ over ranks of fn(p) for a replicated point p (differentiable in p).
 Reducer = Callable[[Callable[[Tensor], Tensor], Tensor], Tensor]
@@ -79,3 +80,20 @@ def shard_noise(info: LossInfo, batches: Sequence[Any], samples: int, seed: int,
     examples: the stream of ``seed`` first runs through the draws of ``shard.preceding``."""
     before = () if shard is None else tuple(shard.preceding)
     return mc_noise(info, [*before, *batches], samples, seed)[len(before):]
+
+
+class LocalPart(Metric):
+    """One rank's part G_r = Σ_{b on this rank} w_b J_bᵀ Λ_b J_b of a sharded curvature
+    metric (``CurvatureMetric.shard_parts``): its products are the rank's ``local_matvec``,
+    not reduced over the ranks (for terms linear in G, reduced once afterwards, e.g. the
+    connection terms of a data-parallel Riemannian HVP)."""
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self.is_constant = False
+
+    def matvec(self, p: Tensor, v: Tensor) -> Tensor:
+        return self.metric.local_matvec(p, v)
+
+    def __repr__(self) -> str:
+        return f"LocalPart({self.metric!r})"

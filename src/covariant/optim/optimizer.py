@@ -67,7 +67,6 @@ __all__ = ["METRIC_NAMES", "RiemannianGD"]
 METRIC_NAMES = ("euclidean", "weights", "ggn", "fisher", "empirical_fisher", "kfac", "ekfac")
 
 _MODEL_METRICS = ("ggn", "fisher", "empirical_fisher")
-
 #: The metrics taken on the model's batches (the exact ones per step, K-FAC's every T steps).
 _CURVATURE_METRICS = _MODEL_METRICS + KFAC_METRICS
 
@@ -170,8 +169,7 @@ class RiemannianGD(torch.optim.Optimizer):
         Every rank of ``process_group`` holds the same parameters and its part of each
         step's batch: ``step`` combines the ranks' gradients and reduces the metric products
         (:mod:`covariant.distributed.optim`), so that every rank takes the single-process
-        step on the union of the batches; K-FAC factors are those of the union too. Not with
-        a Monte-Carlo metric (``mc_samples``, ``fisher_type="mc"``): ``ValueError``.
+        step on the union of the batches (K-FAC: its factors). Not with Monte-Carlo metrics.
 
     Raises
     ------
@@ -392,8 +390,7 @@ class RiemannianGD(torch.optim.Optimizer):
         """
         assert self._kfac is not None
         batch, self._batch = self._batch or self._stream.next(), None
-        refreshed = self._kfac.advance(module, self.loss_fn, batch,
-                                       None if self._dp is None else self._dp.space)
+        refreshed = self._kfac.advance(module, self.loss_fn, batch, self._dp and self._dp.space)
         self.info = {"refreshed": refreshed}
         lam = self.damping
         by_weights = self._damping_reference == "weights"
@@ -536,9 +533,7 @@ class RiemannianGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self._dp is not None:  # draw the step's batch first: its size weighs the gradient
-            self._batch = (self._stream.next()
-                           if self.metric_name in _MODEL_METRICS or self._kfac is not None
-                           else None)
+            self._batch = self._stream.next() if self.metric_name in _CURVATURE_METRICS else None
             self._dp.reduce_gradients(self._params(), self.loss_fn, self._batch)
         euclid = self.metric_name == "euclidean" and self.damping == 0.0
         covectors = self._covectors(skip_missing=euclid)
