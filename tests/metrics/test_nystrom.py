@@ -10,7 +10,7 @@ from torch import nn
 import covariant as cv
 from covariant.linalg import cg
 from covariant.metrics import Damped, base
-from covariant.metrics.nystrom import NYSTROM_CHUNK
+from covariant.metrics.nystrom import NYSTROM_CHUNK, data_subsample
 
 F64 = torch.float64
 
@@ -107,3 +107,34 @@ def test_invariant_trace_unchanged(case):
         values.append(r["trace"].value)
     # each solve is exact to cond·1e-10 (cond(G + 1e-2·I) < 1e3 here)
     assert values[1] == pytest.approx(values[0], rel=1e-7, abs=0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_data_subsample_keeps_the_scale(reduction):
+    # 40 copies of one sample: any subset has the same G iff the weights are rescaled right
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    X, y = torch.randn(1, 3, dtype=F64).repeat(40, 1), torch.ones(40, dtype=torch.long)
+    loss = nn.CrossEntropyLoss(reduction=reduction)
+    space, theta = cv.ParameterSpace.from_module(model, loss, [(X[:25], y[:25]),
+                                                               (X[25:], y[25:])], "ggn")
+    sub = data_subsample(space.metric, 8)
+    assert [len(b[1]) for b in sub.batches] == [5, 3]
+    torch.testing.assert_close(sub.dense(theta), space.metric.dense(theta), rtol=1e-12,
+                               atol=1e-14)
+    assert data_subsample(space.metric, 40) is space.metric
+    euclidean = cv.metrics.Euclidean()
+    assert data_subsample(euclidean, 8) is euclidean  # no data to draw from
+
+
+def test_subsampled_build_solves_exactly(case):
+    space, theta, G = case
+    lam = 1e-2
+    d = theta.shape[0]
+    A = G + lam * torch.eye(d, dtype=F64)
+    evals = torch.linalg.eigvalsh(A)
+    pre = Damped(space.metric, lam, nystrom_rank=80, nystrom_samples=20)
+    w = space.grad(theta)
+    x, exact = pre.solve(theta, w), torch.linalg.solve(A, w)
+    assert float((A @ x - w).norm()) <= 1e-10 * float(w.norm())
+    assert float((x - exact).norm()) <= float(evals[-1] / evals[0]) * 1e-10 * float(exact.norm())

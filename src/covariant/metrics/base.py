@@ -447,17 +447,20 @@ class Damped(Metric):
         Precondition the CG of ``solve`` (d > :data:`DENSE_SOLVE_DIM`, identity reference,
         λ > 0, plain point) by a rank-ℓ Nyström approximation of G, built once per point
         (:mod:`covariant.metrics.nystrom`). None (default): plain CG.
+    nystrom_samples : int, optional
+        Build that approximation from G on this many samples of its data (cheaper).
     """
 
     def __init__(self, metric: Metric, lam: float, reference: Metric | None = None, *,
-                 nystrom_rank: int | None = None) -> None:
+                 nystrom_rank: int | None = None, nystrom_samples: int | None = None) -> None:
         if not lam >= 0:
             raise ValueError(f"Damped: lam must be >= 0, got {lam}")
         self.metric = metric
         self.lam = float(lam)
         self.reference = Euclidean() if reference is None else reference
         self.is_constant = metric.is_constant and self.reference.is_constant
-        self.nystrom = None if nystrom_rank is None else NystromCache(int(nystrom_rank))
+        self.nystrom = None if nystrom_rank is None else NystromCache(
+            int(nystrom_rank), samples=nystrom_samples)
 
     def cg_preconditioner(self, p: Tensor) -> Callable[[Tensor], Tensor] | None:
         """The cached Nyström P⁻¹ of G + λI where ``nystrom_rank`` applies, else None."""
@@ -497,7 +500,8 @@ class Damped(Metric):
 
     def pullback(self, reparam: Reparametrization) -> Metric:
         return Damped(self.metric.pullback(reparam), self.lam, self.reference.pullback(reparam),
-                      nystrom_rank=None if self.nystrom is None else self.nystrom.rank)
+                      nystrom_rank=None if self.nystrom is None else self.nystrom.rank,
+                      nystrom_samples=None if self.nystrom is None else self.nystrom.samples)
 
     def __repr__(self) -> str:
         return f"Damped({self.metric!r}, {self.lam:g}, reference={self.reference!r})"

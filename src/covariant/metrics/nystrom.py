@@ -34,7 +34,7 @@ from torch.func import vmap
 from .._fast import is_plain
 from ..linalg.nystrom import NystromPreconditioner, nystrom
 
-__all__ = ["NYSTROM_CHUNK", "NystromCache", "nystrom_preconditioner"]
+__all__ = ["NYSTROM_CHUNK", "NystromCache", "data_subsample", "nystrom_preconditioner"]
 
 #: Products per vmapped call when the Nyström block A Ω is formed.
 NYSTROM_CHUNK = 16
@@ -65,18 +65,50 @@ def nystrom_preconditioner(metric: object, p: Tensor, rank: int, mu: float, *,
     return NystromPreconditioner(approx, mu)
 
 
+def data_subsample(metric: object, count: int, seed: int = 0) -> object:
+    """The same kind of curvature metric on about ``count`` samples drawn without replacement
+    from its data (each batch in proportion, its weight rescaled for a ``'sum'`` loss), for
+    building a preconditioner only; ``metric`` itself when it has no data to draw from (not a
+    curvature metric, a data-parallel shard, fewer samples than ``count``)."""
+    batches, weights = getattr(metric, "batches", None), getattr(metric, "weights", None)
+    info = getattr(metric, "info", None)
+    if batches is None or weights is None or info is None \
+            or getattr(metric, "shard", None) is not None:
+        return metric
+    total = sum(len(y) for _, y in batches)
+    if count >= total:
+        return metric
+    gen = torch.Generator().manual_seed(int(seed))
+    sub, sub_weights = [], []
+    for (X, y), w in zip(batches, weights, strict=True):
+        k = max(1, round(count * len(y) / total))
+        idx = torch.randperm(len(y), generator=gen)[:k].to(y.device)
+        sub.append((X[idx.to(X.device)], y[idx]))
+        sub_weights.append(w * (len(y) / k if info.reduction == "sum" else 1.0))
+    try:
+        return type(metric)(metric.forward, metric.loss_fn, sub,  # type: ignore[call-arg,attr-defined]
+                            sub_weights)
+    except TypeError:  # a subclass with another constructor: the whole data
+        return metric
+
+
 class NystromCache:
     """The Nyström preconditioner of one damped metric, kept for the last point.
 
     ``at(metric, p, mu, min_dim)`` returns P⁻¹ for ``metric`` + μI at ``p`` (built on the
     first call at that point), or None where it does not apply: d <= ``min_dim`` (the dense
-    Cholesky solve takes over there) or a point inside a transform.
+    Cholesky solve takes over there) or a point inside a transform. With ``samples``, the
+    Nyström products are those of the metric on that many samples of its data
+    (:func:`data_subsample`): a cheaper build of a rougher preconditioner, the same solves.
     """
 
-    def __init__(self, rank: int, seed: int = 0) -> None:
+    def __init__(self, rank: int, seed: int = 0, samples: int | None = None) -> None:
         if int(rank) < 1:
             raise ValueError(f"Damped: nystrom_rank must be >= 1, got {rank}")
+        if samples is not None and int(samples) < 1:
+            raise ValueError(f"Damped: nystrom_samples must be >= 1, got {samples}")
         self.rank, self.seed = int(rank), int(seed)
+        self.samples = None if samples is None else int(samples)
         self.point: Tensor | None = None
         self.preconditioner: NystromPreconditioner | None = None
 
@@ -87,7 +119,9 @@ class NystromCache:
         q = self.point
         if q is None or q.shape != p.shape or q.dtype != p.dtype or q.device != p.device \
                 or not torch.equal(q, p) or self.preconditioner is None:
-            self.preconditioner = nystrom_preconditioner(metric, p, self.rank, mu,
+            source = metric if self.samples is None else data_subsample(metric, self.samples,
+                                                                         self.seed)
+            self.preconditioner = nystrom_preconditioner(source, p, self.rank, mu,
                                                          seed=self.seed)
             self.point = p.detach().clone()
         return self.preconditioner
