@@ -12,10 +12,11 @@ Usage::
     python benchmarks/bench_ggn_trace.py                 # demo-size MLP (1,268 params in ψ)
     python benchmarks/bench_ggn_trace.py --probes 30 --repeats 3 --out X.json
     python benchmarks/bench_ggn_trace.py --model mlp-80k --probes 2 --repeats 1
+    python benchmarks/bench_ggn_trace.py --model mlp-80k --probes 4 --nystrom-rank 400
 
 ``--model demo`` is the 40-24-10 MLP of the README (d = 1,234 in θ: the dense-factor path);
 ``--model mlp-80k`` the zoo preset 40-256-256-10 (d = 78,858: no dense factor, conjugate
-gradients per solve).
+gradients per solve; ``--nystrom-rank ℓ`` preconditions them, ``Damped(..., nystrom_rank=ℓ)``).
 
 Writes ``benchmarks/results/ggn_trace_cpu.json`` (atomically) unless ``--out`` says otherwise.
 """
@@ -36,7 +37,8 @@ from covariant.zoo.architectures import build, preset
 from covariant.zoo.data import load_mnist1d
 
 
-def spaces(samples: int, hidden: int, damping: float, model_name: str = "demo"):
+def spaces(samples: int, hidden: int, damping: float, model_name: str = "demo",
+           nystrom_rank: int = 0, nystrom_samples: int = 0):
     torch.manual_seed(0)
     ds = load_mnist1d(4000)
     X, y = ds.X_train.double()[:samples], ds.y_train[:samples]
@@ -45,7 +47,9 @@ def spaces(samples: int, hidden: int, damping: float, model_name: str = "demo"):
     else:
         model = preset(model_name).double()
     space, theta = cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(), (X, y), "ggn")
-    damped = space.with_metric(cv.metrics.Damped(space.metric, damping))
+    damped = space.with_metric(cv.metrics.Damped(space.metric, damping,
+                                                 nystrom_rank=nystrom_rank or None,
+                                                 nystrom_samples=nystrom_samples or None))
     wn = damped.reparametrize({"*.weight": cv.reparam.WeightNorm()})
     return space.with_metric(cv.metrics.Euclidean()), theta, wn, wn.chart.inverse(theta)
 
@@ -74,6 +78,11 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    ap.add_argument("--nystrom-rank", type=int, default=0,
+                    help="precondition the CG solves (d > 2048) by a rank-ℓ Nyström "
+                         "approximation of the GGN (0: plain CG, the default)")
+    ap.add_argument("--nystrom-samples", type=int, default=0,
+                    help="build that approximation from this many samples (0: all)")
     ap.add_argument("--out", type=Path,
                     default=Path(__file__).parent / "results" / "ggn_trace_cpu.json")
     args = ap.parse_args()
@@ -84,7 +93,8 @@ def main() -> None:
     stderrs: dict[str, float] = {}
     for rnd in range(args.warmup + args.repeats):
         # fresh spaces and metrics each round (untimed): every cache is rebuilt, as in a new run
-        eu, theta, wn, psi = spaces(args.samples, args.hidden, args.damping, args.model)
+        eu, theta, wn, psi = spaces(args.samples, args.hidden, args.damping, args.model,
+                                    args.nystrom_rank, args.nystrom_samples)
         for name, s, p in (("euclidean", eu, theta), ("ggn_weight_norm", wn, psi)):
             dt, val, err = timed_trace(s, p, args.probes)
             if rnd >= args.warmup:
@@ -94,6 +104,7 @@ def main() -> None:
     ratio = med["ggn_weight_norm"] / med["euclidean"]
     result = {"model": args.model, "dim_theta": int(theta.shape[0]), "dim_psi": int(psi.shape[0]),
               "samples": args.samples, "probes": args.probes, "repeats": args.repeats,
+              "nystrom_rank": args.nystrom_rank, "nystrom_samples": args.nystrom_samples,
               "warmup_rounds": args.warmup, "loadavg_before": load_before,
               "loadavg_after": _loadavg(),
               "seconds": times, "median_seconds": med, "ratio_ggn_to_euclidean": ratio,

@@ -14,6 +14,8 @@ Contents (each a small pure function, named after its method):
   (Krylov-Schur) Lanczos with full reorthogonalization, optionally in a ``B``-inner product.
   With ``matvec = G⁻¹ Hess`` and ``inner_matvec = G`` this is the spectrum of the shape
   operator (docs/math.md §4).
+- :mod:`~covariant.linalg.nystrom`: :func:`nystrom`, the randomized Nyström approximation of a
+  PSD operator, and :class:`NystromPreconditioner`, the preconditioner of ``A + μI`` it gives.
 - :mod:`~covariant.linalg.pinv`: :func:`pinv_solve`, ``A⁺ b`` for a positive semi-definite
   ``A`` by Lanczos on the range.
 - :mod:`~covariant.linalg.trace`: :func:`hutchinson`, :func:`hutchpp`, :func:`xtrace`,
@@ -46,6 +48,7 @@ from __future__ import annotations
 from ._common import Matmat, Matvec
 from .cg import cg
 from .lanczos import lanczos
+from .nystrom import NystromApproximation, NystromPreconditioner, nystrom
 from .pinv import pinv_solve
 from .probes import Distribution
 from .results import CGResult, EigResult, PinvSolveResult, SLQResult, TraceEstimate
@@ -58,6 +61,8 @@ __all__ = [
     "EigResult",
     "Matmat",
     "Matvec",
+    "NystromApproximation",
+    "NystromPreconditioner",
     "PinvSolveResult",
     "SLQResult",
     "TraceEstimate",
@@ -66,6 +71,7 @@ __all__ = [
     "hutchinson",
     "hutchpp",
     "lanczos",
+    "nystrom",
     "pinv_solve",
     "slq",
     "spectral_density",

@@ -42,6 +42,7 @@ from ..errors import (
 from ..linalg import cg
 from ..reparam import Linearization, Reparametrization
 from .forms import ConnectionForm
+from .nystrom import NystromCache
 
 __all__ = [
     "DENSE_SOLVE_DIM",
@@ -161,12 +162,17 @@ class Metric:
             return torch.cholesky_solve(w.reshape(L.shape[0], -1).to(L), L).reshape(
                 w.shape).to(w.dtype)
         try:
-            return cg(lambda x: self.matvec(p, x), w, maxiter=10 * w.shape[0]).x
+            return cg(lambda x: self.matvec(p, x), w, maxiter=10 * w.shape[0],
+                      preconditioner=self.cg_preconditioner(p)).x
         except NotConvergedError as err:
             raise SingularMetricError(
                 f"{type(self).__name__}.solve: conjugate gradients did not converge ({err}); "
                 "the metric is singular or badly conditioned. " + SINGULAR_HINT
             ) from err
+
+    def cg_preconditioner(self, p: Tensor) -> Callable[[Tensor], Tensor] | None:
+        """``r ↦ M⁻¹ r`` for the CG of :meth:`solve` at ``p`` (None: plain CG, the default)."""
+        return None
 
     def cholesky_factor(self, p: Tensor) -> Tensor | None:
         """The lower Cholesky factor L of G(p) = L Lᵀ that :meth:`solve` uses, or None when
@@ -354,15 +360,30 @@ class Damped(Metric):
         Damping strength, >= 0.
     reference : Metric, optional
         The reference metric; Euclidean in the current chart by default.
+    nystrom_rank : int, optional
+        Precondition the CG of ``solve`` (d > :data:`DENSE_SOLVE_DIM`, identity reference,
+        λ > 0, plain point) by a rank-ℓ Nyström approximation of G, built once per point
+        (:mod:`covariant.metrics.nystrom`). None (default): plain CG.
+    nystrom_samples : int, optional
+        Build that approximation from G on this many samples of its data (cheaper).
     """
 
-    def __init__(self, metric: Metric, lam: float, reference: Metric | None = None) -> None:
+    def __init__(self, metric: Metric, lam: float, reference: Metric | None = None, *,
+                 nystrom_rank: int | None = None, nystrom_samples: int | None = None) -> None:
         if not lam >= 0:
             raise ValueError(f"Damped: lam must be >= 0, got {lam}")
         self.metric = metric
         self.lam = float(lam)
         self.reference = Euclidean() if reference is None else reference
         self.is_constant = metric.is_constant and self.reference.is_constant
+        self.nystrom = None if nystrom_rank is None else NystromCache(
+            int(nystrom_rank), samples=nystrom_samples)
+
+    def cg_preconditioner(self, p: Tensor) -> Callable[[Tensor], Tensor] | None:
+        """The cached Nyström P⁻¹ of G + λI where ``nystrom_rank`` applies, else None."""
+        if self.nystrom is None or not self.reference.is_identity or self.lam == 0:
+            return None
+        return self.nystrom.at(self.metric, p, self.lam, DENSE_SOLVE_DIM)
 
     def matvec(self, p: Tensor, v: Tensor) -> Tensor:
         return self.metric.matvec(p, v) + self.lam * self.reference.matvec(p, v)
@@ -400,7 +421,9 @@ class Damped(Metric):
         return self.metric.rank(p)
 
     def pullback(self, reparam: Reparametrization) -> Metric:
-        return Damped(self.metric.pullback(reparam), self.lam, self.reference.pullback(reparam))
+        return Damped(self.metric.pullback(reparam), self.lam, self.reference.pullback(reparam),
+                      nystrom_rank=None if self.nystrom is None else self.nystrom.rank,
+                      nystrom_samples=None if self.nystrom is None else self.nystrom.samples)
 
     def __repr__(self) -> str:
         return f"Damped({self.metric!r}, {self.lam:g}, reference={self.reference!r})"
