@@ -18,10 +18,14 @@ F64 = torch.float64
 @pytest.fixture(scope="module")
 def case():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 96), nn.Tanh(), nn.Linear(96, 8)).double()
+    # a layer norm with parameters: not an all-Linear net, so no cheap dense factor up to
+    # 4096 coordinates (Metric.dense_solve_dim): the solves above 2048 are CG
+    model = nn.Sequential(nn.Linear(16, 96), nn.LayerNorm(96), nn.Tanh(),
+                          nn.Linear(96, 8)).double()
     data = (torch.randn(60, 16, dtype=F64), torch.randint(0, 8, (60,)))
     space, theta = cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(), data, "ggn")
     assert theta.shape[0] > base.DENSE_SOLVE_DIM  # the CG path, not the dense factor
+    assert space.metric.dense_solve_dim(theta) == base.DENSE_SOLVE_DIM
     G = space.metric.dense(theta)
     return space, theta.detach(), G
 

@@ -361,7 +361,7 @@ class Damped(Metric):
     reference : Metric, optional
         The reference metric; Euclidean in the current chart by default.
     nystrom_rank : int, optional
-        Precondition the CG of ``solve`` (d > :data:`DENSE_SOLVE_DIM`, identity reference,
+        Precondition the CG of ``solve`` (d > :meth:`dense_solve_dim`, identity reference,
         λ > 0, plain point) by a rank-ℓ Nyström approximation of G, built once per point
         (:mod:`covariant.metrics.nystrom`). None (default): plain CG.
     nystrom_samples : int, optional
@@ -383,7 +383,7 @@ class Damped(Metric):
         """The cached Nyström P⁻¹ of G + λI where ``nystrom_rank`` applies, else None."""
         if self.nystrom is None or not self.reference.is_identity or self.lam == 0:
             return None
-        return self.nystrom.at(self.metric, p, self.lam, DENSE_SOLVE_DIM)
+        return self.nystrom.at(self.metric, p, self.lam, self.dense_solve_dim(p))
 
     def matvec(self, p: Tensor, v: Tensor) -> Tensor:
         return self.metric.matvec(p, v) + self.lam * self.reference.matvec(p, v)
