@@ -102,6 +102,17 @@ def test_adversary_search_hand_example():
     assert down.tolist() == [1, 0, 1] and up.tolist() == [0, 0, 0]
 
 
+def test_adversary_never_picks_an_undefined_value():
+    # the hand example above, but model 2's attacked value is undefined (NaN: e.g. a chart
+    # that is degenerate at that point): the search toward −1 can only reach (10, 2, 3),
+    # τ = −1/3; the NaN is counted and left out of the largest relative change (|10−1|/1 = 9)
+    table = {(0, 2.0): 10.0, (1, 2.0): 0.0, (2, 2.0): math.nan}
+    res = adversary(lambda i, c: table[(i, c)], [1.0, 2.0, 3.0], [2.0], [1.0, 2.0, 3.0])
+    assert res.tau_after == pytest.approx(-1 / 3, abs=1e-15)
+    assert res.choice[2] is None and res.choice[0] == 2.0
+    assert res.num_undefined == 1 and res.max_rel_change == 9.0
+
+
 def _population(n: int = 10):
     """Random ReLU nets; the 'gap' is a function-space quantity plus a little noise."""
     x = _x()
