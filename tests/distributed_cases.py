@@ -326,6 +326,7 @@ def traffic() -> dict[str, list[tuple[int, ...]]]:
     products = {"loss": lambda: space.loss(theta), "grad": lambda: space.grad(theta),
                 "hvp_operator": lambda: op(V[0]), "hvp_batched_3": lambda: vmap(op)(V),
                 "hvp_matmat_3": lambda: hvp_matmat(space, theta)(V),
+                "hvp_matmat_8": lambda: hvp_matmat(space, theta)(torch.cat([V, V, V])[:8]),
                 "ggn_matmat_3": lambda: metric_matmat(ggn, theta)(V),
                 "ggn_matvec": lambda: ggn.matvec(theta, V[0]),
                 "ggn_dense": lambda: ggn.dense(theta),

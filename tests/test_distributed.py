@@ -20,6 +20,7 @@ from torch import nn
 
 import covariant as cv
 from covariant.distributed import check_process_group, distributed_space, shard_batches
+from covariant.distributed.space import OVERLAP_BLOCKS
 from covariant.errors import DistributedError
 from covariant.flatness import StochasticOptions
 
@@ -194,13 +195,19 @@ def test_one_all_reduce_per_product(agreement: dict[str, Any]) -> None:
         assert traffic["grad"] == [(), (d,)]
         assert traffic["hvp_operator"] == [(d,)]
         assert traffic["hvp_batched_3"] == [(), (d,), (3, d)]  # loss, gradient, 3 products
-        assert traffic["hvp_matmat_3"] == [(3, d)]  # local graph, 3 local products, 1 reduce
+        assert traffic["hvp_matmat_3"] == [(1, d)] * 3  # local graph, 3 products in 3 blocks
         assert traffic["ggn_matmat_3"] == [(3, d)]
         assert traffic["taylor_form"] == [()]  # the local form, summed: one scalar
-        # a Hutchinson trace of 4 probes by HVPs: the 4 products in one (4, d) block, besides
-        # the loss and the gradient of the report (before: 4 more all-reduces of (d,), the
-        # ranks meeting once per probe)
-        assert sorted(traffic["hutchinson_hvp_4"]) == sorted([(), (), (d,), (4, d)])
+        # a Hutchinson trace of 4 probes by HVPs: besides the loss and the gradient of the
+        # report, the 4 products in row blocks (at most OVERLAP_BLOCKS, each reduced while
+        # the next is computed), 4 d-vectors in all, and no per-probe (d,) all-reduce
+        # (before: 4 more all-reduces of (d,))
+        hutch = traffic["hutchinson_hvp_4"]
+        blocks = [s for s in hutch if len(s) == 2]
+        assert sorted(s for s in hutch if len(s) < 2) == [(), (), (d,)]
+        assert sum(b[0] for b in blocks) == 4 and {b[1] for b in blocks} == {d}
+        assert len(blocks) <= OVERLAP_BLOCKS
+        assert traffic["hvp_matmat_8"] == [(2, d)] * 4  # 8 probes: 4 blocks of 2 rows
         assert traffic["ggn_matvec"] == [(d,)]
         assert traffic["ggn_dense"] == [(d, d)]
         assert traffic["kfac_factors"] == [(kfac,)]

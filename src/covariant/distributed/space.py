@@ -121,6 +121,11 @@ class ShardBinding(ModelBinding):
         return RankSumLoss(self.local_loss, self.group)
 
 
+#: Blocks of a data-parallel batch of HVPs (``RankSumLoss.hvp_matmat``): each is all-reduced
+#: while the next is computed.
+OVERLAP_BLOCKS = 4
+
+
 class RankSumLoss:
     """p ↦ Σ_r L_r(p), the loss of a data-parallel space (``sum_over_ranks``).
 
@@ -135,10 +140,12 @@ class RankSumLoss:
     def __call__(self, p: Tensor) -> Tensor:
         return sum_over_ranks(self.local, p, self.group)
 
-    def hvp_matmat(self, p: Tensor) -> Callable[[Tensor], Tensor]:
+    def hvp_matmat(self, p: Tensor, blocks: int = OVERLAP_BLOCKS) -> Callable[[Tensor], Tensor]:
         """V (k, d) ↦ rows ∇²L(p) v_i: the rank's HVPs of its partial loss on one local
-        gradient graph (built once, unreduced), then **one** all-reduce of the (k, d) block
-        instead of one per product: the same bytes, but the ranks meet once, not k times."""
+        gradient graph (built once, unreduced), all-reduced in at most ``blocks`` blocks of
+        rows instead of one all-reduce per product: the same bytes, but the ranks meet at
+        most ``blocks`` times, not k times. Each block's all-reduce runs asynchronously while
+        the rank computes the next block (communication overlapped with compute)."""
         local = autodiff.hvp_operator(self.local, p)
         group = self.group
 
@@ -146,7 +153,15 @@ class RankSumLoss:
             if V.ndim != 2:
                 raise ValueError(f"hvp_matmat: V must be (k, d), one probe per row; "
                                  f"got {tuple(V.shape)}")
-            return ReduceSum.apply(torch.stack([local(v) for v in V]), group)
+            rows = -(-V.shape[0] // max(1, int(blocks)))  # ceil(k / blocks)
+            parts, pending = [], []
+            for start in range(0, V.shape[0], rows):
+                block = torch.stack([local(v) for v in V[start:start + rows]])
+                pending.append(dist.all_reduce(block, group=group, async_op=True))
+                parts.append(block)
+            for work in pending:
+                work.wait()
+            return torch.cat(parts) if parts else V.new_zeros(V.shape)
 
         return matmat
 
