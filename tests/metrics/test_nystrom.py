@@ -41,12 +41,17 @@ class Counted(cv.metrics.Metric):
         return self.metric.matvec(p, v)
 
 
+def _damped(G, lam):
+    """G + λI and its eigenvalues (the dense float64 ground truth)."""
+    A = G + lam * torch.eye(G.shape[0], dtype=F64)
+    return A, torch.linalg.eigvalsh(A)
+
+
 def test_preconditioned_solves_match_dense_float64(case):
     space, theta, G = case
     lam = 1e-2
     d = theta.shape[0]
-    A = G + lam * torch.eye(d, dtype=F64)
-    evals = torch.linalg.eigvalsh(A)
+    A, evals = _damped(G, lam)
     cond = float(evals[-1] / evals[0])
     plain, pre = Damped(space.metric, lam), Damped(space.metric, lam, nystrom_rank=80)
     W = torch.randn(d, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
@@ -134,9 +139,7 @@ def test_data_subsample_keeps_the_scale(reduction):
 def test_subsampled_build_solves_exactly(case):
     space, theta, G = case
     lam = 1e-2
-    d = theta.shape[0]
-    A = G + lam * torch.eye(d, dtype=F64)
-    evals = torch.linalg.eigvalsh(A)
+    A, evals = _damped(G, lam)
     pre = Damped(space.metric, lam, nystrom_rank=80, nystrom_samples=20)
     w = space.grad(theta)
     x, exact = pre.solve(theta, w), torch.linalg.solve(A, w)

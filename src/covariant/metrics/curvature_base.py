@@ -387,23 +387,24 @@ class CurvatureMetric(Metric):
         """:data:`MAX_DENSE_DIM` when the dense G comes from per-layer Kronecker sums
         (:meth:`_linear_dense`: about 2·N·d² flops, far below the CG solves it replaces),
         else the generic :data:`~covariant.metrics.base.DENSE_SOLVE_DIM`."""
+        return MAX_DENSE_DIM if self._qualifying_layers(p) else DENSE_SOLVE_DIM
+
+    def _qualifying_layers(self, p: Tensor) -> list:
+        """The model's ``nn.Linear`` layers when the dense G may come from per-layer
+        Kronecker sums at ``p`` (a module, no shard, a known loss, a plain point; cached),
+        else []."""
         if self.module is None or self.shard is not None or self.info.kind == "generic" \
                 or not is_plain(p):
-            return DENSE_SOLVE_DIM
+            return []
         if self._linear_layers is None:
             self._linear_layers = linear_layers(self.module, p.shape[0]) or []
-        return MAX_DENSE_DIM if self._linear_layers else DENSE_SOLVE_DIM
+        return self._linear_layers
 
     def _linear_dense(self, p: Tensor) -> Tensor | None:
         """G(p) by :func:`~covariant.metrics.dense_linear.linear_dense` for a module of
         ``nn.Linear`` layers at a plain point, checked against one product on a fixed random
         vector (relative ‖ΔGv‖ <= √eps); None otherwise (the caller takes d products)."""
-        if self.module is None or self.shard is not None or self.info.kind == "generic" \
-                or not is_plain(p):
-            return None
-        if self._linear_layers is None:
-            self._linear_layers = linear_layers(self.module, p.shape[0]) or []
-        if not self._linear_layers:
+        if not self._qualifying_layers(p):
             return None
         G = linear_dense(self.module, self.forward, self._output_matvec, self.batches,
                          self.weights, p, self._linear_layers)

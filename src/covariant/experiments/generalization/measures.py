@@ -61,6 +61,7 @@ __all__ = [
     "GeneralizationMeasure",
     "MeasureContext",
     "MeasureValue",
+    "default_names",
     "evaluate",
     "evaluate_attacked",
     "invariance_table",
@@ -160,13 +161,17 @@ def _build() -> dict[str, GeneralizationMeasure]:
 MEASURES: dict[str, GeneralizationMeasure] = _build()
 
 
+def default_names(ctx: MeasureContext) -> list[str]:
+    """Every measure that applies: all of them ("distance_to_init" only with ``ctx.init``)."""
+    return [n for n in MEASURES if n != "distance_to_init" or ctx.init is not None]
+
+
 def evaluate(model: nn.Module, data: Data, ctx: MeasureContext | None = None,
              names: Sequence[str] | None = None) -> dict[str, MeasureValue]:
     """Every measure in ``names`` (default: all; "distance_to_init" only with ``ctx.init``)
     of one model; the spectral groups are computed once and shared through ``ctx.cache``."""
     ctx = MeasureContext() if ctx is None else ctx
-    if names is None:
-        names = [n for n in MEASURES if n != "distance_to_init" or ctx.init is not None]
+    names = default_names(ctx) if names is None else names
     unknown = [n for n in names if n not in MEASURES]
     if unknown:
         raise KeyError(f"unknown measures {unknown}; known: {sorted(MEASURES)}")

@@ -32,7 +32,7 @@ from ..._io import atomic_write_json, read_json, to_jsonable
 from ...errors import CovariantError
 from ...zoo.data import Dataset
 from .attacks import attack
-from .measures import MEASURES, MeasureContext, evaluate
+from .measures import MEASURES, MeasureContext, default_names, evaluate
 from .optimizer_bias import model_sharpness
 from .population import load_adam_state, load_model
 
@@ -81,8 +81,7 @@ def _values_where_defined(model: nn.Module, data: Any, ctx: MeasureContext, name
     """Each measure's value, or None where it is undefined at this point in this chart (a
     :class:`~covariant.errors.CovariantError`, e.g. a weight-norm chart at a dead unit, whose
     weight row is 0: the pulled-back metric is singular there); the reasons by measure."""
-    if names is None:
-        names = [n for n in MEASURES if n != "distance_to_init" or ctx.init is not None]
+    names = default_names(ctx) if names is None else names
     values: dict[str, float | None] = {}
     why: dict[str, str] = {}
     for name in names:
