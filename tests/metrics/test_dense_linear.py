@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import hessian, jacrev
 
 import covariant as cv
-from covariant.metrics import curvature_base
+from covariant.metrics import linear_structure
 from covariant.metrics.dense_linear import linear_layers
 
 DT = torch.float64
@@ -30,14 +30,14 @@ class Centered(nn.Module):
 def calls(monkeypatch):
     """The results of every structured build (None: the model did not qualify)."""
     seen: list[torch.Tensor | None] = []
-    real = curvature_base.linear_dense
+    real = linear_structure.linear_dense
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
         seen.append(out)
         return out
 
-    monkeypatch.setattr(curvature_base, "linear_dense", spy)
+    monkeypatch.setattr(linear_structure, "linear_dense", spy)
     return seen
 
 

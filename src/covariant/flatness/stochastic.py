@@ -294,7 +294,8 @@ def _trace_measure(space: ParameterSpace, p: Tensor, ops: Callable[[], tuple[Any
         est = factored_trace(space, p, num_probes=opts.num_probes, seed=opts.seed,
                              quadratic_forms=opts.quadratic_forms, progress=opts.progress)
     if est is not None:  # uᵀHess u with u = L⁻ᵀz by quadratic forms (flatness/trace.py)
-        products = "cholesky + quadratic forms"
+        products = "cholesky + quadratic forms" if space.metric.cholesky_factor(p) \
+            is not None else "sample-space (Woodbury) factor + quadratic forms"
     elif qform is not None:  # zᵀ∇²L z by Taylor mode; the matvec is never called
         est = linalg.hutchinson(lambda v: v, dim, num_probes=opts.num_probes, seed=opts.seed,
                                 dtype=p.dtype, device=p.device, progress=opts.progress,

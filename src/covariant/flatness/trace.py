@@ -56,19 +56,24 @@ __all__ = ["factored_trace"]
 def factored_trace(space: ParameterSpace, p: Tensor, *, num_probes: int, seed: int = 0,
                    quadratic_forms: str = "auto", progress: bool = False
                    ) -> TraceEstimate | None:
-    """Hutchinson's estimate of tr(G⁻¹Hess) = tr(L⁻¹HessL⁻ᵀ) (module docstring), or None when
+    """Hutchinson's estimate of tr(G⁻¹Hess) = tr(WᵀHess W) (module docstring), or None when
     it does not apply: a Euclidean or constant metric, a point inside a transform, or a metric
-    whose solve keeps no Cholesky factor (``Metric.cholesky_factor``)."""
+    whose solve keeps neither a Cholesky factor (``Metric.cholesky_factor``) nor a Woodbury
+    factor (``Metric.sample_space_factor``)."""
     metric = space.metric
     if metric.is_constant or not _plain(p) or (space.chart is not None
                                                     and space.is_pullback):
         return None
     p = p.detach()
     L = metric.cholesky_factor(p)
-    if L is None:
+    woodbury = metric.sample_space_factor(p) if L is None else None
+    if L is None and woodbury is None:
         return None
     grad = space.grad(p)
-    r = torch.cholesky_solve(grad.reshape(-1, 1).to(L), L).reshape(-1).to(p.dtype)
+    if L is not None:
+        r = torch.cholesky_solve(grad.reshape(-1, 1).to(L), L).reshape(-1).to(p.dtype)
+    else:
+        r = woodbury.solve(grad)
     form = metric.connection_form(p, r)
     loss = space.loss_function
     if form.potential is not None:
@@ -79,10 +84,16 @@ def factored_trace(space: ParameterSpace, p: Tensor, *, num_probes: int, seed: i
     else:
         folded = loss
     quad = _quadratic(folded, p, quadratic_forms)
-    Lt = L.T
-    # all probes' u = L⁻ᵀz and remainders at once (the same stream hutchinson draws)
-    Z = probe_block(seed, p.shape[0], num_probes, dtype=p.dtype, device=p.device)
-    U = torch.linalg.solve_triangular(Lt, Z.to(L), upper=True).to(p.dtype)
+
+    def factor(Zs: Tensor) -> Tensor:  # W Zs with W Wᵀ = G⁻¹
+        if L is not None:
+            return torch.linalg.solve_triangular(L.T, Zs.to(L), upper=True).to(p.dtype)
+        return woodbury.inverse_factor(Zs)
+
+    # all probes' u = Wz and remainders at once (the same stream hutchinson draws)
+    dim = p.shape[0] if L is not None else p.shape[0] + woodbury.size
+    Z = probe_block(seed, dim, num_probes, dtype=p.dtype, device=p.device)
+    U = factor(Z)
     rem = form.remainders(U)
     count = iter(range(num_probes))
 
@@ -90,11 +101,10 @@ def factored_trace(space: ParameterSpace, p: Tensor, *, num_probes: int, seed: i
         i = next(count)
         if torch.equal(z, Z[:, i]):
             return quad(U[:, i]) - rem[i]
-        u = torch.linalg.solve_triangular(Lt, z.reshape(-1, 1).to(L), upper=True)  # not reached
-        u = u.reshape(-1).to(p.dtype)
+        u = factor(z.reshape(-1, 1)).reshape(-1)  # not reached
         return quad(u) - form.remainder(u)
 
-    return linalg.hutchinson(lambda v: v, p.shape[0], num_probes=num_probes, seed=seed,
+    return linalg.hutchinson(lambda v: v, dim, num_probes=num_probes, seed=seed,
                              dtype=p.dtype, device=p.device, progress=progress,
                              quadratic_form=sample)
 

@@ -40,6 +40,7 @@ from ..errors import (
     SingularMetricError,
 )
 from ..linalg import cg
+from ..linalg.woodbury import DampedGramFactor
 from ..reparam import Linearization, Reparametrization
 from .forms import ConnectionForm
 from .nystrom import NystromCache
@@ -152,7 +153,8 @@ class Metric:
 
         Up to :data:`DENSE_SOLVE_DIM` coordinates (at a plain point), from the Cholesky factor
         of the dense G(p): d products once, kept for every later solve at the same point (an
-        estimator solves hundreds of times at one point). Above that, or when G(p) is not
+        estimator solves hundreds of times at one point). Above that, by the Woodbury identity
+        where the metric has a :meth:`sample_space_factor`; else, or when G(p) is not
         positive definite, by conjugate gradients (matrix-free). The factor is keyed on the
         point's values, so a metric whose products depend on anything else must override
         ``solve``.
@@ -161,6 +163,9 @@ class Metric:
         if L is not None:
             return torch.cholesky_solve(w.reshape(L.shape[0], -1).to(L), L).reshape(
                 w.shape).to(w.dtype)
+        woodbury = self.sample_space_factor(p)
+        if woodbury is not None:
+            return woodbury.solve(w)
         try:
             return cg(lambda x: self.matvec(p, x), w, maxiter=10 * w.shape[0],
                       preconditioner=self.cg_preconditioner(p)).x
@@ -181,6 +186,17 @@ class Metric:
         if self.has_own_solve:
             return None
         return self._dense_factor(p)
+
+    def sample_space(self, p: Tensor) -> Any | None:
+        """B with G(p) = BᵀB, B given by its products and Gram matrix in sample space
+        (:class:`~covariant.metrics.sample_space.LinearSampleSpace`), or None (the default:
+        the metric knows no such form)."""
+        return None
+
+    def sample_space_factor(self, p: Tensor) -> DampedGramFactor | None:
+        """The Woodbury factor of G(p) = λI + BᵀB (:mod:`covariant.linalg.woodbury`) that
+        :meth:`solve` uses above the dense size, or None (the default)."""
+        return None
 
     def dense_solve_dim(self, p: Tensor) -> int:
         """Up to this dimension :meth:`solve` factors the dense G(p) once per point
@@ -384,6 +400,23 @@ class Damped(Metric):
         if self.nystrom is None or not self.reference.is_identity or self.lam == 0:
             return None
         return self.nystrom.at(self.metric, p, self.lam, self.dense_solve_dim(p))
+
+    def sample_space_factor(self, p: Tensor) -> DampedGramFactor | None:
+        """λI + BᵀB factored in sample space (cached per point) when G = BᵀB there
+        (``metric.sample_space``), the reference is the identity, λ > 0 and d is above
+        :meth:`dense_solve_dim`; else None. Exact: no iteration, no tolerance."""
+        if not self.reference.is_identity or self.lam == 0 or not is_plain(p) \
+                or p.shape[0] <= self.dense_solve_dim(p):
+            return None
+        cache = self.__dict__.get("_woodbury_cache")
+        if cache is not None and cache[0].shape == p.shape and cache[0].dtype == p.dtype \
+                and cache[0].device == p.device and torch.equal(cache[0], p):
+            return cache[1]
+        B = self.metric.sample_space(p.detach())
+        factor = None if B is None else DampedGramFactor(
+            B.apply, B.adjoint, B.gram(lower_only=True), self.lam)
+        self._woodbury_cache = (p.detach().clone(), factor)
+        return factor
 
     def matvec(self, p: Tensor, v: Tensor) -> Tensor:
         return self.metric.matvec(p, v) + self.lam * self.reference.matvec(p, v)

@@ -70,15 +70,14 @@ from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
 from .._checks import default_tol
-from .._fast import is_plain
 from .._progress import progress_bar, progress_enabled
 from ..errors import NotConvergedError, ShapeMismatchError, SingularMetricError
 from ..layout import as_batches, batch_weights
 from ..linalg import cg
 from ..linalg import pinv_solve as lanczos_pinv_solve
-from .base import DENSE_SOLVE_DIM, MAX_DENSE_DIM, Metric, check_dense_size
-from .dense_linear import linear_dense, linear_layers
+from .base import MAX_DENSE_DIM, Metric, check_dense_size
 from .forms import ConnectionForm
+from .linear_structure import LinearStructure
 from .losses import cast_input, loss_info
 from .shard import DataShard, LocalPart, reduce_local, shard_of
 
@@ -112,7 +111,7 @@ def model_of(space: Any, what: str) -> tuple[Forward, LossFn, list[Batch], list[
     return forward, binding.loss_fn, list(binding.batches), list(binding.weights)
 
 
-class CurvatureMetric(Metric):
+class CurvatureMetric(LinearStructure, Metric):
     r"""Base class of the matrix-free curvature metrics G = Σ_b w_b J_bᵀ Λ_b J_b.
 
     Subclasses define the output-space product Λ_b u (:meth:`_output_matvec`). The base class
@@ -382,43 +381,6 @@ class CurvatureMetric(Metric):
         bar.close()
         rows = torch.cat(parts)
         return 0.5 * (rows + rows.T)
-
-    def dense_solve_dim(self, p: Tensor) -> int:
-        """:data:`MAX_DENSE_DIM` when the dense G comes from per-layer Kronecker sums
-        (:meth:`_linear_dense`: about 2·N·d² flops, far below the CG solves it replaces),
-        else the generic :data:`~covariant.metrics.base.DENSE_SOLVE_DIM`."""
-        return MAX_DENSE_DIM if self._qualifying_layers(p) else DENSE_SOLVE_DIM
-
-    def _qualifying_layers(self, p: Tensor) -> list:
-        """The model's ``nn.Linear`` layers when the dense G may come from per-layer
-        Kronecker sums at ``p`` (a module, no shard, a known loss, a plain point; cached),
-        else []."""
-        if self.module is None or self.shard is not None or self.info.kind == "generic" \
-                or not is_plain(p):
-            return []
-        if self._linear_layers is None:
-            self._linear_layers = linear_layers(self.module, p.shape[0]) or []
-        return self._linear_layers
-
-    def _linear_dense(self, p: Tensor) -> Tensor | None:
-        """G(p) by :func:`~covariant.metrics.dense_linear.linear_dense` for a module of
-        ``nn.Linear`` layers at a plain point, checked against one product on a fixed random
-        vector (relative ‖ΔGv‖ <= √eps); None otherwise (the caller takes d products)."""
-        if not self._qualifying_layers(p):
-            return None
-        G = linear_dense(self.module, self.forward, self._output_matvec, self.batches,
-                         self.weights, p, self._linear_layers)
-        if G is None:
-            self._linear_layers = []
-            return None
-        gen = torch.Generator().manual_seed(0)
-        v = torch.randn(p.shape[0], generator=gen, dtype=torch.float64).to(p)
-        ref = self.local_matvec(p, v)
-        tol = torch.finfo(p.dtype).eps ** 0.5
-        if not bool((G @ v - ref).norm() <= tol * ref.norm()):
-            self._linear_layers = []  # samples interact, or forward is not the module's
-            return None
-        return G
 
     # ---------------------------------------------------------------- spectrum and rank
     def _rank_rtol(self, dtype: torch.dtype) -> float:

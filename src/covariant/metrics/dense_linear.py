@@ -53,7 +53,8 @@ from ..layout import ParameterLayout
 from .kfac_factors import candidate_layers, layer_signals
 from .losses import cast_input
 
-__all__ = ["LINEAR_DENSE_CHUNK", "linear_dense", "linear_layers"]
+__all__ = ["LINEAR_DENSE_CHUNK", "LinearBlock", "layer_inputs", "linear_blocks", "linear_dense",
+           "linear_layers"]
 
 Forward = Callable[[Tensor, Tensor], Tensor]
 OutputMatvec = Callable[[int, Tensor, Tensor, Tensor], Tensor]
@@ -63,7 +64,7 @@ LINEAR_DENSE_CHUNK = 1 << 22
 
 
 @dataclass(frozen=True)
-class _Block:
+class LinearBlock:
     """One ``nn.Linear``: its name, whether it has a weight / bias in the layout, and the flat
     positions of its [W | b] (out, in + 1) entries, row-major."""
 
@@ -89,7 +90,8 @@ def linear_layers(model: nn.Module, dim: int) -> list | None:
     return layers if covered == layout.dim else None
 
 
-def _blocks(layers: list) -> list[_Block]:
+def linear_blocks(layers: list) -> list[LinearBlock]:
+    """One :class:`LinearBlock` per layer record of :func:`linear_layers`."""
     out = []
     for la in layers:
         rows, cols = la.module.out_features, []
@@ -97,12 +99,12 @@ def _blocks(layers: list) -> list[_Block]:
             cols.append(torch.arange(la.weight.start, la.weight.stop).reshape(rows, -1))
         if la.bias is not None:
             cols.append(torch.arange(la.bias.start, la.bias.stop).reshape(rows, 1))
-        out.append(_Block(la.name, la.weight is not None, la.bias is not None,
-                          torch.cat(cols, 1).reshape(-1)))
+        out.append(LinearBlock(la.name, la.weight is not None, la.bias is not None,
+                               torch.cat(cols, 1).reshape(-1)))
     return out
 
 
-def _inputs(blk: _Block, x: Tensor) -> Tensor:
+def layer_inputs(blk: LinearBlock, x: Tensor) -> Tensor:
     """ā (N, in') of a layer: its input, a 1 appended for the bias (only a 1 without W)."""
     ones = x.new_ones(x.shape[0], 1)
     if not blk.weight:
@@ -142,7 +144,7 @@ def _expand(M: Tensor, n_out: int, n_in: int) -> Tensor:
     return M[fo][:, fi]
 
 
-def _batch_terms(blocks: list[_Block], layers: list, forward: Forward,
+def _batch_terms(blocks: list[LinearBlock], layers: list, forward: Forward,
                  output_matvec: OutputMatvec, b: int, w: float, X: Tensor, y: Tensor,
                  p: Tensor, acc: dict[tuple[int, int], Tensor]) -> bool:
     """Add batch b's Σ_n B_n^{lm} ⊗ ā^l ā^{mᵀ} (as (out_l·out_m, in_l·in_m)) to ``acc``;
@@ -166,7 +168,7 @@ def _batch_terms(blocks: list[_Block], layers: list, forward: Forward,
     lam = torch.stack([output_matvec(b, out, yb, e) for e in basis(out)])  # Λ_n[c, k] at k,n,c
     gs = [sig.gs[blk.name][:, :, 0] for blk in blocks]  # (C, N, out_l)
     hs = [torch.einsum("knc,knb->cnb", lam, g) for g in gs]  # Λ_n g^m
-    abar = [_inputs(blk, x[:, 0]) for blk, x in zip(blocks, xs, strict=True)]
+    abar = [layer_inputs(blk, x[:, 0]) for blk, x in zip(blocks, xs, strict=True)]
     for i in range(len(blocks)):
         for j in range(i, len(blocks)):
             width = max(gs[i].shape[2] * gs[j].shape[2], abar[i].shape[1] * abar[j].shape[1])
@@ -189,7 +191,7 @@ def linear_dense(model: nn.Module, forward: Forward, output_matvec: OutputMatvec
     layers = linear_layers(model, p.shape[0]) if layers is None else layers
     if not layers:
         return None
-    blocks = _blocks(layers)
+    blocks = linear_blocks(layers)
     acc: dict[tuple[int, int], Tensor] = {}
     with torch.no_grad():
         for b, (w, (X, y)) in enumerate(zip(weights, batches, strict=True)):

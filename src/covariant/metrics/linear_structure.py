@@ -1,0 +1,112 @@
+r"""The fast paths of a curvature metric whose model is a stack of ``nn.Linear`` layers.
+
+:class:`LinearStructure` is a mixin of :class:`~covariant.metrics.curvature_base.CurvatureMetric`.
+When every trainable parameter of the metric's module lives in an ``nn.Linear`` layer applied
+once per sample, and samples do not interact, G = Σ_b w_b J_bᵀ Λ_b J_b has two exact structured
+forms, each checked against one product of the metric before it is used:
+
+- the dense (d, d) matrix from per-layer Kronecker sums
+  (:mod:`~covariant.metrics.dense_linear`), which lets ``solve`` factor G up to
+  :data:`~covariant.metrics.base.MAX_DENSE_DIM` coordinates;
+- G = BᵀB with B in sample space (:mod:`~covariant.metrics.sample_space`), which lets a damped
+  metric solve by the Woodbury identity above that size (``Damped.sample_space_factor``).
+
+Example
+-------
+>>> import torch, covariant as cv
+>>> from torch import nn
+>>> _ = torch.manual_seed(0)
+>>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+>>> data = (torch.randn(20, 3, dtype=torch.float64), torch.randint(0, 2, (20,)))
+>>> space, theta = cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(), data, "ggn")
+>>> space.metric.dense_solve_dim(theta)          # qualifies: dense factor up to 4096
+4096
+>>> conv = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2)).double()
+>>> data = (torch.randn(20, 1, 3, dtype=torch.float64), torch.randint(0, 2, (20,)))
+>>> space, theta = cv.ParameterSpace.from_module(conv, nn.CrossEntropyLoss(), data, "ggn")
+>>> space.metric.dense_solve_dim(theta), space.metric.sample_space(theta)
+(2048, None)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._fast import is_plain
+from .base import DENSE_SOLVE_DIM, MAX_DENSE_DIM
+from .dense_linear import linear_dense, linear_layers
+from .sample_space import LinearSampleSpace, linear_sample_space
+
+__all__ = ["LinearStructure"]
+
+
+class LinearStructure:
+    """Mixin: the ``nn.Linear`` fast paths (module docstring). The class it is mixed into
+    provides ``module``, ``shard``, ``info``, ``forward``, ``batches``, ``weights``,
+    ``_output_matvec``, ``local_matvec`` and a ``_linear_layers`` cache (None at first)."""
+
+    module: Any
+    shard: Any
+    info: Any
+    forward: Any
+    batches: list
+    weights: list
+    _linear_layers: list | None
+    _output_matvec: Any
+    local_matvec: Any
+
+    def dense_solve_dim(self, p: Tensor) -> int:
+        """:data:`MAX_DENSE_DIM` when the dense G comes from per-layer Kronecker sums
+        (:meth:`_linear_dense`: about 2·N·d² flops, far below the CG solves it replaces),
+        else the generic :data:`~covariant.metrics.base.DENSE_SOLVE_DIM`."""
+        return MAX_DENSE_DIM if self._qualifying_layers(p) else DENSE_SOLVE_DIM
+
+    def _qualifying_layers(self, p: Tensor) -> list:
+        """The model's ``nn.Linear`` layers when the dense G may come from per-layer
+        Kronecker sums at ``p`` (a module, no shard, a known loss, a plain point; cached),
+        else []."""
+        if self.module is None or self.shard is not None or self.info.kind == "generic" \
+                or not is_plain(p):
+            return []
+        if self._linear_layers is None:
+            self._linear_layers = linear_layers(self.module, p.shape[0]) or []
+        return self._linear_layers
+
+    def _linear_dense(self, p: Tensor) -> Tensor | None:
+        """G(p) by :func:`~covariant.metrics.dense_linear.linear_dense` for a module of
+        ``nn.Linear`` layers at a plain point, checked against one product on a fixed random
+        vector (relative ‖ΔGv‖ <= √eps); None otherwise (the caller takes d products)."""
+        if not self._qualifying_layers(p):
+            return None
+        G = linear_dense(self.module, self.forward, self._output_matvec, self.batches,
+                         self.weights, p, self._linear_layers)
+        if G is None:
+            self._linear_layers = []
+            return None
+        gen = torch.Generator().manual_seed(0)
+        v = torch.randn(p.shape[0], generator=gen, dtype=torch.float64).to(p)
+        ref = self.local_matvec(p, v)
+        tol = torch.finfo(p.dtype).eps ** 0.5
+        if not bool((G @ v - ref).norm() <= tol * ref.norm()):
+            self._linear_layers = []  # samples interact, or forward is not the module's
+            return None
+        return G
+
+    def sample_space(self, p: Tensor) -> LinearSampleSpace | None:
+        """B with G(p) = BᵀB for a module of ``nn.Linear`` layers at a plain point
+        (:mod:`~covariant.metrics.sample_space`), checked like :meth:`_linear_dense`; else None."""
+        if not self._qualifying_layers(p):
+            return None
+        B = linear_sample_space(self.forward, self._output_matvec, self.batches, self.weights,
+                                p, self._linear_layers)
+        if B is None:
+            return None
+        v = torch.randn(p.shape[0], generator=torch.Generator().manual_seed(0),
+                        dtype=torch.float64).to(p)
+        ref = self.local_matvec(p.detach(), v).to(torch.float64)
+        approx = B.adjoint(B.apply(v.to(torch.float64).reshape(-1, 1))).reshape(-1)
+        ok = (approx - ref).norm() <= torch.finfo(p.dtype).eps ** 0.5 * ref.norm()
+        return B if bool(ok) else None
