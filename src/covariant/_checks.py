@@ -37,12 +37,20 @@ from torch import Tensor
 
 from .errors import NonFiniteError, ShapeMismatchError
 
-__all__ = ["check_finite", "check_flat", "check_k", "check_loss_value", "default_tol"]
+__all__ = ["check_finite", "check_flat", "check_k", "check_loss_value", "default_tol",
+           "same_point"]
 
 #: What to look at when a loss, gradient or product of a space is not finite.
 SPACE_HINT = (
     "Check the point (is it inside every chart's domain?) and the loss (log of 0, overflow)."
 )
+
+
+def same_point(q: Tensor | None, p: Tensor) -> bool:
+    """True when ``q`` (a cached point, or None) holds the same values as ``p`` with the same
+    shape, dtype and device: the key of every per-point cache (factors, preconditioners)."""
+    return q is not None and q.shape == p.shape and q.dtype == p.dtype \
+        and q.device == p.device and bool(torch.equal(q, p))
 
 
 def default_tol(tol: float | None, dtype: torch.dtype, base: float) -> float:

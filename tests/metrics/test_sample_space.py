@@ -158,7 +158,12 @@ def test_damped_solve_above_the_dense_size_is_the_woodbury_solve(small_dense_lim
     w = torch.randn(d, generator=torch.Generator().manual_seed(2), dtype=DT)
     dense = space.metric.dense(theta) + 1e-3 * torch.eye(d, dtype=DT)
     assert _rel(G.solve(theta, w), torch.linalg.solve(dense, w)) < 1e-10
-    # a reference other than the identity keeps conjugate gradients
+    # opting out, asking for Nyström-preconditioned CG, or a reference other than the identity
+    # keep conjugate gradients
+    assert cv.metrics.Damped(space.metric, 1e-3, sample_space=False).sample_space_factor(
+        theta) is None
+    assert cv.metrics.Damped(space.metric, 1e-3, nystrom_rank=5).sample_space_factor(
+        theta) is None
     ref = cv.metrics.Diagonal(lambda p: 1.0 + p ** 2)
     assert cv.metrics.Damped(space.metric, 1e-3, ref).sample_space_factor(theta) is None
 

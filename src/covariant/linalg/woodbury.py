@@ -25,7 +25,7 @@ one product with B, one with Bᵀ and one triangular solve pair. For any such W,
 symmetric with the nonzero eigenvalues of G⁻¹H, so Hutchinson's estimate of tr(WᵀHW) =
 tr(G⁻¹H) has the same Gaussian-probe variance 2Σλᵢ² as with the symmetric factor G^{-1/2}.
 
-log det G = (d − m) log λ + log det K also comes from the factor.
+log det G = (d − m) log λ + log det K also comes from the factor (docs/math.md §5.1).
 
 Every operation runs in float64 (the subtraction I − BᵀK⁻¹B loses about log₁₀(λ_max/λ)
 digits), and returns tensors in the dtype of its input.
@@ -51,10 +51,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from .._progress import progress_bar, progress_enabled
 from ..errors import SingularMetricError
 
 __all__ = ["DampedGramFactor"]
@@ -71,8 +73,8 @@ class DampedGramFactor:
     apply, adjoint : callable
         ``V ↦ B V`` for V of shape (d, k) and ``U ↦ Bᵀ U`` for U of shape (m, k), in float64.
     gram : Tensor
-        BBᵀ, (m, m), float64. Only its lower triangle is read; λ is added to its diagonal in
-        place (pass a copy to keep it).
+        BBᵀ, (m, m), float64. Only its lower triangle is read, and it is overwritten by the
+        Cholesky factor of λI + BBᵀ (pass a copy to keep it): one m × m matrix in memory.
     lam : float
         λ > 0.
     """
@@ -83,13 +85,33 @@ class DampedGramFactor:
         self.apply, self.adjoint, self.lam = apply, adjoint, float(lam)
         self.size = int(gram.shape[0])
         gram.diagonal().add_(self.lam)
-        L, info = torch.linalg.cholesky_ex(gram)
+        info = torch.empty((), dtype=torch.int32, device=gram.device)
+        L, info = torch.linalg.cholesky_ex(gram, out=(gram, info))  # in place: one m × m
         if int(info) != 0:
             raise SingularMetricError(
                 "DampedGramFactor: λI + BBᵀ is not positive definite (λ too small for the "
                 "precision, or B not finite)")
-        del gram
         self.L = L
+
+    @classmethod
+    def of(cls, build: Callable[[], Any], lam: float) -> DampedGramFactor | None:
+        """The factor of λI + BᵀB for the B that ``build()`` returns (anything with ``apply``,
+        ``adjoint``, ``size`` and ``gram(lower_only=True)``, e.g. a
+        :class:`~covariant.metrics.sample_space.LinearSampleSpace`), or None when it returns
+        None; a progress bar inside ``progress_scope(True)`` names the three stages."""
+        bar = progress_bar(enabled=progress_enabled(), total=3,
+                           desc="sample-space factor (signals, Gram, Cholesky)")
+        B = build()
+        bar.update()
+        factor = None
+        if B is not None:
+            bar.set_postfix(m=B.size)
+            gram = B.gram(lower_only=True)
+            bar.update()
+            factor = cls(B.apply, B.adjoint, gram, lam)
+            bar.update()
+        bar.close()
+        return factor
 
     def _kernel_solve(self, R: Tensor) -> Tensor:
         return torch.cholesky_solve(R, self.L)

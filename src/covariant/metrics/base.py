@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
+from .._checks import same_point
 from .._fast import is_plain
 from ..errors import (
     DenseTooLargeError,
@@ -209,8 +210,7 @@ class Metric:
         if not is_plain(p) or d > self.dense_solve_dim(p):
             return None
         cache = self.__dict__.get("_factor_cache")
-        if cache is not None and cache[0].shape == p.shape and cache[0].dtype == p.dtype \
-                and cache[0].device == p.device and torch.equal(cache[0], p):
+        if cache is not None and same_point(cache[0], p):
             return cache[1]
         G = self.dense(p, max_dim=d)
         L, info = torch.linalg.cholesky_ex(0.5 * (G + G.T))
@@ -382,10 +382,16 @@ class Damped(Metric):
         (:mod:`covariant.metrics.nystrom`). None (default): plain CG.
     nystrom_samples : int, optional
         Build that approximation from G on this many samples of its data (cheaper).
+    sample_space : bool
+        Above :meth:`dense_solve_dim`, solve exactly in sample space where G = BᵀB there
+        (identity reference, λ > 0, no ``nystrom_rank``; :meth:`sample_space_factor`,
+        docs/math.md §5.1). Default True; False keeps conjugate gradients (the m × m factor
+        takes 8·m² bytes and m³/3 flops, m = samples × output directions).
     """
 
     def __init__(self, metric: Metric, lam: float, reference: Metric | None = None, *,
-                 nystrom_rank: int | None = None, nystrom_samples: int | None = None) -> None:
+                 nystrom_rank: int | None = None, nystrom_samples: int | None = None,
+                 sample_space: bool = True) -> None:
         if not lam >= 0:
             raise ValueError(f"Damped: lam must be >= 0, got {lam}")
         self.metric = metric
@@ -394,6 +400,7 @@ class Damped(Metric):
         self.is_constant = metric.is_constant and self.reference.is_constant
         self.nystrom = None if nystrom_rank is None else NystromCache(
             int(nystrom_rank), samples=nystrom_samples)
+        self.sample_space_solves = bool(sample_space)
 
     def cg_preconditioner(self, p: Tensor) -> Callable[[Tensor], Tensor] | None:
         """The cached Nyström P⁻¹ of G + λI where ``nystrom_rank`` applies, else None."""
@@ -403,18 +410,17 @@ class Damped(Metric):
 
     def sample_space_factor(self, p: Tensor) -> DampedGramFactor | None:
         """λI + BᵀB factored in sample space (cached per point) when G = BᵀB there
-        (``metric.sample_space``), the reference is the identity, λ > 0 and d is above
-        :meth:`dense_solve_dim`; else None. Exact: no iteration, no tolerance."""
-        if not self.reference.is_identity or self.lam == 0 or not is_plain(p) \
+        (``metric.sample_space``), the reference is the identity, λ > 0, d is above
+        :meth:`dense_solve_dim`, and neither ``sample_space=False`` nor ``nystrom_rank`` was
+        given; else None. Exact: no iteration, no tolerance."""
+        if not self.sample_space_solves or self.nystrom is not None \
+                or not self.reference.is_identity or self.lam == 0 or not is_plain(p) \
                 or p.shape[0] <= self.dense_solve_dim(p):
             return None
         cache = self.__dict__.get("_woodbury_cache")
-        if cache is not None and cache[0].shape == p.shape and cache[0].dtype == p.dtype \
-                and cache[0].device == p.device and torch.equal(cache[0], p):
+        if cache is not None and same_point(cache[0], p):
             return cache[1]
-        B = self.metric.sample_space(p.detach())
-        factor = None if B is None else DampedGramFactor(
-            B.apply, B.adjoint, B.gram(lower_only=True), self.lam)
+        factor = DampedGramFactor.of(lambda: self.metric.sample_space(p.detach()), self.lam)
         self._woodbury_cache = (p.detach().clone(), factor)
         return factor
 
@@ -456,7 +462,8 @@ class Damped(Metric):
     def pullback(self, reparam: Reparametrization) -> Metric:
         return Damped(self.metric.pullback(reparam), self.lam, self.reference.pullback(reparam),
                       nystrom_rank=None if self.nystrom is None else self.nystrom.rank,
-                      nystrom_samples=None if self.nystrom is None else self.nystrom.samples)
+                      nystrom_samples=None if self.nystrom is None else self.nystrom.samples,
+                      sample_space=self.sample_space_solves)
 
     def __repr__(self) -> str:
         return f"Damped({self.metric!r}, {self.lam:g}, reference={self.reference!r})"

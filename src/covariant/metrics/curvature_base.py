@@ -69,7 +69,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
-from .._checks import default_tol
+from .._checks import default_tol, same_point
 from .._progress import progress_bar, progress_enabled
 from ..errors import NotConvergedError, ShapeMismatchError, SingularMetricError
 from ..layout import as_batches, batch_weights
@@ -389,13 +389,7 @@ class CurvatureMetric(LinearStructure, Metric):
     def eigvalsh(self, p: Tensor) -> Tensor:
         """Ascending eigenvalues of the dense G(p) (small d; cached for the last point)."""
         cache = self._eig_cache
-        if (
-            cache is not None
-            and cache[0].shape == p.shape
-            and cache[0].dtype == p.dtype
-            and cache[0].device == p.device
-            and torch.equal(cache[0], p)
-        ):
+        if cache is not None and same_point(cache[0], p):
             return cache[1]
         evals = torch.linalg.eigvalsh(self.dense(p.detach()))
         self._eig_cache = (p.detach().clone(), evals)

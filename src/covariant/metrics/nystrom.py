@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
+from .._checks import same_point
 from .._fast import is_plain
 from ..linalg.nystrom import NystromPreconditioner, nystrom
 
@@ -116,9 +117,7 @@ class NystromCache:
            ) -> NystromPreconditioner | None:
         if p.shape[0] <= min_dim or not is_plain(p):
             return None
-        q = self.point
-        if q is None or q.shape != p.shape or q.dtype != p.dtype or q.device != p.device \
-                or not torch.equal(q, p) or self.preconditioner is None:
+        if not same_point(self.point, p) or self.preconditioner is None:
             source = metric if self.samples is None else data_subsample(metric, self.samples,
                                                                          self.seed)
             self.preconditioner = nystrom_preconditioner(source, p, self.rank, mu,

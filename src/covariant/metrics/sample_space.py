@@ -24,7 +24,8 @@ columns for all samples at once). So, with V_l the (out, in') matrix of v's entr
 products with B and Bᵀ are two matrix products per layer (a forward pass's flops) and need no
 model pass; the m × m Gram matrix BBᵀ costs about 2·m²·Σ_l out_l flops. With these,
 :class:`~covariant.linalg.woodbury.DampedGramFactor` solves with λI + G exactly in the
-m = N·r dimensional sample space (``Damped`` does so above its dense-factor size).
+m = N·r dimensional sample space (``Damped`` does so above its dense-factor size;
+docs/math.md §5.1).
 
 Like :mod:`~covariant.metrics.dense_linear` this assumes that samples do not interact and that
 Λ_b is block diagonal over the samples; both are checked at run time against one product of
