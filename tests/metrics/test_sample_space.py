@@ -20,7 +20,7 @@ from covariant.flatness.trace import factored_trace
 from covariant.linalg.probes import probe_block
 from covariant.linalg.woodbury import DampedGramFactor
 from covariant.metrics import linear_structure
-from covariant.metrics.sample_space import linear_sample_space
+from covariant.metrics.sample_space import DenseSampleSpace, linear_sample_space, per_sample_space
 
 DT = torch.float64
 
@@ -113,13 +113,63 @@ def test_other_losses_and_metrics(name):
     assert _rel(Bd.T @ Bd, metric.dense(theta)) < 1e-12
 
 
-def test_models_that_do_not_qualify_give_none():
+class _Attention(nn.Module):
+    """A one-head self-attention classifier over (N, T, 5) sequences, mean-pooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(5, 1, batch_first=True)
+        self.norm = nn.LayerNorm(5)
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x + self.attn(x, x, x, need_weights=False)[0])
+        return self.head(h.mean(1))
+
+
+def _other_model(kind: str):
     torch.manual_seed(0)
-    conv = nn.Sequential(nn.Unflatten(1, (1, 5)), nn.Conv1d(1, 2, 3), nn.Flatten(),
-                         nn.Linear(6, 4)).to(DT)
-    space, theta = cv.ParameterSpace.from_module(conv, nn.CrossEntropyLoss(), _data((8,)),
-                                                 "ggn")
-    assert space.metric.sample_space(theta) is None
+    g = torch.Generator().manual_seed(4)
+    if kind == "conv":
+        model = nn.Sequential(nn.Unflatten(1, (1, 5)), nn.Conv1d(1, 2, 3), nn.Flatten(),
+                              nn.Tanh(), nn.Linear(6, 4)).to(DT)
+        X = torch.randn(7, 5, generator=g, dtype=DT)
+    elif kind == "attention":
+        model = _Attention().to(DT)
+        X = torch.randn(7, 3, 5, generator=g, dtype=DT)
+    else:  # batch norm, evaluated with its running statistics
+        model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Tanh(),
+                              nn.Linear(7, 4)).to(DT)
+        model(torch.randn(16, 5, generator=g, dtype=DT))      # nontrivial running stats
+        model.eval()
+        X = torch.randn(7, 5, generator=g, dtype=DT)
+    return model, (X, torch.randint(0, 4, (7,), generator=g))
+
+
+@pytest.mark.parametrize("kind", ["conv", "attention", "batchnorm_eval"])
+def test_other_models_get_b_from_per_sample_jacobians(kind):
+    """Not all nn.Linear: B is materialized from per-sample Jacobians, BᵀB = the dense GGN."""
+    model, data = _other_model(kind)
+    space, theta = cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(), data, "ggn")
+    assert linear_structure.linear_layers(model, theta.shape[0]) is None
+    B = space.metric.sample_space(theta)
+    assert isinstance(B, DenseSampleSpace) and B.size == 7 * 3 < theta.shape[0]
+    assert _rel(B.B.T @ B.B, space.metric.dense(theta)) < 1e-12
+    assert _rel(B.gram(), B.B @ B.B.T) < 1e-14
+
+
+def test_batch_norm_in_training_mode_gives_none():
+    """Batch statistics make the samples interact: no per-sample B (the check rejects it, or
+    a batch of one cannot run)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Tanh(), nn.Linear(7, 4)).to(DT)
+    X = torch.randn(7, 5, generator=torch.Generator().manual_seed(4), dtype=DT)
+    space, theta = cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(),
+                                                 (X, torch.randint(0, 4, (7,))), "ggn")
+    assert model.training and space.metric.sample_space(theta) is None
+
+
+def test_models_that_do_not_qualify_give_none():
     # more rows than columns: the d × d matrix is the smaller one
     space, theta = cv.ParameterSpace.from_module(_mlp(), nn.CrossEntropyLoss(),
                                                  _data((200,)), "ggn")
@@ -128,6 +178,14 @@ def test_models_that_do_not_qualify_give_none():
     m = space.metric
     assert linear_sample_space(m.forward, m._output_matvec, m.batches[:1], m.weights[:1],
                                theta, layers, max_size=10) is None
+    # a materialized B over its memory budget
+    model, data = _other_model("conv")
+    space, theta = cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(), data, "ggn")
+    m = space.metric
+    assert per_sample_space(m.forward, m._output_matvec, m.batches, m.weights, theta,
+                            max_bytes=21 * 36 * 8 - 1) is None
+    assert per_sample_space(m.forward, m._output_matvec, m.batches, m.weights, theta,
+                            max_bytes=21 * 36 * 8) is not None
 
 
 def test_interacting_samples_fail_the_product_check():
@@ -208,3 +266,23 @@ def test_invariant_trace_in_the_weight_norm_chart_matches_the_dense_answer(small
     naive = cv.flatness(wn.with_metric(cv.metrics.Euclidean()), psi, measures=("trace",),
                         method="dense")["trace"].value
     assert abs(naive - truth) > 10 * got.stderr
+
+
+def test_factored_trace_of_a_conv_net_with_the_per_sample_factor():
+    """The same exactness for a conv net (B from per-sample Jacobians, d > the lowered
+    generic dense size)."""
+    lam = 1e-2
+    model, data = _other_model("conv")
+    space, theta = cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(), data, "ggn")
+    space = space.with_metric(cv.metrics.Damped(space.metric, lam))
+    d = theta.shape[0]
+    space.metric.dense_solve_dim = lambda p: 8  # pretend d = 36 is large
+    est = factored_trace(space, theta, num_probes=4, seed=2)
+    assert est is not None
+    Bd = space.metric.metric.sample_space(theta).B
+    G = lam * torch.eye(d, dtype=DT) + Bd.T @ Bd
+    W = torch.linalg.solve(G, torch.cat([math.sqrt(lam) * torch.eye(d, dtype=DT), Bd.T], 1))
+    H = space.hessian(theta, riemannian=True, max_dim=d)
+    U = W @ probe_block(2, d + Bd.shape[0], 4)
+    truth = float(((H @ U) * U).sum(0).mean())
+    assert abs(est.value - truth) < 1e-9 * abs(truth)

@@ -11,6 +11,9 @@ forms, each checked against one product of the metric before it is used:
 - G = BᵀB with B in sample space (:mod:`~covariant.metrics.sample_space`), which lets a damped
   metric solve by the Woodbury identity above that size (``Damped.sample_space_factor``).
 
+Any other model whose samples do not interact gets the second form too, from per-sample
+Jacobians (B materialized, up to ``MAX_SAMPLE_SPACE_BYTES``).
+
 Example
 -------
 >>> import torch, covariant as cv
@@ -22,10 +25,13 @@ Example
 >>> space.metric.dense_solve_dim(theta)          # qualifies: dense factor up to 4096
 4096
 >>> conv = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2)).double()
->>> data = (torch.randn(20, 1, 3, dtype=torch.float64), torch.randint(0, 2, (20,)))
+>>> data = (torch.randn(6, 1, 3, dtype=torch.float64), torch.randint(0, 2, (6,)))
 >>> space, theta = cv.ParameterSpace.from_module(conv, nn.CrossEntropyLoss(), data, "ggn")
->>> space.metric.dense_solve_dim(theta), space.metric.sample_space(theta)
-(2048, None)
+>>> space.metric.dense_solve_dim(theta), theta.shape[0]
+(2048, 14)
+>>> B = space.metric.sample_space(theta)        # per-sample Jacobians: 6 samples × 1
+>>> B.size, bool(torch.allclose(B.B.T @ B.B, space.metric.dense(theta), atol=1e-14))
+(6, True)
 """
 
 from __future__ import annotations
@@ -38,7 +44,12 @@ from torch import Tensor
 from .._fast import is_plain
 from .base import DENSE_SOLVE_DIM, MAX_DENSE_DIM
 from .dense_linear import linear_dense, linear_layers
-from .sample_space import LinearSampleSpace, linear_sample_space
+from .sample_space import (
+    DenseSampleSpace,
+    LinearSampleSpace,
+    linear_sample_space,
+    per_sample_space,
+)
 
 __all__ = ["LinearStructure"]
 
@@ -95,13 +106,21 @@ class LinearStructure:
             return None
         return G
 
-    def sample_space(self, p: Tensor) -> LinearSampleSpace | None:
-        """B with G(p) = BᵀB for a module of ``nn.Linear`` layers at a plain point
-        (:mod:`~covariant.metrics.sample_space`), checked like :meth:`_linear_dense`; else None."""
-        if not self._qualifying_layers(p):
+    def sample_space(self, p: Tensor) -> LinearSampleSpace | DenseSampleSpace | None:
+        """B with G(p) = BᵀB at a plain point without a shard
+        (:mod:`~covariant.metrics.sample_space`): from the layer signals of an all-``nn.Linear``
+        module, else from per-sample Jacobians (materialized, within
+        ``MAX_SAMPLE_SPACE_BYTES``); checked against one product like :meth:`_linear_dense`.
+        None where neither applies or the check fails (samples that interact)."""
+        if self.shard is not None or not is_plain(p):
             return None
-        B = linear_sample_space(self.forward, self._output_matvec, self.batches, self.weights,
-                                p, self._linear_layers)
+        B = None
+        if self._qualifying_layers(p):
+            B = linear_sample_space(self.forward, self._output_matvec, self.batches,
+                                    self.weights, p, self._linear_layers)
+        if B is None:
+            B = per_sample_space(self.forward, self._output_matvec, self.batches, self.weights,
+                                 p)
         if B is None:
             return None
         v = torch.randn(p.shape[0], generator=torch.Generator().manual_seed(0),

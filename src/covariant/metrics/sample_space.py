@@ -58,12 +58,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.func import jacrev, vmap
 
 from .dense_linear import LinearBlock, layer_inputs, linear_blocks
 from .kfac_factors import layer_signals
 from .losses import cast_input
 
-__all__ = ["MAX_SAMPLE_SPACE_DIM", "LinearSampleSpace", "linear_sample_space"]
+__all__ = ["MAX_SAMPLE_SPACE_BYTES", "MAX_SAMPLE_SPACE_DIM", "DenseSampleSpace",
+           "LinearSampleSpace", "linear_sample_space", "per_sample_space"]
 
 Forward = Callable[[Tensor, Tensor], Tensor]
 OutputMatvec = Callable[[int, Tensor, Tensor, Tensor], Tensor]
@@ -71,6 +73,10 @@ OutputMatvec = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 #: Largest m (samples × output directions) for which the m × m Gram matrix is built (its
 #: float64 factor takes 8·m² bytes: 3.2 GB at this size).
 MAX_SAMPLE_SPACE_DIM = 20000
+
+#: Largest B materialized for a model that is not all ``nn.Linear`` (:func:`per_sample_space`),
+#: in bytes of float64.
+MAX_SAMPLE_SPACE_BYTES = 1 << 30
 
 #: Elements of one temporary of the products and of the Gram matrix's row blocks.
 SAMPLE_SPACE_CHUNK = 1 << 24
@@ -194,6 +200,73 @@ def _batch_layers(blocks: list[LinearBlock], layers: list, forward: Forward,
     return [(layer_inputs(blk, x[:, 0]).detach().to(torch.float64),
              sig.gs[blk.name][:, :, 0].detach().to(torch.float64).permute(1, 0, 2))
             for blk, x in zip(blocks, xs, strict=True)]
+
+
+class DenseSampleSpace:
+    """B materialized as an (m, d) float64 matrix, for models that are not all ``nn.Linear``
+    (:func:`per_sample_space`): the same interface as :class:`LinearSampleSpace`."""
+
+    def __init__(self, B: Tensor, num_samples: int, rank: int) -> None:
+        self.B, self.num_samples, self.rank = B, int(num_samples), int(rank)
+        self.size, self.dim = (int(s) for s in B.shape)
+
+    def apply(self, V: Tensor) -> Tensor:
+        """B V for V of shape (d, k)."""
+        return self.B @ V
+
+    def adjoint(self, U: Tensor) -> Tensor:
+        """Bᵀ U for U of shape (m, k)."""
+        return self.B.T @ U
+
+    def gram(self, lower_only: bool = False) -> Tensor:
+        """B Bᵀ, (m, m) (the whole matrix, also with ``lower_only``)."""
+        return self.B @ self.B.T
+
+
+def per_sample_space(forward: Forward, output_matvec: OutputMatvec,
+                     batches: Sequence[tuple[Tensor, Tensor]], weights: Sequence[float],
+                     p: Tensor, *, rtol: float = 1e-14, max_size: int = MAX_SAMPLE_SPACE_DIM,
+                     max_bytes: int = MAX_SAMPLE_SPACE_BYTES) -> DenseSampleSpace | None:
+    """B of G = BᵀB for any model whose samples do not interact, from per-sample Jacobians
+    (``vmap`` over the samples of ``jacrev`` of a batch of one): rows √w_b S_n[:, k]ᵀ J_n as
+    in the module docstring, materialized. None when an output is not (N, C), some Λ_n is
+    indefinite, the model cannot be run on one sample under ``vmap``, m > ``max_size``,
+    m >= d, or B would take more than ``max_bytes``. Not checked against a product here."""
+    p = p.detach()
+    d = p.shape[0]
+    factors = []
+    with torch.no_grad():
+        for b, (w, (X, y)) in enumerate(zip(weights, batches, strict=True)):
+            out = forward(p, cast_input(X, p))
+            S = _output_factor(output_matvec, b, out, y.to(device=p.device), float(w), rtol)
+            if S is None:
+                return None
+            factors.append(S)
+    r = max(S.shape[0] for S in factors)
+    n = sum(S.shape[1] for S in factors)
+    if n * r > max_size or n * r >= d or n * r * d * 8 > max_bytes:
+        return None
+
+    def one(q: Tensor, x: Tensor) -> Tensor:
+        return forward(q, x[None])[0]
+
+    B = p.new_zeros(n, r, d, dtype=torch.float64)
+    start = 0
+    for S, (X, _) in zip(factors, batches, strict=True):
+        Xc = cast_input(X, p)
+        C = S.shape[2]
+        step = max(1, SAMPLE_SPACE_CHUNK // max(1, C * d))
+        for s in range(0, Xc.shape[0], step):
+            try:
+                J = vmap(jacrev(one), in_dims=(None, 0))(p, Xc[s:s + step])   # (c, C, d)
+            except (RuntimeError, NotImplementedError):  # not batchable, or not per sample
+                return None
+            if J.shape[1:] != (C, d):
+                return None
+            rows = torch.einsum("knc,ncd->nkd", S[:, s:s + step], J.to(torch.float64))
+            B[start + s:start + s + rows.shape[0], :S.shape[0]] = rows
+        start += Xc.shape[0]
+    return DenseSampleSpace(B.reshape(n * r, d), n, r)
 
 
 def linear_sample_space(forward: Forward, output_matvec: OutputMatvec,
