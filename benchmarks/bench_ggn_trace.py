@@ -39,7 +39,7 @@ from covariant.zoo.data import load_mnist1d
 
 
 def spaces(samples: int, hidden: int, damping: float, model_name: str = "demo",
-           nystrom_rank: int = 0, nystrom_samples: int = 0):
+           nystrom_rank: int = 0, nystrom_samples: int = 0, sample_space: bool = True):
     torch.manual_seed(0)
     ds = load_mnist1d(4000)
     X, y = ds.X_train.double()[:samples], ds.y_train[:samples]
@@ -50,7 +50,8 @@ def spaces(samples: int, hidden: int, damping: float, model_name: str = "demo",
     space, theta = cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(), (X, y), "ggn")
     damped = space.with_metric(cv.metrics.Damped(space.metric, damping,
                                                  nystrom_rank=nystrom_rank or None,
-                                                 nystrom_samples=nystrom_samples or None))
+                                                 nystrom_samples=nystrom_samples or None,
+                                                 sample_space=sample_space))
     wn = damped.reparametrize({"*.weight": cv.reparam.WeightNorm()})
     return space.with_metric(cv.metrics.Euclidean()), theta, wn, wn.chart.inverse(theta)
 
@@ -74,7 +75,8 @@ def _round(args, probes: int) -> dict[str, tuple[float, float, float]]:
     """One timed round of both rows, on fresh spaces and metrics (every cache rebuilt, as in
     a new run; building them is not timed)."""
     eu, theta, wn, psi = spaces(args.samples, args.hidden, args.damping, args.model,
-                                args.nystrom_rank, args.nystrom_samples)
+                                args.nystrom_rank, args.nystrom_samples,
+                                not args.no_sample_space)
     return {"euclidean": timed_trace(eu, theta, probes),
             "ggn_weight_norm": timed_trace(wn, psi, probes),
             "dims": (int(theta.shape[0]), int(psi.shape[0]), 0.0)}
@@ -96,6 +98,9 @@ def main() -> None:
                          "GGN where no exact factor applies (0: none, the default)")
     ap.add_argument("--nystrom-samples", type=int, default=0,
                     help="build that approximation from this many samples (0: all)")
+    ap.add_argument("--no-sample-space", action="store_true",
+                    help="solve by conjugate gradients above the dense size (the code before "
+                         "the sample-space factor; Damped(..., sample_space=False))")
     ap.add_argument("--out", type=Path,
                     default=Path(__file__).parent / "results" / "ggn_trace_cpu.json")
     args = ap.parse_args()
@@ -127,7 +132,8 @@ def main() -> None:
     result = {"model": args.model, "dim_theta": dims[0], "dim_psi": dims[1],
               "samples": args.samples, "repeats": args.repeats,
               "nystrom_rank": args.nystrom_rank, "nystrom_samples": args.nystrom_samples,
-              "warmup_rounds": args.warmup, "loadavg_before": load_before,
+              "sample_space": not args.no_sample_space, "warmup_rounds": args.warmup,
+              "loadavg_before": load_before,
               "loadavg_after": _loadavg(), "rows": rows, "target_ratio": 10.0,
               "torch": torch.__version__, "threads": 1}
     atomic_write_json(args.out, result)

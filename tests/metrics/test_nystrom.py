@@ -53,7 +53,8 @@ def test_preconditioned_solves_match_dense_float64(case):
     d = theta.shape[0]
     A, evals = _damped(G, lam)
     cond = float(evals[-1] / evals[0])
-    plain, pre = Damped(space.metric, lam), Damped(space.metric, lam, nystrom_rank=80)
+    plain = Damped(space.metric, lam, sample_space=False)   # conjugate gradients
+    pre = Damped(space.metric, lam, nystrom_rank=80)
     W = torch.randn(d, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
     W[:, 0] = space.grad(theta)
     for w in W.T:
@@ -89,10 +90,13 @@ def test_off_by_default_and_where_it_does_not_apply(case):
     space, theta, _ = case
     d = theta.shape[0]
     w = space.grad(theta)
-    damped = Damped(space.metric, 1e-2)
-    assert damped.cg_preconditioner(theta) is None
+    damped = Damped(space.metric, 1e-2, sample_space=False)  # the default solve is exact
+    assert damped.cg_preconditioner(theta) is None             # (sample space) since then
     reference = cg(lambda x: damped.matvec(theta, x), w, maxiter=10 * d).x
     assert torch.equal(damped.solve(theta, w), reference)  # the numbers of before, bitwise
+    exact = Damped(space.metric, 1e-2)
+    assert exact.cg_preconditioner(theta) is None and exact.sample_space_factor(theta) is not None
+    assert float((exact.solve(theta, w) - reference).norm()) < 1e-7 * float(reference.norm())
     small = theta[: base.DENSE_SOLVE_DIM]
     assert Damped(space.metric, 1e-2, nystrom_rank=8).cg_preconditioner(small) is None
     assert Damped(space.metric, 0.0, nystrom_rank=8).cg_preconditioner(theta) is None
@@ -110,7 +114,7 @@ def test_invariant_trace_unchanged(case):
     lam = 1e-2
     values = []
     for rank in (None, 60):
-        s = space.with_metric(Damped(space.metric, lam, nystrom_rank=rank))
+        s = space.with_metric(Damped(space.metric, lam, nystrom_rank=rank, sample_space=False))
         r = cv.flatness(s, theta, measures=("trace",), method="stochastic", num_probes=3,
                         seed=0)
         values.append(r["trace"].value)
