@@ -202,3 +202,35 @@ def test_default_stochastic_call_below_five_dimensions_caps_k():
     assert (m.info["k_requested"], m.info["k"]) == (5, 3)
     assert m.vectors.shape == (3, 3)
     assert r["max_eig"].value == pytest.approx(6.0, abs=1e-8)
+
+
+def test_slq_with_a_data_dependent_metric_runs_its_probes_as_one_block(monkeypatch):
+    """The SLQ probes of E = G⁻¹Hess (damped GGN) run in lockstep: vmapped Riemannian HVPs and
+    one block solve per step. Same probes, same recurrences: the log-determinant equals the
+    per-probe run to rounding, with the same product count; and the block path was taken."""
+    from torch import nn
+
+    from covariant.flatness import stochastic as st
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)).double()
+    data = (torch.randn(30, 6, dtype=torch.float64), torch.randint(0, 3, (30,)))
+    space, theta = cv.ParameterSpace.from_module(model, nn.CrossEntropyLoss(), data, "ggn")
+    damped = space.with_metric(cv.metrics.Damped(space.metric, 1e-2))
+    opts = {"measures": ("logdet",), "method": "stochastic", "seed": 3, "slq_probes": 4,
+            "slq_steps": 12}
+    widths: list[int] = []
+    real = st._ShapeOperator.matmat
+
+    def spy(self, V):
+        widths.append(V.shape[1])
+        return real(self, V)
+
+    monkeypatch.setattr(st._ShapeOperator, "matmat", spy)
+    block = cv.flatness(damped, theta, **opts)["logdet"]
+    assert widths and set(widths) == {4}                  # four probes per product
+    monkeypatch.setattr(st._Counter, "block", lambda self: None)
+    single = cv.flatness(damped, theta, **opts)["logdet"]
+    assert block.num_matvecs == single.num_matvecs == 4 * 12
+    assert abs(block.value - single.value) < 1e-12 * abs(single.value)
+    assert abs(block.stderr - single.stderr) < 1e-10 * single.stderr
