@@ -128,3 +128,34 @@ def test_dense_metric_progress_counts_updates(monkeypatch):
     assert enabled == [True]
     space.metric.dense(p)  # outside the scope: the bar is asked for disabled
     assert enabled == [True, False]
+
+
+def test_fused_loss_minus_potential_is_the_same_function():
+    """A model space's own loss: the Taylor pass takes L − ψ fused (one model pass per batch);
+    the estimate equals the unfused difference to round-off. A loss with an extra term (not
+    the metric's data loss) keeps the plain difference, which is what it must be."""
+    from covariant.flatness import trace as tr
+
+    space, theta = _mlp_space()
+    damped = _damped(space)
+    form = damped.metric.connection_form(theta, torch.linspace(-1, 1, theta.shape[0],
+                                                               dtype=torch.float64))
+    fused = tr._folded(damped, form)
+    assert fused is form.loss_minus_potential
+    q = theta + 0.1
+    plain = space.loss_function(q) - form.potential(q)
+    assert abs(float(fused(q) - plain)) < 1e-13 * abs(float(plain))
+    other = damped.with_loss(lambda p: damped.loss_function(p) + (p ** 4).sum())
+    form2 = other.metric.connection_form(theta, theta)
+    assert form2.loss_minus_potential is not None
+    kept = tr._folded(other, form2)
+    assert kept is not form2.loss_minus_potential
+    assert abs(float(kept(q) - other.loss_function(q) + form2.potential(q))) < 1e-12
+    est = factored_trace(damped, theta, num_probes=6, seed=1).value
+    real = tr._same_data
+    try:
+        tr._same_data = lambda data, binding: False
+        unfused = factored_trace(damped, theta, num_probes=6, seed=1).value
+    finally:
+        tr._same_data = real
+    assert abs(est - unfused) < 1e-12 * abs(unfused)

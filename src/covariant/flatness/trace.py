@@ -38,6 +38,7 @@ True
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,6 +49,7 @@ from .._fast import is_plain as _plain
 from ..autodiff import hvp_operator
 from ..linalg.probes import probe_block
 from ..linalg.results import TraceEstimate
+from ..metrics.forms import ConnectionForm
 from ..space import ParameterSpace
 
 __all__ = ["factored_trace"]
@@ -75,15 +77,7 @@ def factored_trace(space: ParameterSpace, p: Tensor, *, num_probes: int, seed: i
     else:
         r = woodbury.solve(grad)
     form = metric.connection_form(p, r)
-    loss = space.loss_function
-    if form.potential is not None:
-        pot = form.potential
-
-        def folded(q: Tensor) -> Tensor:
-            return loss(q) - pot(q)
-    else:
-        folded = loss
-    quad = _quadratic(folded, p, quadratic_forms)
+    quad = _quadratic(_folded(space, form), p, quadratic_forms)
 
     def factor(Zs: Tensor) -> Tensor:  # W Zs with W Wᵀ = G⁻¹
         if L is not None:
@@ -107,6 +101,33 @@ def factored_trace(space: ParameterSpace, p: Tensor, *, num_probes: int, seed: i
     return linalg.hutchinson(lambda v: v, dim, num_probes=num_probes, seed=seed,
                              dtype=p.dtype, device=p.device, progress=progress,
                              quadratic_form=sample)
+
+
+def _folded(space: ParameterSpace, form: ConnectionForm) -> Callable[[Tensor], Tensor]:
+    """L − ψ: the form's fused version (one model pass per batch for both) where the space's
+    loss is the metric's data loss (a model space's own loss, the same batches and weights),
+    else the difference of the two functions."""
+    loss, pot = space.loss_function, form.potential
+    if pot is None:
+        return loss
+    binding = space.binding
+    if form.loss_minus_potential is not None and binding is not None \
+            and loss == binding.loss and _same_data(form.loss_data, binding):
+        return form.loss_minus_potential
+
+    def folded(q: Tensor) -> Tensor:
+        return loss(q) - pot(q)
+
+    return folded
+
+
+def _same_data(data: Any, binding: Any) -> bool:
+    """True when ``data`` = (loss_fn, batches, weights) is the binding's, tensor for tensor."""
+    loss_fn, batches, weights = data
+    return loss_fn is binding.loss_fn and len(batches) == len(binding.batches) \
+        and all(X is Xb and y is yb for (X, y), (Xb, yb) in zip(batches, binding.batches,
+                                                                 strict=True)) \
+        and [float(w) for w in weights] == [float(w) for w in binding.weights]
 
 
 def _quadratic(fn: Callable[[Tensor], Tensor], p: Tensor, mode: str

@@ -340,8 +340,16 @@ class CurvatureMetric(LinearStructure, Metric):
             except (RuntimeError, NotImplementedError):  # models that vmap cannot batch
                 return torch.stack([remainder(u) for u in U.T])
 
+        def loss_minus_potential(q: Tensor) -> Tensor:  # one forward per batch for both
+            total = q.new_zeros(())
+            for _, w, f, yb, _, _, a in parts:
+                out = f(q)
+                total = total + w * (self.loss_fn(out, yb) - torch.sum(a * out))
+            return total
+
         if self.shard is None:
-            return ConnectionForm(potential, remainder, batched)
+            return ConnectionForm(potential, remainder, batched, loss_minus_potential,
+                                  (self.loss_fn, self.batches, self.weights))
         shard = self.shard
 
         def reduced(u: Tensor) -> Tensor:  # the potential's form folded in, then one reduce

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,6 +43,11 @@ class ConnectionForm:
     potential: Callable[[Tensor], Tensor] | None
     remainder: Callable[[Tensor], Tensor]
     batched: Callable[[Tensor], Tensor] | None = None
+    #: The metric's own data loss minus ψ, Σ_b w_b [ℓ(f_b(q), y_b) − ⟨a_b, f_b(q)⟩], in one
+    #: forward pass per batch (None: not offered). It may replace L − ψ only where the loss
+    #: is that data loss; ``loss_data`` = (loss_fn, batches, weights) says which it is.
+    loss_minus_potential: Callable[[Tensor], Tensor] | None = None
+    loss_data: Any = None
 
     def remainders(self, U: Tensor) -> Tensor:
         """remainder(u) for every column u of U (d, k), as a (k,) tensor."""
