@@ -60,6 +60,11 @@ STOCHASTIC_MEASURES = ("trace", "logdet", "max_eig", "min_eig", "top_eigs",
 
 Matvec = Callable[[Tensor], Tensor]
 
+#: SLQ probes per block of vmapped products with a data-dependent metric (unless
+#: ``batch_size`` says otherwise): bounds the memory of one block; the numbers do not depend
+#: on it (probes are drawn one by one).
+SLQ_BLOCK = 16
+
 
 class _Counter:
     """A matvec that counts its calls (and the columns of its block products, if any)."""
@@ -110,6 +115,8 @@ def _columns(fn: Matvec, V: Tensor) -> Tensor:
         return vmap(fn, in_dims=1, out_dims=1)(V)
     except Exception:  # no batching rule, or a real error that the loop raises again
         return torch.stack([fn(v) for v in V.T], 1)
+
+
 def shape_operator_matvecs(
     space: ParameterSpace, p: Tensor, null_rtol: float | None = None
 ) -> tuple[Matvec, Matvec | None, int, int, Matvec | None]:
@@ -445,7 +452,7 @@ def _slq_measures(p: Tensor, measures: Sequence[str], ops: Callable[[], tuple[An
     res = linalg.slq(counter, dim, num_probes=nprobe, num_steps=min(opts.slq_steps, dim),
                      fn=lambda x: x, seed=opts.seed,
                      inner_matvec=inner, dtype=p.dtype, device=p.device, matmat=matmat,
-                     inner_matmat=inner_matmat, batch_size=opts.batch_size,
+                     inner_matmat=inner_matmat, batch_size=opts.batch_size or SLQ_BLOCK,
                      progress=opts.progress)
     out: dict[str, Measure] = {}
     if "logdet" in measures:
