@@ -97,14 +97,19 @@ class LinearStructure:
         if G is None:
             self._linear_layers = []
             return None
-        gen = torch.Generator().manual_seed(0)
-        v = torch.randn(p.shape[0], generator=gen, dtype=torch.float64).to(p)
-        ref = self.local_matvec(p, v)
-        tol = torch.finfo(p.dtype).eps ** 0.5
-        if not bool((G @ v - ref).norm() <= tol * ref.norm()):
+        if not self._matches_one_product(p, lambda v: G @ v.to(G)):
             self._linear_layers = []  # samples interact, or forward is not the module's
             return None
         return G
+
+    def _matches_one_product(self, p: Tensor, product: Any) -> bool:
+        """True when ``product(v)`` (a structured G v, v float64) equals one ordinary product
+        of the metric on a fixed random vector, to relative √eps of the point's dtype."""
+        v = torch.randn(p.shape[0], generator=torch.Generator().manual_seed(0),
+                        dtype=torch.float64)
+        ref = self.local_matvec(p.detach(), v.to(p)).to(torch.float64)
+        approx = product(v).reshape(-1).to(torch.float64)
+        return bool((approx - ref).norm() <= torch.finfo(p.dtype).eps ** 0.5 * ref.norm())
 
     def sample_space(self, p: Tensor) -> LinearSampleSpace | DenseSampleSpace | None:
         """B with G(p) = BᵀB at a plain point without a shard
@@ -121,11 +126,7 @@ class LinearStructure:
         if B is None:
             B = per_sample_space(self.forward, self._output_matvec, self.batches, self.weights,
                                  p)
-        if B is None:
+        if B is None or not self._matches_one_product(
+                p, lambda v: B.adjoint(B.apply(v.reshape(-1, 1)))):
             return None
-        v = torch.randn(p.shape[0], generator=torch.Generator().manual_seed(0),
-                        dtype=torch.float64).to(p)
-        ref = self.local_matvec(p.detach(), v).to(torch.float64)
-        approx = B.adjoint(B.apply(v.to(torch.float64).reshape(-1, 1))).reshape(-1)
-        ok = (approx - ref).norm() <= torch.finfo(p.dtype).eps ** 0.5 * ref.norm()
-        return B if bool(ok) else None
+        return B
